@@ -1,0 +1,111 @@
+"""Float reference of an MoE layer (golden model, layer 1).
+
+Legend: T tokens, D hidden, E experts, I expert intermediate, K top-k, S shared intermediate.
+Experts are stacked tensors indexed by expert id, as in gpt-fast, not modules in a loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a family turns router logits into top-k weights."""
+    top_k: int
+    # Mixtral renormalizes the top-k softmax weights; OLMoE / Qwen-MoE expose it as a flag.
+    norm_topk_prob: bool = True
+    # "softmax" over all experts then top-k (Mixtral, Qwen, OLMoE, DeepSeek-V2).
+    scoring: str = "softmax"
+
+    def __post_init__(self):
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, not {self.top_k!r}")
+        if self.scoring not in ("softmax",):
+            raise ValueError(f"scoring must be 'softmax', not {self.scoring!r}")
+
+
+@dataclass
+class MoEWeights:
+    """One MoE block's float weights.
+
+    router [E, D]; w1 (gate) [E, I, D]; w3 (up) [E, I, D]; w2 (down) [E, D, I].
+    Optional shared expert (Qwen2-MoE, DeepSeek): shared_w1/w3 [S, D], shared_w2 [D, S] and
+    an optional sigmoid gate shared_gate [1, D] (Qwen2-MoE).
+    """
+    router: torch.Tensor
+    w1: torch.Tensor
+    w3: torch.Tensor
+    w2: torch.Tensor
+    shared_w1: torch.Tensor | None = None
+    shared_w3: torch.Tensor | None = None
+    shared_w2: torch.Tensor | None = None
+    shared_gate: torch.Tensor | None = None
+
+    def __post_init__(self):
+        E, I, D = self.w1.shape
+        expect = {"router": (E, D), "w3": (E, I, D), "w2": (E, D, I)}
+        for name, shape in expect.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"{name} has shape {got}, expected {shape} (from w1 {tuple(self.w1.shape)})")
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.w1.shape[2]
+
+    @property
+    def intermediate(self) -> int:
+        return self.w1.shape[1]
+
+
+def route(x: torch.Tensor, router: torch.Tensor, cfg: RouterConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router: x [T, D] -> (ids [T, K] long, weights [T, K] float), sorted by weight, descending."""
+    logits = x.float() @ router.float().t()                       # [T, E]
+    probs = torch.softmax(logits, dim=-1)
+    weights, ids = torch.topk(probs, cfg.top_k, dim=-1)          # sorted descending
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU expert: x [T, D], w1/w3 [I, D], w2 [D, I] -> [T, D]."""
+    return (F.silu(x @ w1.t()) * (x @ w3.t())) @ w2.t()
+
+
+def shared_expert(x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
+    if w.shared_w1 is None:
+        return torch.zeros_like(x)
+    y = expert_mlp(x, w.shared_w1, w.shared_w3, w.shared_w2)
+    if w.shared_gate is not None:
+        y = torch.sigmoid(x @ w.shared_gate.t()) * y
+    return y
+
+
+def combine(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert_fn) -> torch.Tensor:
+    """Weighted sum of expert outputs; expert_fn(e, x_rows, slot_mask) -> [rows, D].
+
+    Loops over experts that were selected (at most E), gathering their tokens, so the cost is
+    proportional to T*K, not T*E.
+    """
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+    for e in torch.unique(ids).tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        y = expert_fn(e, x[tok], tok, slot)
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None].float())
+    return out
+
+
+def moe_forward(x: torch.Tensor, w: MoEWeights, cfg: RouterConfig) -> torch.Tensor:
+    """Float MoE block: x [T, D] -> [T, D]."""
+    ids, weights = route(x, w.router, cfg)
+    xf = x.float()
+    out = combine(xf, ids, weights, lambda e, xs, tok, slot: expert_mlp(xs, w.w1[e].float(), w.w3[e].float(), w.w2[e].float()))
+    return out + shared_expert(xf, w)

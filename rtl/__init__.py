@@ -1,0 +1,1 @@
+"""ndpmoe: rtl package."""

@@ -1,0 +1,1 @@
+"""ndpmoe: sim package."""
