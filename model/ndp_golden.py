@@ -1,0 +1,149 @@
+"""Golden model, layer 3: the bit-exact integer arithmetic of the NDP datapath, and a functional
+model of the whole unit (memory, activation buffer, descriptors, error codes, results).
+
+The RTL must produce exactly the integers `ndp_matmul` produces; the test benches and the host
+runtime's golden backend both use this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .contract import (ACC_BITS, ACT_MAX, GROUP_CODES, ZERO_FRAC_BITS, ErrorCode, NdpConfig,
+                       Opcode, QuantFormat, State, act_row_len)
+from .qtensor import QuantizedMatrix
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8: x [T, D] -> (x_q int8 [T, D], x_scale float32 [T])."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise TypeError(f"x must be a 2-D float tensor, not {getattr(x, 'dtype', type(x))} "
+                        f"of shape {tuple(getattr(x, 'shape', ()))}")
+    if not torch.isfinite(x).all():
+        raise ValueError("activations contain NaN or Inf")
+    amax = x.abs().amax(dim=1).float()
+    x_scale = torch.where(amax > 0, amax / ACT_MAX, torch.ones_like(amax))
+    x_q = torch.round(x.float() / x_scale[:, None]).clamp(-ACT_MAX, ACT_MAX).to(torch.int8)
+    return x_q, x_scale
+
+
+def ndp_matmul(qm: QuantizedMatrix, x_q: torch.Tensor) -> torch.Tensor:
+    """The NDP's integer result acc [T, rows] (int64) for int8 activations x_q [T, in].
+
+    Group sums are formed in float64, which is exact here: every partial sum is below 2^23
+    (contract.GROUP_QX_BITS), far inside float64's 53-bit mantissa.
+    """
+    if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != qm.in_features:
+        raise ValueError(f"x_q must be int8 [T, {qm.in_features}], not {x_q.dtype} {tuple(x_q.shape)}")
+    g = qm.fmt.group_size
+    x = x_q.to(torch.float64).reshape(x_q.shape[0], -1, g)                # [T, n_groups, G]
+    q = qm.codes.to(torch.float64).reshape(qm.rows, -1, g)               # [R, n_groups, G]
+    sum_qx = torch.einsum("rgi,tgi->trg", q, x).to(torch.int64)          # [T, R, n_groups]
+    sum_x = x.sum(-1).to(torch.int64)                                    # [T, n_groups]
+    term = (sum_qx << ZERO_FRAC_BITS) - qm.zero.to(torch.int64)[None] * sum_x[:, None, :]
+    acc = (term * qm.scale.to(torch.int64)[None]).sum(-1)                # [T, R]
+    lim = 1 << (ACC_BITS - 1)
+    assert int(acc.abs().max()) < lim if acc.numel() else True, "accumulator overflow: contract bound broken"
+    return acc
+
+
+def acc_to_float(acc: torch.Tensor, scale_exp: int, x_scale: torch.Tensor) -> torch.Tensor:
+    """Float wrapper: the host's view of an NDP result, [T, rows] float32."""
+    return (acc.to(torch.float64) * 2.0 ** -(scale_exp + ZERO_FRAC_BITS) * x_scale.double()[:, None]).float()
+
+
+def act_image(x_q: torch.Tensor, word_bits: int) -> torch.Tensor:
+    """Int8 activations [T, in] -> their memory image: rows of act_row_len bytes, zero padded."""
+    t, n = x_q.shape
+    out = torch.zeros(t, act_row_len(n, word_bits), dtype=torch.uint8)
+    out[:, :n] = x_q.view(torch.uint8)
+    return out.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional model of the whole unit
+# ---------------------------------------------------------------------------------------------
+def check_descriptor(cfg: NdpConfig, d: dict[str, int], loaded: tuple[int, int]) -> ErrorCode:
+    """The unit's validation of a decoded descriptor, in the order the hardware checks it.
+
+    `loaded` is (tokens, in_features) of the last LOAD_ACT. Returns ErrorCode.NONE when it runs.
+    """
+    op = d["opcode"]
+    if op not in (Opcode.NOP, Opcode.LOAD_ACT, Opcode.MATMUL):
+        return ErrorCode.BAD_OPCODE
+    if op == Opcode.NOP:
+        return ErrorCode.NONE
+    tokens, n_in, addr = d["tokens"], d["in_features"], d["addr"]
+    if tokens == 0 or tokens > cfg.t_max:
+        return ErrorCode.BAD_TOKENS
+    if op == Opcode.LOAD_ACT:
+        if n_in == 0 or n_in % cfg.word_bits or n_in > cfg.max_in_features:
+            return ErrorCode.BAD_IN_FEATURES
+        length = tokens * n_in
+    else:
+        if d["bits"] not in cfg.bits:
+            return ErrorCode.BAD_BITS
+        if d["group"] not in GROUP_CODES.values():
+            return ErrorCode.BAD_GROUP
+        fmt = QuantFormat(d["bits"], 32 << d["group"], cfg.word_bits)
+        if n_in == 0 or n_in % fmt.group_size or n_in > cfg.max_in_features:
+            return ErrorCode.BAD_IN_FEATURES
+        if d["rows"] == 0:
+            return ErrorCode.BAD_ROWS
+        if tokens > loaded[0] or fmt.padded_in(n_in) > loaded[1]:
+            return ErrorCode.ACT_MISMATCH
+        length = d["rows"] * fmt.row_bytes(n_in)
+    if addr % cfg.word_bytes:
+        return ErrorCode.MISALIGNED_ADDR
+    if addr + length > cfg.mem_bytes:
+        return ErrorCode.ADDR_RANGE
+    return ErrorCode.NONE
+
+
+@dataclass
+class NdpGoldenUnit:
+    """Descriptor-level functional model: same memory, same descriptors, same results as the RTL."""
+    cfg: NdpConfig
+    mem: bytearray = field(default_factory=bytearray)
+    state: State = State.IDLE
+    error: ErrorCode = ErrorCode.NONE
+    act: torch.Tensor | None = None            # int8 [t_loaded, in_loaded]
+
+    def __post_init__(self):
+        if not self.mem:
+            self.mem = bytearray(min(self.cfg.mem_bytes, 1 << 24))
+
+    @property
+    def loaded(self) -> tuple[int, int]:
+        return (0, 0) if self.act is None else tuple(self.act.shape)
+
+    def write(self, addr: int, data: torch.Tensor | bytes) -> None:
+        raw = bytes(data.numpy().tobytes()) if isinstance(data, torch.Tensor) else bytes(data)
+        if addr < 0 or addr + len(raw) > len(self.mem):
+            raise ValueError(f"write of {len(raw)} bytes at {addr:#x} runs past memory of {len(self.mem)} bytes")
+        self.mem[addr:addr + len(raw)] = raw
+
+    def _read(self, addr: int, n: int) -> torch.Tensor:
+        return torch.frombuffer(bytearray(self.mem[addr:addr + n]), dtype=torch.uint8)
+
+    def execute(self, d: dict[str, int]) -> list[tuple[int, int, int]]:
+        """Run one decoded descriptor; returns results as (token, row, value) in output order."""
+        err = check_descriptor(self.cfg, d, self.loaded)
+        if err != ErrorCode.NONE:
+            self.state, self.error = State.ERROR, err
+            return []
+        self.state, self.error = State.DONE, ErrorCode.NONE
+        if d["opcode"] == Opcode.LOAD_ACT:
+            n = d["tokens"] * d["in_features"]
+            self.act = self._read(d["addr"], n).view(torch.int8).reshape(d["tokens"], d["in_features"]).clone()
+            return []
+        if d["opcode"] == Opcode.NOP:
+            return []
+        fmt = QuantFormat(d["bits"], 32 << d["group"], self.cfg.word_bits)
+        rows, n_in, t = d["rows"], d["in_features"], d["tokens"]
+        image = self._read(d["addr"], fmt.matrix_bytes(rows, n_in))
+        qm = QuantizedMatrix.from_image(image, fmt, rows, n_in, scale_exp=0)
+        acc = ndp_matmul(qm, self.act[:t, :n_in].contiguous())
+        # Output order: row by row, tokens 0..T-1 within a row.
+        return [(tok, r, int(acc[tok, r])) for r in range(rows) for tok in range(t)]
