@@ -1,0 +1,31 @@
+"""`ndpmoe` command line. Each subcommand lives in its own module with `add_arguments(parser)`
+and `run(args) -> int`; this file only lists them, so adding one is a one-line change."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "quant-bench": ("host.cmd_quant_bench", "quantizer / compensator timings and bytes per weight on a Mixtral-size matrix"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ndpmoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"ndpmoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

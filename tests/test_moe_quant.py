@@ -1,0 +1,65 @@
+"""Golden layer 2: Top-n extremes and compensation behaviour on a small random MoE block."""
+import pytest
+import torch
+
+from model.contract import QuantFormat
+from model.moe import MoEWeights, RouterConfig, moe_forward
+from model.moe_quant import FULL_RANK, moe_forward_quant, quantize_moe, topn_restore
+
+
+def _block(seed=0, e=6, d=128, i=64):
+    g = torch.Generator().manual_seed(seed)
+    w = MoEWeights(torch.randn(e, d, generator=g) * 0.05, torch.randn(e, i, d, generator=g) * 0.1,
+                   torch.randn(e, i, d, generator=g) * 0.1, torch.randn(e, d, i, generator=g) * 0.1)
+    calib = torch.randn(512, d, generator=g)
+    x = torch.randn(32, d, generator=g)
+    return w, calib, x
+
+
+@pytest.fixture(scope="module")
+def block():
+    w, calib, x = _block()
+    cfg = RouterConfig(top_k=4)
+    qm = quantize_moe(w, cfg, QuantFormat(3, 64), rank=16, calib=calib)
+    return w, cfg, qm, x
+
+
+def test_n_zero_is_plain_low_bit(block):
+    w, cfg, qm, x = block
+    plain = moe_forward_quant(x, qm)
+    assert torch.equal(moe_forward_quant(x, qm, topn_restore(32, 4, 0)), plain)
+
+
+def test_n_equal_k_compensates_everything(block):
+    w, cfg, qm, x = block
+    full = moe_forward_quant(x, qm, topn_restore(32, 4, 4))
+    everything = moe_forward_quant(x, qm, torch.full((32, 4), FULL_RANK))
+    assert torch.equal(full, everything)
+    # ... and it is what the compensated weights give, computed independently of the Top-n path.
+    from model.moe import expert_mlp, route, combine
+    ids, wts = route(x, w.router, cfg)
+    def comp_expert(e, xs, tok, slot):
+        ex = qm.experts[e]
+        ww = {n: ex.weight(n) + ex.comp[n].delta() for n in ("w1", "w3", "w2")}
+        return expert_mlp(xs, ww["w1"], ww["w3"], ww["w2"])
+    ref = combine(x, ids, wts, comp_expert)
+    # Same math in a different association order (A(Bx) vs (AB)x): float32 rounding only.
+    assert torch.allclose(full, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_error_falls_with_n(block):
+    w, cfg, qm, x = block
+    ref = moe_forward(x, w, cfg)
+    errs = [float((moe_forward_quant(x, qm, topn_restore(32, 4, n)) - ref).norm()) for n in range(5)]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+
+
+def test_topn_n_out_of_range():
+    with pytest.raises(ValueError, match="n must be in"):
+        topn_restore(4, 2, 3)
+
+
+def test_aware_compensation_needs_calibration():
+    w, calib, x = _block(e=2)
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_moe(w, RouterConfig(top_k=1), QuantFormat(2, 64), rank=4)
