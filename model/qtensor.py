@@ -78,9 +78,13 @@ def scale_exponent(max_scale: float) -> int:
     return math.floor(math.log2(SCALE_MAX / max_scale))
 
 
-def to_fixed(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Float group scales and zeros -> (uint16 mantissas, Q11.4 zeros, exponent)."""
-    exp = scale_exponent(float(scale.max()))
+def to_fixed(scale: torch.Tensor, zero: torch.Tensor, exp: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Float group scales and zeros -> (uint16 mantissas, Q11.4 zeros, exponent). A given `exp`
+    must leave the largest scale representable."""
+    exp = scale_exponent(float(scale.max())) if exp is None else exp
+    if float(scale.max()) * 2.0 ** exp > SCALE_MAX + 0.5:
+        raise ValueError(f"scale exponent {exp} overflows the {SCALE_MAX} mantissa for scale {float(scale.max())}")
     mant = torch.round(scale.double() * 2.0 ** exp).clamp(1, SCALE_MAX).to(torch.int32)
     zfx = torch.round(zero.double() * (1 << ZERO_FRAC_BITS)).clamp(ZERO_MIN, ZERO_MAX).to(torch.int32)
     return mant, zfx, exp
