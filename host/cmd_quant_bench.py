@@ -19,6 +19,9 @@ def add_arguments(p):
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real", action="store_true",
+                   help="also report RTN / HQQ / optimized errors on SmolLM2's real MLP matrices and activations")
+    p.add_argument("--real-layers", default="1,15,28", help="SmolLM2 layers for --real")
 
 
 def _timed(fn):
@@ -61,4 +64,15 @@ def run(args) -> int:
         row = [QuantFormat(bits, gs).bits_per_weight(args.rows, args.cols) / 8 for gs in SUPPORTED_GROUPS]
         print(f"{bits:>6}" + "".join(f"{v:10.4f}" for v in row))
     print(f"{'fp16':>6}{2.0:10.4f}")
+    if args.real:
+        _real_table([int(v) for v in args.real_layers.split(",")])
     return 0
+
+
+def _real_table(layers: list[int]) -> None:
+    from model.quant_report import quantizer_table, smollm_mlp_cases
+    print(f"\nSmolLM2 MLP matrices, group 64, relative errors (output error = ||(W - Q(W)) X^T|| / ||W X^T||):")
+    print(f"{'layer':>5} {'matrix':<6}{'bits':>5} {'quantizer':<11}{'weight':>9}{'out calib':>11}{'out held-out':>14}")
+    for r in quantizer_table(smollm_mlp_cases(layers)):
+        print(f"{r['layer']:>5} {r['matrix']:<6}{r['bits']:>5} {r['quantizer']:<11}{r['weight_err']:9.4f}"
+              f"{r['output_err_calib']:11.4f}{r['output_err_heldout']:14.4f}")
