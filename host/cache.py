@@ -1,0 +1,200 @@
+"""GPU expert cache with a capacity in bytes, hit/miss counters and a swappable eviction policy.
+
+Entries are keyed (layer, expert, kind): kind "lo" (low-bit expert), "hi" (higher-precision copy),
+"fp16" (plain fp16 expert, the baseline) or "factors" (fp16 compensation factors, cached apart
+from the weights; an entry remembers its rank, and any lower rank is a prefix of it).
+
+Policies:
+- "lru": least recently used, the mixtral-offloading design. A decode step visits the layers in a
+  cycle, so with a cache smaller than the working set LRU evicts exactly the layer visited next.
+- "lfu": least frequently used with history (counts survive eviction) and aging (all counts halve
+  every `age_every` accesses), ties broken by recency: it keeps each layer's popular experts.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+CacheKey = tuple[int, int, str]
+KINDS = ("lo", "hi", "fp16", "factors")
+
+
+class LruEviction:
+    name = "lru"
+
+    def __init__(self):
+        self._order: OrderedDict[CacheKey, None] = OrderedDict()
+
+    def touched(self, key: CacheKey) -> None:
+        if key in self._order:
+            self._order.move_to_end(key)
+
+    def inserted(self, key: CacheKey) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def removed(self, key: CacheKey) -> None:
+        self._order.pop(key, None)
+
+    def victim(self, protect: frozenset) -> CacheKey | None:
+        for key in self._order:
+            if key not in protect:
+                return key
+        return None
+
+
+class LfuEviction:
+    name = "lfu"
+
+    def __init__(self, age_every: int = 4096):
+        if isinstance(age_every, bool) or not isinstance(age_every, int) or age_every < 1:
+            raise ValueError(f"age_every must be a positive integer, not {age_every!r}")
+        self.age_every = age_every
+        self._count: dict[CacheKey, float] = {}       # every key ever seen (history)
+        self._last: dict[CacheKey, int] = {}
+        self._resident: set[CacheKey] = set()
+        self._heap: list[tuple[float, int, CacheKey]] = []
+        self._tick = 0
+
+    def _bump(self, key: CacheKey) -> None:
+        self._tick += 1
+        self._count[key] = self._count.get(key, 0.0) + 1.0
+        self._last[key] = self._tick
+        if key in self._resident:
+            heapq.heappush(self._heap, (self._count[key], self._tick, key))
+        if self._tick % self.age_every == 0:
+            self._count = {k: c / 2 for k, c in self._count.items() if c >= 0.5 or k in self._resident}
+            self._heap = [(self._count[k], self._last[k], k) for k in self._resident]
+            heapq.heapify(self._heap)
+
+    def touched(self, key: CacheKey) -> None:
+        self._bump(key)
+
+    def inserted(self, key: CacheKey) -> None:
+        self._resident.add(key)
+        heapq.heappush(self._heap, (self._count.get(key, 0.0), self._last.get(key, self._tick), key))
+
+    def removed(self, key: CacheKey) -> None:
+        self._resident.discard(key)            # its heap items go stale and are skipped
+
+    def victim(self, protect: frozenset) -> CacheKey | None:
+        skipped, found = [], None
+        while self._heap:
+            count, last, key = self._heap[0]
+            if key not in self._resident or count != self._count.get(key) or last != self._last.get(key, last):
+                heapq.heappop(self._heap)       # stale
+                continue
+            if key in protect:
+                skipped.append(heapq.heappop(self._heap))
+                continue
+            found = key
+            break
+        for item in skipped:
+            heapq.heappush(self._heap, item)
+        return found
+
+
+EVICTIONS = {"lru": LruEviction, "lfu": LfuEviction}
+
+
+def make_eviction(name: str):
+    try:
+        return EVICTIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown cache policy {name!r}; expected one of {sorted(EVICTIONS)}") from None
+
+
+@dataclass
+class CacheStats:
+    hits: Counter = field(default_factory=Counter)          # per kind
+    misses: Counter = field(default_factory=Counter)
+    evictions: Counter = field(default_factory=Counter)
+    inserted_bytes: Counter = field(default_factory=Counter)
+
+    def hit_rate(self, kind: str) -> float:
+        total = self.hits[kind] + self.misses[kind]
+        return self.hits[kind] / total if total else 0.0
+
+    def to_json(self) -> dict:
+        return {name: dict(getattr(self, name)) for name in ("hits", "misses", "evictions", "inserted_bytes")}
+
+
+@dataclass
+class _Entry:
+    nbytes: int
+    rank: int
+
+
+class ExpertCache:
+    """Byte-capacity cache of expert data on the GPU (bookkeeping only; backends hold tensors)."""
+
+    def __init__(self, capacity_bytes: int, eviction: str | LruEviction | LfuEviction = "lru",
+                 min_entry_bytes: int = 0):
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be a non-negative integer, not {capacity_bytes!r}")
+        if capacity_bytes < min_entry_bytes:
+            raise ValueError(f"cache capacity {capacity_bytes} bytes is smaller than one expert "
+                             f"({min_entry_bytes} bytes)")
+        self.capacity_bytes = capacity_bytes
+        self.eviction = make_eviction(eviction) if isinstance(eviction, str) else eviction
+        self.used_bytes = 0
+        self.stats = CacheStats()
+        self._entries: dict[CacheKey, _Entry] = {}
+
+    def __contains__(self, key: CacheKey) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[CacheKey]:
+        return list(self._entries)
+
+    def cached_rank(self, layer: int, expert: int) -> int:
+        """Rank of the factors cached for an expert (0 if none)."""
+        entry = self._entries.get((layer, expert, "factors"))
+        return entry.rank if entry is not None else 0
+
+    def lookup(self, key: CacheKey, rank: int = 0) -> bool:
+        """Counted access: a hit if resident (for factors: at `rank` or more)."""
+        entry = self._entries.get(key)
+        hit = entry is not None and entry.rank >= rank
+        (self.stats.hits if hit else self.stats.misses)[key[2]] += 1
+        self.eviction.touched(key)
+        return hit
+
+    def insert(self, key: CacheKey, nbytes: int, rank: int = 0,
+               protect: frozenset = frozenset()) -> tuple[bool, list[CacheKey]]:
+        """Make `key` resident with `nbytes` (growing an entry of the same key), evicting others
+        but never those in `protect`. Returns (admitted, evicted keys); nothing is evicted when
+        it cannot be admitted."""
+        if key[2] not in KINDS:
+            raise ValueError(f"cache entry kind must be one of {KINDS}, not {key[2]!r}")
+        old = self._entries.get(key)
+        need = nbytes - (old.nbytes if old else 0)
+        protect = protect | {key}
+        pinned = sum(self._entries[k].nbytes for k in protect if k in self._entries)
+        if pinned + max(need, 0) > self.capacity_bytes:
+            return False, []
+        evicted: list[CacheKey] = []
+        while self.used_bytes + need > self.capacity_bytes:
+            victim = self.eviction.victim(protect)
+            self._remove(victim)
+            self.stats.evictions[victim[2]] += 1
+            evicted.append(victim)
+        if old is None:
+            self.eviction.inserted(key)
+        self._entries[key] = _Entry(max(nbytes, old.nbytes if old else 0), max(rank, old.rank if old else 0))
+        self.used_bytes += max(need, 0)
+        self.stats.inserted_bytes[key[2]] += max(need, 0)
+        return True, evicted
+
+    def _remove(self, key: CacheKey) -> None:
+        entry = self._entries.pop(key)
+        self.used_bytes -= entry.nbytes
+        self.eviction.removed(key)
+
+    def evict(self, key: CacheKey) -> None:
+        if key in self._entries:
+            self._remove(key)

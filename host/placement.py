@@ -1,0 +1,130 @@
+"""Where each expert task of a layer runs: its low-bit GEMM on the GPU (cached, or fetched over
+the link) or on the NDP in place, and its compensation on the GPU (fp16 factors, fetched unless
+cached) or on the NDP (int8 factors in place).
+
+"auto" balances the layer's resources: tasks are taken largest first and each gets the option
+that least raises the layer's modeled time (the longest of link, NDP, GPU, plus round-trip
+latency), the LPT rule for parallel machines. Cached weights always run on the GPU (nothing is
+cheaper). The forced modes exist for tests and co-simulation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .perf_model import Usage, task_usage
+from .presets import SystemPreset
+from .sizes import ExpertSizes
+
+PLACEMENTS = ("auto", "all-gpu", "all-ndp", "ndp-gemm", "ndp-comp")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An expert task before placement."""
+    expert: int
+    variant: str
+    tokens: int
+    comp_rank: int
+    weights_cached: bool
+    cached_factor_rank: int
+
+
+@dataclass(frozen=True)
+class Choice:
+    gemm_unit: str
+    comp_unit: str | None
+    fetch_weights: bool
+    fetch_factor_ranks: int
+
+
+class Placer:
+    def __init__(self, sizes: ExpertSizes, system: SystemPreset | None, mode: str = "auto"):
+        if mode not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, not {mode!r}")
+        has_ndp = system is not None and system.ndp is not None
+        if mode != "all-gpu" and mode != "auto" and not has_ndp:
+            raise ValueError(f"placement {mode!r} needs a system with an NDP unit")
+        self.sizes, self.system, self.mode = sizes, system, mode
+        self._memo: dict[tuple, Usage] = {}
+        self.ndp_variants = set()
+        if has_ndp:
+            for v in ("lo", "hi"):
+                try:
+                    sizes.ndp_steps(v, 1, True, 0)
+                    self.ndp_variants.add(v)
+                except ValueError:
+                    pass
+            self.ndp_comp = sizes.stored_rank > 0 and self._ndp_comp_fits()
+        else:
+            self.ndp_comp = False
+        if mode in ("all-ndp", "ndp-gemm") and "lo" not in self.ndp_variants:
+            raise ValueError(f"placement {mode!r}: the NDP configuration cannot run these experts")
+        if mode in ("all-ndp", "ndp-comp") and sizes.stored_rank and not self.ndp_comp:
+            raise ValueError(f"placement {mode!r}: the NDP configuration cannot run the int8 factors")
+
+    def _ndp_comp_fits(self) -> bool:
+        try:
+            self.sizes.ndp_steps("lo", 1, False, self.sizes.stored_rank)
+            return True
+        except ValueError:
+            return False
+
+    def usage(self, c: Candidate, ch: Choice) -> Usage:
+        key = (c.variant, c.tokens, c.comp_rank, ch)
+        u = self._memo.get(key)
+        if u is None:
+            u = task_usage(self.sizes, self.system, c.variant, c.tokens, ch.gemm_unit, ch.comp_unit,
+                           c.comp_rank, ch.fetch_weights, ch.fetch_factor_ranks)
+            self._memo[key] = u
+        return u
+
+    def options(self, c: Candidate) -> list[Choice]:
+        fetch_f = max(0, c.comp_rank - c.cached_factor_rank)
+        mode = self.mode
+        if mode == "auto":
+            gemms = ["gpu"] if c.weights_cached or c.variant not in self.ndp_variants else ["gpu", "ndp"]
+            comps = [None] if not c.comp_rank else (["gpu", "ndp"] if self.ndp_comp else ["gpu"])
+        else:
+            gemm_ndp = mode in ("all-ndp", "ndp-gemm") and c.variant in self.ndp_variants
+            gemms = ["ndp" if gemm_ndp else "gpu"]
+            comps = [None] if not c.comp_rank else ["ndp" if mode in ("all-ndp", "ndp-comp") else "gpu"]
+        return [Choice(g, k, g == "gpu" and not c.weights_cached, fetch_f if k == "gpu" else 0)
+                for g in gemms for k in comps]
+
+    def _seconds(self, u: Usage) -> tuple[float, ...]:
+        """Per-resource seconds: (to GPU, to memory, NDP compute, NDP memory, GPU, latency)."""
+        s = self.system
+        if s is None:
+            return (0.0,) * 6
+        bw = s.link.gbps * 1e9
+        to_mem = u.link["act_to_ndp"]
+        to_gpu = sum(u.link.values()) - to_mem
+        ndp_c = ndp_m = 0.0
+        if s.ndp is not None:
+            ndp_c = u.ndp_wall_cycles / (s.ndp.clock_mhz * 1e6)
+            ndp_m = u.ndp_words * s.ndp.ndp_config.word_bytes / (s.memory.gbps * 1e9)
+        gpu = max(u.gpu_flops / (s.gpu.tflops * 1e12), u.gpu_bytes / (s.gpu.hbm_gbps * 1e9))
+        return (to_gpu / bw, to_mem / bw, ndp_c, ndp_m, gpu, u.round_trips * s.link.latency_us * 1e-6)
+
+    def place(self, cands: list[Candidate]) -> list[Choice]:
+        """A choice per candidate (same order)."""
+        opts = [self.options(c) for c in cands]
+        if all(len(o) == 1 for o in opts):
+            return [o[0] for o in opts]
+        secs = [[self._seconds(self.usage(c, ch)) for ch in o] for c, o in zip(cands, opts)]
+        order = sorted(range(len(cands)), key=lambda i: -min(max(s[:5]) for s in secs[i]))
+        load = [0.0] * 5
+        latency = 0.0
+        out: list[Choice | None] = [None] * len(cands)
+        for i in order:
+            best, best_key = 0, None
+            for j, s in enumerate(secs[i]):
+                new = [a + b for a, b in zip(load, s[:5])]
+                key = (max(new) + max(latency, s[5]), sum(new))
+                if best_key is None or key < best_key:
+                    best, best_key = j, key
+            s = secs[i][best]
+            load = [a + b for a, b in zip(load, s[:5])]
+            latency = max(latency, s[5])
+            out[i] = opts[i][best]
+        return out

@@ -1,0 +1,301 @@
+"""Restoration policies: for each selected (token, slot), how much compensation rank to apply, or
+whether to use the expert's higher-precision copy instead. Small swappable objects with one method:
+
+    policy.decide(ids [T, K], weights [T, K], ctx: RestorationContext) -> Restoration
+
+`Restoration.restore_tensor()` / `.hi_tensor()` are the `restore` / `hi` arguments of
+`model.moe_quant.moe_forward_quant`, so the accuracy study and the runtime share one decision.
+Slots are sorted by router weight, descending (model.moe.route).
+
+- TopN(n): the paper's rule, full (or a fixed) rank on the n highest-weighted slots, n < k.
+- RandomN(n): n random slots per token (the control for "router-guided").
+- HobbitTopHi(n): higher-precision copy of the top-n slots (optionally above a router weight).
+- BudgetedPolicy(bytes per token): per batch, buys gain per byte greedily: gain of giving expert e
+  rank r = sum over the tokens that chose e of weight^p x rank_gain[e, r]; the higher-precision
+  copy is one more option of the same expert. Factors or copies already cached cost nothing.
+"""
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from .sensitivity import LayerSensitivity
+from .sizes import ExpertSizes
+
+
+@dataclass(frozen=True)
+class Restoration:
+    """Per (token, slot): a rank (0 = none) and whether the higher-precision copy is used."""
+    ranks: tuple[tuple[int, ...], ...]
+    hi: tuple[tuple[bool, ...], ...]
+
+    def restore_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.ranks, dtype=torch.long).reshape(len(self.ranks), -1)
+
+    def hi_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.hi, dtype=torch.bool).reshape(len(self.hi), -1)
+
+    def bytes_moved(self, ids: torch.Tensor, ctx: "RestorationContext") -> int:
+        """Bytes it adds beyond the low-bit experts: factors per expert at the largest rank any
+        token uses (minus a cached prefix), plus each uncached higher-precision copy's extra."""
+        rank, hi = {}, set()
+        for row_ids, row_r, row_h in zip(ids.tolist(), self.ranks, self.hi):
+            for e, r, h in zip(row_ids, row_r, row_h):
+                if h:
+                    hi.add(e)
+                elif r:
+                    rank[e] = max(rank.get(e, 0), min(r, ctx.stored_rank))
+        total = sum(max(0, r - ctx.cached_rank(e)) * ctx.rank_bytes for e, r in rank.items())
+        return total + sum(0 if ctx.hi_cached(e) else ctx.hi_extra_bytes for e in hi)
+
+
+def _no_rank(e: int) -> int:
+    return 0
+
+
+def _not_cached(e: int) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class RestorationContext:
+    """What a policy may know: stored rank, byte prices, sensitivity and what is cached."""
+    stored_rank: int
+    rank_bytes: int                                   # bytes of one rank component of an expert
+    hi_extra_bytes: int | None = None                 # None: no higher-precision copies
+    sensitivity: LayerSensitivity | None = None
+    cached_rank: Callable[[int], int] = _no_rank      # expert -> rank of its cached factors
+    hi_cached: Callable[[int], bool] = _not_cached    # expert -> its hi copy is cached
+
+
+def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None = None,
+                        cache=None, layer: int = 0, factor_bytes: str = "fp16") -> RestorationContext:
+    """The context for one layer: prices from the contract sizes (fp16 factors to the GPU, or
+    int8 factors read by the NDP), cache state from an ExpertCache if given."""
+    if factor_bytes == "fp16":
+        rank_bytes = sizes.fp16_bytes_per_rank
+    elif factor_bytes == "int8":
+        rank_bytes = sum(sizes.int8_factor_bytes(m, 1)[1] for m in ("w1", "w3", "w2"))
+    else:
+        raise ValueError(f"factor_bytes must be 'fp16' or 'int8', not {factor_bytes!r}")
+    hi_extra = sizes.hi_extra_bytes if sizes.hi_fmt is not None else None
+    if cache is None:
+        return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity)
+    return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity,
+                              cached_rank=lambda e: cache.cached_rank(layer, e),
+                              hi_cached=lambda e: (layer, e, "hi") in cache)
+
+
+class RestorationPolicy(Protocol):
+    name: str
+
+    def decide(self, ids: torch.Tensor, weights: torch.Tensor, ctx: RestorationContext) -> Restoration: ...
+
+
+def _check_ids(ids: torch.Tensor, weights: torch.Tensor) -> tuple[int, int]:
+    if ids.dim() != 2 or tuple(ids.shape) != tuple(weights.shape):
+        raise ValueError(f"ids and weights must both be [T, K], not {tuple(ids.shape)} and {tuple(weights.shape)}")
+    return ids.shape
+
+
+def _check_n(n: int, k: int) -> None:
+    if not 0 <= n < k:
+        raise ValueError(f"n must be in [0, k) = [0, {k}) for top-{k} routing, not {n}")
+
+
+def _count(name: str, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{name} must be a non-negative integer, not {n!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class TopN:
+    """Rank `rank` (None: all that is stored) on the n highest-weighted slots of every token."""
+    n: int
+    rank: int | None = None
+
+    def __post_init__(self):
+        _count("n", self.n)
+        if self.rank is not None:
+            _count("rank", self.rank)
+
+    @property
+    def name(self) -> str:
+        return f"top-{self.n}" + (f"@r{self.rank}" if self.rank is not None else "")
+
+    def decide(self, ids, weights, ctx):
+        t, k = _check_ids(ids, weights)
+        _check_n(self.n, k)
+        r = ctx.stored_rank if self.rank is None else min(self.rank, ctx.stored_rank)
+        row = tuple(r if (s < self.n and r) else 0 for s in range(k))
+        return Restoration((row,) * t, ((False,) * k,) * t)
+
+
+@dataclass(frozen=True)
+class RandomN:
+    """n random slots per token at full rank: the control that Top-n must beat."""
+    n: int
+    seed: int = 0
+    name: str = field(default="random-n", init=False)
+
+    def decide(self, ids, weights, ctx):
+        t, k = _check_ids(ids, weights)
+        _check_n(self.n, k)
+        rng = random.Random(self.seed)
+        rows = []
+        for _ in range(t):
+            chosen = set(rng.sample(range(k), self.n))
+            rows.append(tuple(ctx.stored_rank if s in chosen else 0 for s in range(k)))
+        return Restoration(tuple(rows), ((False,) * k,) * t)
+
+
+@dataclass(frozen=True)
+class HobbitTopHi:
+    """HOBBIT-style mixed precision: the higher-precision copy for the top-n slots whose router
+    weight is at least `min_weight` (a threshold lets it spend a given byte budget on average)."""
+    n: int = 1
+    min_weight: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"hobbit-top{self.n}" + (f"@w>={self.min_weight:.3f}" if self.min_weight else "")
+
+    def decide(self, ids, weights, ctx):
+        t, k = _check_ids(ids, weights)
+        if not 0 <= self.n <= k:
+            raise ValueError(f"n must be in [0, {k}], not {self.n}")
+        if ctx.hi_extra_bytes is None and self.n:
+            raise ValueError("HobbitTopHi needs higher-precision copies, and this store has none")
+        hi = tuple(tuple(s < self.n and w >= self.min_weight for s, w in enumerate(row))
+                   for row in weights.tolist())
+        return Restoration(((0,) * k,) * t, hi)
+
+
+@dataclass(frozen=True)
+class BudgetedPolicy:
+    """Spend at most `budget_bytes` per token (over the batch) where gain per byte is highest.
+
+    Options of a selected expert e: rank r in steps of `rank_step` up to the stored rank
+    (price (r - cached rank) x rank_bytes) or its higher-precision copy (price hi_extra_bytes, 0
+    if cached). Value = sum over its tokens of weight^weight_power x gain: with independent expert
+    errors, a slot's share of the output's squared error scales with its router weight squared.
+    Per expert, the options' upper concave hull is walked greedily across experts by slope (the
+    multiple-choice knapsack's greedy); a step that does not fit is replaced by the largest
+    affordable rank.
+    """
+    budget_bytes: float
+    rank_step: int = 8
+    weight_power: float = 2.0
+    allow_hi: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.budget_bytes, (int, float)) or self.budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be a non-negative number, not {self.budget_bytes!r}")
+        if isinstance(self.rank_step, bool) or not isinstance(self.rank_step, int) or self.rank_step < 1:
+            raise ValueError(f"rank_step must be a positive integer, not {self.rank_step!r}")
+
+    @property
+    def name(self) -> str:
+        return f"budgeted@{self.budget_bytes / 1e3:.0f}kB" + ("" if self.allow_hi else "-nohi")
+
+    def _options(self, e: int, value: float, ctx: RestorationContext, gains: list[float], hi_gain: float):
+        """Start state (free) and the hull of (cost, gain, state) beyond it."""
+        R = ctx.stored_rank
+        r0 = min(ctx.cached_rank(e), R)
+        base = gains[r0]
+        points = [(float((r - r0) * ctx.rank_bytes), value * (gains[r] - base), r)
+                  for r in range(r0 + self.rank_step - r0 % self.rank_step, R + 1, self.rank_step)]
+        if points and points[-1][2] != R or (not points and R > r0):
+            points.append((float((R - r0) * ctx.rank_bytes), value * (gains[R] - base), R))
+        start = (0.0, 0.0, r0)
+        if self.allow_hi and ctx.hi_extra_bytes is not None:
+            hi_pt = (0.0 if ctx.hi_cached(e) else float(ctx.hi_extra_bytes), value * (hi_gain - base), -1)
+            if hi_pt[0] == 0.0 and hi_pt[1] > 0:
+                start = hi_pt                    # cached copy beats the free rank: take it
+                points = []
+            elif hi_pt[1] > 0:
+                points.append(hi_pt)
+        points.sort()
+        hull = [start]
+        for p in points:
+            if p[1] <= hull[-1][1]:
+                continue                          # dominated: costs more, gains no more
+            while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])
+                                      <= (p[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
+                hull.pop()
+            hull.append(p)
+        return hull, points
+
+    def decide(self, ids, weights, ctx):
+        t, k = _check_ids(ids, weights)
+        sens = ctx.sensitivity
+        if sens is None:
+            raise ValueError("BudgetedPolicy needs a sensitivity (RestorationContext.sensitivity)")
+        if sens.max_rank < ctx.stored_rank:
+            raise ValueError(f"sensitivity covers rank {sens.max_rank}, below the stored rank {ctx.stored_rank}")
+        id_rows, w_rows = ids.tolist(), weights.tolist()
+        value: dict[int, float] = {}
+        for row_ids, row_w in zip(id_rows, w_rows):
+            for e, w in zip(row_ids, row_w):
+                value[e] = value.get(e, 0.0) + w ** self.weight_power
+        gains, hi_gains = sens.rank_gain_rows, sens.hi_gain_list
+        state, hulls, heap = {}, {}, []
+        for e, v in value.items():
+            hull, points = self._options(e, v, ctx, gains[e], hi_gains[e])
+            state[e] = hull[0][2]
+            hulls[e] = (hull, points, 0)
+            if len(hull) > 1:
+                slope = (hull[1][1] - hull[0][1]) / max(hull[1][0] - hull[0][0], 1e-9)
+                heapq.heappush(heap, (-slope, e))
+        left = float(self.budget_bytes) * t
+        while heap:
+            _, e = heapq.heappop(heap)
+            hull, points, i = hulls[e]
+            cost = hull[i + 1][0] - hull[i][0]
+            if cost <= left:
+                left -= cost
+                state[e] = hull[i + 1][2]
+                hulls[e] = (hull, points, i + 1)
+                if i + 2 < len(hull):
+                    nxt = (hull[i + 2][1] - hull[i + 1][1]) / max(hull[i + 2][0] - hull[i + 1][0], 1e-9)
+                    heapq.heappush(heap, (-nxt, e))
+            else:                                 # the largest rank between here and there that fits
+                spent = hull[i][0]
+                fits = [p for p in points if p[2] >= 0 and spent < p[0] <= spent + left and p[1] > hull[i][1]]
+                if fits and hull[i][2] >= 0:
+                    best = max(fits, key=lambda p: p[1])
+                    left -= best[0] - spent
+                    state[e] = best[2]
+        ranks, his = [], []
+        for row_ids in id_rows:
+            ranks.append(tuple(max(state[e], 0) for e in row_ids))
+            his.append(tuple(state[e] == -1 for e in row_ids))
+        return Restoration(tuple(ranks), tuple(his))
+
+
+def get_policy(spec: str, top_k: int) -> RestorationPolicy:
+    """Parse a policy name: 'none', 'top-N', 'random-N', 'hobbit', 'budgeted:BYTES'."""
+    if spec == "none":
+        return TopN(0)
+    if spec.startswith("top-") and spec[4:].isdigit():
+        n = int(spec[4:])
+        _check_n(n, top_k)
+        return TopN(n)
+    if spec.startswith("random-") and spec[7:].isdigit():
+        n = int(spec[7:])
+        _check_n(n, top_k)
+        return RandomN(n)
+    if spec == "hobbit":
+        return HobbitTopHi(1)
+    if spec.startswith("budgeted:"):
+        try:
+            return BudgetedPolicy(float(spec[9:]))
+        except ValueError:
+            pass
+    raise ValueError(f"unknown restoration policy {spec!r}; expected none, top-N, random-N, hobbit "
+                     f"or budgeted:BYTES_PER_TOKEN")
