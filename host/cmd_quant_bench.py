@@ -8,7 +8,7 @@ import torch
 
 from model.compensate import Int8LowRank, fit_activation_aware, fit_svd, gram
 from model.contract import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantFormat
-from model.quantize import QUANTIZERS
+from model.quantize import QUANTIZERS, groups_of, minmax_params, quantize_rtn
 
 
 def add_arguments(p):
@@ -50,6 +50,7 @@ def run(args) -> int:
         results[name] = qm
         print(f"{name:<12}{dt:9.2f}{float(e.norm() / w.norm()):16.4f}"
               f"{float((e.double() @ x.t().double()).norm() / ref):16.4f}")
+    _fixed_point_cost(w, fmt)
     err = w - results["rtn"].dequantize()
     print(f"\ncompensator fit at rank {args.rank} (error of RTN):")
     for label, fit in (("plain SVD", lambda: fit_svd(err, args.rank)),
@@ -67,6 +68,20 @@ def run(args) -> int:
     if args.real:
         _real_table([int(v) for v in args.real_layers.split(",")])
     return 0
+
+
+def _fixed_point_cost(w: torch.Tensor, fmt: QuantFormat) -> None:
+    """What storing the group scale as a 16-bit mantissa (one exponent per matrix) and the zero
+    as Q11.4 costs, against keeping both in float64."""
+    wg = groups_of(w.double(), fmt)
+    scale, zero = minmax_params(wg, fmt.qmax)
+    q = torch.round(wg / scale[..., None] + zero[..., None]).clamp(0, fmt.qmax)
+    w_float = ((q - zero[..., None]) * scale[..., None]).reshape(w.shape)
+    w_fixed = quantize_rtn(w, fmt).dequantize(torch.float64)
+    norm = w.double().norm()
+    e_float, e_fixed = float((w - w_float).norm() / norm), float((w - w_fixed).norm() / norm)
+    print(f"\nfixed-point metadata (RTN): relative weight error {e_float:.5f} with float64 scale/zero, "
+          f"{e_fixed:.5f} with uint16 mantissa + Q11.4 zero ({100 * (e_fixed / e_float - 1):+.3f}%)")
 
 
 def _real_table(layers: list[int]) -> None:
