@@ -345,6 +345,7 @@ class NdpConfig:
     addr_bits: int = 32                       # byte address width of the memory
     mem_bytes: int = 1 << 32                  # memory size the unit may address
     clock_mhz: float = 150.0                  # clock the performance model assumes
+    tokens_parallel: int = 1                  # tokens the datapath multiplies per memory word
 
     def __post_init__(self):
         _check_choice("word_bits", self.word_bits, SUPPORTED_WORD_BITS)
@@ -358,6 +359,10 @@ class NdpConfig:
             raise ValueError(f"bits must be a non-empty subset of {SUPPORTED_BITS}, not {self.bits!r}")
         if self.mem_bytes > (1 << self.addr_bits):
             raise ValueError(f"mem_bytes {self.mem_bytes} does not fit {self.addr_bits} address bits")
+        if (isinstance(self.tokens_parallel, bool) or not isinstance(self.tokens_parallel, int)
+                or not 1 <= self.tokens_parallel <= self.t_max):
+            raise ValueError(f"tokens_parallel must be an integer in [1, t_max={self.t_max}], "
+                             f"not {self.tokens_parallel!r}")
 
     @property
     def word_bytes(self) -> int:
@@ -365,8 +370,14 @@ class NdpConfig:
 
     @property
     def lanes(self) -> int:
-        """Multiply lanes: enough for the densest format (2-bit) at one word per cycle."""
-        return self.word_bits // min(self.bits)
+        """Multiply lanes: codes of the densest format in one word (3-bit: one lo-plane word)."""
+        return max(self.word_bits // (2 if b == 3 else b) for b in self.bits)
+
+    def passes(self, tokens: int) -> int:
+        """Passes over each weight word for `tokens` tokens: the unit multiplies
+        `tokens_parallel` tokens per cycle, so a MATMUL takes about passes x its words cycles
+        (memory is still read once)."""
+        return -(-tokens // self.tokens_parallel)
 
     def fmt(self, bits: int, group_size: int) -> QuantFormat:
         if bits not in self.bits:
