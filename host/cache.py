@@ -8,7 +8,10 @@ Policies:
 - "lru": least recently used, the mixtral-offloading design. A decode step visits the layers in a
   cycle, so with a cache smaller than the working set LRU evicts exactly the layer visited next.
 - "lfu": least frequently used with history (counts survive eviction) and aging (all counts halve
-  every `age_every` accesses), ties broken by recency: it keeps each layer's popular experts.
+  every `age_every` accesses), ties broken by recency, and TinyLFU-style admission: a newcomer
+  that was used less often than the entry it would evict is not admitted (it runs from a
+  transient buffer). Without that admission rule a one-off expert evicts a popular one and the
+  cyclic layer order makes LFU thrash like LRU.
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ class LruEviction:
 
     def removed(self, key: CacheKey) -> None:
         self._order.pop(key, None)
+
+    def admit(self, key: CacheKey, victim: CacheKey) -> bool:
+        return True
 
     def victim(self, protect: frozenset) -> CacheKey | None:
         for key in self._order:
@@ -77,6 +83,9 @@ class LfuEviction:
 
     def removed(self, key: CacheKey) -> None:
         self._resident.discard(key)            # its heap items go stale and are skipped
+
+    def admit(self, key: CacheKey, victim: CacheKey) -> bool:
+        return self._count.get(key, 0.0) >= self._count.get(victim, 0.0)
 
     def victim(self, protect: frozenset) -> CacheKey | None:
         skipped, found = [], None
@@ -167,8 +176,9 @@ class ExpertCache:
     def insert(self, key: CacheKey, nbytes: int, rank: int = 0,
                protect: frozenset = frozenset()) -> tuple[bool, list[CacheKey]]:
         """Make `key` resident with `nbytes` (growing an entry of the same key), evicting others
-        but never those in `protect`. Returns (admitted, evicted keys); nothing is evicted when
-        it cannot be admitted."""
+        but never those in `protect`, if the policy admits it. Returns (admitted, evicted keys).
+        Nothing is evicted when the protected entries leave no room; when the policy refuses the
+        newcomer against its second or later victim, the earlier evictions stand."""
         if key[2] not in KINDS:
             raise ValueError(f"cache entry kind must be one of {KINDS}, not {key[2]!r}")
         old = self._entries.get(key)
@@ -180,6 +190,8 @@ class ExpertCache:
         evicted: list[CacheKey] = []
         while self.used_bytes + need > self.capacity_bytes:
             victim = self.eviction.victim(protect)
+            if not self.eviction.admit(key, victim):
+                return False, evicted
             self._remove(victim)
             self.stats.evictions[victim[2]] += 1
             evicted.append(victim)

@@ -9,6 +9,10 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "quant-bench": ("host.cmd_quant_bench", "quantizer / compensator timings and bytes per weight on a Mixtral-size matrix"),
+    "bench": ("host.cmd_bench", "modeled decode tokens/s and bytes per token: fp16+LRU, low-bit, HOBBIT, Top-n, adaptive"),
+    "synth": ("rtl.synth.cmd_synth", "Yosys + nextpnr of one NDP configuration on an FPGA: LUT/FF/DSP/BRAM, Fmax, critical path"),
+    "fpga-sweep": ("rtl.synth.cmd_sweep", "FPGA resources, Fmax, bandwidth and GMAC/s over port width, bit widths and T_max"),
+    "fpga-export": ("rtl.synth.cmd_export", "Verilog (bare unit + pin-wrapped top) and XDC/SDC/LPF/PCF templates"),
 }
 
 

@@ -12,8 +12,7 @@ compensation two more, because the host requantizes B x before A runs):
 """
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from model.contract import Opcode
 
@@ -24,25 +23,38 @@ LINK_KINDS = ("weights", "hi_weights", "fp16_weights", "factors", "prefetch", "a
 _TO_MEMORY = ("act_to_ndp",)
 
 
-@dataclass
 class Usage:
-    """Work of some tasks, additive."""
-    link: Counter = field(default_factory=Counter)       # bytes per LINK_KINDS
-    ndp_descriptors: int = 0
-    ndp_words: int = 0
-    ndp_wall_cycles: float = 0.0                         # with the MATMUL row split over the units
-    gpu_flops: float = 0.0
-    gpu_bytes: int = 0
-    round_trips: int = 0
+    """Work of some tasks, additive. A plain slotted class: the planner adds thousands per second."""
+    __slots__ = ("link", "ndp_descriptors", "ndp_words", "ndp_wall_cycles", "gpu_flops", "gpu_bytes", "round_trips")
+
+    def __init__(self):
+        self.link: dict[str, int] = dict.fromkeys(LINK_KINDS, 0)    # bytes per link kind
+        self.ndp_descriptors = 0
+        self.ndp_words = 0
+        self.ndp_wall_cycles = 0.0                                   # MATMUL rows split over units
+        self.gpu_flops = 0.0
+        self.gpu_bytes = 0
+        self.round_trips = 0
 
     def add(self, other: "Usage") -> None:
-        self.link.update(other.link)
+        link = self.link
+        for k, v in other.link.items():
+            if v:
+                link[k] += v
         self.ndp_descriptors += other.ndp_descriptors
         self.ndp_words += other.ndp_words
         self.ndp_wall_cycles += other.ndp_wall_cycles
         self.gpu_flops += other.gpu_flops
         self.gpu_bytes += other.gpu_bytes
-        self.round_trips = max(self.round_trips, other.round_trips)
+        if other.round_trips > self.round_trips:
+            self.round_trips = other.round_trips
+
+
+def sum_usage(usages) -> Usage:
+    total = Usage()
+    for u in usages:
+        total.add(u)
+    return total
 
 
 def weight_link_kind(variant: str) -> str:

@@ -9,7 +9,7 @@ cheaper). The forced modes exist for tests and co-simulation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .perf_model import Usage, task_usage
 from .presets import SystemPreset
@@ -18,9 +18,9 @@ from .sizes import ExpertSizes
 PLACEMENTS = ("auto", "all-gpu", "all-ndp", "ndp-gemm", "ndp-comp")
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """An expert task before placement."""
+class Candidate(NamedTuple):
+    """An expert task before placement. (NamedTuples here, not dataclasses: the planner makes and
+    hashes thousands per second and the goal is < 50 us per token per layer.)"""
     expert: int
     variant: str
     tokens: int
@@ -29,8 +29,7 @@ class Candidate:
     cached_factor_rank: int
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
     gemm_unit: str
     comp_unit: str | None
     fetch_weights: bool

@@ -7,12 +7,13 @@ Legend: T tokens, K top-k, E experts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from functools import cached_property
+from typing import Callable, NamedTuple
 
 import torch
 
 from .cache import CacheKey, ExpertCache
-from .perf_model import LayerTime, Usage, layer_time, weight_link_kind
+from .perf_model import LayerTime, Usage, layer_time, sum_usage
 from .placement import Candidate, Placer
 from .policy import Restoration, RestorationPolicy, restoration_context
 from .presets import SystemPreset
@@ -20,9 +21,9 @@ from .sensitivity import LayerSensitivity
 from .sizes import ExpertSizes
 
 
-@dataclass(frozen=True)
-class ExpertTask:
-    """All selected (token, slot) pairs of one expert variant, and where their work runs."""
+class ExpertTask(NamedTuple):
+    """All selected (token, slot) pairs of one expert variant, and where their work runs.
+    (A NamedTuple for the planner's speed; immutable like the dataclasses elsewhere.)"""
     expert: int
     variant: str                    # "lo" (store format), "hi" (higher-precision copy), "fp16"
     tokens: tuple[int, ...]
@@ -47,12 +48,23 @@ class LayerPlan:
     tasks: tuple[ExpertTask, ...]
     prefetches: tuple[CacheKey, ...]          # fetched into the GPU cache with idle link time
     evictions: tuple[CacheKey, ...]
-    usage: Usage
-    time: LayerTime | None                    # None without a system preset
+    task_usage: tuple[Usage, ...]             # per task, then one for the prefetches
+    system: SystemPreset | None
 
     @property
     def tokens(self) -> int:
         return len(self.ids)
+
+    @cached_property
+    def usage(self) -> Usage:
+        """Bytes, words, cycles and FLOPs of the whole layer (summed on demand: the runtime needs
+        only the decisions, the traces and the performance model need the sums)."""
+        return sum_usage(self.task_usage)
+
+    @cached_property
+    def time(self) -> LayerTime | None:
+        """Modeled time of the layer on the plan's system (None without one)."""
+        return layer_time(self.usage, self.system) if self.system is not None else None
 
 
 def check_plan(plan: LayerPlan) -> None:
@@ -106,57 +118,67 @@ class LayerPlanner:
         self.weight_variant = weight_variant
         self.placer = Placer(sizes, system, placement)
         self.prefetch = prefetch and system is not None and system.ndp is not None
+        self._contexts: dict[int, object] = {}
+
+    def _context(self, layer: int):
+        ctx = self._contexts.get(layer)
+        if ctx is None:
+            ctx = self._contexts[layer] = restoration_context(self.sizes, self.sensitivity(layer), self.cache, layer)
+        return ctx
 
     def plan(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> LayerPlan:
-        ctx = restoration_context(self.sizes, self.sensitivity(layer), self.cache, layer)
-        restoration = self.policy.decide(ids, weights, ctx)
+        restoration = self.policy.decide(ids, weights, self._context(layer))
         id_rows = ids.tolist()
-        groups: dict[tuple[int, str], list[list[int]]] = {}
+        variant_lo = self.weight_variant
+        groups: dict[tuple[int, str], tuple[list[int], list[int], list[int]]] = {}
         for t, (row, ranks, his) in enumerate(zip(id_rows, restoration.ranks, restoration.hi)):
-            for s, (e, r, h) in enumerate(zip(row, ranks, his)):
-                variant = "hi" if h else self.weight_variant
-                g = groups.setdefault((e, variant), [[], [], []])
+            for s, e in enumerate(row):
+                h = his[s]
+                key = (e, "hi" if h else variant_lo)
+                g = groups.get(key)
+                if g is None:
+                    g = groups[key] = ([], [], [])
                 g[0].append(t)
                 g[1].append(s)
-                g[2].append(0 if h or variant == "fp16" else r)
+                g[2].append(0 if h or variant_lo == "fp16" else ranks[s])
         cache, cands = self.cache, []
-        for (e, variant), (toks, slots, ranks) in groups.items():
+        for (e, variant), (toks, _, ranks) in groups.items():
             rank = max(ranks)
             cached = cache.lookup((layer, e, variant))
             if rank:
                 cache.lookup((layer, e, "factors"), rank)
-            cands.append(Candidate(e, variant, len(toks), rank, cached, cache.cached_rank(layer, e)))
+            cands.append(Candidate(e, variant, len(toks), rank, cached, cache.cached_rank(layer, e) if rank else 0))
         choices = self.placer.place(cands)
 
         # Cache actions: admit what was fetched; never evict what this layer uses on the GPU.
-        protect = frozenset((layer, c.expert, c.variant) for c, ch in zip(cands, choices) if ch.gemm_unit == "gpu")
-        protect |= frozenset((layer, c.expert, "factors") for c, ch in zip(cands, choices) if ch.comp_unit == "gpu")
+        protect = frozenset([(layer, c.expert, c.variant) for c, ch in zip(cands, choices) if ch.gemm_unit == "gpu"]
+                            + [(layer, c.expert, "factors") for c, ch in zip(cands, choices) if ch.comp_unit == "gpu"])
         evictions: list[CacheKey] = []
-        usage = Usage()
+        usages = []
         tasks = []
-        for (key, (toks, slots, ranks)), c, ch in zip(groups.items(), cands, choices):
+        sizes, placer = self.sizes, self.placer
+        for (toks, slots, ranks), c, ch in zip(groups.values(), cands, choices):
             if ch.fetch_weights:
-                evictions += cache.insert((layer, c.expert, c.variant), self.sizes.weight_bytes(c.variant),
-                                          protect=protect)[1]
+                evictions += cache.insert((layer, c.expert, c.variant), sizes.weight_bytes(c.variant), protect=protect)[1]
             if ch.fetch_factor_ranks:
-                evictions += cache.insert((layer, c.expert, "factors"), c.comp_rank * self.sizes.fp16_bytes_per_rank,
+                evictions += cache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.fp16_bytes_per_rank,
                                           rank=c.comp_rank, protect=protect)[1]
-            usage.add(self.placer.usage(c, ch))
-            tasks.append(ExpertTask(c.expert, c.variant, tuple(toks), tuple(slots), tuple(ranks),
-                                    ch.gemm_unit, ch.comp_unit if c.comp_rank else None,
-                                    ch.fetch_weights, ch.fetch_factor_ranks))
-        prefetches = self._prefetch(layer, cands, choices, usage, protect, evictions) if self.prefetch else ()
-        time = layer_time(usage, self.system) if self.system is not None else None
+            usages.append(placer.usage(c, ch))
+            tasks.append(ExpertTask(c.expert, c.variant, tuple(toks), tuple(slots), tuple(ranks), ch.gemm_unit,
+                                    ch.comp_unit if c.comp_rank else None, ch.fetch_weights, ch.fetch_factor_ranks))
+        prefetches = ()
+        if self.prefetch:
+            prefetches, fill = self._prefetch(layer, cands, choices, sum_usage(usages), protect, evictions)
+            usages.append(fill)
         return LayerPlan(layer, tuple(map(tuple, id_rows)), tuple(map(tuple, weights.tolist())), restoration,
-                         tuple(tasks), prefetches, tuple(evictions), usage, time)
+                         tuple(tasks), prefetches, tuple(evictions), tuple(usages), self.system)
 
-    def _prefetch(self, layer, cands, choices, usage: Usage, protect, evictions) -> tuple[CacheKey, ...]:
+    def _prefetch(self, layer, cands, choices, usage: Usage, protect, evictions) -> tuple[tuple[CacheKey, ...], Usage]:
         """Fetch NDP-run experts into the GPU cache while the link would otherwise idle."""
         t = layer_time(usage, self.system)
         busy = max(t.link_s, t.ndp_s, t.gpu_s)
-        bw = self.system.link.gbps * 1e9
-        idle = busy * bw - (sum(usage.link.values()) - usage.link["act_to_ndp"])
-        out = []
+        idle = busy * self.system.link.gbps * 1e9 - (sum(usage.link.values()) - usage.link["act_to_ndp"])
+        fill, out = Usage(), []
         for c, ch in sorted(zip(cands, choices), key=lambda p: -p[0].tokens):
             nbytes = self.sizes.weight_bytes(c.variant)
             if ch.gemm_unit != "ndp" or nbytes > idle:
@@ -164,7 +186,7 @@ class LayerPlanner:
             admitted, ev = self.cache.insert((layer, c.expert, c.variant), nbytes, protect=protect)
             if admitted:
                 idle -= nbytes
-                usage.link["prefetch"] += nbytes
+                fill.link["prefetch"] += nbytes
                 evictions += ev
                 out.append((layer, c.expert, c.variant))
-        return tuple(out)
+        return tuple(out), fill

@@ -1,0 +1,167 @@
+"""`ndpmoe bench`: modeled decode throughput and bytes per token of a named MoE model on a named
+system, for fp16 offloading with LRU, uniform low-bit, HOBBIT-style mixed precision at the bytes of
+Top-1, Top-n restoration at each n, and the budgeted adaptive policy at the bytes of each Top-n.
+Expert selection replays a routing trace (which one is printed); the planning cost of the runtime
+itself is measured and printed per token per layer."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from model.contract import QuantFormat
+
+from .models import get_model
+from .policy import BudgetedPolicy, HobbitTopHi, TopN
+from .presets import get_system
+from .routing_trace import RoutingTrace, synthetic_trace, text_trace, trace_for
+from .sensitivity import assumed_sensitivity
+from .simulate import simulate
+from .sizes import ExpertSizes
+
+ROWS = ("fp16-lru", "uniform", "hobbit", "topn", "adaptive")
+PLANNING_GOAL_US = 50.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mixtral-8x7b", help="mixtral-8x7b, qwen1.5-moe-a2.7b, deepseek-v2-lite, olmoe-1b-7b")
+    p.add_argument("--system", default="gpu-only", help="gpu-only or gpu-ndp")
+    p.add_argument("--gpu", help="GPU preset (rtx4090, a100-80gb, h100-sxm)")
+    p.add_argument("--link", help="link preset (pcie4-x16, pcie5-x16, cxl-x16)")
+    p.add_argument("--ndp", help="NDP preset (cxl-ndp, cxl-ndp-fpga)")
+    p.add_argument("--cache-gb", type=float, default=8.0, help="GPU expert cache capacity in GB (1e9 bytes)")
+    p.add_argument("--cache-policy", default="lfu", help="eviction of the low-bit rows: lru or lfu")
+    p.add_argument("--policy", default=",".join(ROWS), help=f"rows to run, comma separated from {ROWS}")
+    p.add_argument("--topn", default="all", help="n values for Top-n and its equal-bytes rows ('all': 1..k-1)")
+    p.add_argument("--bits", type=int, default=3, help="low-bit expert width")
+    p.add_argument("--group", type=int, default=64, help="quantization group size")
+    p.add_argument("--hi-bits", type=int, default=4, help="width of the higher-precision copies (HOBBIT)")
+    p.add_argument("--rank", type=int, default=32, help="stored compensation rank")
+    p.add_argument("--tokens", type=int, default=256, help="decode steps x batch replayed from the trace")
+    p.add_argument("--batch", type=int, default=1, help="tokens per decode step")
+    p.add_argument("--placement", default="auto", help="auto, all-gpu, all-ndp, ndp-gemm, ndp-comp")
+    p.add_argument("--trace", default="auto", help="auto, text, synthetic, or a saved trace file")
+    p.add_argument("--json", help="write the results here")
+
+
+def _topn_values(spec: str, k: int) -> list[int]:
+    if spec == "all":
+        return list(range(1, k))
+    out = []
+    for part in spec.split(","):
+        if not part.strip().isdigit():
+            raise ValueError(f"--topn must be 'all' or comma-separated integers, not {spec!r}")
+        n = int(part)
+        if not 1 <= n < k:
+            raise ValueError(f"--topn {n}: n must be in [1, k) = [1, {k}) for {k}-way routing")
+        out.append(n)
+    return out
+
+
+def _trace(args, spec) -> RoutingTrace:
+    if args.trace == "auto":
+        return trace_for(spec.experts, spec.top_k, spec.moe_layers, args.tokens)
+    if args.trace == "text":
+        return text_trace(spec.experts, spec.top_k, spec.moe_layers, args.tokens)
+    if args.trace == "synthetic":
+        return synthetic_trace(spec.experts, spec.top_k, spec.moe_layers, args.tokens)
+    t = RoutingTrace.load(args.trace)
+    if t.num_experts != spec.experts or t.top_k != spec.top_k:
+        raise ValueError(f"trace {args.trace!r} routes top-{t.top_k} of {t.num_experts}, model {spec.name!r} "
+                         f"needs top-{spec.top_k} of {spec.experts}")
+    return t
+
+
+def _hobbit_threshold(trace: RoutingTrace, fraction: float) -> float:
+    """Router weight above which the top slot gets its copy, so a `fraction` of tokens do."""
+    if fraction >= 1.0:
+        return 0.0
+    top = torch.cat([w[:, 0] for w in trace.weights]).double()
+    return float(torch.quantile(top, 1.0 - fraction)) if fraction > 0 else math.inf
+
+
+def run(args) -> int:
+    spec = get_model(args.model)
+    system = get_system(args.system, gpu=args.gpu, link=args.link, ndp=args.ndp)
+    rows = [r.strip() for r in args.policy.split(",") if r.strip()]
+    for r in rows:
+        if r not in ROWS:
+            raise ValueError(f"unknown --policy row {r!r}; expected some of {ROWS}")
+    if args.cache_policy not in ("lru", "lfu"):
+        raise ValueError(f"unknown --cache-policy {args.cache_policy!r}; expected lru or lfu")
+    ns = _topn_values(args.topn, spec.top_k)
+    word_bits = system.ndp.ndp_config.word_bits if system.ndp else 128
+    ndp_cfg = system.ndp.ndp_config if system.ndp else None
+    sizes = ExpertSizes(spec.hidden, spec.intermediate, QuantFormat(args.bits, args.group, word_bits),
+                        QuantFormat(args.hi_bits, args.group, word_bits), args.rank, ndp_cfg)
+    fp16_sizes = ExpertSizes(spec.hidden, spec.intermediate, None, None, 0, ndp_cfg)
+    cache_bytes = int(args.cache_gb * 1e9)
+    if cache_bytes < sizes.weight_bytes("lo"):
+        raise ValueError(f"--cache-gb {args.cache_gb} ({cache_bytes} bytes) is smaller than one "
+                         f"{sizes.fmt} expert of {spec.name} ({sizes.weight_bytes('lo')} bytes)")
+    trace = _trace(args, spec)
+    sens = assumed_sensitivity(spec.experts, args.rank)
+    top_bytes = {n: n * args.rank * sizes.fp16_bytes_per_rank for n in ns}
+
+    print(f"model {spec.name}: {spec.moe_layers} MoE layers, {spec.experts} experts, top-{spec.top_k}, "
+          f"D {spec.hidden}, I {spec.intermediate}; {sizes.fmt} expert {sizes.weight_bytes('lo') / 1e6:.1f} MB, "
+          f"fp16 {fp16_sizes.weight_bytes('fp16') / 1e6:.1f} MB, int{args.hi_bits} copy "
+          f"{sizes.weight_bytes('hi') / 1e6:.1f} MB, rank-{args.rank} fp16 factors {sizes.factor_bytes_fp16(args.rank) / 1e6:.2f} MB")
+    ndp_desc = (f", NDP {system.ndp.name}: {system.ndp.units} x {system.ndp.ndp_config.word_bits}-bit units at "
+                f"{system.ndp.clock_mhz:.0f} MHz = {system.ndp.peak_gbps:.1f} GB/s" if system.ndp else "")
+    print(f"system {system.name}: GPU {system.gpu.name}, link {system.link.name} {system.link.gbps} GB/s, "
+          f"memory {system.memory.name} {system.memory.gbps} GB/s{ndp_desc}")
+    if system.ndp:
+        print(f"NDP cycles: {system.ndp.cost.source}")
+    print(f"trace: {trace.source}")
+    print(f"sensitivity (adaptive choices only): {sens.source}")
+    print(f"cache {args.cache_gb} GB, {args.tokens} tokens, batch {args.batch}, placement {args.placement}")
+
+    jobs = []   # (label, policy, weight variant, eviction, sizes)
+    if "fp16-lru" in rows:
+        jobs.append(("fp16 + LRU", TopN(0), "fp16", "lru", fp16_sizes))
+    if "uniform" in rows:
+        jobs.append((f"uniform int{args.bits}", TopN(0), "lo", args.cache_policy, sizes))
+    if "hobbit" in rows:
+        budget = top_bytes[ns[0]] if ns else 0
+        fraction = min(1.0, budget / sizes.hi_extra_bytes)
+        thr = _hobbit_threshold(trace, fraction)
+        jobs.append((f"hobbit int{args.hi_bits} top-1, {fraction:.0%} of tokens (= top-{ns[0] if ns else 0} bytes)",
+                     HobbitTopHi(1, thr), "lo", args.cache_policy, sizes))
+    if "topn" in rows:
+        for n in ns:
+            jobs.append((f"ours top-{n} r{args.rank}", TopN(n), "lo", args.cache_policy, sizes))
+    if "adaptive" in rows:
+        for n in ns:
+            jobs.append((f"ours adaptive @ top-{n} bytes", BudgetedPolicy(top_bytes[n]), "lo", args.cache_policy, sizes))
+
+    header = (f"{'configuration':<48} {'link MB/tok':>11} {'weights':>8} {'factors':>8} {'hi':>7} {'ndp io':>7} "
+              f"{'NDP-read MB/tok':>15} {'GPU hit':>7} {'tok/s':>8} {'plan us':>7}")
+    print(header)
+    print("-" * len(header))
+    results = []
+    for label, policy, variant, eviction, sz in jobs:
+        res = simulate(label, spec, system, sz, policy, trace, cache_bytes=cache_bytes, eviction=eviction,
+                       weight_variant=variant, batch=args.batch, placement=args.placement, sensitivity=sens)
+        s = res.summary
+        lb = s["link_bytes_per_token"]
+        weights = lb.get("weights", 0) + lb.get("fp16_weights", 0) + lb.get("prefetch", 0)
+        ndp_io = lb.get("act_to_ndp", 0) + lb.get("results_from_ndp", 0)
+        ndp_read = s["ndp_words_per_token"] * (system.ndp.ndp_config.word_bytes if system.ndp else 0)
+        print(f"{label:<48} {s['total_link_bytes_per_token'] / 1e6:>11.2f} {weights / 1e6:>8.2f} "
+              f"{lb.get('factors', 0) / 1e6:>8.2f} {lb.get('hi_weights', 0) / 1e6:>7.2f} {ndp_io / 1e6:>7.3f} "
+              f"{ndp_read / 1e6:>15.2f} {res.cache_hit_rate:>7.1%} {s['tokens_per_s']:>8.2f} "
+              f"{res.planning_us_per_token_layer:>7.1f}")
+        results.append({"label": label, "policy": policy.name, "eviction": eviction, **s,
+                        "gpu_hit_rate": res.cache_hit_rate,
+                        "planning_us_per_token_per_layer": res.planning_us_per_token_layer})
+    worst = max((r["planning_us_per_token_per_layer"] for r in results), default=0.0)
+    print(f"planning cost: at most {worst:.1f} us per token per layer (goal < {PLANNING_GOAL_US:.0f} us)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": spec.name, "system": system.name, "trace": trace.source,
+                       "ndp_cost": system.ndp.cost.source if system.ndp else None,
+                       "sensitivity": sens.source, "cache_gb": args.cache_gb, "rows": results}, f, indent=1)
+    return 0

@@ -1,0 +1,191 @@
+"""Routing traces: the top-k expert ids and weights each token got in each MoE layer.
+
+Where they come from, best first:
+1. the offline default MoE model's real router on the evaluation text: `default_model_trace`
+   calls `model.moefy.record_routing_trace(num_tokens)` (accuracy issue), expected to return
+   {"ids": [per MoE layer [T, K] long], "weights": [... [T, K] float], "num_experts": E,
+   "source": str}. It is used for a target model only if E and K match;
+2. real text through a real model with routers fitted to it (`text_trace`): SmolLM2-135M's MLP
+   inputs on the evaluation text, and per layer a router whose rows are k-means centroids of its
+   calibration-text MLP inputs (so experts own regions of the real activation distribution,
+   popularity is as uneven as the clusters and consecutive tokens share experts as text does);
+3. any MoEWeights' routers over any activations (`record_routing`), e.g. tests' random blocks.
+Every trace carries a `source` string that the bench prints.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.moe import RouterConfig, route
+
+ROUTER_LOGIT_STD = 1.5      # assumed per-token spread of router logits (a temperature), see text_trace
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingTrace:
+    ids: tuple[torch.Tensor, ...]          # per layer [T, K] long, sorted by weight, descending
+    weights: tuple[torch.Tensor, ...]      # per layer [T, K] float32
+    num_experts: int
+    source: str
+
+    def __post_init__(self):
+        if not self.ids or len(self.ids) != len(self.weights):
+            raise ValueError(f"a trace needs the same non-zero number of id and weight layers, "
+                             f"not {len(self.ids)} and {len(self.weights)}")
+        shape = tuple(self.ids[0].shape)
+        for l, (i, w) in enumerate(zip(self.ids, self.weights)):
+            if tuple(i.shape) != shape or tuple(w.shape) != shape:
+                raise ValueError(f"layer {l} has ids {tuple(i.shape)} and weights {tuple(w.shape)}, expected {shape}")
+            if i.numel() and not 0 <= int(i.min()) <= int(i.max()) < self.num_experts:
+                raise ValueError(f"layer {l} has expert ids outside [0, {self.num_experts})")
+
+    @property
+    def layers(self) -> int:
+        return len(self.ids)
+
+    @property
+    def tokens(self) -> int:
+        return self.ids[0].shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.ids[0].shape[1]
+
+    def layer(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ids[l], self.weights[l]
+
+    def save(self, path: str | Path) -> None:
+        tensors = {f"ids.{l}": i.contiguous() for l, i in enumerate(self.ids)}
+        tensors |= {f"weights.{l}": w.float().contiguous() for l, w in enumerate(self.weights)}
+        tmp = Path(f"{path}.tmp")
+        save_file(tensors, str(tmp), metadata={"source": self.source, "num_experts": str(self.num_experts)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RoutingTrace":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "num_experts" not in meta:
+            raise ValueError(f"{path} is not a routing trace (no num_experts in its metadata)")
+        t = load_file(str(path))
+        n = len([k for k in t if k.startswith("ids.")])
+        return cls(tuple(t[f"ids.{l}"] for l in range(n)), tuple(t[f"weights.{l}"] for l in range(n)),
+                   int(meta["num_experts"]), meta.get("source", str(path)))
+
+
+def record_routing(hidden: list[torch.Tensor], routers: list[torch.Tensor], cfg: RouterConfig,
+                   source: str) -> RoutingTrace:
+    """Route each layer's activations [T, D] with its router [E, D] (model.moe.route)."""
+    if len(hidden) != len(routers):
+        raise ValueError(f"{len(hidden)} layers of activations but {len(routers)} routers")
+    out = [route(h.float(), r.float(), cfg) for h, r in zip(hidden, routers)]
+    return RoutingTrace(tuple(i for i, _ in out), tuple(w.float() for _, w in out), routers[0].shape[0], source)
+
+
+def kmeans_router(calib: torch.Tensor, experts: int, seed: int = 0, iters: int = 10) -> torch.Tensor:
+    """Router [E, D] whose rows are k-means centroids of calib [N, D] (RMS-normalized), scaled so
+    per-token logits have a standard deviation of ROUTER_LOGIT_STD on the calibration tokens."""
+    x = calib.float()
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+    g = torch.Generator().manual_seed(seed)
+    cent = x[torch.randperm(x.shape[0], generator=g)[:experts]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, cent).argmin(1)
+        for e in range(experts):
+            members = x[assign == e]
+            if members.shape[0]:
+                cent[e] = members.mean(0)
+    cent = cent - cent.mean(0, keepdim=True)        # logits compare experts, not the common part
+    std = (calib.float() @ cent.t()).std(dim=1).mean().clamp_min(1e-9)
+    return cent * (ROUTER_LOGIT_STD / std)
+
+
+def _trace_cache_dir() -> Path:
+    from model.smollm import cache_dir
+    return cache_dir()
+
+
+def smollm_mlp_inputs(tokens: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], str]:
+    """SmolLM2-135M MLP inputs on `tokens` calibration and `tokens` evaluation tokens, per layer
+    ({layer: [tokens, 576]} twice) and a description; cached under the project cache folder."""
+    from model.text import load_text, tokenize
+    text = load_text()
+    key = hashlib.sha256(f"{text.digest}-{tokens}".encode()).hexdigest()[:12]
+    path = _trace_cache_dir() / f"smollm2-mlp-inputs-{key}.safetensors"
+    desc = f"SmolLM2-135M MLP inputs on {text.source} ({tokens} eval tokens, text {text.digest})"
+    if path.is_file():
+        t = load_file(str(path))
+    else:
+        from model.perplexity import collect_mlp_inputs
+        from model.smollm import load_smollm
+        print(f"recording SmolLM2 MLP inputs on {2 * tokens} tokens of real text (once, cached) ...", flush=True)
+        model, tok = load_smollm()
+        calib_ids, eval_ids = tokenize(text.calib, tok)[:tokens], tokenize(text.eval, tok)[:tokens]
+        with torch.no_grad():
+            h = collect_mlp_inputs(model, torch.stack([calib_ids, eval_ids]), max_rows=None, progress=False)
+        t = {}
+        for l, v in h.items():
+            v = v.reshape(2, tokens, -1)
+            t[f"calib.{l}"], t[f"eval.{l}"] = v[0].half().contiguous(), v[1].half().contiguous()
+        tmp = path.with_suffix(".tmp")
+        save_file(t, str(tmp))
+        tmp.replace(path)
+    n = len([k for k in t if k.startswith("eval.")])
+    return ({l: t[f"calib.{l}"].float() for l in range(n)}, {l: t[f"eval.{l}"].float() for l in range(n)}, desc)
+
+
+def text_trace(experts: int, top_k: int, layers: int, tokens: int = 256, seed: int = 0,
+               norm_topk_prob: bool = True) -> RoutingTrace:
+    """Trace of real text through SmolLM2 with k-means routers of the target's E and K; target
+    layer l uses SmolLM2 layer l mod 30."""
+    calib, evals, desc = smollm_mlp_inputs(tokens)
+    n = len(evals)
+    routers = [kmeans_router(calib[l % n], experts, seed + l) for l in range(layers)]
+    cfg = RouterConfig(top_k=top_k, norm_topk_prob=norm_topk_prob)
+    return record_routing([evals[l % n] for l in range(layers)], routers, cfg,
+                          f"{desc}, k-means routers E={experts} k={top_k} (logit std {ROUTER_LOGIT_STD}, seed {seed})")
+
+
+def default_model_trace(tokens: int = 256) -> RoutingTrace | None:
+    """The default MoE model's real routing on the evaluation text, if that model exists yet."""
+    try:
+        moefy = importlib.import_module("model.moefy")
+    except ImportError:
+        return None
+    fn = getattr(moefy, "record_routing_trace", None)
+    if fn is None:
+        return None
+    d = fn(tokens)
+    return RoutingTrace(tuple(d["ids"]), tuple(w.float() for w in d["weights"]), int(d["num_experts"]),
+                        str(d["source"]))
+
+
+def synthetic_trace(experts: int, top_k: int, layers: int, tokens: int, seed: int = 0) -> RoutingTrace:
+    """Fallback when no text model is installed: Gaussian activations with a slowly drifting mean
+    (so consecutive tokens correlate) through Gaussian routers. Not real routing; labeled so."""
+    g = torch.Generator().manual_seed(seed)
+    d = 64
+    drift = torch.randn(tokens, d, generator=g).cumsum(0) * 0.1
+    hidden = [drift + torch.randn(tokens, d, generator=g) for _ in range(layers)]
+    routers = [torch.randn(experts, d, generator=g) * (ROUTER_LOGIT_STD / d ** 0.5) for _ in range(layers)]
+    return record_routing(hidden, routers, RouterConfig(top_k=top_k),
+                          f"SYNTHETIC (no text model installed): drifting Gaussian activations, random routers, seed {seed}")
+
+
+def trace_for(experts: int, top_k: int, layers: int, tokens: int = 256, seed: int = 0) -> RoutingTrace:
+    """The best available trace for a model shape (see the module docstring for the order)."""
+    real = default_model_trace(tokens)
+    if real is not None and real.num_experts == experts and real.top_k == top_k:
+        return real
+    try:
+        return text_trace(experts, top_k, layers, tokens, seed)
+    except (ImportError, FileNotFoundError) as exc:
+        print(f"note: no text model for routing traces ({exc}); using a synthetic trace")
+        return synthetic_trace(experts, top_k, layers, tokens, seed)

@@ -1,0 +1,66 @@
+"""Modeled decode of a whole model over a routing trace: plan every layer of every step (policy,
+cache, placement, bytes), sum the modeled time. No tensors move; the plans are the ones the
+executor would run. Also measures the planning cost itself.
+
+A decode step of `batch` tokens visits the MoE layers in order; layer l of the model reads layer
+l mod (trace layers) of the trace, tokens step*batch .. step*batch + batch - 1.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .cache import ExpertCache
+from .models import ModelSpec
+from .perf_model import resident_seconds
+from .plan import LayerPlanner
+from .policy import RestorationPolicy
+from .presets import SystemPreset
+from .routing_trace import RoutingTrace
+from .sensitivity import LayerSensitivity
+from .sizes import ExpertSizes
+from .trace import RunTrace, layer_trace
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    label: str
+    meta: dict
+    summary: dict                       # RunTrace.summary(): bytes per token, time, tokens/s
+    planning_us_per_token_layer: float
+    cache_hit_rate: float
+    run: RunTrace | None = None         # the per-layer traces, when kept
+
+
+def simulate(label: str, spec: ModelSpec, system: SystemPreset, sizes: ExpertSizes, policy: RestorationPolicy,
+             trace: RoutingTrace, *, cache_bytes: int, eviction: str = "lru", weight_variant: str = "lo",
+             batch: int = 1, placement: str = "auto", prefetch: bool = True,
+             sensitivity: LayerSensitivity | None = None, keep_layers: bool = False) -> SimulationResult:
+    if trace.top_k != spec.top_k or trace.num_experts != spec.experts:
+        raise ValueError(f"trace routes top-{trace.top_k} of {trace.num_experts} experts, model {spec.name!r} "
+                         f"top-{spec.top_k} of {spec.experts}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= trace.tokens:
+        raise ValueError(f"batch must be an integer in [1, trace tokens {trace.tokens}], not {batch!r}")
+    cache = ExpertCache(cache_bytes, eviction)
+    planner = LayerPlanner(sizes, cache, policy, system=system, placement=placement,
+                           sensitivity=lambda layer: sensitivity, weight_variant=weight_variant, prefetch=prefetch)
+    run = RunTrace(meta={"label": label, "model": spec.name, "system": system.name, "policy": policy.name,
+                         "eviction": eviction, "cache_bytes": cache_bytes, "batch": batch,
+                         "trace": trace.source, "ndp_cost": system.ndp.cost.source if system.ndp else None})
+    steps = trace.tokens // batch
+    cycles_source = system.ndp.cost.source if system.ndp else "no NDP"
+    planning = 0.0
+    slices = [[(trace.ids[l][s * batch:(s + 1) * batch], trace.weights[l][s * batch:(s + 1) * batch])
+               for s in range(steps)] for l in range(trace.layers)]
+    for step in range(steps):
+        for layer in range(spec.moe_layers):
+            ids, weights = slices[layer % trace.layers][step]
+            t0 = time.process_time()     # CPU time: wall time on a shared machine measures the neighbours
+            plan = planner.plan(layer, ids, weights)
+            planning += time.process_time() - t0
+            run.add(layer_trace(plan, cycles_source))
+    run.tokens = steps * batch
+    run.extra_time_s = steps * spec.layers * resident_seconds(spec.resident_params_per_layer, batch, system)
+    return SimulationResult(label, run.meta, run.summary(),
+                            planning / max(steps * batch * spec.moe_layers, 1) * 1e6,
+                            cache.stats.hit_rate(weight_variant), run if keep_layers else None)
