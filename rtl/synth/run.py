@@ -1,0 +1,95 @@
+"""One synthesis + place-and-route run of one NDP configuration on one FPGA target."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from model.contract import NdpConfig
+from rtl.synth import flow
+from rtl.synth.design import DesignFactory, ndp_unit, resolve_config, write_wrapped_verilog
+from rtl.synth.report import (SynthResult, log_tail, over_capacity, read_timing, read_utilization,
+                              read_yosys_cells, resource_counts)
+from rtl.synth.targets import FpgaTarget, get_target
+
+DEFAULT_BUILD_ROOT = Path("build/fpga")
+
+
+def default_build_dir(cfg: NdpConfig, target: FpgaTarget, freq_mhz: float, speed: int | None,
+                      dsp_min_width: int | None = None) -> Path:
+    grade = f"-s{speed}" if speed is not None else ""
+    dsp = f"-dsp{dsp_min_width}" if dsp_min_width is not None else ""
+    return DEFAULT_BUILD_ROOT / f"{cfg.name}-{target.name}{grade}{dsp}-{freq_mhz:g}mhz"
+
+
+def check_freq(freq_mhz) -> float:
+    if isinstance(freq_mhz, bool) or not isinstance(freq_mhz, (int, float)) or not 0 < freq_mhz <= 1000:
+        raise ValueError(f"target frequency must be a number of MHz in (0, 1000], not {freq_mhz!r}")
+    return float(freq_mhz)
+
+
+def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: float = 150.0,
+              speed: int | None = None, build: Path | None = None, seed: int = 1,
+              factory: DesignFactory = ndp_unit, timeout_s: float | None = 3600,
+              reuse: bool = False, dsp_min_width: int | None = None) -> SynthResult:
+    """Amaranth -> wrapped Verilog -> Yosys -> nextpnr; the result says whether the design fits,
+    its resources, Fmax and critical path. Tool failures come back in `result.error`.
+
+    With `reuse`, a result.json left in the build folder by a run of the very same Verilog,
+    target, speed, clock and seed is returned instead of running the tools again.
+    `dsp_min_width` (ECP5): only multiplies whose narrower operand has at least that many bits
+    go to DSPs (see flow.synthesize); None leaves the choice to synth_ecp5."""
+    cfg = resolve_config(config)
+    target = get_target(target) if isinstance(target, str) else target
+    freq_mhz = check_freq(freq_mhz)
+    speed = target.check_speed(speed)
+    if dsp_min_width is not None:
+        flow.dsp_premap(target, dsp_min_width)   # bad values fail before any tool runs
+    build = Path(build) if build is not None else default_build_dir(cfg, target, freq_mhz, speed, dsp_min_width)
+    build.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    start = time.monotonic()
+    write_wrapped_verilog(cfg, build / "top.v", factory)
+    seconds["verilog"] = round(time.monotonic() - start, 2)
+    key = hashlib.sha256((build / "top.v").read_bytes()
+                         + f"|{target.name}|{speed}|{freq_mhz}|{seed}|{dsp_min_width}".encode()).hexdigest()
+    cached = build / "result.json"
+    if reuse and cached.exists():
+        raw = json.loads(cached.read_text())
+        if raw.get("extra", {}).get("key") == key:
+            return SynthResult.from_json(raw)
+    cached.unlink(missing_ok=True)
+    for stale in ("netlist.json", "stat.json", "report.json", "nextpnr.log", "yosys.log"):
+        (build / stale).unlink(missing_ok=True)
+
+    def result(error: str | None, fits: bool) -> SynthResult:
+        cells, util = read_yosys_cells(build), read_utilization(build)
+        fmax, path = read_timing(build)
+        r = SynthResult(config=cfg.name, target=target.name, speed=speed, freq_target_mhz=freq_mhz,
+                        fits=fits, fmax_mhz=fmax, **resource_counts(target, util, cells),
+                        utilization=util, yosys_cells=cells, critical_path=path,
+                        seconds=seconds, error=error,
+                        extra={"build": str(build), "key": key, "dsp_min_width": dsp_min_width})
+        cached.write_text(json.dumps(r.to_json(), indent=1) + "\n")
+        return r
+
+    try:
+        step = flow.synthesize(target, build / "top.v", build, timeout_s, dsp_min_width)
+        seconds["yosys"] = round(step.seconds, 2)
+        if step.returncode:
+            return result(f"yosys failed (exit {step.returncode}):\n{log_tail(step.log)}", False)
+        step = flow.place_and_route(target, build, freq_mhz, speed, seed, timeout_s)
+        seconds["nextpnr"] = round(step.seconds, 2)
+    except subprocess.TimeoutExpired as exc:
+        return result(f"{Path(exc.cmd[0]).name} ran past {timeout_s} s", False)
+
+    over = over_capacity(read_utilization(build))
+    if over:
+        used = ", ".join(f"{k} {v['used']}/{v['available']} ({100 * v['used'] / v['available']:.0f} %)"
+                         for k, v in over.items())
+        return result(f"design does not fit {target.name}: {used}", False)
+    if step.returncode or not (build / "report.json").exists():
+        return result(f"nextpnr failed (exit {step.returncode}):\n{log_tail(step.log)}", False)
+    return result(None, True)
