@@ -1,0 +1,188 @@
+"""Activation buffer: int8 activations of up to T_max tokens, plus their block sums.
+
+Storage is `tokens_parallel` RAMs (one per token lane of the datapath), each row holding the L
+activations one code beat needs and the K sums of its blocks of `block` activations:
+
+    RAM row (LSB first):  | act 0 | act 1 | ... | act L-1 | xsum 0 | ... | xsum K-1 |
+    token t lives in RAM t % tokens_parallel, rows {t // tokens_parallel, 0 .. in / L - 1}
+
+The block sums are what the zero-point correction needs (sum(x) over a group = sum of its
+blocks), computed once here at LOAD_ACT time instead of by an adder tree per token per beat.
+
+Load side: LOAD_ACT's words (P bits, little-endian bytes, token rows back to back) are assembled
+into RAM rows, summed by a pipelined adder tree and written; always ready.
+Read side: the address comes with the sequencer's beat (cycle 0), the RAM answers in cycle 1
+(registered read), the lanes' activations are aligned to the beat's codes (4- and 8-bit beats
+use part of a row) and registered: valid in cycle 2.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Module, Signal, signed, unsigned
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from model.contract import ACT_BITS
+
+from .adder_tree import block_sums
+from .geometry import Geometry, bits_for, log2
+
+READ_LATENCY = 2
+
+
+def acts_layout(g: Geometry) -> data.ArrayLayout:
+    return data.ArrayLayout(data.ArrayLayout(signed(ACT_BITS), g.lanes), g.tokens_parallel)
+
+
+def xslots_layout(g: Geometry) -> data.ArrayLayout:
+    return data.ArrayLayout(data.ArrayLayout(signed(g.xsum_bits), g.blocks), g.tokens_parallel)
+
+
+class ActivationBuffer(wiring.Component):
+    """Ports: load side `load_start`, `load_tokens`, `load_in` (bytes per token row), `words`
+    (stream in), `load_busy`; read side `rd_addr`, `rd_offset` (i0 mod L), `bits`, and two
+    cycles later `acts` and `xslots` (per token lane: activations per code lane, block sums per
+    beat slot, zero where the beat has no such block)."""
+
+    def __init__(self, geometry: Geometry):
+        if not isinstance(geometry, Geometry):
+            raise TypeError(f"geometry must be a Geometry, not {geometry!r}")
+        self._geo = g = geometry
+        super().__init__({
+            "load_start": In(1),
+            "load_tokens": In(g.token_bits),
+            "load_in": In(g.in_bits),
+            "words": In(stream.Signature(unsigned(g.word_bits))),
+            "load_busy": Out(1),
+            "rd_addr": In(g.pass_bits + g.act_row_addr_bits),
+            "rd_offset": In(max(1, log2(g.lanes))),
+            "bits": In(4),
+            "acts": Out(acts_layout(g)),
+            "xslots": Out(xslots_layout(g)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self._geo
+        act_bits = g.lanes * ACT_BITS
+        row_shape = data.StructLayout({
+            "acts": data.ArrayLayout(signed(ACT_BITS), g.lanes),
+            "xsums": data.ArrayLayout(signed(g.xsum_bits), g.blocks),
+        })
+        rams = []
+        for lane in range(g.tokens_parallel):
+            ram = memory.Memory(shape=row_shape, depth=g.act_depth, init=[])
+            m.submodules[f"ram{lane}"] = ram
+            rams.append((ram.write_port(), ram.read_port(domain="sync")))
+
+        self._elaborate_load(m, g, row_shape, [w for w, _ in rams], act_bits)
+        self._elaborate_read(m, g, [r for _, r in rams])
+        return m
+
+    # -- LOAD_ACT: words -> RAM rows with block sums ------------------------------------------
+    def _elaborate_load(self, m, g: Geometry, row_shape, write_ports, act_bits):
+        loading = Signal()
+        word_idx = Signal(range(max(2, g.words_per_act_row)))
+        row_idx = Signal(g.act_row_addr_bits + 1)
+        lane = Signal(range(max(2, g.tokens_parallel)))
+        group = Signal(max(1, g.pass_bits))
+        rows_per_token = Signal(g.in_bits)
+        rows_left = Signal(g.in_bits + g.token_bits)
+        shift = Signal(act_bits)
+
+        take = self.words.valid & loading
+        m.d.comb += self.words.ready.eq(loading)
+        with m.If(self.load_start):
+            m.d.sync += [
+                loading.eq(1), word_idx.eq(0), row_idx.eq(0), lane.eq(0), group.eq(0),
+                rows_per_token.eq(self.load_in >> log2(g.act_row_bytes)),
+                rows_left.eq(self.load_tokens * (self.load_in >> log2(g.act_row_bytes))),
+            ]
+
+        # Stage 0: a whole RAM row assembled (word 0 ends in the low bits).
+        full = Signal()
+        row = Signal(act_bits)
+        target = Signal(len(lane) + g.pass_bits + g.act_row_addr_bits)
+        row_done = take & (word_idx == g.words_per_act_row - 1)
+        assembled = self.words.payload if g.words_per_act_row == 1 else \
+            Cat(shift[g.word_bits:], self.words.payload)
+        m.d.sync += full.eq(row_done)
+        with m.If(take):
+            m.d.sync += [shift.eq(assembled), word_idx.eq(word_idx + 1)]
+            with m.If(row_done):
+                m.d.sync += [
+                    word_idx.eq(0), row.eq(assembled),
+                    target.eq(Cat(row_idx[:g.act_row_addr_bits], group[:g.pass_bits], lane)),
+                    rows_left.eq(rows_left - 1), row_idx.eq(row_idx + 1),
+                ]
+                with m.If(rows_left == 1):
+                    m.d.sync += loading.eq(0)
+                with m.If(row_idx == rows_per_token - 1):
+                    m.d.sync += row_idx.eq(0)
+                    if g.tokens_parallel > 1:
+                        with m.If(lane == g.tokens_parallel - 1):
+                            m.d.sync += [lane.eq(0), group.eq(group + 1)]
+                        with m.Else():
+                            m.d.sync += lane.eq(lane + 1)
+                    else:
+                        m.d.sync += group.eq(group + 1)
+
+        # Stages 1..n: block sums of the row, the row and its target delayed alongside.
+        acts = [row[ACT_BITS * i:ACT_BITS * (i + 1)].as_signed() for i in range(g.lanes)]
+        sums, latency = block_sums(m, acts, g.block, "xsum")
+        valid_d, row_d, target_d = full, row, target
+        in_flight = [full]
+        for i in range(latency):
+            v, r, t = Signal(name=f"ld_valid{i}"), Signal(act_bits, name=f"ld_row{i}"), \
+                Signal(len(target), name=f"ld_target{i}")
+            m.d.sync += [v.eq(valid_d), r.eq(row_d), t.eq(target_d)]
+            valid_d, row_d, target_d = v, r, t
+            in_flight.append(v)
+        lane_sel = target_d[g.pass_bits + g.act_row_addr_bits:]
+        for i, wp in enumerate(write_ports):
+            m.d.comb += [
+                wp.addr.eq(target_d[:g.pass_bits + g.act_row_addr_bits]),
+                wp.data.acts.as_value().eq(row_d),
+                *[wp.data.xsums[k].eq(s) for k, s in enumerate(sums)],
+                wp.en.eq(valid_d & ((lane_sel == i) if g.tokens_parallel > 1 else 1)),
+            ]
+        m.d.comb += self.load_busy.eq(Cat(loading, *in_flight).any())
+
+    # -- MATMUL: RAM rows -> activations aligned to the beat's code lanes ------------------------
+    def _elaborate_read(self, m, g: Geometry, read_ports):
+        off1 = Signal.like(self.rd_offset)
+        m.d.sync += off1.eq(self.rd_offset)
+        for rp in read_ports:
+            m.d.comb += [rp.addr.eq(self.rd_addr), rp.en.eq(1)]
+
+        # Offsets a lane can see: a beat of N_c codes starts at a multiple of N_c within the row.
+        n_cs = {b: g.codes_per_beat(b) for b in g.cfg.bits}
+        for t, rp in enumerate(read_ports):
+            for j in range(g.lanes):
+                offsets = sorted({o for n in n_cs.values() if j < n for o in range(0, g.lanes, n)})
+                lane_act = Signal(signed(ACT_BITS), name=f"act_t{t}_l{j}")
+                if offsets == [0]:
+                    m.d.comb += lane_act.eq(rp.data.acts[j])
+                else:
+                    m.d.comb += lane_act.eq(rp.data.acts[j])
+                    with m.Switch(off1):
+                        for o in offsets:
+                            with m.Case(o):
+                                m.d.comb += lane_act.eq(rp.data.acts[o + j])
+                m.d.sync += self.acts[t][j].eq(lane_act)
+
+            # Block sums per beat slot: the blocks that start inside the beat, in order.
+            slots = [Signal(signed(g.xsum_bits), name=f"xslot_t{t}_{k}") for k in range(g.blocks)]
+            with m.Switch(self.bits):
+                for b, n in n_cs.items():
+                    with m.Case(b):
+                        with m.Switch(off1):
+                            for o in range(0, g.lanes, n):
+                                with m.Case(o):
+                                    first = o // g.block
+                                    if n >= g.block:
+                                        for k in range(n // g.block):
+                                            m.d.comb += slots[k].eq(rp.data.xsums[first + k])
+                                    elif o % g.block == 0:
+                                        m.d.comb += slots[0].eq(rp.data.xsums[first])
+            for k in range(g.blocks):
+                m.d.sync += self.xslots[t][k].eq(slots[k])

@@ -1,0 +1,161 @@
+"""Group combiner: block sums of a beat -> complete group sums with their scale and zero.
+
+A beat's codes [i0, i0 + N_c) and the group size G are both powers of two, so either
+- N_c >= G: the beat holds N_c / G whole groups; each is the sum of G / block adjacent blocks; or
+- N_c <  G: the beat is part of one group; its sum goes into a running partial (one per pass,
+  since the passes of a word interleave), and the group completes on the beat that ends it.
+Both sum(q x) (from the lanes) and sum(x) (from the activation buffer) go the same way.
+
+The metadata word travels down the pipeline as its own beat and is latched here, so the groups
+of a superblock always meet their own metadata whatever the pipeline holds. Group m of a beat
+uses entry ((i0 / G) + m) mod E. Slots without a complete group leave with scale 0, so the
+stage after can sum all K slots without looking at a mask.
+
+Two registered stages: (1) parts at the group's granularity and the beat's flags, (2) running
+partials, metadata lookup.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Array, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from model.contract import (GROUP_QX_BITS, GROUP_X_BITS, META_ENTRY_BITS, SCALE_BITS, ZERO_BITS)
+
+from .act_buffer import xslots_layout
+from .geometry import Geometry, log2
+from .multiply_lanes import sums_layout
+from .sequencer import BeatKind, codes_per_beat
+
+LATENCY = 2
+
+META_ENTRY = data.StructLayout({"scale": unsigned(SCALE_BITS), "zero": signed(ZERO_BITS)})
+assert META_ENTRY.size == META_ENTRY_BITS
+
+
+def group_slots_layout(g: Geometry) -> data.StructLayout:
+    """Up to K complete groups of one beat, for every token lane."""
+    return data.StructLayout({
+        "scale": data.ArrayLayout(unsigned(SCALE_BITS), g.blocks),
+        "zero": data.ArrayLayout(signed(ZERO_BITS), g.blocks),
+        "qx": data.ArrayLayout(data.ArrayLayout(signed(GROUP_QX_BITS), g.blocks), g.tokens_parallel),
+        "x": data.ArrayLayout(data.ArrayLayout(signed(GROUP_X_BITS), g.blocks), g.tokens_parallel),
+    })
+
+
+class GroupCombiner(wiring.Component):
+    """Ports in: `valid`, `kind`, `pass_`, `i0`, `row_end`, `row`, `word` (a META beat's word),
+    `qx` (block sums of q x), `xs` (block sums of x), `bits`, `group` (held per descriptor).
+    Out, LATENCY cycles later: `code_valid` (a CODE beat), `pass_out`, `row_end_out`, `row_out`,
+    `groups`."""
+
+    def __init__(self, geometry: Geometry):
+        if not isinstance(geometry, Geometry):
+            raise TypeError(f"geometry must be a Geometry, not {geometry!r}")
+        self._geo = g = geometry
+        super().__init__({
+            "valid": In(1),
+            "kind": In(BeatKind),
+            "pass_": In(g.pass_bits),
+            "i0": In(g.in_bits),
+            "row_end": In(1),
+            "row": In(g.row_bits),
+            "word": In(g.word_bits),
+            "qx": In(sums_layout(g)),
+            "xs": In(xslots_layout(g)),
+            "bits": In(4),
+            "group": In(2),
+            "code_valid": Out(1),
+            "pass_out": Out(g.pass_bits),
+            "row_end_out": Out(1),
+            "row_out": Out(g.row_bits),
+            "groups": Out(group_slots_layout(g)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self._geo
+        K, E = g.blocks, g.meta_entries
+        levels = log2(K)
+
+        # -- stage 1: parts at granularity min(G, L), beat flags --------------------------------
+        n_c = codes_per_beat(m, g, self.bits)
+        g_log = Signal(range(8))
+        m.d.comb += g_log.eq(5 + self.group)
+        # Blocks per part: G / block, capped at K (then the part is the whole beat).
+        level = Signal(range(levels + 1))
+        m.d.comb += level.eq(Mux(self.group > levels, levels, self.group))
+
+        def parts_of(values):
+            tree = [list(values)]
+            for _ in range(levels):
+                prev = tree[-1]
+                tree.append([prev[i] + prev[i + 1] for i in range(0, len(prev), 2)])
+            out = [Signal(signed(len(values[0]) + levels + 1), name="part") for _ in range(K)]
+            with m.Switch(level):
+                for lv in range(levels + 1):
+                    with m.Case(lv):
+                        for i, v in enumerate(tree[lv]):
+                            m.d.comb += out[i].eq(v)
+            return out
+
+        s1 = dict(valid=Signal(), kind=Signal(BeatKind), pass_=Signal(g.pass_bits),
+                  row_end=Signal(), row=Signal(g.row_bits), word=Signal(g.word_bits))
+        for name, sig in s1.items():
+            m.d.sync += sig.eq(getattr(self, name))
+        qx1 = [[Signal(signed(GROUP_QX_BITS), name=f"qx1_t{t}_{k}") for k in range(K)]
+               for t in range(g.tokens_parallel)]
+        x1 = [[Signal(signed(GROUP_X_BITS), name=f"x1_t{t}_{k}") for k in range(K)]
+              for t in range(g.tokens_parallel)]
+        for t in range(g.tokens_parallel):
+            for k, p in enumerate(parts_of([self.qx[t][k] for k in range(K)])):
+                m.d.sync += qx1[t][k].eq(p)
+            for k, p in enumerate(parts_of([self.xs[t][k] for k in range(K)])):
+                m.d.sync += x1[t][k].eq(p)
+
+        whole = n_c >> g_log                    # groups wholly inside the beat (0 if N_c < G)
+        g_mask = Signal(8)
+        m.d.comb += g_mask.eq((1 << g_log) - 1)
+        partial = whole == 0
+        ends = ((self.i0 + n_c) & g_mask) == 0
+        slot_valid1 = Signal(K)
+        keep1 = Signal()                        # the beat's sum continues a group: keep it
+        entry1 = [Signal(range(E), name=f"entry1_{k}") for k in range(K)]
+        first_group = self.i0 >> g_log
+        for k in range(K):
+            m.d.sync += [
+                slot_valid1[k].eq(Mux(partial, ends if k == 0 else 0, k < whole)),
+                entry1[k].eq(first_group + k),
+            ]
+        m.d.sync += keep1.eq(partial & ~ends)
+
+        # -- stage 2: running partials per pass, metadata ---------------------------------------
+        meta = Signal(data.ArrayLayout(META_ENTRY, E))
+        with m.If(s1["valid"] & (s1["kind"] == BeatKind.META)):
+            m.d.sync += meta.eq(s1["word"])
+
+        code = s1["valid"] & (s1["kind"] == BeatKind.CODE)
+        for t in range(g.tokens_parallel):
+            for name, parts, width in (("qx", qx1[t], GROUP_QX_BITS), ("x", x1[t], GROUP_X_BITS)):
+                run = Array(Signal(signed(width), name=f"run_{name}_t{t}_p{p}") for p in range(g.max_passes))
+                first = (parts[0] + run[s1["pass_"]])[:width].as_signed()
+                with m.If(code):
+                    m.d.sync += run[s1["pass_"]].eq(Mux(keep1, first, 0))
+                target = getattr(self.groups, name)[t]
+                m.d.sync += target[0].eq(first)
+                for k in range(1, K):
+                    m.d.sync += target[k].eq(parts[k])
+
+        for k in range(K):
+            entry = meta[entry1[k]]
+            m.d.sync += [
+                self.groups.scale[k].eq(Mux(slot_valid1[k], entry.scale, 0)),
+                self.groups.zero[k].eq(entry.zero),
+            ]
+        m.d.sync += [
+            self.code_valid.eq(code),
+            self.pass_out.eq(s1["pass_"]),
+            self.row_end_out.eq(s1["row_end"]),
+            self.row_out.eq(s1["row"]),
+        ]
+        return m

@@ -1,0 +1,91 @@
+"""Memory read port: one linear read command -> bursts on the memory request stream.
+
+The memory side is two streams with valid/ready and any latency in between: requests
+(byte address, words) and response words of P bits, in request order. The unit reads each
+descriptor's data as one linear range; this component cuts it into bursts of at most
+`max_burst` words (an AXI-style limit), issues them as fast as the memory takes them, and passes
+the response words through untouched (no added latency, no buffering).
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .geometry import bits_for, log2
+
+
+def mem_request_layout(addr_bits: int, max_burst: int) -> data.StructLayout:
+    """A memory request: byte address (word aligned) and a word count 1..max_burst."""
+    return data.StructLayout({"addr": unsigned(addr_bits), "words": unsigned(bits_for(max_burst))})
+
+
+def read_command_layout(addr_bits: int, length_bits: int) -> data.StructLayout:
+    return data.StructLayout({"addr": unsigned(addr_bits), "words": unsigned(length_bits)})
+
+
+class MemReader(wiring.Component):
+    """Request generator and response pass-through.
+
+    Ports: `cmd` (In stream: addr, words; taken only when idle), `mem_req` / `mem_resp` (the
+    memory), `data` (Out stream: the response words, combinationally), `busy` (requests left to
+    issue or words still to arrive), `waiting` (words requested and not yet arrived).
+    """
+
+    def __init__(self, *, word_bits: int, addr_bits: int, length_bits: int, max_burst: int = 256):
+        for name, value in (("word_bits", word_bits), ("addr_bits", addr_bits), ("length_bits", length_bits)):
+            if not isinstance(value, int) or value <= 0:
+                raise TypeError(f"{name} must be a positive integer, not {value!r}")
+        if not isinstance(max_burst, int) or max_burst <= 0 or max_burst & (max_burst - 1):
+            raise ValueError(f"max_burst must be a positive power of two, not {max_burst!r}")
+        self._word_bits = word_bits
+        self._max_burst = max_burst
+        self._length_bits = length_bits
+        super().__init__({
+            "cmd": In(stream.Signature(read_command_layout(addr_bits, length_bits))),
+            "mem_req": Out(stream.Signature(mem_request_layout(addr_bits, max_burst))),
+            "mem_resp": In(stream.Signature(unsigned(word_bits))),
+            "data": Out(stream.Signature(unsigned(word_bits))),
+            "busy": Out(1),
+            "waiting": Out(1),
+        })
+
+    @property
+    def max_burst(self) -> int:
+        return self._max_burst
+
+    def elaborate(self, platform):
+        m = Module()
+        word_bytes = self._word_bits // 8
+        to_request = Signal(self._length_bits)      # words not yet requested
+        to_receive = Signal(self._length_bits)      # words requested or not, not yet arrived
+        addr = Signal.like(self.mem_req.payload.addr)
+        burst = Mux(to_request > self._max_burst, self._max_burst, to_request)
+
+        m.d.comb += [
+            self.mem_req.valid.eq(to_request != 0),
+            self.mem_req.payload.addr.eq(addr),
+            self.mem_req.payload.words.eq(burst),
+            self.cmd.ready.eq((to_request == 0) & (to_receive == 0)),
+            self.busy.eq((to_request != 0) | (to_receive != 0)),
+            self.waiting.eq(to_receive != to_request),
+            # Responses pass straight through: the consumer's ready is the memory's ready.
+            self.data.valid.eq(self.mem_resp.valid),
+            self.data.payload.eq(self.mem_resp.payload),
+            self.mem_resp.ready.eq(self.data.ready),
+        ]
+        with m.If(self.cmd.valid & self.cmd.ready):
+            m.d.sync += [
+                addr.eq(self.cmd.payload.addr),
+                to_request.eq(self.cmd.payload.words),
+                to_receive.eq(self.cmd.payload.words),
+            ]
+        with m.Else():
+            with m.If(self.mem_req.valid & self.mem_req.ready):
+                m.d.sync += [
+                    to_request.eq(to_request - burst),
+                    addr.eq(addr + (burst << log2(word_bytes))),
+                ]
+            with m.If(self.mem_resp.valid & self.mem_resp.ready & (to_receive != 0)):
+                m.d.sync += to_receive.eq(to_receive - 1)
+        return m

@@ -1,0 +1,76 @@
+"""Output side: a FIFO of row entries, credits for it, and a serializer to single results.
+
+The datapath in front never stalls (no stall signal fanning out to thousands of flip-flops).
+Instead the sequencer takes a credit for every row-ending beat before it issues it, and a credit
+comes back when the serializer has sent the entry's last result, so the FIFO can never overflow.
+Output back-pressure therefore stops the memory reads, a FIFO depth later.
+
+Results leave in the golden order: row by row, tokens 0..T-1 within a row (one entry per pass,
+passes in order), one per cycle when `out` is ready.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Module, Signal
+from amaranth.lib import fifo, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .geometry import Geometry, bits_for
+from .scale_accumulator import entry_layout
+from .shapes import result_layout
+
+
+class ResultOutput(wiring.Component):
+    """Ports: `entry` (always-ready stream in), `tokens` (T of the running descriptor),
+    `credit_take` / `credit_ok`, `out` (result stream), `idle` (no credit out, nothing to send)."""
+
+    def __init__(self, geometry: Geometry, depth: int = 16):
+        if not isinstance(geometry, Geometry):
+            raise TypeError(f"geometry must be a Geometry, not {geometry!r}")
+        if not isinstance(depth, int) or depth < 2:
+            raise ValueError(f"depth must be an integer >= 2, not {depth!r}")
+        self._geo = g = geometry
+        self._depth = depth
+        super().__init__({
+            "entry": In(stream.Signature(entry_layout(g), always_ready=True)),
+            "tokens": In(g.token_bits),
+            "credit_take": In(1),
+            "credit_ok": Out(1),
+            "out": Out(stream.Signature(result_layout(g.cfg.t_max))),
+            "idle": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self._geo
+        layout = entry_layout(g)
+        m.submodules.fifo = buf = fifo.SyncFIFOBuffered(width=layout.size, depth=self._depth)
+        m.d.comb += [buf.w_data.eq(self.entry.payload), buf.w_en.eq(self.entry.valid)]
+
+        credits = Signal(range(self._depth + 1), init=self._depth)
+        credit_back = Signal()
+        m.d.sync += credits.eq(credits + credit_back - self.credit_take)
+        m.d.comb += self.credit_ok.eq(credits != 0)
+
+        # Serializer: token j of the head entry goes into the output register.
+        head = layout(buf.r_data)
+        j = Signal(range(max(2, g.tokens_parallel)))
+        base = Signal(g.token_bits + 1)
+        m.d.comb += base.eq(head.pass_ * g.tokens_parallel)
+        token = base + j
+        last = (j == g.tokens_parallel - 1) | (token == self.tokens - 1)
+        load = buf.r_rdy & (~self.out.valid | self.out.ready)
+        with m.If(self.out.valid & self.out.ready):
+            m.d.sync += self.out.valid.eq(0)
+        with m.If(load):
+            m.d.sync += [
+                self.out.valid.eq(1),
+                self.out.payload.value.eq(head.values[j] if g.tokens_parallel > 1 else head.values[0]),
+                self.out.payload.row.eq(head.row),
+                self.out.payload.token.eq(token),
+                j.eq(j + 1),
+            ]
+            with m.If(last):
+                m.d.sync += j.eq(0)
+                m.d.comb += [buf.r_en.eq(1), credit_back.eq(1)]
+        m.d.comb += self.idle.eq((credits == self._depth) & ~self.out.valid)
+        return m

@@ -1,0 +1,102 @@
+"""Zero correction, group-scale multiply and the wide per-row accumulation.
+
+Per complete group (model/contract.py, "NDP arithmetic"):
+
+    term = 2^ZERO_FRAC_BITS * sum(q x) - zero * sum(x)        zero is Q11.4
+    acc += scale * term                                        ACC_BITS, cannot overflow
+
+One register stage each: zero multiply, scale multiply, then the sum of the K slots (a tree with
+a register per level), then the accumulator. The accumulators are kept per pass and per token
+lane; a row's last beat of a pass emits that pass's results as one entry and clears them.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Array, Module, Signal, signed
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from model.contract import (ACC_BITS, GROUP_QX_BITS, GROUP_X_BITS, SCALE_BITS, ZERO_BITS,
+                            ZERO_FRAC_BITS)
+
+from .adder_tree import block_sums
+from .geometry import Geometry, log2
+from .group_combiner import group_slots_layout
+
+# 2^F sum(q x) - zero sum(x): the wider of the two operands plus one bit for the difference.
+GROUP_TERM_BITS = max(GROUP_QX_BITS + ZERO_FRAC_BITS, ZERO_BITS + GROUP_X_BITS) + 1
+
+
+def entry_layout(g: Geometry) -> data.StructLayout:
+    """One row's results for the tokens of one pass."""
+    return data.StructLayout({
+        "values": data.ArrayLayout(signed(ACC_BITS), g.tokens_parallel),
+        "row": g.row_bits,
+        "pass_": g.pass_bits,
+    })
+
+
+class ScaleAccumulator(wiring.Component):
+    """Ports in: `valid` (a CODE beat), `pass_`, `row_end`, `row`, `groups`.
+    Out: `entry` (always-ready stream: a row's values for one pass)."""
+
+    def __init__(self, geometry: Geometry):
+        if not isinstance(geometry, Geometry):
+            raise TypeError(f"geometry must be a Geometry, not {geometry!r}")
+        self._geo = g = geometry
+        super().__init__({
+            "valid": In(1),
+            "pass_": In(g.pass_bits),
+            "row_end": In(1),
+            "row": In(g.row_bits),
+            "groups": In(group_slots_layout(g)),
+            "entry": Out(stream.Signature(entry_layout(g), always_ready=True)),
+        })
+
+    @property
+    def latency(self) -> int:
+        return 2 + log2(self._geo.blocks) + 1
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self._geo
+        K, TP = g.blocks, g.tokens_parallel
+        grp = self.groups
+
+        # Beat fields delayed alongside the arithmetic.
+        def delay(value, cycles, name):
+            for i in range(cycles):
+                d = Signal.like(value, name=f"{name}_d{i}")
+                m.d.sync += d.eq(value)
+                value = d
+            return value
+
+        tree_latency = log2(K)
+        stages = 2 + tree_latency               # zero stage, scale stage, slot-sum levels
+        valid = delay(self.valid, stages, "valid")
+        pass_ = delay(self.pass_, stages, "pass")
+        row_end = delay(self.row_end, stages, "row_end")
+        row = delay(self.row, stages, "row")
+
+        scale1 = [Signal(SCALE_BITS, name=f"scale1_{k}") for k in range(K)]
+        m.d.sync += [scale1[k].eq(grp.scale[k]) for k in range(K)]
+        for t in range(TP):
+            products = []
+            for k in range(K):
+                term = Signal(signed(GROUP_TERM_BITS), name=f"term_t{t}_{k}")
+                m.d.sync += term.eq((grp.qx[t][k] << ZERO_FRAC_BITS) - grp.zero[k] * grp.x[t][k])
+                prod = Signal(signed(GROUP_TERM_BITS + SCALE_BITS), name=f"prod_t{t}_{k}")
+                m.d.sync += prod.eq(scale1[k] * term)
+                products.append(prod)
+            (beat_sum,), _ = block_sums(m, products, K, f"slots_t{t}")
+
+            acc = Array(Signal(signed(ACC_BITS), name=f"acc_t{t}_p{p}") for p in range(g.max_passes))
+            total = (acc[pass_] + beat_sum)[:ACC_BITS].as_signed()
+            with m.If(valid):
+                m.d.sync += acc[pass_].eq(total)
+                with m.If(row_end):
+                    m.d.sync += [acc[pass_].eq(0), self.entry.payload.values[t].eq(total)]
+
+        m.d.sync += self.entry.valid.eq(valid & row_end)
+        with m.If(valid & row_end):
+            m.d.sync += [self.entry.payload.row.eq(row), self.entry.payload.pass_.eq(pass_)]
+        return m

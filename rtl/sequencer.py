@@ -1,0 +1,164 @@
+"""MATMUL sequencer: walks the packed matrix as its words arrive and turns them into beats.
+
+A row of the memory image is | meta | w ... w | meta | w ... w | ... (model/contract.py): one
+metadata word per E groups, then their weight words; for 3-bit each block is a hi-plane word
+then two lo-plane words. The sequencer knows from its position which word comes next, so it
+labels every word without looking at it:
+
+- META: one beat, the word travels down the pipeline to the group stage, which latches it;
+- HI (3-bit): one beat, the unpacker latches the plane;
+- CODE: `passes` beats, one per group of `tokens_parallel` tokens (pass 0, 1, ...); the word is
+  acknowledged to memory only with the last pass, so memory is read once whatever T is.
+
+The pipeline behind never stalls. The only back-pressure is here: a beat that ends a row (one
+per pass) reserves an entry in the output FIFO first (`credit_ok` / `credit_take`); without a
+credit the sequencer waits, and the memory response waits with it.
+
+Beat fields: kind, pass_, lo_half (3-bit: which lo word of the block), i0 (input position of
+the beat's first code within the row), row_end, row, word.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .geometry import Geometry, bits_for, log2
+
+
+class BeatKind(enum.Enum, shape=2):
+    META = 0
+    HI = 1
+    CODE = 2
+
+
+def beat_layout(g: Geometry) -> data.StructLayout:
+    return data.StructLayout({
+        "kind": BeatKind,
+        "pass_": unsigned(g.pass_bits),
+        "lo_half": unsigned(1),
+        "i0": unsigned(g.in_bits),
+        "row_end": unsigned(1),
+        "row": unsigned(g.row_bits),
+        "word": unsigned(g.word_bits),
+    })
+
+
+def mode_layout(g: Geometry) -> data.StructLayout:
+    """What the datapath needs to know about the running MATMUL (held for its whole run)."""
+    return data.StructLayout({
+        "bits": unsigned(4),
+        "group": unsigned(2),                     # GROUP_CODES: G = 32 << group
+        "padded_in": unsigned(g.in_bits),
+        "passes": unsigned(bits_for(g.max_passes)),
+        "rows": unsigned(g.row_bits),
+        "tokens": unsigned(g.token_bits),
+    })
+
+
+def codes_per_beat(m: Module, g: Geometry, bits) -> Signal:
+    """N_c of the current bit width, as a signal."""
+    n = Signal(range(g.lanes + 1))
+    with m.Switch(bits):
+        for b in g.cfg.bits:
+            with m.Case(b):
+                m.d.comb += n.eq(g.codes_per_beat(b))
+    return n
+
+
+class MatmulSequencer(wiring.Component):
+    """Ports: `start` (pulse, with `mode` valid), `mode`, `words` (memory response stream),
+    `beat` (always-ready stream into the pipeline), `act_addr` (activation RAM row of the
+    current beat: {pass, i0 / L}, presented in the issue cycle), `credit_ok` / `credit_take`,
+    `active` (words still to consume), `want_word` (ready for a word: counts memory stalls)."""
+
+    def __init__(self, geometry: Geometry):
+        if not isinstance(geometry, Geometry):
+            raise TypeError(f"geometry must be a Geometry, not {geometry!r}")
+        self._geo = g = geometry
+        super().__init__({
+            "start": In(1),
+            "mode": In(mode_layout(g)),
+            "words": In(stream.Signature(unsigned(g.word_bits))),
+            "beat": Out(stream.Signature(beat_layout(g), always_ready=True)),
+            "act_addr": Out(g.pass_bits + g.act_row_addr_bits),
+            "credit_ok": In(1),
+            "credit_take": Out(1),
+            "active": Out(1),
+            "want_word": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self._geo
+        mode = self.mode
+
+        active = Signal()
+        need_meta = Signal()
+        phase = Signal(2)                 # 3-bit blocks: 0 hi word, 1 first lo word, 2 second
+        pass_ = Signal(g.pass_bits)
+        i0 = Signal(g.in_bits)
+        row = Signal(g.row_bits)
+
+        n_c = codes_per_beat(m, g, mode.bits)
+        three = mode.bits == 3
+        next_i0 = i0 + n_c
+        row_end = next_i0 == mode.padded_in
+        # A superblock covers E * G = P << group inputs; the next one starts with its metadata.
+        sb_mask = Signal(g.in_bits)
+        m.d.comb += sb_mask.eq((g.word_bits << mode.group) - 1)
+        sb_end = (next_i0 & sb_mask) == 0
+
+        kind = Signal(BeatKind)
+        with m.If(need_meta):
+            m.d.comb += kind.eq(BeatKind.META)
+        with m.Elif(three & (phase == 0)):
+            m.d.comb += kind.eq(BeatKind.HI)
+        with m.Else():
+            m.d.comb += kind.eq(BeatKind.CODE)
+        is_code = kind == BeatKind.CODE
+        last_pass = pass_ == mode.passes - 1
+        needs_credit = is_code & row_end
+        can_issue = active & (~needs_credit | self.credit_ok)
+        issue = can_issue & self.words.valid
+
+        m.d.comb += [
+            self.words.ready.eq(can_issue & (~is_code | last_pass)),
+            self.want_word.eq(can_issue),
+            self.active.eq(active),
+            self.beat.valid.eq(issue),
+            self.beat.payload.kind.eq(kind),
+            self.beat.payload.pass_.eq(pass_),
+            self.beat.payload.lo_half.eq(phase == 2),
+            self.beat.payload.i0.eq(i0),
+            self.beat.payload.row_end.eq(row_end),
+            self.beat.payload.row.eq(row),
+            self.beat.payload.word.eq(self.words.payload),
+            self.credit_take.eq(issue & needs_credit),
+            self.act_addr.eq(Cat((i0 >> log2(g.lanes))[:g.act_row_addr_bits], pass_)),
+        ]
+
+        with m.If(self.start):
+            m.d.sync += [active.eq(1), need_meta.eq(1), phase.eq(0), pass_.eq(0), i0.eq(0), row.eq(0)]
+        with m.Elif(issue):
+            with m.Switch(kind):
+                with m.Case(BeatKind.META):
+                    m.d.sync += need_meta.eq(0)
+                with m.Case(BeatKind.HI):
+                    m.d.sync += phase.eq(1)
+                with m.Case(BeatKind.CODE):
+                    with m.If(~last_pass):
+                        m.d.sync += pass_.eq(pass_ + 1)
+                    with m.Else():
+                        m.d.sync += [
+                            pass_.eq(0),
+                            i0.eq(next_i0),
+                            phase.eq(Mux(three & (phase == 1), 2, 0)),
+                        ]
+                        with m.If(row_end):
+                            m.d.sync += [i0.eq(0), need_meta.eq(1), row.eq(row + 1)]
+                            with m.If(row == mode.rows - 1):
+                                m.d.sync += active.eq(0)
+                        with m.Elif(sb_end):
+                            m.d.sync += need_meta.eq(1)
+        return m
