@@ -95,6 +95,10 @@ class NdpUnit(wiring.Component):
     def geometry(self) -> Geometry:
         return self._geo
 
+    @property
+    def max_burst(self) -> int:
+        return self._max_burst
+
     def elaborate(self, platform):
         m = Module()
         g, cfg = self._geo, self._cfg
