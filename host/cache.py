@@ -43,9 +43,9 @@ class LruEviction:
     def admit(self, key: CacheKey, victim: CacheKey) -> bool:
         return True
 
-    def victim(self, protect: frozenset) -> CacheKey | None:
+    def victim(self, protect: frozenset, newcomer: CacheKey) -> CacheKey | None:
         for key in self._order:
-            if key not in protect:
+            if key not in protect and key != newcomer:
                 return key
         return None
 
@@ -64,18 +64,17 @@ class LfuEviction:
         self._tick = 0
 
     def _bump(self, key: CacheKey) -> None:
-        self._tick += 1
-        self._count[key] = self._count.get(key, 0.0) + 1.0
-        self._last[key] = self._tick
+        tick = self._tick = self._tick + 1
+        count = self._count[key] = self._count.get(key, 0.0) + 1.0
+        self._last[key] = tick
         if key in self._resident:
-            heapq.heappush(self._heap, (self._count[key], self._tick, key))
-        if self._tick % self.age_every == 0:
+            heapq.heappush(self._heap, (count, tick, key))
+        if tick % self.age_every == 0:
             self._count = {k: c / 2 for k, c in self._count.items() if c >= 0.5 or k in self._resident}
             self._heap = [(self._count[k], self._last[k], k) for k in self._resident]
             heapq.heapify(self._heap)
 
-    def touched(self, key: CacheKey) -> None:
-        self._bump(key)
+    touched = _bump
 
     def inserted(self, key: CacheKey) -> None:
         self._resident.add(key)
@@ -87,20 +86,21 @@ class LfuEviction:
     def admit(self, key: CacheKey, victim: CacheKey) -> bool:
         return self._count.get(key, 0.0) >= self._count.get(victim, 0.0)
 
-    def victim(self, protect: frozenset) -> CacheKey | None:
+    def victim(self, protect: frozenset, newcomer: CacheKey) -> CacheKey | None:
         skipped, found = [], None
-        while self._heap:
-            count, last, key = self._heap[0]
-            if key not in self._resident or count != self._count.get(key) or last != self._last.get(key, last):
-                heapq.heappop(self._heap)       # stale
+        heap, resident, counts, lasts = self._heap, self._resident, self._count, self._last
+        while heap:
+            count, last, key = heap[0]
+            if key not in resident or count != counts.get(key) or last != lasts.get(key, last):
+                heapq.heappop(heap)             # stale
                 continue
-            if key in protect:
-                skipped.append(heapq.heappop(self._heap))
+            if key in protect or key == newcomer:
+                skipped.append(heapq.heappop(heap))
                 continue
             found = key
             break
         for item in skipped:
-            heapq.heappush(self._heap, item)
+            heapq.heappush(heap, item)
         return found
 
 
@@ -129,12 +129,6 @@ class CacheStats:
         return {name: dict(getattr(self, name)) for name in ("hits", "misses", "evictions", "inserted_bytes")}
 
 
-@dataclass
-class _Entry:
-    nbytes: int
-    rank: int
-
-
 class ExpertCache:
     """Byte-capacity cache of expert data on the GPU (bookkeeping only; backends hold tensors)."""
 
@@ -149,7 +143,7 @@ class ExpertCache:
         self.eviction = make_eviction(eviction) if isinstance(eviction, str) else eviction
         self.used_bytes = 0
         self.stats = CacheStats()
-        self._entries: dict[CacheKey, _Entry] = {}
+        self._entries: dict[CacheKey, tuple[int, int]] = {}     # key -> (bytes, rank)
 
     def __contains__(self, key: CacheKey) -> bool:
         return key in self._entries
@@ -163,12 +157,12 @@ class ExpertCache:
     def cached_rank(self, layer: int, expert: int) -> int:
         """Rank of the factors cached for an expert (0 if none)."""
         entry = self._entries.get((layer, expert, "factors"))
-        return entry.rank if entry is not None else 0
+        return entry[1] if entry is not None else 0
 
     def lookup(self, key: CacheKey, rank: int = 0) -> bool:
         """Counted access: a hit if resident (for factors: at `rank` or more)."""
         entry = self._entries.get(key)
-        hit = entry is not None and entry.rank >= rank
+        hit = entry is not None and entry[1] >= rank
         (self.stats.hits if hit else self.stats.misses)[key[2]] += 1
         self.eviction.touched(key)
         return hit
@@ -179,32 +173,35 @@ class ExpertCache:
         but never those in `protect`, if the policy admits it. Returns (admitted, evicted keys).
         Nothing is evicted when the protected entries leave no room; when the policy refuses the
         newcomer against its second or later victim, the earlier evictions stand."""
-        if key[2] not in KINDS:
-            raise ValueError(f"cache entry kind must be one of {KINDS}, not {key[2]!r}")
-        old = self._entries.get(key)
-        need = nbytes - (old.nbytes if old else 0)
-        protect = protect | {key}
-        pinned = sum(self._entries[k].nbytes for k in protect if k in self._entries)
-        if pinned + max(need, 0) > self.capacity_bytes:
-            return False, []
+        kind = key[2]
+        if kind not in KINDS:
+            raise ValueError(f"cache entry kind must be one of {KINDS}, not {kind!r}")
+        entries = self._entries
+        old = entries.get(key)
+        size = nbytes if old is None or nbytes > old[0] else old[0]
+        need = size - (old[0] if old is not None else 0)
         evicted: list[CacheKey] = []
-        while self.used_bytes + need > self.capacity_bytes:
-            victim = self.eviction.victim(protect)
-            if not self.eviction.admit(key, victim):
+        if self.used_bytes + need > self.capacity_bytes:
+            pinned = sum(entries[k][0] for k in protect if k in entries and k != key)
+            if pinned + size > self.capacity_bytes:
                 return False, evicted
-            self._remove(victim)
-            self.stats.evictions[victim[2]] += 1
-            evicted.append(victim)
+            eviction = self.eviction
+            while self.used_bytes + need > self.capacity_bytes:
+                victim = eviction.victim(protect, key)
+                if not eviction.admit(key, victim):
+                    return False, evicted
+                self._remove(victim)
+                self.stats.evictions[victim[2]] += 1
+                evicted.append(victim)
         if old is None:
             self.eviction.inserted(key)
-        self._entries[key] = _Entry(max(nbytes, old.nbytes if old else 0), max(rank, old.rank if old else 0))
-        self.used_bytes += max(need, 0)
-        self.stats.inserted_bytes[key[2]] += max(need, 0)
+        entries[key] = (size, rank if old is None or rank > old[1] else old[1])
+        self.used_bytes += need
+        self.stats.inserted_bytes[kind] += need
         return True, evicted
 
     def _remove(self, key: CacheKey) -> None:
-        entry = self._entries.pop(key)
-        self.used_bytes -= entry.nbytes
+        self.used_bytes -= self._entries.pop(key)[0]
         self.eviction.removed(key)
 
     def evict(self, key: CacheKey) -> None:

@@ -68,7 +68,8 @@ class GoldenNdpBackend:
         if self.unit.state == State.ERROR:
             raise NdpError(f"NDP refused descriptor {d}: {ErrorCode(self.unit.error).name}")
         words = _descriptor_words(self.config, d)
-        cycles = self.cost.descriptor_cycles(words, d["tokens"])
+        passes = self.config.passes(d["tokens"]) if d["opcode"] == Opcode.MATMUL else 1
+        cycles = self.cost.descriptor_cycles(words, passes)
         self._counters["busy_cycles"] += int(round(cycles))
         self._counters["words_read"] += words
         self._counters["results_written"] += len(results)

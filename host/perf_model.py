@@ -5,9 +5,10 @@ latency of each host round trip its data flow needs (NDP GEMMs need two: x then 
 compensation two more, because the host requantizes B x before A runs):
 
     link    full duplex: max(bytes to the GPU, bytes to the memory) / bandwidth
-    ndp     per descriptor: overhead + cycles_per_word x words / units (a MATMUL's rows are split
-            over the units; a LOAD_ACT is broadcast, each unit reads the whole activation), at
-            the NDP clock, and never faster than the expert memory's bandwidth
+    ndp     per descriptor: overhead + cycles_per_word x words x passes (host/ndp_cost.py); a
+            MATMUL's rows are split over the units (words / units each), a LOAD_ACT is broadcast
+            (each unit reads the whole activation); at the NDP clock, and never faster than the
+            expert memory's bandwidth
     gpu     max(FLOPs / FLOP rate, bytes read / HBM bandwidth)
 """
 from __future__ import annotations
@@ -82,12 +83,14 @@ def task_usage(sizes: ExpertSizes, system: SystemPreset | None, variant: str, to
     if ndp_gemm or ndp_rank:
         if system is None or system.ndp is None:
             raise ValueError("a task placed on the NDP needs a system with an NDP unit")
-        cost, units = system.ndp.cost, system.ndp.units
+        cost, units, cfg = system.ndp.cost, system.ndp.units, sizes.ndp
         for step in sizes.ndp_steps(variant, tokens, ndp_gemm, ndp_rank):
             u.ndp_descriptors += 1
             u.ndp_words += step.words
-            split = units if step.opcode == Opcode.MATMUL else 1
-            u.ndp_wall_cycles += cost.descriptor_cycles(-(-step.words // split), step.tokens)
+            if step.opcode == Opcode.MATMUL:
+                u.ndp_wall_cycles += cost.descriptor_cycles(-(-step.words // units), cfg.passes(step.tokens))
+            else:
+                u.ndp_wall_cycles += cost.descriptor_cycles(step.words)
             u.link["act_to_ndp"] += step.link_down
             u.link["results_from_ndp"] += step.link_up
         u.round_trips = 4 if ndp_rank else 2

@@ -44,7 +44,8 @@ class Placer:
         if mode != "all-gpu" and mode != "auto" and not has_ndp:
             raise ValueError(f"placement {mode!r} needs a system with an NDP unit")
         self.sizes, self.system, self.mode = sizes, system, mode
-        self._memo: dict[tuple, Usage] = {}
+        self._memo: dict[tuple, tuple[Usage, tuple[float, ...]]] = {}
+        self._options: dict[tuple, list[Choice]] = {}
         self.ndp_variants = set()
         if has_ndp:
             for v in ("lo", "hi"):
@@ -68,33 +69,41 @@ class Placer:
         except ValueError:
             return False
 
-    def usage(self, c: Candidate, ch: Choice) -> Usage:
+    def _entry(self, c: Candidate, ch: Choice) -> tuple[Usage, tuple[float, ...]]:
         key = (c.variant, c.tokens, c.comp_rank, ch)
-        u = self._memo.get(key)
-        if u is None:
+        hit = self._memo.get(key)
+        if hit is None:
             u = task_usage(self.sizes, self.system, c.variant, c.tokens, ch.gemm_unit, ch.comp_unit,
                            c.comp_rank, ch.fetch_weights, ch.fetch_factor_ranks)
-            self._memo[key] = u
-        return u
+            hit = self._memo[key] = (u, self._seconds(u))
+        return hit
+
+    def usage(self, c: Candidate, ch: Choice) -> Usage:
+        return self._entry(c, ch)[0]
 
     def options(self, c: Candidate) -> list[Choice]:
-        fetch_f = max(0, c.comp_rank - c.cached_factor_rank)
-        mode = self.mode
-        if mode == "auto":
-            gemms = ["gpu"] if c.weights_cached or c.variant not in self.ndp_variants else ["gpu", "ndp"]
-            comps = [None] if not c.comp_rank else (["gpu", "ndp"] if self.ndp_comp else ["gpu"])
-        else:
-            gemm_ndp = mode in ("all-ndp", "ndp-gemm") and c.variant in self.ndp_variants
-            gemms = ["ndp" if gemm_ndp else "gpu"]
-            comps = [None] if not c.comp_rank else ["ndp" if mode in ("all-ndp", "ndp-comp") else "gpu"]
-        return [Choice(g, k, g == "gpu" and not c.weights_cached, fetch_f if k == "gpu" else 0)
-                for g in gemms for k in comps]
+        fetch_f = c.comp_rank - c.cached_factor_rank if c.comp_rank > c.cached_factor_rank else 0
+        key = (c.variant, c.weights_cached, c.comp_rank, fetch_f)
+        opts = self._options.get(key)
+        if opts is None:
+            mode = self.mode
+            if mode == "auto":
+                gemms = ["gpu"] if c.weights_cached or c.variant not in self.ndp_variants else ["gpu", "ndp"]
+                comps = [None] if not c.comp_rank else (["gpu", "ndp"] if self.ndp_comp else ["gpu"])
+            else:
+                gemm_ndp = mode in ("all-ndp", "ndp-gemm") and c.variant in self.ndp_variants
+                gemms = ["ndp" if gemm_ndp else "gpu"]
+                comps = [None] if not c.comp_rank else ["ndp" if mode in ("all-ndp", "ndp-comp") else "gpu"]
+            opts = self._options[key] = [Choice(g, k, g == "gpu" and not c.weights_cached,
+                                                fetch_f if k == "gpu" else 0) for g in gemms for k in comps]
+        return opts
 
     def _seconds(self, u: Usage) -> tuple[float, ...]:
-        """Per-resource seconds: (to GPU, to memory, NDP compute, NDP memory, GPU, latency)."""
+        """Per-resource seconds: (to GPU, to memory, NDP compute, NDP memory, GPU, latency), and
+        the longest of the first five (the option's cost on its own, for ordering)."""
         s = self.system
         if s is None:
-            return (0.0,) * 6
+            return (0.0,) * 7
         bw = s.link.gbps * 1e9
         to_mem = u.link["act_to_ndp"]
         to_gpu = sum(u.link.values()) - to_mem
@@ -103,27 +112,35 @@ class Placer:
             ndp_c = u.ndp_wall_cycles / (s.ndp.clock_mhz * 1e6)
             ndp_m = u.ndp_words * s.ndp.ndp_config.word_bytes / (s.memory.gbps * 1e9)
         gpu = max(u.gpu_flops / (s.gpu.tflops * 1e12), u.gpu_bytes / (s.gpu.hbm_gbps * 1e9))
-        return (to_gpu / bw, to_mem / bw, ndp_c, ndp_m, gpu, u.round_trips * s.link.latency_us * 1e-6)
+        res = (to_gpu / bw, to_mem / bw, ndp_c, ndp_m, gpu)
+        return res + (u.round_trips * s.link.latency_us * 1e-6, max(res))
 
-    def place(self, cands: list[Candidate]) -> list[Choice]:
-        """A choice per candidate (same order)."""
+    def place(self, cands: list[Candidate]) -> tuple[list[Choice], list[float]]:
+        """A choice per candidate (same order), and the layer's resulting resource seconds
+        (to GPU, to memory, NDP compute, NDP memory, GPU, latency)."""
         opts = [self.options(c) for c in cands]
+        load = [0.0] * 6
         if all(len(o) == 1 for o in opts):
-            return [o[0] for o in opts]
-        secs = [[self._seconds(self.usage(c, ch)) for ch in o] for c, o in zip(cands, opts)]
-        order = sorted(range(len(cands)), key=lambda i: -min(max(s[:5]) for s in secs[i]))
-        load = [0.0] * 5
-        latency = 0.0
+            out = [o[0] for o in opts]
+            for c, ch in zip(cands, out):
+                sec = self._entry(c, ch)[1]
+                for r in range(5):
+                    load[r] += sec[r]
+                load[5] = max(load[5], sec[5])
+            return out, load
+        secs = [[self._entry(c, ch)[1] for ch in o] for c, o in zip(cands, opts)]
+        order = sorted(range(len(cands)), key=lambda i: -min(s[6] for s in secs[i]))
         out: list[Choice | None] = [None] * len(cands)
+        l0, l1, l2, l3, l4, lat = load
         for i in order:
             best, best_key = 0, None
             for j, s in enumerate(secs[i]):
-                new = [a + b for a, b in zip(load, s[:5])]
-                key = (max(new) + max(latency, s[5]), sum(new))
+                a, b, c, d, g = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
+                key = (max(a, b, c, d, g) + (lat if lat > s[5] else s[5]), a + b + c + d + g)
                 if best_key is None or key < best_key:
                     best, best_key = j, key
             s = secs[i][best]
-            load = [a + b for a, b in zip(load, s[:5])]
-            latency = max(latency, s[5])
+            l0, l1, l2, l3, l4 = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
+            lat = lat if lat > s[5] else s[5]
             out[i] = opts[i][best]
-        return out
+        return out, [l0, l1, l2, l3, l4, lat]

@@ -42,8 +42,8 @@ class ExpertTask(NamedTuple):
 @dataclass(frozen=True)
 class LayerPlan:
     layer: int
-    ids: tuple[tuple[int, ...], ...]          # [T][K], slots by router weight, descending
-    weights: tuple[tuple[float, ...], ...]
+    ids: list[list[int]]                      # [T][K] expert ids, slots by router weight, descending
+    weights_tensor: torch.Tensor              # [T, K] router weights (converted on demand)
     restoration: Restoration
     tasks: tuple[ExpertTask, ...]
     prefetches: tuple[CacheKey, ...]          # fetched into the GPU cache with idle link time
@@ -54,6 +54,11 @@ class LayerPlan:
     @property
     def tokens(self) -> int:
         return len(self.ids)
+
+    @cached_property
+    def weights(self) -> list[list[float]]:
+        """[T][K] router weights as floats (only the executor needs them)."""
+        return self.weights_tensor.tolist()
 
     @cached_property
     def usage(self) -> Usage:
@@ -127,57 +132,78 @@ class LayerPlanner:
         return ctx
 
     def plan(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> LayerPlan:
+        # The hot path of the runtime (goal: < 50 us per token per layer): plain loops over
+        # Python lists, no tensor ops beyond one tolist().
         restoration = self.policy.decide(ids, weights, self._context(layer))
         id_rows = ids.tolist()
-        variant_lo = self.weight_variant
+        lo = self.weight_variant
+        compensable = lo != "fp16"
         groups: dict[tuple[int, str], tuple[list[int], list[int], list[int]]] = {}
         for t, (row, ranks, his) in enumerate(zip(id_rows, restoration.ranks, restoration.hi)):
             for s, e in enumerate(row):
-                h = his[s]
-                key = (e, "hi" if h else variant_lo)
+                if his[s]:
+                    key, r = (e, "hi"), 0
+                else:
+                    key, r = (e, lo), ranks[s] if compensable else 0
                 g = groups.get(key)
                 if g is None:
-                    g = groups[key] = ([], [], [])
-                g[0].append(t)
-                g[1].append(s)
-                g[2].append(0 if h or variant_lo == "fp16" else ranks[s])
+                    groups[key] = ([t], [s], [r])
+                else:
+                    g[0].append(t)
+                    g[1].append(s)
+                    g[2].append(r)
         cache, cands = self.cache, []
+        lookup, cached_rank = cache.lookup, cache.cached_rank
         for (e, variant), (toks, _, ranks) in groups.items():
             rank = max(ranks)
-            cached = cache.lookup((layer, e, variant))
+            cached = lookup((layer, e, variant))
             if rank:
-                cache.lookup((layer, e, "factors"), rank)
-            cands.append(Candidate(e, variant, len(toks), rank, cached, cache.cached_rank(layer, e) if rank else 0))
-        choices = self.placer.place(cands)
+                lookup((layer, e, "factors"), rank)
+                cands.append(Candidate(e, variant, len(toks), rank, cached, cached_rank(layer, e)))
+            else:
+                cands.append(Candidate(e, variant, len(toks), 0, cached, 0))
+        choices, load = self.placer.place(cands)
 
         # Cache actions: admit what was fetched; never evict what this layer uses on the GPU.
-        protect = frozenset([(layer, c.expert, c.variant) for c, ch in zip(cands, choices) if ch.gemm_unit == "gpu"]
-                            + [(layer, c.expert, "factors") for c, ch in zip(cands, choices) if ch.comp_unit == "gpu"])
+        protect = None
         evictions: list[CacheKey] = []
-        usages = []
-        tasks = []
-        sizes, placer = self.sizes, self.placer
+        usages, tasks = [], []
+        sizes, usage_of = self.sizes, self.placer.usage
         for (toks, slots, ranks), c, ch in zip(groups.values(), cands, choices):
-            if ch.fetch_weights:
-                evictions += cache.insert((layer, c.expert, c.variant), sizes.weight_bytes(c.variant), protect=protect)[1]
-            if ch.fetch_factor_ranks:
-                evictions += cache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.fp16_bytes_per_rank,
-                                          rank=c.comp_rank, protect=protect)[1]
-            usages.append(placer.usage(c, ch))
+            if ch.fetch_weights or ch.fetch_factor_ranks:
+                if protect is None:
+                    protect = self._protect(layer, cands, choices)
+                if ch.fetch_weights:
+                    evictions += cache.insert((layer, c.expert, c.variant), sizes.weight_bytes(c.variant),
+                                              protect=protect)[1]
+                if ch.fetch_factor_ranks:
+                    evictions += cache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.fp16_bytes_per_rank,
+                                              rank=c.comp_rank, protect=protect)[1]
+            usages.append(usage_of(c, ch))
             tasks.append(ExpertTask(c.expert, c.variant, tuple(toks), tuple(slots), tuple(ranks), ch.gemm_unit,
                                     ch.comp_unit if c.comp_rank else None, ch.fetch_weights, ch.fetch_factor_ranks))
         prefetches = ()
         if self.prefetch:
-            prefetches, fill = self._prefetch(layer, cands, choices, sum_usage(usages), protect, evictions)
+            protect = protect if protect is not None else self._protect(layer, cands, choices)
+            prefetches, fill = self._prefetch(layer, cands, choices, load, protect, evictions)
             usages.append(fill)
-        return LayerPlan(layer, tuple(map(tuple, id_rows)), tuple(map(tuple, weights.tolist())), restoration,
-                         tuple(tasks), prefetches, tuple(evictions), tuple(usages), self.system)
+        return LayerPlan(layer, id_rows, weights, restoration, tuple(tasks), prefetches, tuple(evictions),
+                         tuple(usages), self.system)
 
-    def _prefetch(self, layer, cands, choices, usage: Usage, protect, evictions) -> tuple[tuple[CacheKey, ...], Usage]:
-        """Fetch NDP-run experts into the GPU cache while the link would otherwise idle."""
-        t = layer_time(usage, self.system)
-        busy = max(t.link_s, t.ndp_s, t.gpu_s)
-        idle = busy * self.system.link.gbps * 1e9 - (sum(usage.link.values()) - usage.link["act_to_ndp"])
+    @staticmethod
+    def _protect(layer: int, cands, choices) -> frozenset:
+        keys = []
+        for c, ch in zip(cands, choices):
+            if ch.gemm_unit == "gpu":
+                keys.append((layer, c.expert, c.variant))
+            if ch.comp_unit == "gpu":
+                keys.append((layer, c.expert, "factors"))
+        return frozenset(keys)
+
+    def _prefetch(self, layer, cands, choices, load: list[float], protect, evictions) -> tuple[tuple[CacheKey, ...], Usage]:
+        """Fetch NDP-run experts into the GPU cache while the link would otherwise idle: the
+        layer lasts as long as its busiest resource; the link towards the GPU has the rest."""
+        idle = (max(load[:5]) - load[0]) * self.system.link.gbps * 1e9
         fill, out = Usage(), []
         for c, ch in sorted(zip(cands, choices), key=lambda p: -p[0].tokens):
             nbytes = self.sizes.weight_bytes(c.variant)

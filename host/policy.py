@@ -16,6 +16,7 @@ Slots are sorted by router weight, descending (model.moe.route).
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 from dataclasses import dataclass, field
@@ -97,9 +98,10 @@ class RestorationPolicy(Protocol):
 
 
 def _check_ids(ids: torch.Tensor, weights: torch.Tensor) -> tuple[int, int]:
-    if ids.dim() != 2 or tuple(ids.shape) != tuple(weights.shape):
+    shape = ids.shape
+    if len(shape) != 2 or shape != weights.shape:
         raise ValueError(f"ids and weights must both be [T, K], not {tuple(ids.shape)} and {tuple(weights.shape)}")
-    return ids.shape
+    return shape
 
 
 def _check_n(n: int, k: int) -> None:
@@ -111,6 +113,14 @@ def _count(name: str, n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"{name} must be a non-negative integer, not {n!r}")
     return n
+
+
+@functools.lru_cache(maxsize=256)
+def _topn_restoration(t: int, k: int, n: int, rank: int) -> Restoration:
+    """The same few decisions recur every layer: build each once (Restoration is immutable)."""
+    _check_n(n, k)
+    row = tuple(rank if (s < n and rank) else 0 for s in range(k))
+    return Restoration((row,) * t, ((False,) * k,) * t)
 
 
 @dataclass(frozen=True)
@@ -130,10 +140,8 @@ class TopN:
 
     def decide(self, ids, weights, ctx):
         t, k = _check_ids(ids, weights)
-        _check_n(self.n, k)
         r = ctx.stored_rank if self.rank is None else min(self.rank, ctx.stored_rank)
-        row = tuple(r if (s < self.n and r) else 0 for s in range(k))
-        return Restoration((row,) * t, ((False,) * k,) * t)
+        return _topn_restoration(t, k, self.n, r)
 
 
 @dataclass(frozen=True)
@@ -203,34 +211,6 @@ class BudgetedPolicy:
     def name(self) -> str:
         return f"budgeted@{self.budget_bytes / 1e3:.0f}kB" + ("" if self.allow_hi else "-nohi")
 
-    def _options(self, e: int, value: float, ctx: RestorationContext, gains: list[float], hi_gain: float):
-        """Start state (free) and the hull of (cost, gain, state) beyond it."""
-        R = ctx.stored_rank
-        r0 = min(ctx.cached_rank(e), R)
-        base = gains[r0]
-        points = [(float((r - r0) * ctx.rank_bytes), value * (gains[r] - base), r)
-                  for r in range(r0 + self.rank_step - r0 % self.rank_step, R + 1, self.rank_step)]
-        if points and points[-1][2] != R or (not points and R > r0):
-            points.append((float((R - r0) * ctx.rank_bytes), value * (gains[R] - base), R))
-        start = (0.0, 0.0, r0)
-        if self.allow_hi and ctx.hi_extra_bytes is not None:
-            hi_pt = (0.0 if ctx.hi_cached(e) else float(ctx.hi_extra_bytes), value * (hi_gain - base), -1)
-            if hi_pt[0] == 0.0 and hi_pt[1] > 0:
-                start = hi_pt                    # cached copy beats the free rank: take it
-                points = []
-            elif hi_pt[1] > 0:
-                points.append(hi_pt)
-        points.sort()
-        hull = [start]
-        for p in points:
-            if p[1] <= hull[-1][1]:
-                continue                          # dominated: costs more, gains no more
-            while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])
-                                      <= (p[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
-                hull.pop()
-            hull.append(p)
-        return hull, points
-
     def decide(self, ids, weights, ctx):
         t, k = _check_ids(ids, weights)
         sens = ctx.sensitivity
@@ -239,43 +219,83 @@ class BudgetedPolicy:
         if sens.max_rank < ctx.stored_rank:
             raise ValueError(f"sensitivity covers rank {sens.max_rank}, below the stored rank {ctx.stored_rank}")
         id_rows, w_rows = ids.tolist(), weights.tolist()
+        p = self.weight_power
         value: dict[int, float] = {}
         for row_ids, row_w in zip(id_rows, w_rows):
             for e, w in zip(row_ids, row_w):
-                value[e] = value.get(e, 0.0) + w ** self.weight_power
-        gains, hi_gains = sens.rank_gain_rows, sens.hi_gain_list
-        state, hulls, heap = {}, {}, []
+                value[e] = value.get(e, 0.0) + (w * w if p == 2.0 else w ** p)
+        hi_extra = ctx.hi_extra_bytes if self.allow_hi else None
+        state, walk, heap = {}, {}, []
         for e, v in value.items():
-            hull, points = self._options(e, v, ctx, gains[e], hi_gains[e])
+            r0 = ctx.cached_rank(e)
+            hi_free = hi_extra is not None and ctx.hi_cached(e)
+            hull, ranks = _unit_hull(sens, e, min(r0, ctx.stored_rank), hi_free, ctx.stored_rank, ctx.rank_bytes,
+                                     hi_extra, self.rank_step)
             state[e] = hull[0][2]
-            hulls[e] = (hull, points, 0)
-            if len(hull) > 1:
-                slope = (hull[1][1] - hull[0][1]) / max(hull[1][0] - hull[0][0], 1e-9)
-                heapq.heappush(heap, (-slope, e))
+            walk[e] = (hull, ranks, 0, v)
+            if len(hull) > 1 and v > 0:
+                heapq.heappush(heap, (-v * hull[1][3], e))
         left = float(self.budget_bytes) * t
         while heap:
             _, e = heapq.heappop(heap)
-            hull, points, i = hulls[e]
+            hull, ranks, i, v = walk[e]
             cost = hull[i + 1][0] - hull[i][0]
             if cost <= left:
                 left -= cost
                 state[e] = hull[i + 1][2]
-                hulls[e] = (hull, points, i + 1)
+                walk[e] = (hull, ranks, i + 1, v)
                 if i + 2 < len(hull):
-                    nxt = (hull[i + 2][1] - hull[i + 1][1]) / max(hull[i + 2][0] - hull[i + 1][0], 1e-9)
-                    heapq.heappush(heap, (-nxt, e))
-            else:                                 # the largest rank between here and there that fits
-                spent = hull[i][0]
-                fits = [p for p in points if p[2] >= 0 and spent < p[0] <= spent + left and p[1] > hull[i][1]]
-                if fits and hull[i][2] >= 0:
-                    best = max(fits, key=lambda p: p[1])
+                    heapq.heappush(heap, (-v * hull[i + 2][3], e))
+            elif hull[i][2] >= 0:                 # the largest rank between here and there that fits
+                spent, here = hull[i][0], hull[i][1]
+                best = None
+                for c, g, r in ranks:
+                    if spent < c <= spent + left and g > here and (best is None or g > best[1]):
+                        best = (c, g, r)
+                if best is not None:
                     left -= best[0] - spent
                     state[e] = best[2]
-        ranks, his = [], []
+        ranks_out, his = [], []
         for row_ids in id_rows:
-            ranks.append(tuple(max(state[e], 0) for e in row_ids))
+            ranks_out.append(tuple(state[e] if state[e] > 0 else 0 for e in row_ids))
             his.append(tuple(state[e] == -1 for e in row_ids))
-        return Restoration(tuple(ranks), tuple(his))
+        return Restoration(tuple(ranks_out), tuple(his))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _unit_hull(sens: LayerSensitivity, e: int, r0: int, hi_free: bool, stored_rank: int, rank_bytes: int,
+               hi_extra: int | None, step: int) -> tuple[tuple, tuple]:
+    """An expert's options at router value 1, from its free start state: the upper concave hull
+    of (bytes, gain, state) with state = rank, or -1 for the higher-precision copy, plus each
+    hull point's slope from the previous one; and all rank options (for the last, partial step).
+    Gains scale with the router value, which leaves the hull unchanged, so it is built once per
+    (layer sensitivity, expert, cached state). Holding `sens` keeps its identity unique."""
+    gains = sens.rank_gain_rows[e]
+    base = gains[r0]
+    rank_pts = [(float((r - r0) * rank_bytes), gains[r] - base, r)
+                for r in range(r0 - r0 % step + step, stored_rank + 1, step)]
+    if stored_rank > r0 and (not rank_pts or rank_pts[-1][2] != stored_rank):
+        rank_pts.append((float((stored_rank - r0) * rank_bytes), gains[stored_rank] - base, stored_rank))
+    start, points = (0.0, 0.0, r0), list(rank_pts)
+    if hi_extra is not None:
+        hi_gain = sens.hi_gain_list[e] - base
+        if hi_free and hi_gain > 0:
+            start, points = (0.0, hi_gain, -1), []        # a cached copy beats the free rank
+        elif hi_gain > 0:
+            points.append((float(hi_extra), hi_gain, -1))
+    points.sort()
+    hull = [start]
+    for pt in points:
+        if pt[1] <= hull[-1][1]:
+            continue                                      # dominated: costs more, gains no more
+        while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (pt[0] - hull[-2][0])
+                                  <= (pt[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
+            hull.pop()
+        hull.append(pt)
+    with_slope = [hull[0] + (0.0,)]
+    for a, b in zip(hull, hull[1:]):
+        with_slope.append(b + ((b[1] - a[1]) / max(b[0] - a[0], 1e-9),))
+    return tuple(with_slope), tuple(rank_pts)
 
 
 def get_policy(spec: str, top_k: int) -> RestorationPolicy:

@@ -9,6 +9,7 @@ PCIe 5.0). NDP throughput is NOT a bandwidth here: it follows from the unit's cy
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from model.contract import NdpConfig, get_config
 
@@ -67,7 +68,7 @@ class NdpPreset:
         _positive("units", self.units)
         _positive("clock_mhz", self.clock_mhz)
 
-    @property
+    @cached_property
     def ndp_config(self) -> NdpConfig:
         return get_config(self.config)
 

@@ -1,0 +1,73 @@
+"""`ndpmoe bench`, the performance model and the bad-input errors it promises."""
+import json
+
+import pytest
+
+from host.cli import main
+from host.models import get_model
+from host.ndp_cost import RTL_TARGET, NdpCostModel, fit_ndp_cost, relative_error
+from host.presets import get_system
+from host.sizes import ExpertSizes
+from model.contract import QuantFormat, get_config
+
+FAST = ["--trace", "synthetic", "--tokens", "8"]
+
+
+def test_bench_table(capsys, tmp_path):
+    out_json = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "olmoe-1b-7b", "--system", "gpu-ndp", "--cache-gb", "0.2", "--topn", "1,4",
+               "--json", str(out_json)] + FAST)
+    text = capsys.readouterr().out
+    assert rc == 0
+    for label in ("fp16 + LRU", "uniform int3", "hobbit int4", "ours top-1 r32", "ours top-4 r32",
+                  "ours adaptive @ top-4 bytes", "trace: SYNTHETIC", "NDP cycles: RTL design target",
+                  "planning cost"):
+        assert label in text, label
+    rows = json.loads(out_json.read_text())["rows"]
+    # fp16, uniform, top-1, top-4, adaptive x 2, HOBBIT trial and HOBBIT at top-1's bytes
+    assert len(rows) == 8 and all(r["tokens_per_s"] > 0 for r in rows)
+    by = {r["label"]: r for r in rows}
+    # Restoration adds bytes: Top-4 moves more over the link than uniform low-bit.
+    assert by["ours top-4 r32"]["total_link_bytes_per_token"] > by["uniform int3"]["total_link_bytes_per_token"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt-moe"], "unknown model 'gpt-moe'"),
+    (["--system", "tpu"], "unknown system preset 'tpu'"),
+    (["--link", "nvlink"], "unknown link preset 'nvlink'"),
+    (["--system", "gpu-only", "--ndp", "cxl-ndp"], "has no NDP unit"),
+    (["--cache-gb", "0.01"], "--cache-gb 0.01 .* smaller than one int3-g64-p128 expert"),
+    (["--topn", "2"], r"--topn 2: n must be in \[1, k\) = \[1, 2\)"),
+    (["--cache-policy", "fifo"], "unknown --cache-policy 'fifo'"),
+    (["--policy", "magic"], "unknown --policy row 'magic'"),
+])
+def test_bench_bad_input(capsys, argv, message):
+    import re
+    rc = main(["bench"] + FAST + argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(message, err), err
+
+
+def test_ndp_cost_fit_recovers_coefficients():
+    truth = NdpCostModel(cycles_per_word=1.25, overhead_cycles=40.0, source="truth")
+    samples = [(w, p, truth.descriptor_cycles(w, p)) for w in (16, 256, 4096) for p in (1, 2)]
+    fit = fit_ndp_cost(samples)
+    assert abs(fit.cycles_per_word - 1.25) < 1e-9 and abs(fit.overhead_cycles - 40) < 1e-6
+    assert relative_error(fit, samples) < 1e-9 and fit.measured and not RTL_TARGET.measured
+    with pytest.raises(ValueError, match="at least two"):
+        fit_ndp_cost([(16, 1, 80.0)])
+
+
+def test_perf_model_orders_systems():
+    """Sanity of the model on Mixtral shapes: a cold expert costs link time on GPU-only and NDP
+    time on GPU-NDP, where the bandwidth-matched units stream it faster than the link."""
+    from host.perf_model import layer_time, task_usage
+    spec = get_model("mixtral-8x7b")
+    only, ndp = get_system("gpu-only"), get_system("gpu-ndp")
+    wide = get_config("wide")
+    sizes = ExpertSizes(spec.hidden, spec.intermediate, QuantFormat(3, 64, 256), None, 32, wide)
+    fetch = layer_time(task_usage(sizes, only, "lo", 1, "gpu", None, 0, True, 0), only)
+    near = layer_time(task_usage(sizes, ndp, "lo", 1, "ndp", None, 0, False, 0), ndp)
+    assert fetch.link_s == pytest.approx(sizes.weight_bytes("lo") / 25e9)
+    assert near.ndp_s < fetch.link_s and near.link_s < fetch.link_s / 100
+    assert ndp.ndp.peak_gbps == pytest.approx(153.6)
