@@ -387,9 +387,11 @@ class NdpConfig:
 
 CONFIGS = {
     c.name: c for c in (
-        NdpConfig("default", word_bits=128, t_max=8, max_in_features=4096, bits=(2, 3, 4, 8)),
+        NdpConfig("default", word_bits=128, t_max=8, max_in_features=4096, bits=(2, 3, 4, 8),
+                  tokens_parallel=2),
         NdpConfig("small", word_bits=64, t_max=2, max_in_features=1024, bits=(2, 4, 8), mem_bytes=1 << 20),
-        NdpConfig("wide", word_bits=256, t_max=8, max_in_features=16384, bits=(2, 3, 4, 8)),
+        NdpConfig("wide", word_bits=256, t_max=8, max_in_features=16384, bits=(2, 3, 4, 8),
+                  tokens_parallel=2),
     )
 }
 

