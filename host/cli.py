@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "synth": ("rtl.synth.cmd_synth", "Yosys + nextpnr of one NDP configuration on an FPGA: LUT/FF/DSP/BRAM, Fmax, critical path"),
     "fpga-sweep": ("rtl.synth.cmd_sweep", "FPGA resources, Fmax, bandwidth and GMAC/s over port width, bit widths and T_max"),
     "fpga-export": ("rtl.synth.cmd_export", "Verilog (bare unit + pin-wrapped top) and XDC/SDC/LPF/PCF templates"),
+    "sim": ("sim.cmd_sim", "cocotb + Verilator bench of the NDP unit against the golden model (--bench: throughput)"),
+    "rtl": ("rtl.cmd_rtl", "Verilog of a named NDP configuration, linted by Verilator"),
 }
 
 

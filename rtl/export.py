@@ -80,7 +80,10 @@ def lint(path: Path | str, top: str = UNIT_TOP, *, wall: bool = False) -> tuple[
     if wall:
         cmd.insert(2, "-Wall")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=verilator_env())
-    return proc.returncode, (proc.stdout + proc.stderr).strip()
+    # Keep the diagnostics (%Warning, %Error and their context), not Verilator's run report.
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+             if ln.strip() and not ln.startswith(("- V e r i l a t i o n", "- Verilator:"))]
+    return proc.returncode, "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

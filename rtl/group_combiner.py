@@ -83,7 +83,7 @@ class GroupCombiner(wiring.Component):
         g_log = Signal(range(8))
         m.d.comb += g_log.eq(5 + self.group)
         # Blocks per part: G / block, capped at K (then the part is the whole beat).
-        level = Signal(range(levels + 1))
+        level = Signal(range(max(2, levels + 1)))
         m.d.comb += level.eq(Mux(self.group > levels, levels, self.group))
 
         def parts_of(values):

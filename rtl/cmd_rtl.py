@@ -1,0 +1,31 @@
+"""`ndpmoe rtl`: write the Verilog of a named configuration and lint it with Verilator."""
+from __future__ import annotations
+
+import argparse
+
+from model.contract import CONFIGS
+
+from .export import LINT_WAIVERS, UNIT_TOP, lint, write_unit
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="default", help=f"one of {sorted(CONFIGS)}")
+    parser.add_argument("--out", default="build/rtl", help="output folder (default build/rtl)")
+    parser.add_argument("--no-lint", action="store_true", help="only write the Verilog")
+    parser.add_argument("--wall", action="store_true",
+                        help="lint with -Wall too (reports Yosys-generated unused nets, initial values)")
+
+
+def run(args) -> int:
+    path = write_unit(args.config, args.out)
+    print(f"wrote {path} (top module {UNIT_TOP})")
+    if args.no_lint:
+        return 0
+    status, messages = lint(path, UNIT_TOP, wall=args.wall)
+    print("verilator --lint-only, waived: " + ", ".join(LINT_WAIVERS))
+    for name, reason in LINT_WAIVERS.items():
+        print(f"  -Wno-{name}: {reason}")
+    if messages:
+        print(messages)
+    print("lint clean" if status == 0 and not messages else f"lint: status {status}")
+    return 0 if status == 0 else 1

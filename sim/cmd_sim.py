@@ -1,0 +1,58 @@
+"""`ndpmoe sim`: the cocotb + Verilator bench of the NDP unit against the golden model.
+
+    ndpmoe sim --config default --seed 1 --count 1000 [--waves]   random descriptors, checked
+    ndpmoe sim --bench [--rows 1024 --in 4096 --bits 2,3,4 ...]    throughput figures
+
+--waves builds with traces and writes dump.vcd in the build folder (open it in GTKWave or
+Surfer); keep --count small with it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from model.contract import CONFIGS
+
+from . import bench_ndp
+from .runner import BenchOptions, run as run_bench
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="default", help=f"one of {sorted(CONFIGS)}")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--count", type=int, default=1000, help="random descriptors to run")
+    parser.add_argument("--python-count", type=int, default=60,
+                        help="of which with the Python memory model and output consumer")
+    parser.add_argument("--max-rows", type=int, default=12)
+    parser.add_argument("--max-in", type=int, default=512)
+    parser.add_argument("--tokens-parallel", type=int, default=0,
+                        help="a variant of the configuration with this many tokens per beat")
+    parser.add_argument("--waves", action="store_true", help="write a trace (dump.vcd)")
+    parser.add_argument("--bench", action="store_true", help="run the throughput benchmark instead")
+    bench = parser.add_argument_group("benchmark (--bench)")
+    bench.add_argument("--rows", type=int, default=1024)
+    bench.add_argument("--in", dest="in_features", type=int, default=4096)
+    bench.add_argument("--bits", default="2,3,4")
+    bench.add_argument("--group", type=int, default=128)
+    bench.add_argument("--tokens", default="1")
+    bench.add_argument("--stalls", default="0,4")
+
+
+def run(args) -> int:
+    if args.bench:
+        return bench_ndp.bench(args)
+    if args.count <= 0:
+        raise ValueError(f"--count must be positive, not {args.count}")
+    opts = BenchOptions(config=args.config, seed=args.seed, count=args.count,
+                        python_count=min(args.python_count, args.count), max_rows=args.max_rows,
+                        max_in=args.max_in, tokens_parallel=args.tokens_parallel, waves=args.waves)
+    t0 = time.perf_counter()
+    tally = run_bench(opts)
+    print(f"{tally['steps']} descriptors ({tally['errors_checked']} refused, {tally['resets']} reset mid-run), "
+          f"{tally['results']} results, {tally['sim_cycles']} cycles: {tally['mismatch_count']} mismatches "
+          f"[{time.perf_counter() - t0:.0f} s incl. build, {tally['wall_s']:.0f} s simulating]")
+    for message in tally["mismatches"]:
+        print("  " + message)
+    if args.waves:
+        print(f"trace: {tally['build_dir']}/dump.vcd")
+    return 0 if tally["mismatch_count"] == 0 else 1
