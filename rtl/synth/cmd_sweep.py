@@ -27,12 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freq", type=float, default=150.0, help="target clock in MHz (default 150)")
     p.add_argument("--speed", type=int, default=None, help="ECP5 speed grade 6/7/8 (default 6)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
+    p.add_argument("--dsp-min-width", type=int, default=None,
+                   help="ECP5: put only multiplies whose narrower operand has >= N bits in DSPs "
+                        "(default: synth_ecp5's choice, which maps even 2x8-bit products)")
     p.add_argument("--word-bits", default=",".join(map(str, axes.word_bits)), help="port widths")
     p.add_argument("--bits", default=",".join("".join(map(str, b)) for b in axes.bits),
                    help="bit-width sets, one digit per width, e.g. 2348,248,48")
     p.add_argument("--t-max", default=",".join(map(str, axes.t_max)), help="activation buffer tokens")
-    p.add_argument("--tokens-parallel", default=",".join(map(str, axes.tokens_parallel)),
-                   help="tokens multiplied per cycle")
+    p.add_argument("--tokens-parallel", default="",
+                   help="tokens multiplied per cycle (default: the base configuration's)")
     p.add_argument("--grid", action="store_true",
                    help="full product of the axes (default: the base plus one axis varied at a time)")
     p.add_argument("--words-per-cycle", type=float, default=RTL_TARGET_WORDS_PER_CYCLE,
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     check_words_per_cycle(args.words_per_cycle)
     axes = SweepAxes(word_bits=parse_ints(args.word_bits, "--word-bits"), bits=parse_bits_sets(args.bits),
                      t_max=parse_ints(args.t_max, "--t-max"),
-                     tokens_parallel=parse_ints(args.tokens_parallel, "--tokens-parallel"))
+                     tokens_parallel=parse_ints(args.tokens_parallel, "--tokens-parallel")
+                     if args.tokens_parallel else ())
     points = sweep_points(base, axes, grid=args.grid)
     out = args.out or DEFAULT_BUILD_ROOT / f"sweep-{target.name}"
     print(f"{len(points)} points on {target.name}"
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     for i, cfg in enumerate(points, 1):
         start = time.monotonic()
         r = run_synth(cfg, target, freq_mhz=args.freq, speed=speed, build=out / cfg.name,
-                      seed=args.seed, reuse=not args.fresh)
+                      seed=args.seed, reuse=not args.fresh, dsp_min_width=args.dsp_min_width)
         attach_throughput(r, cfg, args.words_per_cycle)
         results.append((cfg, r))
         status = f"Fmax {r.fmax_mhz} MHz" if r.fits else (r.error or "failed").splitlines()[0]

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", type=int, default=None,
                    help="ECP5 speed grade 6/7/8 (default 6, nextpnr's default and the slowest)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
+    p.add_argument("--dsp-min-width", type=int, default=None,
+                   help="ECP5: put only multiplies whose narrower operand has >= N bits in DSPs "
+                        "(default: synth_ecp5's choice, which maps even 2x8-bit products)")
     p.add_argument("--words-per-cycle", type=float, default=RTL_TARGET_WORDS_PER_CYCLE,
                    help="memory port utilization while streaming (default 1.0 = the RTL's design "
                         "target, not a measurement)")
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = get_config(args.config)
     target = get_target(args.target)
     check_words_per_cycle(args.words_per_cycle)   # before minutes of place and route
-    r = run_synth(cfg, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed)
+    r = run_synth(cfg, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed, dsp_min_width=args.dsp_min_width)
     attach_throughput(r, cfg, args.words_per_cycle)
     print(format_result(r))
     if args.json:

@@ -19,9 +19,9 @@ DesignFactory = Callable[[NdpConfig], wiring.Component]
 def ndp_unit(cfg: NdpConfig) -> wiring.Component:
     """The RTL's top component for `cfg`."""
     try:
-        from rtl import NdpUnit
+        from rtl.ndp_unit import NdpUnit
     except ImportError as exc:
-        raise ValueError(f"the NDP unit's top component is not importable from rtl ({exc})") from exc
+        raise ValueError(f"the NDP unit's top component is not importable from rtl.ndp_unit ({exc})") from exc
     return NdpUnit(cfg)
 
 

@@ -42,19 +42,34 @@ def _run(command: list[str], log: Path, cwd: Path, timeout_s: float | None) -> S
 
 
 def dsp_premap(target: FpgaTarget, min_width: int) -> list[str]:
-    """Map only multiplies whose narrower operand has >= min_width bits to MULT18X18D, before
-    synth_ecp5 -nodsp. synth_ecp5 alone puts every product of two 2+-bit operands into a DSP
-    (even a 2-bit code x int8), and those DSPs run without their registers (TOOLCHAIN.md)."""
-    if target.family != "ecp5":
-        raise ValueError(f"--dsp-min-width is only implemented for ECP5 targets, not {target.name!r}")
-    if isinstance(min_width, bool) or not isinstance(min_width, int) or not 2 <= min_width <= 18:
-        raise ValueError(f"DSP minimum operand width must be an integer in [2, 18], not {min_width!r}")
-    return [f"hierarchy -check -top {TOP_NAME}", "proc", "flatten", "opt_expr", "opt_clean", "wreduce",
-            # mul2dsp swaps operands so that A is the wider one: B_MINWIDTH bounds the narrow one
-            "techmap -map +/mul2dsp.v -map +/lattice/dsp_map_18x18.v -D DSP_A_MAXWIDTH=18 "
-            f"-D DSP_B_MAXWIDTH=18 -D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH={min_width} "
-            "-D DSP_NAME=$__MUL18X18",
-            "chtype -set $mul t:$__soft_mul"]      # what mul2dsp left for soft logic
+    """Yosys commands that map only multiplies whose narrower operand has >= min_width bits to
+    DSP blocks, to run before the synth command with its own DSP inference off.
+
+    synth_ecp5 / synth_ice40 -dsp put every product of two 2+-bit operands into a DSP (even a
+    2-bit code x int8), whatever the device holds (UP5K: 8), and ECP5's MULT18X18D then runs
+    without its registers (TOOLCHAIN.md). The commands are those synth_* runs, with a higher
+    minimum width.
+    """
+    if target.dsp_bel is None:
+        raise ValueError(f"--dsp-min-width needs a target with DSP blocks, not {target.name!r}")
+    max_width = 18 if target.family == "ecp5" else 16
+    if isinstance(min_width, bool) or not isinstance(min_width, int) or not 2 <= min_width <= max_width:
+        raise ValueError(f"DSP minimum operand width must be an integer in [2, {max_width}], not {min_width!r}")
+    # mul2dsp swaps operands so that A is the wider one: B_MINWIDTH bounds the narrow one
+    widths = (f"-D DSP_A_MAXWIDTH={max_width} -D DSP_B_MAXWIDTH={max_width} "
+              f"-D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH={min_width}")
+    front = [f"hierarchy -check -top {TOP_NAME}", "proc", "flatten", "opt_expr", "opt_clean"]
+    if target.family == "ecp5":
+        return front + ["wreduce",
+                        f"techmap -map +/mul2dsp.v -map +/lattice/dsp_map_18x18.v {widths} "
+                        "-D DSP_NAME=$__MUL18X18",
+                        "chtype -set $mul t:$__soft_mul"]
+    return front + ["opt", "wreduce t:$mul",
+                    f"techmap -map +/mul2dsp.v -map +/ice40/dsp_map.v {widths} -D DSP_Y_MINWIDTH=11 "
+                    "-D DSP_NAME=$__MUL16X16",
+                    "select a:mul2dsp", "setattr -unset mul2dsp", "opt_expr -fine", "wreduce",
+                    "select -clear", "ice40_dsp",           # packs registers into SB_MAC16
+                    "chtype -set $mul t:$__soft_mul"]
 
 
 def synthesize(target: FpgaTarget, verilog: Path, build: Path, timeout_s: float | None = None,
@@ -64,7 +79,8 @@ def synthesize(target: FpgaTarget, verilog: Path, build: Path, timeout_s: float 
     premap = []
     if dsp_min_width is not None:
         premap = dsp_premap(target, dsp_min_width)
-        synth.append("-nodsp")
+        # the synth command must not map the remaining multiplies to DSPs again
+        synth = [a for a in synth if a != "-dsp"] + (["-nodsp"] if target.family == "ecp5" else [])
     script = build / "synth.ys"
     script.write_text("\n".join([
         f"read_verilog -sv {verilog.resolve()}",
@@ -86,6 +102,9 @@ def place_and_route(target: FpgaTarget, build: Path, freq_mhz: float, speed: int
     command = [tool(target.nextpnr), *target.device_args, "--json", "netlist.json",
                "--freq", f"{freq_mhz:g}", "--report", "report.json", "--seed", str(seed),
                "--threads", "1", "--timing-allow-fail", "-q", "-l", "nextpnr.log",
+               # router1 (the default) spent > 10 min ripping up the last few hundred arcs of the
+               # small unit on an ECP5-25k at 26 % use; router2 converges in a fraction of that
+               "--router", "router2",
                f"--{'lpf' if target.family == 'ecp5' else 'pcf'}-allow-unconstrained"]
     if speed is not None:
         command += ["--speed", str(speed)]

@@ -67,7 +67,8 @@ class CriticalPath:
         return [s.net for s in self.steps if s.net]
 
     def signals(self) -> list[str]:
-        """The HDL signals along the path, consecutive repeats merged."""
+        """The HDL signals along the path, consecutive repeats merged. Yosys names a mapped net
+        after one of the cells on it, so a name in the middle of a path is a hint, not proof."""
         out = []
         for net in self.nets():
             name = signal_name(net)
@@ -80,7 +81,7 @@ class CriticalPath:
 
     def describe(self) -> str:
         return (f"{self.delay_ns:.2f} ns = {self.logic_ns:.2f} logic + {self.routing_ns:.2f} routing, "
-                f"{self.logic_levels} logic steps; {self.start} -> {self.end}")
+                f"{self.logic_levels} logic steps; {signal_name(self.start)} -> {signal_name(self.end)}")
 
 
 @dataclass
@@ -154,9 +155,12 @@ def _critical_path(raw: dict, verilog_lines: list[str]) -> CriticalPath:
     for s in raw["path"]:
         sources = s.get("sources") or []
         source = sources[0] if sources else None
+        # Yosys often keeps Amaranth's own src attribute (a .py line); else map the .v line back
+        py = [x for x in sources if re.search(r"\.py:\d+$", x) and "/amaranth/" not in x]
+        hdl = _relative(py[0]) if py else python_source(verilog_lines, source)
         steps.append(PathStep(kind=s["type"], delay_ns=round(float(s["delay"]), 3),
                               cell=s["to"]["cell"], port=s["to"]["port"], net=s.get("net"),
-                              source=source, hdl=python_source(verilog_lines, source)))
+                              source=source, hdl=hdl))
     logic = sum(s.delay_ns for s in steps if s.kind in ("clk-to-q", "logic", "setup"))
     routing = sum(s.delay_ns for s in steps if s.kind == "routing")
     start = raw["path"][0]["from"]["cell"] if raw["path"] else "?"
@@ -167,7 +171,7 @@ def _critical_path(raw: dict, verilog_lines: list[str]) -> CriticalPath:
 
 
 def read_timing(build: Path) -> tuple[float | None, CriticalPath | None]:
-    """Achieved Fmax of the (single) clock and its register-to-register critical path.
+    """Achieved Fmax of the design's clock and its register-to-register critical path.
 
     Paths from or to '<async>' (the reset and si pins, the so pin) are I/O paths, not part of
     the clock's Fmax, and are skipped.
@@ -176,12 +180,16 @@ def read_timing(build: Path) -> tuple[float | None, CriticalPath | None]:
     if not report.exists():
         return None, None
     raw = json.loads(report.read_text())
-    fmax = [v["achieved"] for v in raw.get("fmax", {}).values()]
+    # nextpnr-ice40 may promote a constant net to a "clock" (DSP clock pins tied off): not ours
+    clocks = {k: v["achieved"] for k, v in raw.get("fmax", {}).items() if "$PACKER_GND_NET" not in k}
+    if not clocks:
+        return None, None
+    clock = min(clocks, key=clocks.get)
     paths = [p for p in raw.get("critical_paths", [])
-             if p["from"].startswith("posedge") and p["to"].startswith("posedge")]
+             if p["from"] == f"posedge {clock}" and p["to"] == f"posedge {clock}"]
     top_v = build / "top.v"
     lines = top_v.read_text().splitlines() if top_v.exists() else []
-    return (round(min(fmax), 2) if fmax else None), (_critical_path(paths[0], lines) if paths else None)
+    return round(clocks[clock], 2), (_critical_path(paths[0], lines) if paths else None)
 
 
 def resource_counts(target: FpgaTarget, util: dict, cells: dict) -> dict[str, int | None]:

@@ -89,7 +89,9 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
     if over:
         used = ", ".join(f"{k} {v['used']}/{v['available']} ({100 * v['used'] / v['available']:.0f} %)"
                          for k, v in over.items())
-        return result(f"design does not fit {target.name}: {used}", False)
+        hint = (" (Yosys puts every multiply in a DSP whatever the device holds: try --dsp-min-width 9)"
+                if target.dsp_bel in over and dsp_min_width is None else "")
+        return result(f"design does not fit {target.name}: {used}{hint}", False)
     if step.returncode or not (build / "report.json").exists():
         return result(f"nextpnr failed (exit {step.returncode}):\n{log_tail(step.log)}", False)
     return result(None, True)

@@ -21,20 +21,21 @@ class SweepAxes:
     word_bits: tuple[int, ...] = (64, 128, 256)
     bits: tuple[tuple[int, ...], ...] = ((2, 3, 4, 8), (2, 4, 8), (4, 8))
     t_max: tuple[int, ...] = (2, 8, 32)
-    tokens_parallel: tuple[int, ...] = (1,)
+    tokens_parallel: tuple[int, ...] = ()     # empty: the base configuration's value only
 
 
 def point_name(cfg: NdpConfig) -> str:
     return (f"p{cfg.word_bits}-b{''.join(map(str, cfg.bits))}-t{cfg.t_max}"
-            + (f"-tp{cfg.tokens_parallel}" if cfg.tokens_parallel != 1 else ""))
+            + f"-tp{cfg.tokens_parallel}"
+            + (f"-in{cfg.max_in_features}" if cfg.max_in_features != 4096 else ""))
 
 
 def derive(base: NdpConfig, **changes) -> NdpConfig:
-    """`base` with `changes`, renamed after its parameters; the activation buffer keeps its
-    depth, rounded up to a whole number of port words."""
+    """`base` with `changes`, renamed after its parameters; unless changed, the activation
+    buffer keeps its depth, rounded up to a whole number of port words."""
     word_bits = changes.get("word_bits", base.word_bits)
-    in_features = -(-base.max_in_features // word_bits) * word_bits
-    cfg = dataclasses.replace(base, max_in_features=in_features, **changes)
+    changes.setdefault("max_in_features", -(-base.max_in_features // word_bits) * word_bits)
+    cfg = dataclasses.replace(base, **changes)
     return dataclasses.replace(cfg, name=point_name(cfg))
 
 
@@ -42,7 +43,7 @@ def sweep_points(base: NdpConfig, axes: SweepAxes, grid: bool = False) -> list[N
     """The base point plus every axis value varied alone (grid=False), or the full product."""
     base_values = dict(word_bits=base.word_bits, bits=base.bits, t_max=base.t_max,
                        tokens_parallel=base.tokens_parallel)
-    axis_values = {k: tuple(getattr(axes, k)) for k in base_values}
+    axis_values = {k: tuple(getattr(axes, k)) or (base_values[k],) for k in base_values}
     if grid:
         combos = [dict(zip(axis_values, vals)) for vals in itertools.product(*axis_values.values())]
     else:

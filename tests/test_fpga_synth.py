@@ -1,0 +1,137 @@
+"""FPGA flow: the pin wrapper, names and numbers without tools, and one real Yosys + nextpnr run
+of the smallest configuration (marked slow; under 3 minutes with the YoWASP first-call compile).
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+from amaranth.back import verilog
+from amaranth.hdl import Fragment, Module, Value
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from model.contract import get_config
+from rtl.synth import constraints, flow
+from rtl.synth.design import TOP_NAME, ndp_unit
+from rtl.synth.run import check_freq, run_synth
+from rtl.synth.sweep import SweepAxes, derive, markdown_table, parse_bits_sets, sweep_points
+from rtl.synth.targets import TARGETS, get_target
+from rtl.synth.throughput import macs_per_cycle, throughput
+from rtl.synth.wrapper import PinWrapper, split_ports
+
+
+class _Adder(wiring.Component):
+    def __init__(self):
+        super().__init__({"a": In(8), "b": In(8), "s": Out(9), "odd": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.sync += self.s.eq(self.a + self.b)
+        m.d.comb += self.odd.eq(self.s[0])
+        return m
+
+
+def _module_ports(text: str, name: str) -> set[str]:
+    header = re.search(rf"module \\?{re.escape(name)}\s*\(([^)]*)\)", text)
+    return {p.strip().lstrip("\\") for p in header.group(1).split(",")}
+
+
+def test_wrapper_puts_every_port_behind_four_pins():
+    top = PinWrapper(_Adder())
+    assert (top.input_bits, top.output_bits) == (16, 10)
+    text = verilog.convert(top, name=TOP_NAME)
+    assert _module_ports(text, TOP_NAME) == {"clk", "rst", "si", "so"}
+
+
+def test_wrapper_covers_all_ports_of_the_ndp_unit():
+    unit = ndp_unit(get_config("small"))
+    widths = {wiring.In: 0, wiring.Out: 0}
+    for _path, member, value in unit.signature.flatten(unit):
+        widths[member.flow] += len(Value.cast(value))
+    top = PinWrapper(unit)
+    assert (top.input_bits, top.output_bits) == (widths[wiring.In], widths[wiring.Out])
+    assert top.input_bits > 100 and top.output_bits > 100     # descriptor, memory word, results
+    Fragment.get(top, None)                                   # and it elaborates around the unit
+
+
+def test_wrapper_rejects_what_it_cannot_wrap():
+    with pytest.raises(TypeError, match="wiring.Component"):
+        split_ports(object())
+
+
+def test_names_and_values_are_checked():
+    with pytest.raises(ValueError, match="unknown FPGA target 'ecp5-45k'"):
+        get_target("ecp5-45k")
+    with pytest.raises(ValueError, match="unknown NDP configuration 'tiny'"):
+        run_synth("tiny", "ecp5-85k")
+    with pytest.raises(ValueError, match=r"speed grade of 'ecp5-85k' must be one of \(6, 7, 8\), not 9"):
+        get_target("ecp5-85k").check_speed(9)
+    with pytest.raises(ValueError, match="'ice40-hx8k' has no speed grade"):
+        get_target("ice40-hx8k").check_speed(6)
+    with pytest.raises(ValueError, match="not -5"):
+        check_freq(-5)
+    with pytest.raises(ValueError, match="needs a target with DSP blocks, not 'ice40-hx8k'"):
+        flow.dsp_premap(get_target("ice40-hx8k"), 9)
+    assert "ice40_dsp" in flow.dsp_premap(get_target("ice40-up5k"), 9)
+    with pytest.raises(ValueError, match=r"\[2, 18\], not 40"):
+        flow.dsp_premap(get_target("ecp5-85k"), 40)
+    assert get_target("ecp5-85k").check_speed(None) == 6      # nextpnr's default, the slowest
+
+
+def test_throughput_follows_the_contract_sizes():
+    cfg = get_config("default")                  # P = 128
+    tp = throughput(cfg, 150.0)
+    assert tp.peak_gbps == pytest.approx(2.4) and tp.sustained_gbps == pytest.approx(2.4)
+    assert tp.full_buffer_gbps == pytest.approx(2.4 / cfg.passes(cfg.t_max), abs=1e-3)
+    # 2-bit, G = 64, 4096 inputs: 64 codes per word, one metadata word per 4 groups -> 80 words a row
+    per_token = 4096 / 80
+    assert macs_per_cycle(cfg, 2) == pytest.approx(per_token * cfg.tokens_parallel)
+    assert tp.gmacs[2] == pytest.approx(per_token * cfg.tokens_parallel * 0.15, abs=0.01)
+    assert throughput(cfg, 150.0, words_per_cycle=0.5).sustained_gbps == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="not 1.5"):
+        throughput(cfg, 150.0, words_per_cycle=1.5)
+
+
+def test_sweep_points_vary_one_axis_at_a_time():
+    base = get_config("default")
+    points = sweep_points(base, SweepAxes())
+    names = [p.name for p in points]
+    tp = f"tp{base.tokens_parallel}"
+    assert names[0] == f"p128-b2348-t8-{tp}" and len(names) == len(set(names)) == 7
+    assert {f"p64-b2348-t8-{tp}", f"p256-b2348-t8-{tp}", f"p128-b48-t8-{tp}", f"p128-b2348-t32-{tp}"} <= set(names)
+    assert all(p.max_in_features % p.word_bits == 0 for p in points)
+    grid = sweep_points(base, SweepAxes(word_bits=(64, 128), bits=((4, 8),), t_max=(2,),
+                                        tokens_parallel=(1, 4)), grid=True)
+    assert [p.name for p in grid] == ["p64-b48-t2-tp1", "p128-b48-t2-tp1"]    # tp 4 > t_max 2 is skipped
+    assert parse_bits_sets("2348,48") == ((2, 3, 4, 8), (4, 8))
+    with pytest.raises(ValueError, match="'25'"):
+        parse_bits_sets("25")
+    assert markdown_table([]).count("\n") == 1
+
+
+def test_constraint_templates_name_the_clock():
+    assert "create_clock -name clk -period 6.667 [get_ports clk]" in constraints.xdc(150)
+    assert "create_clock -name clk -period 10.000" in constraints.sdc(100)
+    assert 'FREQUENCY PORT "clk" 150 MHZ;' in constraints.lpf(150)
+    assert "set_frequency clk 48" in constraints.pcf(48)
+
+
+# The CI check: the whole flow on the smallest unit. "small" itself (about 6k LUTs and 6k FFs)
+# needs 2-5 minutes of nextpnr on 2 cores, too long next to YoWASP's first-call compile, so the
+# check builds the same RTL with one bit width (8, so 8 lanes), one token and 256 inputs: every
+# block of the unit (descriptor check, reader, buffer, sequencer, unpacker, lanes, group and
+# scale stages, output, registers) is still there, about 2.5k LUTs. ECP5-25k: the smallest
+# device it fits with room, and with default DSP mapping nextpnr-ecp5 places it in ~1 CPU-minute.
+CI_CONFIG = derive(get_config("small"), bits=(8,), t_max=1, max_in_features=256)
+CI_TARGET, CI_FREQ_MHZ = "ecp5-25k", 50.0
+
+
+@pytest.mark.slow
+def test_smallest_configuration_fits_and_meets_a_modest_clock(tmp_path):
+    r = run_synth(CI_CONFIG, CI_TARGET, freq_mhz=CI_FREQ_MHZ, build=tmp_path)
+    assert r.error is None and r.fits, r.error
+    assert r.fmax_mhz >= CI_FREQ_MHZ, r.critical_path.describe()
+    assert r.luts > 1000 and r.ffs > 1000 and r.dsps > 0     # the unit, not an optimized-away shell
+    assert r.critical_path.delay_ns > 0 and r.critical_path.start and r.critical_path.end
+    assert r.utilization[get_target(CI_TARGET).lut_bel]["available"] == 24288
