@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "fpga-export": ("rtl.synth.cmd_export", "Verilog (bare unit + pin-wrapped top) and XDC/SDC/LPF/PCF templates"),
     "sim": ("sim.cmd_sim", "cocotb + Verilator bench of the NDP unit against the golden model (--bench: throughput)"),
     "rtl": ("rtl.cmd_rtl", "Verilog of a named NDP configuration, linted by Verilator"),
+    "eval": ("host.cmd_eval", "accuracy against bandwidth: perplexity vs bytes per token, Pareto plot (JSON, PNG)"),
 }
 
 

@@ -1,0 +1,226 @@
+"""The accuracy-against-bandwidth study: perplexity of a whole model whose MoE blocks are
+quantized, compensated and restored by a policy, against the bytes each token moves.
+
+Bytes per token (the paper's metric, batch-1 decode with nothing cached): summed over MoE layers,
+for each of the token's k experts its low-bit memory image (weights + metadata; the
+higher-precision image where the policy chose that copy), plus the fp16 factors of the rank it
+was restored with. Attention, embeddings and the always-on shared expert are the same in every
+configuration and are not counted.
+
+One calibration pass gives each layer's block inputs; every configuration then reuses the
+quantized experts of its (bits, quantizer, fit) and only re-runs the model with a new policy.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model.block import FloatMoE, set_blocks
+from model.compensate import FP16_BYTES
+from model.contract import QuantFormat, fp16_matrix_bytes
+from model.moe import RouterConfig, route
+from model.moe_quant import FULL_RANK, MATRICES, QuantizedMoE, expert_grams, moe_forward_quant, quantize_moe
+from model.perplexity import collect_mlp_inputs, perplexity
+from model.quantize import get_quantizer
+from model.rank_alloc import allocate_ranks
+
+from .policy import RestorationContext
+from .sensitivity import measure_sensitivity
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How every expert of the model is stored: bits, quantizer, compensator fit and rank."""
+    bits: int
+    quantizer: str = "optimized"
+    fit: str = "aware"
+    rank: int = 0                       # stored rank (uniform), unless `alloc_budget` is set
+    hi_bits: int | None = None          # higher-precision copies (HOBBIT-style), if any
+    alloc_budget: float | None = None   # rank allocation: fp16 factor bytes per layer to spread
+    group: int = 64
+
+    @property
+    def label(self) -> str:
+        s = f"int{self.bits}-{self.quantizer}"
+        if self.rank or self.alloc_budget:
+            s += f"+{self.fit}" + (f"-alloc{self.alloc_budget / 1e3:.0f}kB" if self.alloc_budget else f"-r{self.rank}")
+        return s + (f"+hi{self.hi_bits}" if self.hi_bits else "")
+
+
+def slot_bytes(qm: QuantizedMoE, e: int, rank: int, hi: bool) -> int:
+    """Bytes one (token, expert) slot moves: the expert's image, plus its restored fp16 factors."""
+    ex = qm.hi_experts[e] if hi else qm.experts[e]
+    total = ex.nbytes
+    if not hi and rank:
+        for m in MATRICES:
+            r = min(rank, ex.stored_rank(m))
+            if r:
+                rows, n_in = ex.q[m].shape
+                total += FP16_BYTES * r * (rows + n_in)
+    return total
+
+
+class LayerRunner:
+    """The block function of one layer under a policy; tallies bytes and slots as it runs."""
+
+    def __init__(self, qm: QuantizedMoE, decide, cfg: RouterConfig):
+        self.qm, self.decide, self.cfg = qm, decide, cfg
+        self.bytes = 0
+        self.tokens = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = route(x, self.qm.router, self.cfg)
+        restore, hi = self.decide(ids, weights)
+        price = {}
+        for e, r, h in zip(ids.flatten().tolist(), restore.flatten().tolist(), hi.flatten().tolist()):
+            key = (e, r, h)
+            if key not in price:
+                price[key] = slot_bytes(self.qm, e, r, h)
+            self.bytes += price[key]
+        self.tokens += x.shape[0]
+        return moe_forward_quant(x, self.qm, restore, hi, routing=(ids, weights))
+
+
+class Study:
+    """Holds the model, its calibration statistics and the quantized variants built so far."""
+
+    def __init__(self, dm, eval_windows: torch.Tensor, calib_windows: torch.Tensor, calib_rows: int = 4096,
+                 progress: bool = True):
+        self.dm = dm
+        self.eval_windows = eval_windows
+        self.progress = progress
+        self.layers = sorted(dm.blocks)
+        t0 = time.time()
+        set_blocks(dm.model, {l: FloatMoE(w, rc) for l, (w, rc) in dm.blocks.items()})
+        calib = collect_mlp_inputs(dm.model, calib_windows, max_rows=calib_rows, layers=self.layers,
+                                   progress=progress)
+        self.grams = {l: expert_grams(w, rc, calib[l]) for l, (w, rc) in dm.blocks.items()}
+        self.calib_seconds = time.time() - t0
+        self._variants: dict[Variant, dict[int, QuantizedMoE]] = {}
+        self._sens: dict[Variant, dict] = {}
+        self.rows: list[dict] = []
+
+    # -- building variants ---------------------------------------------------------------------
+    def variant(self, v: Variant) -> dict[int, QuantizedMoE]:
+        if v not in self._variants:
+            fmt = QuantFormat(v.bits, v.group)
+            quantizer = get_quantizer(v.quantizer)
+            out = {}
+            base = None
+            if v.alloc_budget:
+                base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group))
+            for l in self.layers:
+                w, rc = self.dm.blocks[l]
+                if base is not None:
+                    qm = _with_allocated_ranks(base[l], v.alloc_budget)
+                else:
+                    qm = quantize_moe(w, rc, fmt, quantizer=quantizer, rank=v.rank, fit=v.fit, grams=self.grams[l])
+                if v.hi_bits:
+                    hi = self.variant(Variant(v.hi_bits, v.quantizer, group=v.group))[l]
+                    qm = QuantizedMoE(qm.fmt, qm.experts, qm.router, qm.cfg, qm.float_weights, hi.experts)
+                out[l] = qm
+            self._variants[v] = out
+        return self._variants[v]
+
+    def sensitivity(self, v: Variant) -> dict:
+        if v not in self._sens:
+            self._sens[v] = {l: measure_sensitivity(qm, self.grams[l]) for l, qm in self.variant(v).items()}
+        return self._sens[v]
+
+    # -- evaluating ----------------------------------------------------------------------------
+    def run(self, name: str, v: Variant | None, decide_for_layer=None, **meta) -> dict:
+        """Perplexity and bytes/token of one configuration. v None: the float (fp16) model."""
+        t0 = time.time()
+        if v is None:
+            set_blocks(self.dm.model, {l: FloatMoE(w, rc) for l, (w, rc) in self.dm.blocks.items()})
+            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
+            w0, rc0 = self.dm.blocks[self.layers[0]]
+            per_expert = sum(fp16_matrix_bytes(*getattr(w0, m)[0].shape) for m in MATRICES)
+            bpt = per_expert * rc0.top_k * len(self.layers)
+        else:
+            runners = {}
+            for l, qm in self.variant(v).items():
+                runners[l] = LayerRunner(qm, decide_for_layer(l) if decide_for_layer else _plain, qm.cfg)
+            set_blocks(self.dm.model, runners)
+            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
+            bpt = sum(r.bytes / max(r.tokens, 1) for r in runners.values())
+        row = dict(name=name, variant=None if v is None else v.label, ppl=ppl, bytes_per_token=bpt,
+                   seconds=round(time.time() - t0, 1), **meta)
+        self.rows.append(row)
+        return row
+
+
+def _plain(ids, weights):
+    z = torch.zeros(ids.shape, dtype=torch.long)
+    return z, torch.zeros(ids.shape, dtype=torch.bool)
+
+
+def topn_decider(n: int, rank: int = FULL_RANK):
+    def decide(ids, weights):
+        r = torch.zeros(ids.shape, dtype=torch.long)
+        r[:, :n] = rank
+        return r, torch.zeros(ids.shape, dtype=torch.bool)
+    return decide
+
+
+def randomn_decider(n: int, seed: int = 0, rank: int = FULL_RANK):
+    g = torch.Generator().manual_seed(seed)
+
+    def decide(ids, weights):
+        pick = torch.rand(ids.shape, generator=g).argsort(dim=1)[:, :n]
+        r = torch.zeros(ids.shape, dtype=torch.long)
+        r.scatter_(1, pick, rank)
+        return r, torch.zeros(ids.shape, dtype=torch.bool)
+    return decide
+
+
+def hobbit_decider(n: int):
+    def decide(ids, weights):
+        hi = torch.zeros(ids.shape, dtype=torch.bool)
+        hi[:, :n] = True
+        return torch.zeros(ids.shape, dtype=torch.long), hi
+    return decide
+
+
+def policy_decider(policy, ctx: RestorationContext):
+    """A runtime policy (host/policy.py) applied token by token: batch-1 decode, as bytes count."""
+    def decide(ids, weights):
+        ranks, his = [], []
+        for i in range(ids.shape[0]):
+            res = policy.decide(ids[i:i + 1], weights[i:i + 1], ctx)
+            ranks.append(res.ranks[0])
+            his.append(res.hi[0])
+        return torch.tensor(ranks, dtype=torch.long), torch.tensor(his, dtype=torch.bool)
+    return decide
+
+
+def layer_context(qm: QuantizedMoE, sens, with_hi: bool) -> RestorationContext:
+    """Prices of one layer for a runtime policy, from the block's own matrices."""
+    ex = qm.experts[0]
+    stored = max(ex.stored_rank(m) for m in MATRICES)
+    rank_bytes = sum(FP16_BYTES * (ex.q[m].rows + ex.q[m].in_features) for m in MATRICES)
+    hi_extra = (qm.hi_experts[0].nbytes - ex.nbytes) if with_hi else None
+    return RestorationContext(stored, rank_bytes, hi_extra, sens)
+
+
+def _with_allocated_ranks(qm: QuantizedMoE, budget: float) -> QuantizedMoE:
+    """Truncate a block's stored compensators to ranks allocated greedily under `budget` bytes of
+    fp16 factors for the whole layer (gains: each component's calibration output-error
+    reduction, from the activation-aware fit's spectrum)."""
+    from model.moe_quant import QuantizedExpert
+
+    gains, cost = {}, {}
+    for e, ex in enumerate(qm.experts):
+        for m in MATRICES:
+            if m in ex.comp:
+                gains[(e, m)] = ex.comp[m].spectrum
+                cost[(e, m)] = FP16_BYTES * (ex.q[m].rows + ex.q[m].in_features)
+    ranks = allocate_ranks(gains, cost, budget)
+    experts = []
+    for e, ex in enumerate(qm.experts):
+        comp = {m: ex.comp[m].truncate(ranks[(e, m)]) for m in ex.comp if ranks[(e, m)] > 0}
+        experts.append(QuantizedExpert(ex.q, comp, ex._deq))
+    return QuantizedMoE(qm.fmt, experts, qm.router, qm.cfg, qm.float_weights, qm.hi_experts)

@@ -1,0 +1,173 @@
+"""Which configurations the study runs, and what its results say against the targets.
+
+The plan is data (a list of steps), so the default `ndpmoe eval`, the demo's reduced study and the
+test suite's tiny one differ only in their lists and sizes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from model.moe_quant import FULL_RANK
+
+from .policy import BudgetedPolicy
+from .study import (Study, Variant, hobbit_decider, layer_context, policy_decider, randomn_decider,
+                    topn_decider)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    bits: tuple[int, ...] = (2, 3, 4)
+    base_bits: int = 3
+    ranks: tuple[int, ...] = (8, 32)
+    topn: tuple[int, ...] = (1, 2, 4)
+    quantizers: tuple[str, ...] = ("rtn", "optimized")
+    hi_bits: int = 8
+    budgets: tuple[float, ...] = (0.5, 1.0, 2.0)     # x the factor bytes of Top-1 at the top rank
+    compare_fits: bool = True
+    compare_random: bool = True
+    compare_alloc: bool = True
+    policies: tuple[str, ...] = ()                   # extra runtime policy specs (--policy)
+
+
+def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
+    k = study.dm.blocks[study.layers[0]][1].top_k
+    r_top = max(opt.ranks)
+    topn = [n for n in opt.topn if 0 < n <= k]
+    q_best = opt.quantizers[-1]
+    say = lambda row: log(f"  {row['name']:<44} ppl {row['ppl']:10.3f}   {row['bytes_per_token'] / 1e6:8.3f} MB/token"
+                          f"   ({row['seconds']:.0f} s)")
+
+    say(study.run("fp16", None, kind="fp16"))
+    for b in opt.bits:
+        for qn in opt.quantizers:
+            say(study.run(f"uniform int{b} {qn}", Variant(b, qn), kind="uniform", bits=b, quantizer=qn))
+
+    base = Variant(opt.base_bits, q_best, "aware", r_top)
+    for r in sorted(opt.ranks):
+        for n in topn:
+            say(study.run(f"int{opt.base_bits} top-{n} aware r{r}", base, _layers(study, lambda l: topn_decider(n, r)),
+                          kind="topn", bits=opt.base_bits, n=n, rank=r, fit="aware"))
+    if k not in topn:
+        say(study.run(f"int{opt.base_bits} top-{k} (all) aware r{r_top}", base, _layers(study, lambda l: topn_decider(k, r_top)),
+                      kind="topn", bits=opt.base_bits, n=k, rank=r_top, fit="aware"))
+    n_mid = topn[len(topn) // 2] if topn else 1
+    if opt.compare_fits:
+        svd = Variant(opt.base_bits, q_best, "svd", r_top)
+        for r in sorted(opt.ranks):
+            say(study.run(f"int{opt.base_bits} top-{n_mid} svd r{r}", svd, _layers(study, lambda l: topn_decider(n_mid, r)),
+                          kind="topn", bits=opt.base_bits, n=n_mid, rank=r, fit="svd"))
+    if opt.compare_random:
+        say(study.run(f"int{opt.base_bits} random-{n_mid} aware r{r_top}", base,
+                      _layers(study, lambda l: randomn_decider(n_mid, seed=l, rank=r_top)),
+                      kind="randomn", bits=opt.base_bits, n=n_mid, rank=r_top, fit="aware"))
+    if opt.compare_alloc:
+        # The same fp16 factor bytes as storing rank r_min for every matrix, spread by gain per byte.
+        r_min = min(opt.ranks)
+        qm0 = study.variant(base)[study.layers[0]]
+        ex = qm0.experts[0]
+        per_rank = sum(2 * (ex.q[m].rows + ex.q[m].in_features) for m in ("w1", "w3", "w2"))
+        budget = r_min * per_rank * qm0.num_experts
+        alloc = Variant(opt.base_bits, q_best, "aware", r_top, alloc_budget=budget)
+        say(study.run(f"int{opt.base_bits} top-{n_mid} aware alloc(=r{r_min} bytes)", alloc,
+                      _layers(study, lambda l: topn_decider(n_mid, FULL_RANK)),
+                      kind="alloc", bits=opt.base_bits, n=n_mid, rank=r_min, fit="aware"))
+    if opt.hi_bits:
+        hv = Variant(opt.base_bits, q_best, "aware", r_top, hi_bits=opt.hi_bits)
+        for n in topn[:2]:
+            say(study.run(f"int{opt.base_bits} hobbit top-{n} int{opt.hi_bits}", hv, _layers(study, lambda l: hobbit_decider(n)),
+                          kind="hobbit", bits=opt.base_bits, n=n, hi_bits=opt.hi_bits))
+        sens = study.sensitivity(hv)
+        unit = layer_context(study.variant(hv)[study.layers[0]], sens[study.layers[0]], True).rank_bytes * r_top
+        for mult in opt.budgets:
+            policy = BudgetedPolicy(mult * unit, rank_step=8)
+            say(study.run(f"int{opt.base_bits} budgeted {mult:g}x", hv,
+                          _layers(study, lambda l: policy_decider(policy, layer_context(study.variant(hv)[l], sens[l], True))),
+                          kind="budgeted", bits=opt.base_bits, budget_bytes=mult * unit * len(study.layers)))
+    for b in opt.bits:
+        if b == opt.base_bits:
+            continue
+        v = Variant(b, q_best, "aware", r_top)
+        for n in (n_mid, k):
+            say(study.run(f"int{b} top-{n} aware r{r_top}", v, _layers(study, lambda l: topn_decider(n, r_top)),
+                          kind="topn", bits=b, n=n, rank=r_top, fit="aware"))
+
+
+def _layers(study: Study, make):
+    """A per-layer decider factory, with `make` bound now (the lambdas above close over loop vars)."""
+    cache = {}
+
+    def for_layer(l):
+        if l not in cache:
+            cache[l] = make(l)
+        return cache[l]
+    return for_layer
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts against the targets of the accuracy issue
+# ---------------------------------------------------------------------------------------------
+def _uniform(rows, bits, quantizer):
+    return next((r for r in rows if r.get("kind") == "uniform" and r.get("bits") == bits
+                 and r.get("quantizer") == quantizer), None)
+
+
+def verdicts(rows: list[dict], quantizer: str) -> list[str]:
+    out = []
+    for lo, hi in ((3, 4), (2, 3)):
+        a, b = _uniform(rows, lo, quantizer), _uniform(rows, hi, quantizer)
+        if a is None or b is None:
+            continue
+        b0, b1 = a["bytes_per_token"], b["bytes_per_token"]
+        inside = [r for r in rows if r.get("kind") in ("topn", "alloc", "budgeted", "hobbit") and r.get("bits") == lo
+                  and b0 < r["bytes_per_token"] < b1]
+        t = lambda r: (r["bytes_per_token"] - b0) / (b1 - b0)
+        # The chord in perplexity (mixing lo- and hi-bit experts moves bytes linearly); the
+        # geometric one (linear in log-perplexity) is stricter and reported beside it.
+        lin = [r for r in inside if r["ppl"] < a["ppl"] + (b["ppl"] - a["ppl"]) * t(r)]
+        geo = [r for r in inside if math.log(r["ppl"]) < math.log(a["ppl"]) + (math.log(b["ppl"]) - math.log(a["ppl"])) * t(r)]
+        best = min(inside, key=lambda r: r["ppl"])["name"] if inside else "none"
+        out.append(f"int{lo}..int{hi} chord ({quantizer}): {len(lin)} of {len(inside)} compensated configurations between "
+                   f"the uniform points lie below it ({len(geo)} below the stricter log-ppl chord); best {best}")
+    by = {r["name"]: r for r in rows}
+    for r in rows:
+        if r.get("kind") == "randomn":
+            twin = next((t for t in rows if t.get("kind") == "topn" and t.get("n") == r["n"] and t.get("rank") == r["rank"]
+                         and t.get("fit") == "aware" and t.get("bits") == r["bits"]), None)
+            if twin:
+                out.append(f"router-guided top-{r['n']} ppl {twin['ppl']:.3f} vs random-{r['n']} {r['ppl']:.3f} at "
+                           f"{twin['bytes_per_token'] / 1e6:.3f} vs {r['bytes_per_token'] / 1e6:.3f} MB/token: "
+                           + ("top-n wins" if twin["ppl"] < r["ppl"] else "random wins"))
+        if r.get("kind") == "topn" and r.get("fit") == "svd":
+            twin = next((t for t in rows if t.get("kind") == "topn" and t.get("fit") == "aware" and t.get("n") == r["n"]
+                         and t.get("rank") == r["rank"] and t.get("bits") == r["bits"]), None)
+            if twin:
+                out.append(f"activation-aware vs plain SVD (top-{r['n']}, r{r['rank']}, equal bytes): ppl {twin['ppl']:.3f} vs "
+                           f"{r['ppl']:.3f}: " + ("aware wins" if twin["ppl"] < r["ppl"] else "SVD wins"))
+        if r.get("kind") == "alloc":
+            fixed = [t for t in rows if t.get("kind") == "topn" and t.get("fit") == "aware" and t.get("n") == r["n"]
+                     and t.get("bits") == r["bits"] and t["bytes_per_token"] <= r["bytes_per_token"] * 1.05]
+            if fixed:
+                best = min(fixed, key=lambda t: t["ppl"])
+                out.append(f"rank allocation ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best fixed rank at "
+                           f"<= those bytes ({best['name']}) {best['ppl']:.3f}: "
+                           + ("allocation at least as good" if r["ppl"] <= best["ppl"] else "fixed rank better"))
+    uni = {r["bits"]: r for r in rows if r.get("kind") == "uniform" and r.get("quantizer") == quantizer}
+    fp = next((r for r in rows if r.get("kind") == "fp16"), None)
+    if fp:
+        for r in rows:
+            if r.get("kind") == "topn" and r.get("fit") == "aware" and r.get("bits") in uni:
+                u = uni[r["bits"]]
+                gap = u["ppl"] - fp["ppl"]
+                if gap > 0:
+                    out.append(f"int{r['bits']} top-{r['n']} r{r['rank']}: recovers {(u['ppl'] - r['ppl']) / gap:6.1%} of the "
+                               f"int{r['bits']}->fp16 gap for +{(r['bytes_per_token'] - u['bytes_per_token']) / 1e6:.3f} MB/token")
+    for r in rows:
+        if r.get("kind") == "hobbit":
+            near = [t for t in rows if t.get("kind") in ("topn", "budgeted") and t.get("bits") == r["bits"]
+                    and abs(t["bytes_per_token"] - r["bytes_per_token"]) <= 0.1 * r["bytes_per_token"]]
+            if near:
+                best = min(near, key=lambda t: t["ppl"])
+                out.append(f"HOBBIT {r['name']} ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best compensated within "
+                           f"10% bytes ({best['name']}) {best['ppl']:.3f}: " + ("compensation wins" if best["ppl"] < r["ppl"] else "HOBBIT wins"))
+    return out
