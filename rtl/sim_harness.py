@@ -80,6 +80,9 @@ class SimRam(wiring.Component):
         if storage not in ("instance", "amaranth"):
             raise ValueError(f"storage must be 'instance' or 'amaranth', not {storage!r}")
         self._width, self._addr_bits, self._storage = width, addr_bits, storage
+        # amaranth.sim benches reach the words through `memory.data`.
+        self.memory = (memory.Memory(shape=width, depth=1 << addr_bits, init=[])
+                       if storage == "amaranth" else None)
         super().__init__({
             "raddr": In(addr_bits), "rdata": Out(width),
             "we": In(1), "waddr": In(addr_bits), "wdata": In(width),
@@ -93,7 +96,7 @@ class SimRam(wiring.Component):
                 i_clk=ClockSignal("sync"), i_raddr=self.raddr, o_rdata=self.rdata,
                 i_we=self.we, i_waddr=self.waddr, i_wdata=self.wdata)
         else:
-            m.submodules.ram = ram = memory.Memory(shape=self._width, depth=1 << self._addr_bits, init=[])
+            m.submodules.ram = ram = self.memory
             rp, wp = ram.read_port(), ram.write_port()
             m.d.comb += [rp.addr.eq(self.raddr), self.rdata.eq(rp.data), wp.addr.eq(self.waddr),
                          wp.data.eq(self.wdata), wp.en.eq(self.we)]
@@ -117,6 +120,8 @@ class SimHarness(wiring.Component):
         self._cfg = cfg
         self._mem_words, self._result_words, self._storage = mem_words, result_words, storage
         self.unit = NdpUnit(cfg, **unit_args)
+        self.storage = SimRam(cfg.word_bits, log2(mem_words), storage)
+        self.results = SimRam(result_layout(cfg.t_max).size, log2(result_words), storage)
         req_layout = mem_request_layout(cfg.addr_bits, self.unit.max_burst)
         super().__init__({
             "cmd": In(stream.Signature(DescriptorLayout)),
@@ -157,7 +162,7 @@ class SimHarness(wiring.Component):
 
         # -- memory model ------------------------------------------------------------------------
         addr_bits = log2(self._mem_words)
-        m.submodules.storage = storage = SimRam(cfg.word_bits, addr_bits, self._storage)
+        m.submodules.storage = storage = self.storage
         req_layout = mem_request_layout(cfg.addr_bits, unit.max_burst)
         m.submodules.requests = requests = fifo.SyncFIFOBuffered(width=req_layout.size, depth=4)
         m.submodules.responses = responses = fifo.SyncFIFOBuffered(width=cfg.word_bits, depth=8)
@@ -199,7 +204,7 @@ class SimHarness(wiring.Component):
 
         # -- result sink ---------------------------------------------------------------------------
         layout = result_layout(cfg.t_max)
-        m.submodules.results = results = SimRam(layout.size, log2(self._result_words), self._storage)
+        m.submodules.results = results = self.results
         sink_ready = ~lfsrs["out"]
         m.d.comb += [
             self.out.payload.eq(unit.out.payload),
