@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 import torch
 
@@ -74,6 +75,16 @@ def _trace(args, spec) -> RoutingTrace:
     return t
 
 
+def _cpu_reference_s() -> float:
+    """CPU seconds of a fixed pure-Python loop, best of three: planning costs scale with it."""
+    best = math.inf
+    for _ in range(3):
+        t0 = time.process_time()
+        sum(range(10 ** 7))
+        best = min(best, time.process_time() - t0)
+    return best
+
+
 def _hobbit_threshold(trace: RoutingTrace, fraction: float) -> float:
     """Router weight above which the top slot gets its copy, so a `fraction` of tokens do."""
     if fraction >= 1.0:
@@ -131,8 +142,10 @@ def run(args) -> int:
         for n in ns:
             jobs.append((f"ours adaptive @ top-{n} bytes", BudgetedPolicy(top_bytes[n]), "lo", args.cache_policy, sizes))
 
-    header = (f"{'configuration':<50} {'link MB/tok':>11} {'weights':>8} {'factors':>8} {'hi':>7} {'ndp io':>7} "
-              f"{'NDP-read MB/tok':>15} {'GPU hit':>7} {'tok/s':>8} {'plan us':>7}")
+    print("MB/tok: 'moved' = over the link + read by the NDP units; then the link's share by kind "
+          "('weights' includes prefetches, 'ndp io' activations and results), then the NDP's reads.")
+    header = (f"{'configuration':<50} {'moved':>8} {'link':>8} {'weights':>8} {'factors':>7} {'hi':>7} "
+              f"{'ndp io':>7} {'NDP read':>8} {'GPU hit':>7} {'tok/s':>7} {'plan us':>7}")
     print(header)
     print("-" * len(header))
     results = []
@@ -145,20 +158,22 @@ def run(args) -> int:
         weights = lb.get("weights", 0) + lb.get("fp16_weights", 0) + lb.get("prefetch", 0)
         ndp_io = lb.get("act_to_ndp", 0) + lb.get("results_from_ndp", 0)
         ndp_read = s["ndp_words_per_token"] * (system.ndp.ndp_config.word_bytes if system.ndp else 0)
-        print(f"{label:<50} {s['total_link_bytes_per_token'] / 1e6:>11.2f} {weights / 1e6:>8.2f} "
-              f"{lb.get('factors', 0) / 1e6:>8.2f} {lb.get('hi_weights', 0) / 1e6:>7.2f} {ndp_io / 1e6:>7.3f} "
-              f"{ndp_read / 1e6:>15.2f} {res.cache_hit_rate:>7.1%} {s['tokens_per_s']:>8.2f} "
+        moved = s["total_link_bytes_per_token"] + ndp_read
+        print(f"{label:<50} {moved / 1e6:>8.2f} {s['total_link_bytes_per_token'] / 1e6:>8.2f} {weights / 1e6:>8.2f} "
+              f"{lb.get('factors', 0) / 1e6:>7.2f} {lb.get('hi_weights', 0) / 1e6:>7.2f} {ndp_io / 1e6:>7.2f} "
+              f"{ndp_read / 1e6:>8.2f} {res.cache_hit_rate:>7.1%} {s['tokens_per_s']:>7.2f} "
               f"{res.planning_us_per_token_layer:>7.1f}", flush=True)
         results.append({"label": label, "policy": policy.name, "eviction": eviction, **s,
-                        "ndp_read_bytes_per_token": ndp_read, "gpu_hit_rate": res.cache_hit_rate,
+                        "ndp_read_bytes_per_token": ndp_read, "moved_bytes_per_token": moved,
+                        "gpu_hit_rate": res.cache_hit_rate,
                         "planning_us_per_token_per_layer": res.planning_us_per_token_layer})
-        return s["total_link_bytes_per_token"]
+        return moved
 
     link = {job[0]: run_row(*job) for job in jobs}
     if "hobbit" in rows and ns:
-        # HOBBIT-style at equal bytes: the copies' extra link traffic over uniform low-bit must
-        # equal what Top-1 restoration adds. Copies miss the cache more often than the low-bit
-        # experts they replace, so the nominal fraction is rescaled once by the measured bytes.
+        # HOBBIT-style at equal bytes: the copies' extra bytes moved (link + NDP reads) over uniform
+        # low-bit must equal what Top-1 restoration adds. Copies miss the cache more often than the
+        # low-bit experts they replace, so the nominal fraction is rescaled once by the measured bytes.
         base = link[f"uniform int{args.bits}"]
         target = link[f"ours top-{ns[0]} r{args.rank}"] - base
         fraction = min(1.0, top_bytes[ns[0]] / sizes.hi_extra_bytes)
@@ -168,12 +183,15 @@ def run(args) -> int:
             if extra <= 0:
                 break
             fraction = min(1.0, fraction * target / extra)
-        results[-1]["label"] += f" = top-{ns[0]} link bytes"
+        results[-1]["label"] += f" (= top-{ns[0]} bytes)"
     worst = max((r["planning_us_per_token_per_layer"] for r in results), default=0.0)
-    print(f"planning cost: at most {worst:.1f} us per token per layer (goal < {PLANNING_GOAL_US:.0f} us)")
+    ref = _cpu_reference_s()
+    print(f"planning cost: at most {worst:.1f} us per token per layer (goal < {PLANNING_GOAL_US:.0f} us), CPU time, "
+          f"median over decode steps; for scale, sum(range(10**7)) takes {ref:.3f} s of CPU here")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": spec.name, "system": system.name, "trace": trace.source,
+                       "cpu_reference_s": ref, "planning_goal_us": PLANNING_GOAL_US,
                        "ndp_cost": system.ndp.cost.source if system.ndp else None,
                        "sensitivity": sens.source, "cache_gb": args.cache_gb, "rows": results}, f, indent=1)
     return 0

@@ -115,32 +115,34 @@ class Placer:
         res = (to_gpu / bw, to_mem / bw, ndp_c, ndp_m, gpu)
         return res + (u.round_trips * s.link.latency_us * 1e-6, max(res))
 
-    def place(self, cands: list[Candidate]) -> tuple[list[Choice], list[float]]:
-        """A choice per candidate (same order), and the layer's resulting resource seconds
-        (to GPU, to memory, NDP compute, NDP memory, GPU, latency)."""
+    def place(self, cands: list[Candidate], with_load: bool = False
+              ) -> tuple[list[Choice], list[Usage], list[float] | None]:
+        """A choice and its usage per candidate (same order), and, when asked or when options
+        had to be weighed, the layer's resource seconds (to GPU, to memory, NDP compute, NDP
+        memory, GPU, latency)."""
         opts = [self.options(c) for c in cands]
-        load = [0.0] * 6
         if all(len(o) == 1 for o in opts):
             out = [o[0] for o in opts]
-            for c, ch in zip(cands, out):
-                sec = self._entry(c, ch)[1]
-                for r in range(5):
-                    load[r] += sec[r]
-                load[5] = max(load[5], sec[5])
-            return out, load
-        secs = [[self._entry(c, ch)[1] for ch in o] for c, o in zip(cands, opts)]
-        order = sorted(range(len(cands)), key=lambda i: -min(s[6] for s in secs[i]))
+            entries = [self._entry(c, ch) for c, ch in zip(cands, out)]
+            if not with_load:
+                return out, [u for u, _ in entries], None
+            load = [sum(sec[r] for _, sec in entries) for r in range(5)]
+            load.append(max((sec[5] for _, sec in entries), default=0.0))
+            return out, [u for u, _ in entries], load
+        entries = [[self._entry(c, ch) for ch in o] for c, o in zip(cands, opts)]
+        order = sorted(range(len(cands)), key=lambda i: -min(sec[6] for _, sec in entries[i]))
         out: list[Choice | None] = [None] * len(cands)
-        l0, l1, l2, l3, l4, lat = load
+        usages: list[Usage | None] = [None] * len(cands)
+        l0 = l1 = l2 = l3 = l4 = lat = 0.0
         for i in order:
             best, best_key = 0, None
-            for j, s in enumerate(secs[i]):
+            for j, (_, s) in enumerate(entries[i]):
                 a, b, c, d, g = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
                 key = (max(a, b, c, d, g) + (lat if lat > s[5] else s[5]), a + b + c + d + g)
                 if best_key is None or key < best_key:
                     best, best_key = j, key
-            s = secs[i][best]
+            u, s = entries[i][best]
             l0, l1, l2, l3, l4 = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
             lat = lat if lat > s[5] else s[5]
-            out[i] = opts[i][best]
-        return out, [l0, l1, l2, l3, l4, lat]
+            out[i], usages[i] = opts[i][best], u
+        return out, usages, [l0, l1, l2, l3, l4, lat]

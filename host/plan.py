@@ -21,6 +21,11 @@ from .sensitivity import LayerSensitivity
 from .sizes import ExpertSizes
 
 
+# NamedTuples built with tuple.__new__ in the planner: their generated __new__ is a Python lambda,
+# a measurable share of planning a many-expert layer.
+_new = tuple.__new__
+
+
 class ExpertTask(NamedTuple):
     """All selected (token, slot) pairs of one expert variant, and where their work runs.
     (A NamedTuple for the planner's speed; immutable like the dataclasses elsewhere.)"""
@@ -124,6 +129,10 @@ class LayerPlanner:
         self.placer = Placer(sizes, system, placement)
         self.prefetch = prefetch and system is not None and system.ndp is not None
         self._contexts: dict[int, object] = {}
+        self._credit = 0.0                                       # idle link bytes (see _prefetch)
+        self._credit_cap = 2.0 * sizes.weight_bytes(weight_variant) if self.prefetch else 0.0
+        self._smallest_fetch = min(sizes.weight_bytes(v) for v in ("lo", "hi", "fp16")
+                                   if v != "hi" or sizes.hi_fmt is not None) if sizes.fmt else sizes.weight_bytes("fp16")
 
     def _context(self, layer: int):
         ctx = self._contexts.get(layer)
@@ -159,16 +168,16 @@ class LayerPlanner:
             cached = lookup((layer, e, variant))
             if rank:
                 lookup((layer, e, "factors"), rank)
-                cands.append(Candidate(e, variant, len(toks), rank, cached, cached_rank(layer, e)))
+                cands.append(_new(Candidate, (e, variant, len(toks), rank, cached, cached_rank(layer, e))))
             else:
-                cands.append(Candidate(e, variant, len(toks), 0, cached, 0))
-        choices, load = self.placer.place(cands)
+                cands.append(_new(Candidate, (e, variant, len(toks), 0, cached, 0)))
+        choices, usages, load = self.placer.place(cands, with_load=self.prefetch)
 
         # Cache actions: admit what was fetched; never evict what this layer uses on the GPU.
         protect = None
         evictions: list[CacheKey] = []
-        usages, tasks = [], []
-        sizes, usage_of = self.sizes, self.placer.usage
+        tasks = []
+        sizes = self.sizes
         for (toks, slots, ranks), c, ch in zip(groups.values(), cands, choices):
             if ch.fetch_weights or ch.fetch_factor_ranks:
                 if protect is None:
@@ -179,14 +188,14 @@ class LayerPlanner:
                 if ch.fetch_factor_ranks:
                     evictions += cache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.fp16_bytes_per_rank,
                                               rank=c.comp_rank, protect=protect)[1]
-            usages.append(usage_of(c, ch))
-            tasks.append(ExpertTask(c.expert, c.variant, tuple(toks), tuple(slots), tuple(ranks), ch.gemm_unit,
-                                    ch.comp_unit if c.comp_rank else None, ch.fetch_weights, ch.fetch_factor_ranks))
+            tasks.append(_new(ExpertTask, (c.expert, c.variant, tuple(toks), tuple(slots), tuple(ranks), ch.gemm_unit,
+                                           ch.comp_unit if c.comp_rank else None, ch.fetch_weights,
+                                           ch.fetch_factor_ranks)))
         prefetches = ()
         if self.prefetch:
-            protect = protect if protect is not None else self._protect(layer, cands, choices)
             prefetches, fill = self._prefetch(layer, cands, choices, load, protect, evictions)
-            usages.append(fill)
+            if fill is not None:
+                usages.append(fill)
         return LayerPlan(layer, id_rows, weights, restoration, tuple(tasks), prefetches, tuple(evictions),
                          tuple(usages), self.system)
 
@@ -200,19 +209,29 @@ class LayerPlanner:
                 keys.append((layer, c.expert, "factors"))
         return frozenset(keys)
 
-    def _prefetch(self, layer, cands, choices, load: list[float], protect, evictions) -> tuple[tuple[CacheKey, ...], Usage]:
-        """Fetch NDP-run experts into the GPU cache while the link would otherwise idle: the
-        layer lasts as long as its busiest resource; the link towards the GPU has the rest."""
+    def _prefetch(self, layer, cands, choices, load: list[float], protect, evictions
+                  ) -> tuple[tuple[CacheKey, ...], Usage | None]:
+        """Fetch NDP-run experts into the GPU cache with link time that would otherwise idle.
+
+        The layer lasts as long as its busiest resource; the link towards the GPU has the rest.
+        That idle time accrues as credit (a background copy runs on across layers, capped at two
+        experts' bytes) and an expert is fetched once the credit covers it."""
         idle = (max(load[:5]) - load[0]) * self.system.link.gbps * 1e9
+        credit = self._credit = min(self._credit + idle, self._credit_cap)
+        if credit < self._smallest_fetch:
+            return (), None
         fill, out = Usage(), []
         for c, ch in sorted(zip(cands, choices), key=lambda p: -p[0].tokens):
             nbytes = self.sizes.weight_bytes(c.variant)
-            if ch.gemm_unit != "ndp" or nbytes > idle:
+            if ch.gemm_unit != "ndp" or nbytes > credit:
                 continue
+            if protect is None:
+                protect = self._protect(layer, cands, choices)
             admitted, ev = self.cache.insert((layer, c.expert, c.variant), nbytes, protect=protect)
             if admitted:
-                idle -= nbytes
+                credit -= nbytes
                 fill.link["prefetch"] += nbytes
                 evictions += ev
                 out.append((layer, c.expert, c.variant))
+        self._credit = credit
         return tuple(out), fill

@@ -42,7 +42,7 @@ class Restoration:
 
     def bytes_moved(self, ids: torch.Tensor, ctx: "RestorationContext") -> int:
         """Bytes it adds beyond the low-bit experts: factors per expert at the largest rank any
-        token uses (minus a cached prefix), plus each uncached higher-precision copy's extra."""
+        token uses (minus a cached prefix), plus each higher-precision copy's price now."""
         rank, hi = {}, set()
         for row_ids, row_r, row_h in zip(ids.tolist(), self.ranks, self.hi):
             for e, r, h in zip(row_ids, row_r, row_h):
@@ -51,14 +51,14 @@ class Restoration:
                 elif r:
                     rank[e] = max(rank.get(e, 0), min(r, ctx.stored_rank))
         total = sum(max(0, r - ctx.cached_rank(e)) * ctx.rank_bytes for e, r in rank.items())
-        return total + sum(0 if ctx.hi_cached(e) else ctx.hi_extra_bytes for e in hi)
+        return total + sum(ctx.hi_price(e) for e in hi)
 
 
 def _no_rank(e: int) -> int:
     return 0
 
 
-def _not_cached(e: int) -> bool:
+def _none_cached(e: int) -> bool:
     return False
 
 
@@ -68,9 +68,23 @@ class RestorationContext:
     stored_rank: int
     rank_bytes: int                                   # bytes of one rank component of an expert
     hi_extra_bytes: int | None = None                 # None: no higher-precision copies
+    lo_bytes: int = 0                                 # bytes of one low-bit expert
     sensitivity: LayerSensitivity | None = None
     cached_rank: Callable[[int], int] = _no_rank      # expert -> rank of its cached factors
-    hi_cached: Callable[[int], bool] = _not_cached    # expert -> its hi copy is cached
+    hi_cached: Callable[[int], bool] = _none_cached   # expert -> its hi copy is cached
+    lo_cached: Callable[[int], bool] = _none_cached   # expert -> its low-bit copy is cached
+
+    def hi_price(self, e: int) -> int:
+        """Bytes a higher-precision copy of expert e costs now: nothing if it is cached; its
+        extra over the low-bit expert if that one would be fetched anyway; all of it if the
+        low-bit expert is cached (the copy then replaces a free hit)."""
+        if self.hi_cached(e):
+            return 0
+        return self.hi_bytes if self.lo_cached(e) else self.hi_extra_bytes
+
+    @property
+    def hi_bytes(self) -> int:
+        return self.hi_extra_bytes + self.lo_bytes
 
 
 def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None = None,
@@ -84,11 +98,13 @@ def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None
     else:
         raise ValueError(f"factor_bytes must be 'fp16' or 'int8', not {factor_bytes!r}")
     hi_extra = sizes.hi_extra_bytes if sizes.hi_fmt is not None else None
+    lo = sizes.weight_bytes("lo") if sizes.fmt is not None else 0
     if cache is None:
-        return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity)
-    return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity,
+        return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, lo, sensitivity)
+    return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, lo, sensitivity,
                               cached_rank=lambda e: cache.cached_rank(layer, e),
-                              hi_cached=lambda e: (layer, e, "hi") in cache)
+                              hi_cached=lambda e: (layer, e, "hi") in cache,
+                              lo_cached=lambda e: (layer, e, "lo") in cache)
 
 
 class RestorationPolicy(Protocol):
@@ -189,8 +205,8 @@ class BudgetedPolicy:
     """Spend at most `budget_bytes` per token (over the batch) where gain per byte is highest.
 
     Options of a selected expert e: rank r in steps of `rank_step` up to the stored rank
-    (price (r - cached rank) x rank_bytes) or its higher-precision copy (price hi_extra_bytes, 0
-    if cached). Value = sum over its tokens of weight^weight_power x gain: with independent expert
+    (price (r - cached rank) x rank_bytes) or its higher-precision copy (RestorationContext.hi_price:
+    0 if cached, all its bytes if the low-bit copy is cached, else its extra bytes). Value = sum over its tokens of weight^weight_power x gain: with independent expert
     errors, a slot's share of the output's squared error scales with its router weight squared.
     Per expert, the options' upper concave hull is walked greedily across experts by slope (the
     multiple-choice knapsack's greedy); a step that does not fit is replaced by the largest
@@ -224,13 +240,12 @@ class BudgetedPolicy:
         for row_ids, row_w in zip(id_rows, w_rows):
             for e, w in zip(row_ids, row_w):
                 value[e] = value.get(e, 0.0) + (w * w if p == 2.0 else w ** p)
-        hi_extra = ctx.hi_extra_bytes if self.allow_hi else None
+        copies = self.allow_hi and ctx.hi_extra_bytes is not None
         state, walk, heap = {}, {}, []
         for e, v in value.items():
             r0 = ctx.cached_rank(e)
-            hi_free = hi_extra is not None and ctx.hi_cached(e)
-            hull, ranks = _unit_hull(sens, e, min(r0, ctx.stored_rank), hi_free, ctx.stored_rank, ctx.rank_bytes,
-                                     hi_extra, self.rank_step)
+            hull, ranks = _unit_hull(sens, e, min(r0, ctx.stored_rank), ctx.stored_rank, ctx.rank_bytes,
+                                     ctx.hi_price(e) if copies else None, self.rank_step)
             state[e] = hull[0][2]
             walk[e] = (hull, ranks, 0, v)
             if len(hull) > 1 and v > 0:
@@ -263,8 +278,8 @@ class BudgetedPolicy:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _unit_hull(sens: LayerSensitivity, e: int, r0: int, hi_free: bool, stored_rank: int, rank_bytes: int,
-               hi_extra: int | None, step: int) -> tuple[tuple, tuple]:
+def _unit_hull(sens: LayerSensitivity, e: int, r0: int, stored_rank: int, rank_bytes: int,
+               hi_price: int | None, step: int) -> tuple[tuple, tuple]:
     """An expert's options at router value 1, from its free start state: the upper concave hull
     of (bytes, gain, state) with state = rank, or -1 for the higher-precision copy, plus each
     hull point's slope from the previous one; and all rank options (for the last, partial step).
@@ -277,12 +292,12 @@ def _unit_hull(sens: LayerSensitivity, e: int, r0: int, hi_free: bool, stored_ra
     if stored_rank > r0 and (not rank_pts or rank_pts[-1][2] != stored_rank):
         rank_pts.append((float((stored_rank - r0) * rank_bytes), gains[stored_rank] - base, stored_rank))
     start, points = (0.0, 0.0, r0), list(rank_pts)
-    if hi_extra is not None:
+    if hi_price is not None:
         hi_gain = sens.hi_gain_list[e] - base
-        if hi_free and hi_gain > 0:
+        if hi_price == 0 and hi_gain > 0:
             start, points = (0.0, hi_gain, -1), []        # a cached copy beats the free rank
         elif hi_gain > 0:
-            points.append((float(hi_extra), hi_gain, -1))
+            points.append((float(hi_price), hi_gain, -1))
     points.sort()
     hull = [start]
     for pt in points:

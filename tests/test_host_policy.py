@@ -17,8 +17,11 @@ def _routing(t=4, k=4, e=8, seed=0):
     return ids, w
 
 
+LO = 30_000
+
+
 def _ctx(sens=None, **kw):
-    return RestorationContext(R, RANK_BYTES, HI_EXTRA, sens or assumed_sensitivity(8, R), **kw)
+    return RestorationContext(R, RANK_BYTES, HI_EXTRA, LO, sens or assumed_sensitivity(8, R), **kw)
 
 
 def test_topn_is_the_golden_rule():
@@ -84,6 +87,18 @@ def test_cached_factors_and_copies_are_free():
     hi_free = _ctx(sens, hi_cached=lambda e: e == e0)
     r = BudgetedPolicy(0).decide(ids, w, hi_free)
     assert r.hi[0][0] and r.bytes_moved(ids, hi_free) == 0
+
+
+def test_copy_of_a_cached_expert_costs_all_its_bytes():
+    """With the low-bit expert cached, a copy replaces a free hit: the policy pays its full size."""
+    ids = torch.tensor([[0, 1]])
+    w = torch.tensor([[0.9, 0.1]])
+    sens = LayerSensitivity(assumed_sensitivity(8, R).rank_gain * 0.1, torch.full((8,), 1.0), "test")
+    cached = _ctx(sens, lo_cached=lambda e: e == 0)
+    assert cached.hi_price(0) == HI_EXTRA + LO and cached.hi_price(1) == HI_EXTRA
+    r = BudgetedPolicy(HI_EXTRA).decide(ids, w, cached)
+    assert not r.hi[0][0]                                  # cannot afford it at the extra's price
+    assert r.bytes_moved(ids, cached) <= HI_EXTRA
 
 
 def test_batch_shares_the_factors_of_a_common_expert():
