@@ -68,11 +68,11 @@ class RestorationContext:
     stored_rank: int
     rank_bytes: int                                   # bytes of one rank component of an expert
     hi_extra_bytes: int | None = None                 # None: no higher-precision copies
-    lo_bytes: int = 0                                 # bytes of one low-bit expert
     sensitivity: LayerSensitivity | None = None
     cached_rank: Callable[[int], int] = _no_rank      # expert -> rank of its cached factors
     hi_cached: Callable[[int], bool] = _none_cached   # expert -> its hi copy is cached
     lo_cached: Callable[[int], bool] = _none_cached   # expert -> its low-bit copy is cached
+    lo_bytes: int = 0                                 # bytes of one low-bit expert (for hi_price)
 
     def hi_price(self, e: int) -> int:
         """Bytes a higher-precision copy of expert e costs now: nothing if it is cached; its
@@ -100,11 +100,11 @@ def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None
     hi_extra = sizes.hi_extra_bytes if sizes.hi_fmt is not None else None
     lo = sizes.weight_bytes("lo") if sizes.fmt is not None else 0
     if cache is None:
-        return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, lo, sensitivity)
-    return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, lo, sensitivity,
+        return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity, lo_bytes=lo)
+    return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity,
                               cached_rank=lambda e: cache.cached_rank(layer, e),
                               hi_cached=lambda e: (layer, e, "hi") in cache,
-                              lo_cached=lambda e: (layer, e, "lo") in cache)
+                              lo_cached=lambda e: (layer, e, "lo") in cache, lo_bytes=lo)
 
 
 class RestorationPolicy(Protocol):

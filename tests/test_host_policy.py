@@ -21,7 +21,7 @@ LO = 30_000
 
 
 def _ctx(sens=None, **kw):
-    return RestorationContext(R, RANK_BYTES, HI_EXTRA, LO, sens or assumed_sensitivity(8, R), **kw)
+    return RestorationContext(R, RANK_BYTES, HI_EXTRA, sens or assumed_sensitivity(8, R), lo_bytes=LO, **kw)
 
 
 def test_topn_is_the_golden_rule():
