@@ -27,7 +27,9 @@ PLANNING_GOAL_US = 50.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="mixtral-8x7b", help="mixtral-8x7b, qwen1.5-moe-a2.7b, deepseek-v2-lite, olmoe-1b-7b")
+    p.add_argument("--model", default="mixtral-8x7b",
+                   help="mixtral-8x7b, qwen1.5-moe-a2.7b, deepseek-v2-lite, olmoe-1b-7b, or default (the offline "
+                        "SmolLM2 MoE, replayed on its real routers)")
     p.add_argument("--system", default="gpu-only", help="gpu-only or gpu-ndp")
     p.add_argument("--gpu", help="GPU preset (rtx4090, a100-80gb, h100-sxm)")
     p.add_argument("--link", help="link preset (pcie4-x16, pcie5-x16, cxl-x16)")
@@ -63,7 +65,7 @@ def _topn_values(spec: str, k: int) -> list[int]:
 
 def _trace(args, spec) -> RoutingTrace:
     if args.trace == "auto":
-        return trace_for(spec.experts, spec.top_k, spec.moe_layers, args.tokens)
+        return trace_for(spec.experts, spec.top_k, spec.moe_layers, args.tokens, default_model=spec.name == "default")
     if args.trace == "text":
         return text_trace(spec.experts, spec.top_k, spec.moe_layers, args.tokens)
     if args.trace == "synthetic":

@@ -66,8 +66,27 @@ MODELS = {m.name: m for m in (
 )}
 
 
+# SmolLM2-135M attention: D 576, 9 query heads and 3 KV heads of 64 (q, o: D x D; k, v: D x 192).
+_SMOLLM2_ATTENTION = 2 * 576 * 576 + 2 * 576 * 192
+
+
+def default_model_spec() -> ModelSpec:
+    """The offline default model (SmolLM2-135M MoEfied, model/default_moe.py), shaped by its
+    current configuration; ValueError while that model does not exist yet."""
+    try:
+        from model.default_moe import DEFAULT_CONFIG
+    except ImportError as exc:
+        raise ValueError(f"model 'default' is not available yet ({exc})") from None
+    c = DEFAULT_CONFIG
+    return ModelSpec("default", layers=30, experts=c.num_experts, top_k=c.top_k, hidden=576,
+                     intermediate=c.expert_size, shared_intermediate=c.shared_size,
+                     attention_params=_SMOLLM2_ATTENTION)
+
+
 def get_model(name: str) -> ModelSpec:
+    if name == "default":
+        return default_model_spec()
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}") from None
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS) + ['default']}") from None

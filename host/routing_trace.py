@@ -2,9 +2,11 @@
 
 Where they come from, best first:
 1. the offline default MoE model's real router on the evaluation text: `default_model_trace`
-   calls `model.moefy.record_routing_trace(num_tokens)` (accuracy issue), expected to return
-   {"ids": [per MoE layer [T, K] long], "weights": [... [T, K] float], "num_experts": E,
-   "source": str}. It is used for a target model only if E and K match;
+   calls `model.moefy.record_routing_trace(num_tokens)` (accuracy issue) if it exists, expected
+   to return {"ids": [per MoE layer [T, K] long], "weights": [... [T, K] float],
+   "num_experts": E, "source": str}; otherwise it records the same from
+   `model.default_moe.load_default_moe()`. It is used for a target model only if E and K match
+   (the `default` model of `ndpmoe bench`);
 2. real text through a real model with routers fitted to it (`text_trace`): SmolLM2-135M's MLP
    inputs on the evaluation text, and per layer a router whose rows are k-means centroids of its
    calibration-text MLP inputs (so experts own regions of the real activation distribution,
@@ -154,17 +156,35 @@ def text_trace(experts: int, top_k: int, layers: int, tokens: int = 256, seed: i
 
 
 def default_model_trace(tokens: int = 256) -> RoutingTrace | None:
-    """The default MoE model's real routing on the evaluation text, if that model exists yet."""
+    """The default MoE model's real routing on the evaluation text, if that model exists yet.
+
+    Preferred: `model.moefy.record_routing_trace(num_tokens)` from the accuracy side (see the
+    module docstring for the dict it returns). Otherwise recorded here from
+    `model.default_moe.load_default_moe()`: each MoE block's input on the first `tokens`
+    evaluation tokens (model.perplexity.collect_mlp_inputs), routed by that block's own router.
+    None when neither is available (the default model is still being built)."""
     try:
         moefy = importlib.import_module("model.moefy")
-    except ImportError:
+        fn = getattr(moefy, "record_routing_trace", None)
+        if fn is not None:
+            d = fn(tokens)
+            return RoutingTrace(tuple(d["ids"]), tuple(w.float() for w in d["weights"]), int(d["num_experts"]),
+                                str(d["source"]))
+        default_moe = importlib.import_module("model.default_moe")
+        from model.perplexity import collect_mlp_inputs
+        from model.text import tokenize
+    except (ImportError, AttributeError):
         return None
-    fn = getattr(moefy, "record_routing_trace", None)
-    if fn is None:
-        return None
-    d = fn(tokens)
-    return RoutingTrace(tuple(d["ids"]), tuple(w.float() for w in d["weights"]), int(d["num_experts"]),
-                        str(d["source"]))
+    moe = default_moe.load_default_moe(progress=False)
+    layers = sorted(moe.blocks)
+    ids = tokenize(moe.text.eval, moe.tokenizer)[:tokens]
+    with torch.no_grad():
+        inputs = collect_mlp_inputs(moe.model, ids[None], max_rows=None, layers=layers, progress=False)
+    routed = [route(inputs[l].float(), moe.blocks[l][0].router.float(), moe.blocks[l][1]) for l in layers]
+    experts = moe.blocks[layers[0]][0].num_experts
+    return RoutingTrace(tuple(i for i, _ in routed), tuple(w.float() for _, w in routed), experts,
+                        f"default MoE model ({moe.info.get('tag', '?')}) real routers on {moe.text.source} "
+                        f"({tokens} eval tokens, text {moe.text.digest})")
 
 
 def synthetic_trace(experts: int, top_k: int, layers: int, tokens: int, seed: int = 0) -> RoutingTrace:
@@ -179,11 +199,14 @@ def synthetic_trace(experts: int, top_k: int, layers: int, tokens: int, seed: in
                           f"SYNTHETIC (no text model installed): drifting Gaussian activations, random routers, seed {seed}")
 
 
-def trace_for(experts: int, top_k: int, layers: int, tokens: int = 256, seed: int = 0) -> RoutingTrace:
-    """The best available trace for a model shape (see the module docstring for the order)."""
-    real = default_model_trace(tokens)
-    if real is not None and real.num_experts == experts and real.top_k == top_k:
-        return real
+def trace_for(experts: int, top_k: int, layers: int, tokens: int = 256, seed: int = 0,
+              default_model: bool = False) -> RoutingTrace:
+    """The best available trace for a model shape (see the module docstring for the order).
+    `default_model`: the shape is the default MoE model's own, so its real routing applies."""
+    if default_model:
+        real = default_model_trace(tokens)
+        if real is not None and real.num_experts == experts and real.top_k == top_k:
+            return real
     try:
         return text_trace(experts, top_k, layers, tokens, seed)
     except (ImportError, FileNotFoundError) as exc:
