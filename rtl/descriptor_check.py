@@ -5,7 +5,8 @@ check names the error. A refused descriptor never reaches the memory reader.
 
     stage 1: field checks, padded inputs, words per row, words of an activation load
     stage 2: words of a matrix (rows x words per row, one multiplier)
-    stage 3: end address against the memory size, priority encoding of the error
+    stage 3: end address against the memory size
+    stage 4: priority encoding of the error
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from model.contract import GROUP_CODES, MAX_ROWS, ErrorCode, Opcode
 from .geometry import Geometry, bits_for, log2
 from .shapes import DescriptorLayout, ErrorShape
 
-LATENCY = 3
+LATENCY = 4
 
 
 class DescriptorCheck(wiring.Component):
@@ -113,8 +114,10 @@ class DescriptorCheck(wiring.Component):
         m.d.sync += words.eq(Mux(load, load_words, d.rows * row_words))
 
         # -- stage 3 ----------------------------------------------------------------------------
-        end = d.addr + (words << log2(g.word_bytes))
-        out_of_range = end > cfg.mem_bytes
+        out_of_range = Signal()
+        m.d.sync += out_of_range.eq(d.addr + (words << log2(g.word_bytes)) > cfg.mem_bytes)
+
+        # -- stage 4 ----------------------------------------------------------------------------
         checks = [                                   # check_descriptor's order
             (bad_opcode, ErrorCode.BAD_OPCODE),
             (is_nop, ErrorCode.NONE),

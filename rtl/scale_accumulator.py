@@ -5,8 +5,8 @@ Per complete group (model/contract.py, "NDP arithmetic"):
     term = 2^ZERO_FRAC_BITS * sum(q x) - zero * sum(x)        zero is Q11.4
     acc += scale * term                                        ACC_BITS, cannot overflow
 
-One register stage each: zero multiply, scale multiply, then the sum of the K slots (a tree with
-a register per level), then the accumulator. The accumulators are kept per pass and per token
+Registered stages: the zero multiply, the term, the scale multiply split in two DSP-sized halves,
+their sum, the sum of the K slots (a tree with a register per level), the accumulator. The accumulators are kept per pass and per token
 lane; a row's last beat of a pass emits that pass's results as one entry and clears them.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ScaleAccumulator(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return 2 + log2(self._geo.blocks) + 1
+        return 4 + log2(self._geo.blocks) + 1
 
     def elaborate(self, platform):
         m = Module()
@@ -70,22 +70,31 @@ class ScaleAccumulator(wiring.Component):
                 value = d
             return value
 
+        # Stage 1: zero x sum(x) and 2^F sum(q x); stage 2: their difference (the term);
+        # stage 3: scale x the term's low 17 bits (unsigned) and high bits (signed), each an
+        # 18x18 DSP multiply; stage 4: the two halves added; then the slot tree.
+        split = 17
         tree_latency = log2(K)
-        stages = 2 + tree_latency               # zero stage, scale stage, slot-sum levels
+        stages = 4 + tree_latency
         valid = delay(self.valid, stages, "valid")
         pass_ = delay(self.pass_, stages, "pass")
         row_end = delay(self.row_end, stages, "row_end")
         row = delay(self.row, stages, "row")
 
-        scale1 = [Signal(SCALE_BITS, name=f"scale1_{k}") for k in range(K)]
-        m.d.sync += [scale1[k].eq(grp.scale[k]) for k in range(K)]
+        scale2 = [delay(grp.scale[k], 2, f"scale_{k}") for k in range(K)]
         for t in range(TP):
             products = []
             for k in range(K):
+                qx16 = Signal(signed(GROUP_QX_BITS + ZERO_FRAC_BITS), name=f"qx16_t{t}_{k}")
+                zx = Signal(signed(ZERO_BITS + GROUP_X_BITS), name=f"zx_t{t}_{k}")
+                m.d.sync += [qx16.eq(grp.qx[t][k] << ZERO_FRAC_BITS), zx.eq(grp.zero[k] * grp.x[t][k])]
                 term = Signal(signed(GROUP_TERM_BITS), name=f"term_t{t}_{k}")
-                m.d.sync += term.eq((grp.qx[t][k] << ZERO_FRAC_BITS) - grp.zero[k] * grp.x[t][k])
+                m.d.sync += term.eq(qx16 - zx)
+                lo = Signal(SCALE_BITS + split, name=f"prod_lo_t{t}_{k}")
+                hi = Signal(signed(SCALE_BITS + GROUP_TERM_BITS - split + 1), name=f"prod_hi_t{t}_{k}")
+                m.d.sync += [lo.eq(scale2[k] * term[:split]), hi.eq(scale2[k] * term[split:].as_signed())]
                 prod = Signal(signed(GROUP_TERM_BITS + SCALE_BITS), name=f"prod_t{t}_{k}")
-                m.d.sync += prod.eq(scale1[k] * term)
+                m.d.sync += prod.eq((hi << split) + lo)
                 products.append(prod)
             (beat_sum,), _ = block_sums(m, products, K, f"slots_t{t}")
 

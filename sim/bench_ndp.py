@@ -14,12 +14,13 @@ distort). Beats: a metadata or 3-bit hi-plane word takes one cycle, a code word 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from model.contract import get_config
 
-from .runner import BenchOptions, run
+from .runner import BenchOptions, build_dir, run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +49,11 @@ def bench(args) -> int:
     cfg = opts.ndp_config()
     env = {"NDP_BENCH_ROWS": str(args.rows), "NDP_BENCH_IN": str(args.in_features), "NDP_BENCH_BITS": args.bits,
            "NDP_BENCH_GROUP": str(args.group), "NDP_BENCH_TOKENS": args.tokens, "NDP_BENCH_STALLS": args.stalls}
-    import os
     os.environ.update(env)
     t0 = time.perf_counter()
-    report = run(opts, test_module="sim.cocotb_bench")
+    log = build_dir(opts) / "bench.log"
+    print(f"building and simulating; log in {log}")
+    report = run(opts, test_module="sim.cocotb_bench", log_file=log)
     print(f"NDP unit '{args.config}' (P={cfg.word_bits}, tokens_parallel={cfg.tokens_parallel}), "
           f"{args.rows} x {args.in_features}, G={args.group}; {time.perf_counter() - t0:.0f} s incl. build")
     print(f"{'bits':>4} {'T':>3} {'stall':>5} {'words':>8} {'busy':>8} {'util':>6} {'overhead':>8} "

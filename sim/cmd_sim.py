@@ -14,7 +14,7 @@ import time
 from model.contract import CONFIGS
 
 from . import bench_ndp
-from .runner import BenchOptions, run as run_bench
+from .runner import BenchOptions, build_dir, run as run_bench
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,9 @@ def run(args) -> int:
                         python_count=min(args.python_count, args.count), max_rows=args.max_rows,
                         max_in=args.max_in, tokens_parallel=args.tokens_parallel, waves=args.waves)
     t0 = time.perf_counter()
-    tally = run_bench(opts)
+    log = build_dir(opts) / "sim.log"
+    print(f"building and simulating; log in {log}")
+    tally = run_bench(opts, log_file=log)
     print(f"{tally['steps']} descriptors ({tally['errors_checked']} refused, {tally['resets']} reset mid-run), "
           f"{tally['results']} results, {tally['sim_cycles']} cycles: {tally['mismatch_count']} mismatches "
           f"[{time.perf_counter() - t0:.0f} s incl. build, {tally['wall_s']:.0f} s simulating]")

@@ -105,6 +105,8 @@ def run(opts: BenchOptions, *, test_module: str = "sim.cocotb_ndp", testcase: st
         log_file: Path | None = None) -> dict:
     """Build if needed, run the cocotb test, return its tally (see sim/cocotb_ndp.py)."""
     bdir = build(opts, log_file=None if log_file is None else log_file.with_suffix(".build.log"))
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
     report = bdir / f"report_{os.getpid()}.json"
     report.unlink(missing_ok=True)
     runner = verilator_runner()
