@@ -41,6 +41,9 @@ class Variant:
     hi_bits: int | None = None          # higher-precision copies (HOBBIT-style), if any
     alloc_budget: float | None = None   # rank allocation: fp16 factor bytes per layer to spread
     group: int = 64
+    # Memory word of the packed images. 64-bit words suit the default model's small experts: a
+    # 3-bit block holds `word_bits` codes, so 128-bit words would pad a 64-wide w2 row to 128.
+    word_bits: int = 64
 
     @property
     def label(self) -> str:
@@ -106,12 +109,12 @@ class Study:
     # -- building variants ---------------------------------------------------------------------
     def variant(self, v: Variant) -> dict[int, QuantizedMoE]:
         if v not in self._variants:
-            fmt = QuantFormat(v.bits, v.group)
+            fmt = QuantFormat(v.bits, v.group, v.word_bits)
             quantizer = get_quantizer(v.quantizer)
             out = {}
             base = None
             if v.alloc_budget:
-                base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group))
+                base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group, v.word_bits))
             for l in self.layers:
                 w, rc = self.dm.blocks[l]
                 if base is not None:
@@ -119,7 +122,7 @@ class Study:
                 else:
                     qm = quantize_moe(w, rc, fmt, quantizer=quantizer, rank=v.rank, fit=v.fit, grams=self.grams[l])
                 if v.hi_bits:
-                    hi = self.variant(Variant(v.hi_bits, v.quantizer, group=v.group))[l]
+                    hi = self.variant(Variant(v.hi_bits, v.quantizer, group=v.group, word_bits=v.word_bits))[l]
                     qm = QuantizedMoE(qm.fmt, qm.experts, qm.router, qm.cfg, qm.float_weights, hi.experts)
                 out[l] = qm
             self._variants[v] = out
