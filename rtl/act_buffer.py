@@ -24,7 +24,7 @@ from amaranth.lib.wiring import In, Out
 from model.contract import ACT_BITS
 
 from .adder_tree import block_sums
-from .geometry import Geometry, bits_for, log2
+from .geometry import Geometry, log2
 
 READ_LATENCY = 2
 
@@ -74,12 +74,12 @@ class ActivationBuffer(wiring.Component):
             m.submodules[f"ram{lane}"] = ram
             rams.append((ram.write_port(), ram.read_port(domain="sync")))
 
-        self._elaborate_load(m, g, row_shape, [w for w, _ in rams], act_bits)
+        self._elaborate_load(m, g, [w for w, _ in rams], act_bits)
         self._elaborate_read(m, g, [r for _, r in rams])
         return m
 
     # -- LOAD_ACT: words -> RAM rows with block sums ------------------------------------------
-    def _elaborate_load(self, m, g: Geometry, row_shape, write_ports, act_bits):
+    def _elaborate_load(self, m, g: Geometry, write_ports, act_bits):
         loading = Signal()
         word_idx = Signal(range(max(2, g.words_per_act_row)))
         row_idx = Signal(g.act_row_addr_bits + 1)

@@ -14,7 +14,7 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .geometry import Geometry, bits_for
+from .geometry import Geometry
 from .scale_accumulator import entry_layout
 from .shapes import result_layout
 

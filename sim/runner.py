@@ -76,7 +76,15 @@ class BenchOptions:
         return {f"NDP_{k.upper()}": str(int(v) if isinstance(v, bool) else v) for k, v in asdict(self).items()}
 
 
+def _with_env_waves(opts: BenchOptions) -> BenchOptions:
+    """WAVES=1 in the environment turns traces on (as it does in cocotb's own runner)."""
+    if os.environ.get("WAVES", "0") not in ("", "0") and not opts.waves:
+        return replace(opts, waves=True)
+    return opts
+
+
 def build_dir(opts: BenchOptions) -> Path:
+    opts = _with_env_waves(opts)
     tag = (f"{opts.config}_tp{opts.ndp_config().tokens_parallel}_m{opts.mem_words}_r{opts.result_words}"
            + ("_waves" if opts.waves else ""))
     return BUILD_ROOT / tag
@@ -84,6 +92,7 @@ def build_dir(opts: BenchOptions) -> Path:
 
 def build(opts: BenchOptions, *, log_file: Path | None = None) -> Path:
     """Verilog + Verilator build of the harness for `opts`; skipped when already up to date."""
+    opts = _with_env_waves(opts)
     cfg = opts.ndp_config()                                # a clear error for a bad name
     apply_verilator_env()
     bdir = build_dir(opts)
@@ -104,6 +113,7 @@ def build(opts: BenchOptions, *, log_file: Path | None = None) -> Path:
 def run(opts: BenchOptions, *, test_module: str = "sim.cocotb_ndp", testcase: str | None = None,
         log_file: Path | None = None) -> dict:
     """Build if needed, run the cocotb test, return its tally (see sim/cocotb_ndp.py)."""
+    opts = _with_env_waves(opts)
     bdir = build(opts, log_file=None if log_file is None else log_file.with_suffix(".build.log"))
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from model.contract import get_config
 from rtl.act_buffer import READ_LATENCY, ActivationBuffer
 from rtl.geometry import Geometry
 
-from rtl_sim import run, to_signed
+from rtl_sim import run
 
 
 @pytest.mark.parametrize("name,tp", [("small", 1), ("default", 2)])

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from model.contract import DESCRIPTOR, GROUP_CODES, ErrorCode, Opcode, QuantFormat, get_config
+from model.contract import DESCRIPTOR, ErrorCode, Opcode, QuantFormat, get_config
 from model.ndp_golden import check_descriptor
 from rtl.descriptor_check import LATENCY, DescriptorCheck
 from rtl.geometry import Geometry

@@ -1,6 +1,5 @@
 """SimHarness (amaranth.sim, Amaranth RAMs): the in-design memory model and result sink run
 descriptors under LFSR stalls, and the LFSR stall rate is what it says."""
-import pytest
 
 from model.contract import ACC_BITS, get_config, output_struct
 from rtl.sim_harness import Lfsr, SimHarness
