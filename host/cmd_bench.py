@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ndp", help="NDP preset (cxl-ndp, cxl-ndp-fpga)")
     p.add_argument("--cache-gb", type=float, default=8.0, help="GPU expert cache capacity in GB (1e9 bytes)")
     p.add_argument("--cache-policy", default="lfu", help="eviction of the low-bit rows: lru or lfu")
+    p.add_argument("--factor-share", type=float, default=0.0,
+                   help="share of the cache kept as a separate factor pool for restoring rows (0: one shared pool)")
     p.add_argument("--policy", default=",".join(ROWS), help=f"rows to run, comma separated from {ROWS}")
     p.add_argument("--topn", default="all", help="n values for Top-n and its equal-bytes rows ('all': 1..k-1)")
     p.add_argument("--bits", type=int, default=3, help="low-bit expert width")
@@ -111,6 +113,8 @@ def run(args) -> int:
                         QuantFormat(args.hi_bits, args.group, word_bits), args.rank, ndp_cfg)
     fp16_sizes = ExpertSizes(spec.hidden, spec.intermediate, None, None, 0, ndp_cfg)
     cache_bytes = int(args.cache_gb * 1e9)
+    if not 0.0 <= args.factor_share < 0.5:
+        raise ValueError(f"--factor-share must be in [0, 0.5), not {args.factor_share}")
     if cache_bytes < sizes.weight_bytes("lo"):
         raise ValueError(f"--cache-gb {args.cache_gb} ({cache_bytes} bytes) is smaller than one "
                          f"{sizes.fmt} expert of {spec.name} ({sizes.weight_bytes('lo')} bytes)")
@@ -130,7 +134,9 @@ def run(args) -> int:
         print(f"NDP cycles: {system.ndp.cost.source}")
     print(f"trace: {trace.source}")
     print(f"sensitivity (adaptive choices only): {sens.source}")
-    print(f"cache {args.cache_gb} GB, {args.tokens} tokens, batch {args.batch}, placement {args.placement}")
+    print(f"cache {args.cache_gb} GB" + (f" ({args.factor_share:.0%} of it a separate factor pool for restoring rows)"
+                                        if args.factor_share else " (experts and factors share it)")
+          + f", {args.tokens} tokens, batch {args.batch}, placement {args.placement}")
 
     jobs = []   # (label, policy, weight variant, eviction, sizes)
     if "fp16-lru" in rows:
@@ -153,8 +159,10 @@ def run(args) -> int:
     results = []
 
     def run_row(label, policy, variant, eviction, sz):
+        restores = isinstance(policy, BudgetedPolicy) or (isinstance(policy, TopN) and policy.n > 0)
         res = simulate(label, spec, system, sz, policy, trace, cache_bytes=cache_bytes, eviction=eviction,
-                       weight_variant=variant, batch=args.batch, placement=args.placement, sensitivity=sens)
+                       weight_variant=variant, batch=args.batch, placement=args.placement, sensitivity=sens,
+                       factor_cache_bytes=int(args.factor_share * cache_bytes) if restores else 0)
         s = res.summary
         lb = s["link_bytes_per_token"]
         weights = lb.get("weights", 0) + lb.get("fp16_weights", 0) + lb.get("prefetch", 0)

@@ -41,8 +41,10 @@ class ExecutionRecord:
 
 
 class LayerExecutor:
-    def __init__(self, store: ExpertStore, gpu: TorchGpuBackend, cache: ExpertCache, ndp: NdpDriver | None = None):
+    def __init__(self, store: ExpertStore, gpu: TorchGpuBackend, cache: ExpertCache, ndp: NdpDriver | None = None,
+                 factor_cache: ExpertCache | None = None):
         self.store, self.gpu, self.cache, self.ndp = store, gpu, cache, ndp
+        self.factor_cache = factor_cache
         self.sizes = store.sizes(ndp.config if ndp is not None else None)
 
     # -- NDP residency -------------------------------------------------------------------------
@@ -197,4 +199,7 @@ class LayerExecutor:
             mats = {m: self.store.matrix(key[0], key[1], m, key[2]).dequantize() for m in MATRICES}
             self.gpu.put(key, mats, "prefetch", nbytes)
             rec.link_bytes["prefetch"] += nbytes
-        self.gpu.keep_only(set(self.cache.keys()))
+        keep = set(self.cache.keys())
+        if self.factor_cache is not None:
+            keep |= set(self.factor_cache.keys())
+        self.gpu.keep_only(keep)

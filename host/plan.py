@@ -115,15 +115,18 @@ class LayerPlanner:
 
     weight_variant "fp16" plans the fp16-offloading baseline (no low-bit experts, no
     restoration). `prefetch` fills the GPU cache with NDP-run experts while the link is idle.
+    `factor_cache`: a separate pool for compensation factors (default: the experts' cache), so
+    restoring more experts cannot evict experts.
     """
 
     def __init__(self, sizes: ExpertSizes, cache: ExpertCache, policy: RestorationPolicy, *,
                  system: SystemPreset | None = None, placement: str = "auto",
                  sensitivity: Callable[[int], LayerSensitivity | None] = lambda layer: None,
-                 weight_variant: str = "lo", prefetch: bool = True):
+                 weight_variant: str = "lo", prefetch: bool = True, factor_cache: ExpertCache | None = None):
         if weight_variant not in ("lo", "fp16"):
             raise ValueError(f"weight_variant must be 'lo' or 'fp16', not {weight_variant!r}")
         self.sizes, self.cache, self.policy, self.system = sizes, cache, policy, system
+        self.factor_cache = cache if factor_cache is None else factor_cache
         self.sensitivity = sensitivity
         self.weight_variant = weight_variant
         self.placer = Placer(sizes, system, placement)
@@ -137,7 +140,8 @@ class LayerPlanner:
     def _context(self, layer: int):
         ctx = self._contexts.get(layer)
         if ctx is None:
-            ctx = self._contexts[layer] = restoration_context(self.sizes, self.sensitivity(layer), self.cache, layer)
+            ctx = self._contexts[layer] = restoration_context(self.sizes, self.sensitivity(layer), self.cache, layer,
+                                                              factor_cache=self.factor_cache)
         return ctx
 
     def plan(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> LayerPlan:
@@ -161,13 +165,13 @@ class LayerPlanner:
                     g[0].append(t)
                     g[1].append(s)
                     g[2].append(r)
-        cache, cands = self.cache, []
-        lookup, cached_rank = cache.lookup, cache.cached_rank
+        cache, fcache, cands = self.cache, self.factor_cache, []
+        lookup, flookup, cached_rank = cache.lookup, fcache.lookup, fcache.cached_rank
         for (e, variant), (toks, _, ranks) in groups.items():
             rank = max(ranks)
             cached = lookup((layer, e, variant))
             if rank:
-                lookup((layer, e, "factors"), rank)
+                flookup((layer, e, "factors"), rank)
                 cands.append(_new(Candidate, (e, variant, len(toks), rank, cached, cached_rank(layer, e))))
             else:
                 cands.append(_new(Candidate, (e, variant, len(toks), 0, cached, 0)))
@@ -186,7 +190,7 @@ class LayerPlanner:
                     evictions += cache.insert((layer, c.expert, c.variant), sizes.weight_bytes(c.variant),
                                               protect=protect)[1]
                 if ch.fetch_factor_ranks:
-                    evictions += cache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.fp16_bytes_per_rank,
+                    evictions += fcache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.fp16_bytes_per_rank,
                                               rank=c.comp_rank, protect=protect)[1]
             tasks.append(_new(ExpertTask, (c.expert, c.variant, tuple(toks), tuple(slots), tuple(ranks), ch.gemm_unit,
                                            ch.comp_unit if c.comp_rank else None, ch.fetch_weights,

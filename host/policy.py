@@ -88,7 +88,7 @@ class RestorationContext:
 
 
 def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None = None,
-                        cache=None, layer: int = 0, factor_bytes: str = "fp16") -> RestorationContext:
+                        cache=None, layer: int = 0, factor_bytes: str = "fp16", factor_cache=None) -> RestorationContext:
     """The context for one layer: prices from the contract sizes (fp16 factors to the GPU, or
     int8 factors read by the NDP), cache state from an ExpertCache if given."""
     if factor_bytes == "fp16":
@@ -101,8 +101,9 @@ def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None
     lo = sizes.weight_bytes("lo") if sizes.fmt is not None else 0
     if cache is None:
         return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity, lo_bytes=lo)
+    fcache = cache if factor_cache is None else factor_cache
     return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity,
-                              cached_rank=lambda e: cache.cached_rank(layer, e),
+                              cached_rank=lambda e: fcache.cached_rank(layer, e),
                               hi_cached=lambda e: (layer, e, "hi") in cache,
                               lo_cached=lambda e: (layer, e, "lo") in cache, lo_bytes=lo)
 

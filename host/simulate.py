@@ -39,17 +39,24 @@ class SimulationResult:
 def simulate(label: str, spec: ModelSpec, system: SystemPreset, sizes: ExpertSizes, policy: RestorationPolicy,
              trace: RoutingTrace, *, cache_bytes: int, eviction: str = "lru", weight_variant: str = "lo",
              batch: int = 1, placement: str = "auto", prefetch: bool = True,
-             sensitivity: LayerSensitivity | None = None, keep_layers: bool = False) -> SimulationResult:
+             sensitivity: LayerSensitivity | None = None, keep_layers: bool = False,
+             factor_cache_bytes: int = 0) -> SimulationResult:
+    """factor_cache_bytes > 0 splits that much off `cache_bytes` as a separate factor pool."""
     if trace.top_k != spec.top_k or trace.num_experts != spec.experts:
         raise ValueError(f"trace routes top-{trace.top_k} of {trace.num_experts} experts, model {spec.name!r} "
                          f"top-{spec.top_k} of {spec.experts}")
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= trace.tokens:
         raise ValueError(f"batch must be an integer in [1, trace tokens {trace.tokens}], not {batch!r}")
-    cache = ExpertCache(cache_bytes, eviction)
+    if not 0 <= factor_cache_bytes < cache_bytes:
+        raise ValueError(f"factor_cache_bytes must be in [0, cache_bytes {cache_bytes}), not {factor_cache_bytes}")
+    cache = ExpertCache(cache_bytes - factor_cache_bytes, eviction)
+    factor_cache = ExpertCache(factor_cache_bytes, eviction) if factor_cache_bytes else None
     planner = LayerPlanner(sizes, cache, policy, system=system, placement=placement,
-                           sensitivity=lambda layer: sensitivity, weight_variant=weight_variant, prefetch=prefetch)
+                           sensitivity=lambda layer: sensitivity, weight_variant=weight_variant, prefetch=prefetch,
+                           factor_cache=factor_cache)
     run = RunTrace(meta={"label": label, "model": spec.name, "system": system.name, "policy": policy.name,
-                         "eviction": eviction, "cache_bytes": cache_bytes, "batch": batch,
+                         "eviction": eviction, "cache_bytes": cache_bytes, "factor_cache_bytes": factor_cache_bytes,
+                         "batch": batch,
                          "trace": trace.source, "ndp_cost": system.ndp.cost.source if system.ndp else None})
     steps = trace.tokens // batch
     cycles_source = system.ndp.cost.source if system.ndp else "no NDP"
