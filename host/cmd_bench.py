@@ -138,38 +138,30 @@ def run(args) -> int:
                                         if args.factor_share else " (experts and factors share it)")
           + f", {args.tokens} tokens, batch {args.batch}, placement {args.placement}")
 
-    jobs = []   # (label, policy, weight variant, eviction, sizes)
-    if "fp16-lru" in rows:
-        jobs.append(("fp16 + LRU", TopN(0), "fp16", "lru", fp16_sizes))
-    if "uniform" in rows or "hobbit" in rows:
-        jobs.append((f"uniform int{args.bits}", TopN(0), "lo", args.cache_policy, sizes))
-    if "topn" in rows or ("hobbit" in rows and ns):
-        for n in (ns if "topn" in rows else ns[:1]):
-            jobs.append((f"ours top-{n} r{args.rank}", TopN(n), "lo", args.cache_policy, sizes))
-    if "adaptive" in rows:
-        for n in ns:
-            jobs.append((f"ours adaptive @ top-{n} bytes", BudgetedPolicy(top_bytes[n]), "lo", args.cache_policy, sizes))
-
+    lo = (args.cache_policy, sizes)
     print("MB/tok: 'moved' = over the link + read by the NDP units; then the link's share by kind "
           "('weights' includes prefetches, 'ndp io' activations and results), then the NDP's reads.")
-    header = (f"{'configuration':<50} {'moved':>8} {'link':>8} {'weights':>8} {'factors':>7} {'hi':>7} "
+    print("Equal-bytes rows (adaptive, hobbit) are calibrated to the measured bytes of the Top-n row they name.")
+    header = (f"{'configuration':<52} {'moved':>8} {'link':>8} {'weights':>8} {'factors':>7} {'hi':>7} "
               f"{'ndp io':>7} {'NDP read':>8} {'GPU hit':>7} {'tok/s':>7} {'plan us':>7}")
     print(header)
     print("-" * len(header))
     results = []
 
-    def run_row(label, policy, variant, eviction, sz):
+    def run_row(label, policy, variant, eviction, sz, show=True) -> float:
         restores = isinstance(policy, BudgetedPolicy) or (isinstance(policy, TopN) and policy.n > 0)
         res = simulate(label, spec, system, sz, policy, trace, cache_bytes=cache_bytes, eviction=eviction,
                        weight_variant=variant, batch=args.batch, placement=args.placement, sensitivity=sens,
                        factor_cache_bytes=int(args.factor_share * cache_bytes) if restores else 0)
         s = res.summary
         lb = s["link_bytes_per_token"]
-        weights = lb.get("weights", 0) + lb.get("fp16_weights", 0) + lb.get("prefetch", 0)
-        ndp_io = lb.get("act_to_ndp", 0) + lb.get("results_from_ndp", 0)
         ndp_read = s["ndp_words_per_token"] * (system.ndp.ndp_config.word_bytes if system.ndp else 0)
         moved = s["total_link_bytes_per_token"] + ndp_read
-        print(f"{label:<50} {moved / 1e6:>8.2f} {s['total_link_bytes_per_token'] / 1e6:>8.2f} {weights / 1e6:>8.2f} "
+        if not show:
+            return moved
+        weights = lb.get("weights", 0) + lb.get("fp16_weights", 0) + lb.get("prefetch", 0)
+        ndp_io = lb.get("act_to_ndp", 0) + lb.get("results_from_ndp", 0)
+        print(f"{label:<52} {moved / 1e6:>8.2f} {s['total_link_bytes_per_token'] / 1e6:>8.2f} {weights / 1e6:>8.2f} "
               f"{lb.get('factors', 0) / 1e6:>7.2f} {lb.get('hi_weights', 0) / 1e6:>7.2f} {ndp_io / 1e6:>7.2f} "
               f"{ndp_read / 1e6:>8.2f} {res.cache_hit_rate:>7.1%} {s['tokens_per_s']:>7.2f} "
               f"{res.planning_us_per_token_layer:>7.1f}", flush=True)
@@ -179,21 +171,31 @@ def run(args) -> int:
                         "planning_us_per_token_per_layer": res.planning_us_per_token_layer})
         return moved
 
-    link = {job[0]: run_row(*job) for job in jobs}
+    def at_equal_bytes(make_label, make_policy, x0: float, target: float, limit: float = math.inf) -> None:
+        """Run make_policy(x) with x rescaled once so its extra bytes over uniform low-bit match
+        `target` (bytes moved depend on the cache, so the nominal x only starts the search)."""
+        x = min(x0, limit)
+        extra = run_row("", make_policy(x), "lo", *lo, show=False) - base
+        if extra > 0:
+            x = min(limit, x * target / extra)
+        run_row(make_label(x), make_policy(x), "lo", *lo)
+
+    if "fp16-lru" in rows:
+        run_row("fp16 + LRU", TopN(0), "fp16", "lru", fp16_sizes)
+    base = run_row(f"uniform int{args.bits}", TopN(0), "lo", *lo, show="uniform" in rows)
+    top = {}
+    for n in (ns if "topn" in rows or "adaptive" in rows else ns[:1]):
+        top[n] = run_row(f"ours top-{n} r{args.rank}", TopN(n), "lo", *lo, show="topn" in rows) - base
+    if "adaptive" in rows:
+        for n in ns:
+            at_equal_bytes(lambda b, n=n: f"ours adaptive, {b / 1e3:.0f} kB/tok/layer (= top-{n} bytes)",
+                           BudgetedPolicy, top_bytes[n], top[n])
     if "hobbit" in rows and ns:
-        # HOBBIT-style at equal bytes: the copies' extra bytes moved (link + NDP reads) over uniform
-        # low-bit must equal what Top-1 restoration adds. Copies miss the cache more often than the
-        # low-bit experts they replace, so the nominal fraction is rescaled once by the measured bytes.
-        base = link[f"uniform int{args.bits}"]
-        target = link[f"ours top-{ns[0]} r{args.rank}"] - base
-        fraction = min(1.0, top_bytes[ns[0]] / sizes.hi_extra_bytes)
-        for attempt in range(2):
-            label = f"hobbit int{args.hi_bits} top-1, {fraction:.1%} of tokens" + (" (trial)" if attempt == 0 else "")
-            extra = run_row(label, HobbitTopHi(1, _hobbit_threshold(trace, fraction)), "lo", args.cache_policy, sizes) - base
-            if extra <= 0:
-                break
-            fraction = min(1.0, fraction * target / extra)
-        results[-1]["label"] += f" (= top-{ns[0]} bytes)"
+        # HOBBIT-style: the higher-precision copy of the top expert for a share of the tokens (those
+        # with the largest top router weight), at the bytes Top-1 restoration adds.
+        at_equal_bytes(lambda f: f"hobbit int{args.hi_bits} top-1, {f:.1%} of tokens (= top-{ns[0]} bytes)",
+                       lambda f: HobbitTopHi(1, _hobbit_threshold(trace, f)),
+                       top_bytes[ns[0]] / sizes.hi_extra_bytes, top[ns[0]], limit=1.0)
     worst = max((r["planning_us_per_token_per_layer"] for r in results), default=0.0)
     ref = _cpu_reference_s()
     print(f"planning cost: at most {worst:.1f} us per token per layer (goal < {PLANNING_GOAL_US:.0f} us), CPU time, "

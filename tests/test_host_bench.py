@@ -20,15 +20,18 @@ def test_bench_table(capsys, tmp_path):
     text = capsys.readouterr().out
     assert rc == 0
     for label in ("fp16 + LRU", "uniform int3", "hobbit int4", "ours top-1 r32", "ours top-4 r32",
-                  "ours adaptive @ top-4 bytes", "trace: SYNTHETIC", "NDP cycles: RTL design target",
-                  "planning cost"):
+                  "(= top-4 bytes)", "trace: SYNTHETIC", "NDP cycles: RTL design target", "planning cost"):
         assert label in text, label
     rows = json.loads(out_json.read_text())["rows"]
-    # fp16, uniform, top-1, top-4, adaptive x 2, HOBBIT trial and HOBBIT at top-1's bytes
-    assert len(rows) == 8 and all(r["tokens_per_s"] > 0 for r in rows)
+    # fp16, uniform, top-1, top-4, adaptive at the bytes of each, HOBBIT at top-1's bytes
+    assert len(rows) == 7 and all(r["tokens_per_s"] > 0 for r in rows)
     by = {r["label"]: r for r in rows}
     # Restoration adds bytes: Top-4 moves more over the link than uniform low-bit.
     assert by["ours top-4 r32"]["total_link_bytes_per_token"] > by["uniform int3"]["total_link_bytes_per_token"]
+    # The equal-bytes rows land near the bytes of the row they name (one rescaling step).
+    uni, top1 = by["uniform int3"]["moved_bytes_per_token"], by["ours top-1 r32"]["moved_bytes_per_token"]
+    hob = next(r for r in rows if r["label"].startswith("hobbit"))["moved_bytes_per_token"]
+    assert abs((hob - uni) - (top1 - uni)) <= 0.5 * (top1 - uni)
 
 
 @pytest.mark.parametrize("argv, message", [
