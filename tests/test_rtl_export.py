@@ -3,7 +3,7 @@ import pytest
 
 from model.contract import CONFIGS, NdpConfig
 from rtl.export import LINT_WAIVERS, UNIT_TOP, lint, write_unit
-from rtl.ndp_unit import NdpUnit
+from rtl.geometry import Geometry
 from rtl.verilator_env import verilator_bin_dir
 
 try:
@@ -25,9 +25,8 @@ def test_verilog_lints_clean(name, tmp_path):
     assert set(LINT_WAIVERS) == {"WIDTHEXPAND", "WIDTHTRUNC", "CASEINCOMPLETE"}
 
 
-@pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 def test_bad_parameters_are_refused():
     with pytest.raises(TypeError, match="cfg must be an NdpConfig"):
-        NdpUnit("default")
+        Geometry("default")
     with pytest.raises(ValueError, match="tokens_parallel must be an integer in"):
         NdpConfig("x", t_max=2, tokens_parallel=3)
