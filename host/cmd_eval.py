@@ -32,7 +32,8 @@ def add_arguments(p):
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (a reduced run)")
+    p.add_argument("--layers", default=None, help="comma list of layers to make MoE and study (a reduced run; the "
+                   "default model keeps the others dense, a checkpoint keeps them float); default: all")
     p.add_argument("--text", default=None, help="your own text file (split into calibration and evaluation halves)")
     p.add_argument("--no-compare", action="store_true", help="skip the SVD / random / allocation comparisons")
     p.add_argument("--out", default="results/eval", help="folder for study.json, pareto.png and table.md")
@@ -46,12 +47,12 @@ def _ints(s: str) -> tuple[int, ...]:
         raise ValueError(f"expected a comma-separated list of integers, not {s!r}") from None
 
 
-def load_study_model(name: str, text: str | None, layers: int | None, progress: bool):
+def load_study_model(name: str, text: str | None, layers: list[int] | None, progress: bool):
     """(DefaultMoE-like object) for 'default' or a local checkpoint folder."""
     from model.default_moe import DefaultMoE, load_default_moe
 
     if name == "default":
-        return load_default_moe(text=text, num_layers=layers, progress=progress)
+        return load_default_moe(text=text, layers=layers, progress=progress)
     from transformers import AutoTokenizer
 
     from model.checkpoint import load_model
@@ -59,9 +60,6 @@ def load_study_model(name: str, text: str | None, layers: int | None, progress: 
 
     model, ckpt = load_model(name)
     blocks = {l: (w, cfg) for l, w, cfg in ckpt.iter_moe_layers()}
-    if layers is not None:
-        model.model.layers = model.model.layers[:layers]
-        blocks = {l: b for l, b in blocks.items() if l < layers}
     return DefaultMoE(model, AutoTokenizer.from_pretrained(name), blocks, load_text(text),
                       {"what": f"local checkpoint {name}", "model_type": ckpt.model_type})
 
@@ -72,7 +70,8 @@ def run(args) -> int:
                       budgets=tuple(float(b) for b in args.budgets.split(",") if b),
                       compare_fits=not args.no_compare, compare_random=not args.no_compare,
                       compare_alloc=not args.no_compare, policies=tuple(args.policy))
-    rows, info = run_study(args.model, opt, text=args.text, layers=args.layers, eval_tokens=args.eval_tokens,
+    layers = None if args.layers is None else list(_ints(args.layers))
+    rows, info = run_study(args.model, opt, text=args.text, layers=layers, eval_tokens=args.eval_tokens,
                            calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet)
     write_outputs(Path(args.out), rows, info, opt)
     return 0
@@ -90,11 +89,12 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
     ca = token_windows(tokenize(dm.text.calib, dm.tokenizer), seq_len, calib_tokens)
     log(f"model {model}: {len(dm.blocks)} MoE layers; evaluation {ev.numel()} tokens ({dm.text.source}), "
         f"calibration {ca.numel()} tokens")
-    study = Study(dm, ev, ca, progress=progress)
+    quant = None if layers is None else [l for l in layers if l in dm.blocks]
+    study = Study(dm, ev, ca, progress=progress, quant_layers=quant)
     log(f"calibration statistics in {study.calib_seconds:.0f} s")
     run_plan(study, opt, log=log)
     info = {"model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
-            "seq_len": seq_len, "layers": len(dm.blocks), "text_source": dm.text.source,
+            "seq_len": seq_len, "layers": len(study.layers), "text_source": dm.text.source,
             "seconds": round(time.time() - t0, 1),
             "note": "bytes per token: k experts' low-bit images (weights + metadata) + fp16 factors of restored "
                     "slots, summed over MoE layers; shared expert, attention and embeddings not counted (same "

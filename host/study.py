@@ -91,16 +91,22 @@ class Study:
     """Holds the model, its calibration statistics and the quantized variants built so far."""
 
     def __init__(self, dm, eval_windows: torch.Tensor, calib_windows: torch.Tensor, calib_rows: int = 4096,
-                 progress: bool = True):
+                 progress: bool = True, quant_layers: list[int] | None = None):
+        """quant_layers: the MoE layers the study quantizes and counts (default: all); the others
+        stay float MoE blocks, so a reduced run keeps the whole model's perplexity meaningful."""
         self.dm = dm
         self.eval_windows = eval_windows
         self.progress = progress
-        self.layers = sorted(dm.blocks)
+        self.layers = sorted(dm.blocks) if quant_layers is None else sorted(quant_layers)
+        missing = set(self.layers) - set(dm.blocks)
+        if missing:
+            raise ValueError(f"quant_layers {sorted(missing)} are not MoE layers of this model ({sorted(dm.blocks)})")
+        self.float_blocks = {l: FloatMoE(w, rc) for l, (w, rc) in dm.blocks.items()}
         t0 = time.time()
-        set_blocks(dm.model, {l: FloatMoE(w, rc) for l, (w, rc) in dm.blocks.items()})
+        set_blocks(dm.model, self.float_blocks)
         calib = collect_mlp_inputs(dm.model, calib_windows, max_rows=calib_rows, layers=self.layers,
                                    progress=progress)
-        self.grams = {l: expert_grams(w, rc, calib[l]) for l, (w, rc) in dm.blocks.items()}
+        self.grams = {l: expert_grams(*dm.blocks[l], calib[l]) for l in self.layers}
         self.calib_seconds = time.time() - t0
         self._variants: dict[Variant, dict[int, QuantizedMoE]] = {}
         self._sens: dict[Variant, dict] = {}
@@ -138,7 +144,7 @@ class Study:
         """Perplexity and bytes/token of one configuration. v None: the float (fp16) model."""
         t0 = time.time()
         if v is None:
-            set_blocks(self.dm.model, {l: FloatMoE(w, rc) for l, (w, rc) in self.dm.blocks.items()})
+            set_blocks(self.dm.model, self.float_blocks)
             ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
             w0, rc0 = self.dm.blocks[self.layers[0]]
             per_expert = sum(fp16_matrix_bytes(*getattr(w0, m)[0].shape) for m in MATRICES)
@@ -147,7 +153,7 @@ class Study:
             runners = {}
             for l, qm in self.variant(v).items():
                 runners[l] = LayerRunner(qm, decide_for_layer(l) if decide_for_layer else _plain, qm.cfg)
-            set_blocks(self.dm.model, runners)
+            set_blocks(self.dm.model, {**self.float_blocks, **runners})
             ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
             bpt = sum(r.bytes / max(r.tokens, 1) for r in runners.values())
         row = dict(name=name, variant=None if v is None else v.label, ppl=ppl, bytes_per_token=bpt,
