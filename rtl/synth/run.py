@@ -24,6 +24,19 @@ def default_build_dir(cfg: NdpConfig, target: FpgaTarget, freq_mhz: float, speed
     return DEFAULT_BUILD_ROOT / f"{cfg.name}-{target.name}{grade}{dsp}-{freq_mhz:g}mhz"
 
 
+def rtl_revision() -> str:
+    """The last commit touching rtl/ (+ "-dirty" with uncommitted changes there): which RTL a
+    result belongs to, since the unit changes under the flow."""
+    try:
+        rev = subprocess.run(["git", "log", "-1", "--format=%h", "--", "rtl"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "rtl", ":!rtl/synth"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
 def check_freq(freq_mhz) -> float:
     if isinstance(freq_mhz, bool) or not isinstance(freq_mhz, (int, float)) or not 0 < freq_mhz <= 1000:
         raise ValueError(f"target frequency must be a number of MHz in (0, 1000], not {freq_mhz!r}")
@@ -64,6 +77,9 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
     for stale in ("netlist.json", "stat.json", "report.json", "nextpnr.log", "yosys.log"):
         (build / stale).unlink(missing_ok=True)
 
+    notes: list[str] = []
+    revision = rtl_revision()
+
     def result(error: str | None, fits: bool) -> SynthResult:
         cells, util = read_yosys_cells(build), read_utilization(build)
         fmax, path = read_timing(build)
@@ -71,13 +87,21 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
                         fits=fits, fmax_mhz=fmax, **resource_counts(target, util, cells),
                         utilization=util, yosys_cells=cells, critical_path=path,
                         seconds=seconds, error=error,
-                        extra={"build": str(build), "key": key, "dsp_min_width": dsp_min_width})
+                        extra={"build": str(build), "key": key, "dsp_min_width": dsp_min_width,
+                               "rtl": revision, "notes": notes})
         cached.write_text(json.dumps(r.to_json(), indent=1) + "\n")
         return r
 
     try:
         step = flow.synthesize(target, build / "top.v", build, timeout_s, dsp_min_width)
         seconds["yosys"] = round(step.seconds, 2)
+        if step.returncode and target.family == "ecp5":
+            # Yosys 0.70's abc9 reintegration asserts on the default unit (rtlil.cc:3091, in
+            # abc_ops_reintegrate): map that design with plain abc and say so in the result
+            abc9_failure = log_tail(step.log, 1)
+            step = flow.synthesize(target, build / "top.v", build, timeout_s, dsp_min_width, abc9=False)
+            seconds["yosys_without_abc9"] = round(step.seconds, 2)
+            notes.append(f"abc9 failed ({abc9_failure.strip()}); LUTs mapped with plain abc")
         if step.returncode:
             return result(f"yosys failed (exit {step.returncode}):\n{log_tail(step.log)}", False)
         step = flow.place_and_route(target, build, freq_mhz, speed, seed, timeout_s)
