@@ -108,8 +108,8 @@ def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log
     q = opt.quantizers[-1]
     found = verdicts(rows, q)
     (out / "study.json").write_text(json.dumps({"info": info, "rows": rows, "verdicts": found}, indent=1))
-    table = ["| configuration | perplexity | MB / token |", "| --- | ---: | ---: |"]
-    table += [f"| {r['name']} | {r['ppl']:.3f} | {r['bytes_per_token'] / 1e6:.3f} |" for r in rows]
+    table = ["| configuration | perplexity | MB / token | layer-output error |", "| --- | ---: | ---: | ---: |"]
+    table += [f"| {r['name']} | {r['ppl']:.3f} | {r['bytes_per_token'] / 1e6:.3f} | {r['layer_err']:.4f} |" for r in rows]
     (out / "table.md").write_text("\n".join(table) + "\n\n" + "\n".join(f"- {v}" for v in found) + "\n")
     plot_pareto(rows, out / "pareto.png", title=f"{info['model']}: {info['layers']} MoE layers, {info['eval_tokens']} eval tokens")
     log("\n" + "\n".join(table))

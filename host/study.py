@@ -91,7 +91,7 @@ class Study:
     """Holds the model, its calibration statistics and the quantized variants built so far."""
 
     def __init__(self, dm, eval_windows: torch.Tensor, calib_windows: torch.Tensor, calib_rows: int = 4096,
-                 progress: bool = True, quant_layers: list[int] | None = None):
+                 progress: bool = True, quant_layers: list[int] | None = None, block_rows: int = 1024):
         """quant_layers: the MoE layers the study quantizes and counts (default: all); the others
         stay float MoE blocks, so a reduced run keeps the whole model's perplexity meaningful."""
         self.dm = dm
@@ -107,6 +107,11 @@ class Study:
         calib = collect_mlp_inputs(dm.model, calib_windows, max_rows=calib_rows, layers=self.layers,
                                    progress=progress)
         self.grams = {l: expert_grams(*dm.blocks[l], calib[l]) for l in self.layers}
+        # Held-out block inputs of the float model: each configuration's layer-output error is
+        # measured on them (a low-noise companion of perplexity for small runs).
+        self.eval_inputs = collect_mlp_inputs(dm.model, eval_windows, max_rows=block_rows, layers=self.layers,
+                                              progress=False)
+        self.eval_refs = {l: self.float_blocks[l](x) for l, x in self.eval_inputs.items()}
         self.calib_seconds = time.time() - t0
         self._variants: dict[Variant, dict[int, QuantizedMoE]] = {}
         self._sens: dict[Variant, dict] = {}
@@ -156,10 +161,23 @@ class Study:
             set_blocks(self.dm.model, {**self.float_blocks, **runners})
             ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
             bpt = sum(r.bytes / max(r.tokens, 1) for r in runners.values())
+            layer_err = self.layer_error(runners)
         row = dict(name=name, variant=None if v is None else v.label, ppl=ppl, bytes_per_token=bpt,
-                   seconds=round(time.time() - t0, 1), **meta)
+                   layer_err=0.0 if v is None else layer_err, seconds=round(time.time() - t0, 1), **meta)
         self.rows.append(row)
         return row
+
+
+    def layer_error(self, runners: dict[int, "LayerRunner"]) -> float:
+        """RMS over layers of ||block(x) - float block(x)|| / ||float block(x)|| on held-out inputs."""
+        sq = []
+        for l, runner in runners.items():
+            x, ref = self.eval_inputs[l], self.eval_refs[l]
+            ids, weights = route(x, runner.qm.router, runner.cfg)
+            restore, hi = runner.decide(ids, weights)
+            y = moe_forward_quant(x, runner.qm, restore, hi, routing=(ids, weights))
+            sq.append(float((y - ref).square().sum() / ref.square().sum()))
+        return math.sqrt(sum(sq) / len(sq))
 
 
 def _plain(ids, weights):

@@ -36,7 +36,7 @@ def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
     topn = [n for n in opt.topn if 0 < n <= k]
     q_best = opt.quantizers[-1]
     say = lambda row: log(f"  {row['name']:<44} ppl {row['ppl']:10.3f}   {row['bytes_per_token'] / 1e6:8.3f} MB/token"
-                          f"   ({row['seconds']:.0f} s)")
+                          f"   layer err {row['layer_err']:.4f}   ({row['seconds']:.0f} s)")
 
     say(study.run("fp16", None, kind="fp16"))
     for b in opt.bits:
