@@ -171,8 +171,8 @@ class ExpertCache:
                protect: frozenset = frozenset()) -> tuple[bool, list[CacheKey]]:
         """Make `key` resident with `nbytes` (growing an entry of the same key), evicting others
         but never those in `protect`, if the policy admits it. Returns (admitted, evicted keys).
-        Nothing is evicted when the protected entries leave no room; when the policy refuses the
-        newcomer against its second or later victim, the earlier evictions stand."""
+        When it cannot be admitted after some evictions (only protected entries left, or the
+        policy refuses it against a later victim), those evictions stand: they were not in use."""
         kind = key[2]
         if kind not in KINDS:
             raise ValueError(f"cache entry kind must be one of {KINDS}, not {kind!r}")
@@ -181,14 +181,13 @@ class ExpertCache:
         size = nbytes if old is None or nbytes > old[0] else old[0]
         need = size - (old[0] if old is not None else 0)
         evicted: list[CacheKey] = []
+        if size > self.capacity_bytes:
+            return False, evicted
         if self.used_bytes + need > self.capacity_bytes:
-            pinned = sum(entries[k][0] for k in protect if k in entries and k != key)
-            if pinned + size > self.capacity_bytes:
-                return False, evicted
             eviction = self.eviction
             while self.used_bytes + need > self.capacity_bytes:
                 victim = eviction.victim(protect, key)
-                if not eviction.admit(key, victim):
+                if victim is None or not eviction.admit(key, victim):
                     return False, evicted
                 self._remove(victim)
                 self.stats.evictions[victim[2]] += 1

@@ -81,7 +81,9 @@ def test_protected_entries_are_never_evicted():
     admitted, evicted = cache.insert((0, 3, "lo"), 10, protect=frozenset({(0, 1, "lo")}))
     assert admitted and evicted == [(0, 2, "lo")]
     admitted, evicted = cache.insert((0, 4, "lo"), 15, protect=frozenset({(0, 1, "lo")}))
-    assert not admitted and evicted == [] and len(cache) == 2   # would need the protected bytes
+    # It would need the protected bytes: refused; the unprotected entry went on the way.
+    assert not admitted and evicted == [(0, 3, "lo")] and cache.keys() == [(0, 1, "lo")]
+    assert cache.insert((0, 5, "lo"), 25) == (False, [])         # larger than the whole cache
 
 
 def test_bad_capacity_and_policy():
