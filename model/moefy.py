@@ -253,9 +253,11 @@ def moefy_model(model, ids: torch.Tensor, cfg: MoEfyConfig, layers: list[int] | 
 
     blocks = model.model.layers
     todo = set(range(len(blocks)) if layers is None else layers)
+    if not todo or not todo <= set(range(len(blocks))):
+        raise ValueError(f"layers must be a non-empty subset of 0..{len(blocks) - 1}, not {layers!r}")
     hidden, kwargs = first_layer_inputs(model, ids)
     out = {}
-    for i in tqdm(range(len(blocks)), desc=f"MoEfy {cfg.tag}", unit="layer", disable=not progress, leave=False):
+    for i in tqdm(range(max(todo) + 1), desc=f"MoEfy {cfg.tag}", unit="layer", disable=not progress, leave=False):
         layer = blocks[i]
         if i not in todo:
             hidden = _first(layer(hidden, **kwargs))
