@@ -95,8 +95,9 @@ def test_our_blocks_reproduce_the_original(tiny, family, sharded):
         with torch.no_grad():
             ref = model.model.layers[layer].mlp(x)
         got = FloatMoE(w, cfg)(x.reshape(-1, D)).reshape(ref.shape)
-        # fp32 rounding: the same operations, possibly in another order (sorted vs unsorted top-k)
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        # fp32 rounding: the same products summed in another order (FloatMoE gates before the down
+        # projection, transformers after; sorted vs unsorted top-k slots): 1e-5 of the output scale
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
         assert ref.abs().max() > 1e-3          # not a comparison between two zeros
         set_block(model, layer, FloatMoE(w, cfg))
     # the whole model with every MoE block replaced by ours gives the same logits
