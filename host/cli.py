@@ -21,7 +21,8 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ndpmoe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ndpmoe", description="Bandwidth-efficient MoE inference with "
+                                     "low-rank compensation and a near-data-processing unit.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)
