@@ -23,7 +23,7 @@ def add_arguments(p):
                    "Hugging Face MoE checkpoint folder")
     p.add_argument("--bits", default="2,3,4", help="uniform bit widths")
     p.add_argument("--base-bits", type=int, default=3, help="bit width the restoration sweep runs on")
-    p.add_argument("--rank", default="8,32", help="compensator ranks (the largest is stored, the rest are prefixes)")
+    p.add_argument("--rank", default="4,16", help="compensator ranks (the largest is stored, the rest are prefixes)")
     p.add_argument("--topn", default="1,2,4", help="n of the Top-n rule")
     p.add_argument("--quantizers", default="rtn,optimized", help="uniform quantizers (the last one is used for restoration)")
     p.add_argument("--hi-bits", type=int, default=8, help="bits of the HOBBIT-style higher-precision copies (0: none)")

@@ -19,7 +19,7 @@ from .study import (Study, Variant, hobbit_decider, layer_context, policy_decide
 class PlanOptions:
     bits: tuple[int, ...] = (2, 3, 4)
     base_bits: int = 3
-    ranks: tuple[int, ...] = (8, 32)
+    ranks: tuple[int, ...] = (4, 16)
     topn: tuple[int, ...] = (1, 2, 4)
     quantizers: tuple[str, ...] = ("rtn", "optimized")
     hi_bits: int = 8
