@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "sim": ("sim.cmd_sim", "cocotb + Verilator bench of the NDP unit against the golden model (--bench: throughput)"),
     "rtl": ("rtl.cmd_rtl", "Verilog of a named NDP configuration, linted by Verilator"),
     "eval": ("host.cmd_eval", "accuracy against bandwidth: perplexity vs bytes per token, Pareto plot (JSON, PNG)"),
+    "cosim": ("sim.cmd_cosim", "one MoE layer of a real model with its NDP ops on the Verilator-simulated RTL: bit-exactness, errors, cycles"),
     "demo": ("host.cmd_demo", "the whole system end to end on the embedded default; writes results/demo/report.md"),
 }
 

@@ -18,7 +18,7 @@ from model.contract import (COUNTERS, DESCRIPTOR, ErrorCode, NdpConfig, Opcode, 
                             act_row_len, make_descriptor)
 from model.ndp_golden import NdpGoldenUnit, act_image
 
-from .ndp_cost import NdpCostModel, RTL_TARGET
+from .ndp_cost import RTL_TARGET, NdpCostModel, descriptor_once_words
 
 
 class NdpError(RuntimeError):
@@ -68,8 +68,12 @@ class GoldenNdpBackend:
         if self.unit.state == State.ERROR:
             raise NdpError(f"NDP refused descriptor {d}: {ErrorCode(self.unit.error).name}")
         words = _descriptor_words(self.config, d)
-        passes = self.config.passes(d["tokens"]) if d["opcode"] == Opcode.MATMUL else 1
-        cycles = self.cost.descriptor_cycles(words, passes)
+        passes, once = 1, 0
+        if d["opcode"] == Opcode.MATMUL:
+            passes = self.config.passes(d["tokens"])
+            once = descriptor_once_words(d["bits"], 32 << d["group"], self.config.word_bits, d["rows"], d["in_features"])
+        cycles = (self.cost.load_cycles(words) if d["opcode"] == Opcode.LOAD_ACT
+                  else self.cost.descriptor_cycles(words, passes, once))
         self._counters["busy_cycles"] += int(round(cycles))
         self._counters["words_read"] += words
         self._counters["results_written"] += len(results)
@@ -129,6 +133,9 @@ class NdpDriver:
         return cfg.t_max * cfg.max_in_features
 
     def _mem_bytes(self) -> int:
+        size = getattr(self.backend, "mem_bytes", None)       # a backend that states its memory size
+        if size is not None:
+            return size
         unit = getattr(self.backend, "unit", None)
         return len(unit.mem) if unit is not None else self.config.mem_bytes
 

@@ -1,19 +1,27 @@
 """Cycles of the NDP unit per descriptor: the one place the runtime's NDP cost comes from.
 
-A descriptor costs `overhead_cycles + cycles_per_word * words * passes` cycles, where `words` is
-the port words it reads (contract sizes) and `passes` is how often the datapath goes over each
-word: NdpConfig.passes(tokens) for a MATMUL (it multiplies tokens_parallel tokens per cycle), 1
-for a LOAD_ACT. The constants below are
-the RTL's DESIGN TARGETS (1 port word per cycle while streaming, at most 64 cycles of fixed
-overhead per descriptor), NOT measurements: replace them with `fit_ndp_cost(...)` over the
-co-simulated (words, passes, cycles) of each descriptor once the RTL runs (issue 6).
+A MATMUL costs `overhead_cycles + cycles_per_word * beats` cycles with
+`beats = once_words + (words - once_words) * passes`: `words` is the port words it reads
+(contract sizes), `passes` how often the datapath goes over each code word (NdpConfig.passes(tokens):
+it multiplies tokens_parallel tokens per cycle), and `once_words` the words that take one beat
+whatever the passes (metadata and 3-bit hi-plane words, `matmul_once_words`; a caller passing 0
+counts every word once per pass, an upper bound). A LOAD_ACT costs
+`load_overhead_cycles + cycles_per_word * words` (`load_cycles`; the MATMUL overhead when None).
+
+RTL_TARGET holds the RTL's DESIGN TARGETS (1 port word per cycle while streaming, at most 64
+cycles of fixed overhead per descriptor), not measurements. RTL_COSIM is `fit_ndp_cost` over the
+co-simulated descriptors of whole layers of the default model (sim/cost_calibration.py, `ndpmoe
+cosim --calibrate`), with the error it reached on held-out layers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from functools import lru_cache
+from typing import Iterable, NamedTuple
 
 import numpy as np
+
+from model.contract import QuantFormat
 
 # --- RTL design targets, to be replaced by the fit of measured cycles -------------------------
 RTL_TARGET_CYCLES_PER_WORD = 1.0
@@ -25,17 +33,26 @@ RTL_TARGET_SOURCE = "RTL design target (1 word/cycle, 64 cycles/descriptor), not
 class NdpCostModel:
     """Cycles of one descriptor from the words it reads and the passes over them."""
     cycles_per_word: float = RTL_TARGET_CYCLES_PER_WORD     # per word per pass
-    overhead_cycles: float = RTL_TARGET_OVERHEAD_CYCLES
+    overhead_cycles: float = RTL_TARGET_OVERHEAD_CYCLES     # per MATMUL (and LOAD_ACT, see below)
     source: str = RTL_TARGET_SOURCE
+    load_overhead_cycles: float | None = None               # per LOAD_ACT; None: overhead_cycles
 
     def __post_init__(self):
-        for name in ("cycles_per_word", "overhead_cycles"):
+        for name in ("cycles_per_word", "overhead_cycles", "load_overhead_cycles"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+            if v is None and name == "load_overhead_cycles":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite non-negative number, not {v!r}")
 
-    def descriptor_cycles(self, words: int, passes: int = 1) -> float:
-        return self.overhead_cycles + self.cycles_per_word * words * passes
+    def descriptor_cycles(self, words: int, passes: int = 1, once_words: int = 0) -> float:
+        """A MATMUL (or, with the defaults, any descriptor streaming `words` once)."""
+        return self.overhead_cycles + self.cycles_per_word * (once_words + (words - once_words) * passes)
+
+    def load_cycles(self, words: int) -> float:
+        """A LOAD_ACT of `words` port words."""
+        overhead = self.overhead_cycles if self.load_overhead_cycles is None else self.load_overhead_cycles
+        return overhead + self.cycles_per_word * words
 
     @property
     def measured(self) -> bool:
@@ -45,25 +62,65 @@ class NdpCostModel:
 RTL_TARGET = NdpCostModel()
 
 
-def fit_ndp_cost(samples: Iterable[tuple[int, int, float]], source: str = "measured") -> NdpCostModel:
-    """Least-squares fit of (words, passes, cycles) per descriptor, e.g. from co-simulation.
-    Negative coefficients are clipped to 0."""
-    data = np.asarray(list(samples), dtype=np.float64)
-    if data.ndim != 2 or data.shape[1] != 3 or data.shape[0] < 2:
-        raise ValueError(f"need at least two (words, passes, cycles) samples, got array of shape {data.shape}")
-    words, passes, cycles = data.T
-    design = np.stack([np.ones_like(words), words * passes], axis=1)
-    if np.linalg.matrix_rank(design) < 2:
-        raise ValueError("samples must span at least two different words x passes to fit a slope")
-    (overhead, per_word), *_ = np.linalg.lstsq(design, cycles, rcond=None)
-    return NdpCostModel(cycles_per_word=float(max(per_word, 0.0)), overhead_cycles=float(max(overhead, 0.0)),
-                        source=source)
+def matmul_once_words(fmt: QuantFormat, rows: int, in_features: int) -> int:
+    """Words of a MATMUL's image the unit streams once whatever the token count: every row's
+    metadata words and, at 3 bits, its hi-plane words (rtl/ndp_unit.py's cycle model)."""
+    hi = fmt.padded_in(in_features) // fmt.codes_per_block if fmt.bits == 3 else 0
+    return rows * (fmt.superblocks(in_features) + hi)
 
 
-def relative_error(model: NdpCostModel, samples: Iterable[tuple[int, int, float]]) -> float:
-    """Largest |modeled - measured| / measured over (words, passes, cycles) samples (the co-sim's
-    5 % goal)."""
-    worst = 0.0
-    for words, passes, cycles in samples:
-        worst = max(worst, abs(model.descriptor_cycles(words, passes) - cycles) / max(cycles, 1e-12))
-    return worst
+@lru_cache(maxsize=4096)
+def descriptor_once_words(bits: int, group_size: int, word_bits: int, rows: int, in_features: int) -> int:
+    """matmul_once_words from a descriptor's fields (memoized: the planner asks per task)."""
+    return matmul_once_words(QuantFormat(bits, group_size, word_bits), rows, in_features)
+
+
+class CycleSample(NamedTuple):
+    """One co-simulated descriptor: what it read and how long it was busy."""
+    words: int
+    passes: int
+    cycles: float
+    once_words: int = 0
+    load: bool = False          # a LOAD_ACT (its own overhead) rather than a MATMUL
+
+
+def _samples(samples) -> list[CycleSample]:
+    out = []
+    for s in samples:
+        if not 3 <= len(s) <= 5:
+            raise ValueError(f"a sample is (words, passes, cycles[, once_words[, load]]), not {s!r}")
+        out.append(CycleSample(*s))
+    return out
+
+
+def fit_ndp_cost(samples: Iterable[tuple], source: str = "measured") -> NdpCostModel:
+    """Least-squares fit of per-descriptor samples (CycleSample or plain tuples
+    (words, passes, cycles[, once_words[, load]])), e.g. from co-simulation: cycles per beat, the
+    MATMUL overhead and, when LOAD_ACT samples are among them, the LOAD_ACT overhead. Negative
+    coefficients are clipped to 0."""
+    data = _samples(samples)
+    if len(data) < 2:
+        raise ValueError(f"need at least two (words, passes, cycles) samples, got {len(data)}")
+    beats = np.array([s.once_words + (s.words - s.once_words) * s.passes for s in data], dtype=np.float64)
+    load = np.array([s.load for s in data], dtype=np.float64)
+    cycles = np.array([s.cycles for s in data], dtype=np.float64)
+    both = 0 < load.sum() < len(data)
+    cols = [1.0 - load, load, beats] if both else [np.ones_like(beats), beats]
+    design = np.stack(cols, axis=1)
+    if np.linalg.matrix_rank(design) < design.shape[1]:
+        raise ValueError("samples must span at least two different words x passes (per descriptor kind) to fit a slope")
+    coef, *_ = np.linalg.lstsq(design, cycles, rcond=None)
+    coef = np.maximum(coef, 0.0)
+    if both:
+        return NdpCostModel(float(coef[2]), float(coef[0]), source, load_overhead_cycles=float(coef[1]))
+    return NdpCostModel(float(coef[1]), float(coef[0]), source)
+
+
+def sample_cycles(model: NdpCostModel, s: CycleSample) -> float:
+    return model.load_cycles(s.words) if s.load else model.descriptor_cycles(s.words, s.passes, s.once_words)
+
+
+def relative_error(model: NdpCostModel, samples: Iterable[tuple]) -> float:
+    """Largest |modeled - measured| / measured over per-descriptor samples (the co-sim's 5 % goal)."""
+    return max((abs(sample_cycles(model, s) - s.cycles) / max(s.cycles, 1e-12) for s in _samples(samples)),
+               default=0.0)

@@ -5,7 +5,8 @@ latency of each host round trip its data flow needs (NDP GEMMs need two: x then 
 compensation two more, because the host requantizes B x before A runs):
 
     link    full duplex: max(bytes to the GPU, bytes to the memory) / bandwidth
-    ndp     per descriptor: overhead + cycles_per_word x words x passes (host/ndp_cost.py); a
+    ndp     per descriptor: overhead + cycles_per_word x beats (host/ndp_cost.py: metadata and
+            3-bit hi-plane words once, code words once per pass); a
             MATMUL's rows are split over the units (words / units each), a LOAD_ACT is broadcast
             (each unit reads the whole activation); at the NDP clock, and never faster than the
             expert memory's bandwidth
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from model.contract import Opcode
 
+from .ndp_cost import descriptor_once_words
 from .presets import SystemPreset
 from .sizes import MATRICES, ExpertSizes
 
@@ -88,9 +90,11 @@ def task_usage(sizes: ExpertSizes, system: SystemPreset | None, variant: str, to
             u.ndp_descriptors += 1
             u.ndp_words += step.words
             if step.opcode == Opcode.MATMUL:
-                u.ndp_wall_cycles += cost.descriptor_cycles(-(-step.words // units), cfg.passes(step.tokens))
+                once = descriptor_once_words(step.bits, step.group_size, cfg.word_bits, step.rows, step.in_features)
+                u.ndp_wall_cycles += cost.descriptor_cycles(-(-step.words // units), cfg.passes(step.tokens),
+                                                            -(-once // units))
             else:
-                u.ndp_wall_cycles += cost.descriptor_cycles(step.words)
+                u.ndp_wall_cycles += cost.load_cycles(step.words)
             u.link["act_to_ndp"] += step.link_down
             u.link["results_from_ndp"] += step.link_up
         u.round_trips = 4 if ndp_rank else 2

@@ -1,0 +1,153 @@
+"""`ndpmoe cosim`: one MoE layer of a real model on real text, its NDP ops on the Verilator-simulated
+RTL and everything else in PyTorch; prints bit-exactness, output errors, NDP cycles and times.
+
+    ndpmoe cosim --model default --layer 3 --tokens 16 --topn 2 --bits 3 --placement all-ndp
+    ndpmoe cosim --faults            also: memory stops answering, reset mid-layer, rerun
+    ndpmoe cosim --calibrate         refit the NDP cost model over several layers and token counts
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from host.placement import PLACEMENTS
+
+from .cost_calibration import CALIB_LAYERS, CALIB_TOKENS, calibrate
+from .cosim import run_cosim
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (the offline MoEfied SmolLM2) or a checkpoint folder")
+    p.add_argument("--layer", type=int, default=3, help="MoE layer to co-simulate")
+    p.add_argument("--tokens", type=int, default=16, help="held-out text tokens through the layer")
+    p.add_argument("--topn", type=int, default=2, help="restore the n highest-weighted of the top-k experts per token")
+    p.add_argument("--bits", type=int, default=3, help="low-bit expert width (2, 3, 4, 8)")
+    p.add_argument("--group", type=int, default=64, help="quantization group size")
+    p.add_argument("--rank", type=int, default=16, help="stored compensation rank")
+    p.add_argument("--quantizer", default="optimized", help="rtn, hqq or optimized")
+    p.add_argument("--placement", default="all-ndp", help=f"one of {', '.join(PLACEMENTS)}")
+    p.add_argument("--seed", type=int, default=1, help="token positions and per-descriptor stall rates")
+    p.add_argument("--faults", action="store_true", help="also run the fault scenarios (hang, reset mid-layer)")
+    p.add_argument("--waves", action="store_true",
+                   help="trace the simulation (separate Verilator build; a layer is ~1e6 cycles, keep --tokens small)")
+    p.add_argument("--json", help="write the results here")
+    c = p.add_argument_group("cost-model calibration (--calibrate)")
+    c.add_argument("--calibrate", action="store_true", help="fit the NDP cost model to co-simulated cycles")
+    c.add_argument("--calib-layers", default=",".join(map(str, CALIB_LAYERS)))
+    c.add_argument("--calib-tokens", default=",".join(map(str, CALIB_TOKENS)))
+
+
+def _ints(name: str, spec: str) -> list[int]:
+    try:
+        return [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, not {spec!r}") from None
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def print_cosim(r: dict) -> None:
+    s, p = r["settings"], r["plan"]
+    q = s["quant"]
+    print(f"co-simulation: {s['model_source']}, layer {s['layer']} (E={s['experts']}, top-{s['top_k']}, "
+          f"D={s['hidden']}, I={s['intermediate']})")
+    print(f"  {s['tokens']} tokens of {s['tokens_source']}; int{q['bits']}-g{q['group']} experts "
+          f"({q['quantizer']}), rank-{q['rank']} compensators, Top-{s['topn']}, placement {s['placement']}, "
+          f"NDP '{s['config']}' RTL")
+    print(f"plan: {p['tasks']} expert tasks (GEMM: {p['gemm_ndp']} NDP, {p['gemm_gpu']} GPU; compensation: "
+          f"{p['comp_ndp']} NDP, {p['comp_gpu']} GPU), {p['restored_slots']} restored slots, "
+          f"{p['modeled']['ndp_descriptors']} NDP descriptors")
+    runs = r["runs"]
+    diffs = [run["ndp"]["max_abs_diff"] for run in runs.values()]
+    worst = "results misaligned" if any(d is None for d in diffs) else max(diffs, default=0)
+    n_desc = sum(run["ndp"]["descriptors"] for run in runs.values())
+    print(f"largest |RTL - golden| over every NDP op ({n_desc} descriptors, {len(runs)} runs): {worst}")
+    same = all(run["output"]["equal_to_golden_backend"] for run in runs.values())
+    print(f"layer output, RTL backend vs golden backend: {'identical' if same else 'DIFFERENT'}")
+    o = next(iter(runs.values()))["output"]
+    print(f"layer output error: vs float reference rel-L2 {o['vs_float']['rel_l2']:.4f} "
+          f"(max |err| {o['vs_float']['max_abs']:.4f}, output RMS {o['vs_float']['ref_rms']:.4f}); "
+          f"vs quantized+compensated reference rel-L2 {o['vs_quant']['rel_l2']:.4f} (int8 activations on the NDP)")
+    labels = list(runs)
+    print(f"{'':28}" + "".join(f"{('stalls ' + ('off' if runs[k]['stalls'] is None else 'on')):>16}" for k in labels))
+    for name, key, fmt in (("NDP busy cycles", "ndp_cycles", "{:,}"), ("port utilization (words/cycle)", "port_utilization", "{:.3f}"),
+                           ("memory stall cycles", "mem_stall_cycles", "{:,}"), ("output stall cycles", "out_stall_cycles", "{:,}"),
+                           ("words read", "words_read", "{:,}"), ("results", "results", "{:,}")):
+        print(f"{name:28}" + "".join(f"{fmt.format(runs[k]['ndp'][key]):>16}" for k in labels))
+    link = next(iter(runs.values()))["link_bytes"]
+    modeled_link = {k: v for k, v in p["modeled"]["link_bytes"].items() if v}
+    print("bytes per link (executed): " + ", ".join(f"{k} {v:,}" for k, v in link.items() if v)
+          + f"   (planned: {', '.join(f'{k} {v:,}' for k, v in modeled_link.items()) or 'none'})")
+    t = p["modeled"]["time_s"]
+    print(f"layer time, modeled ({p['modeled']['ndp_cycles']:,.0f} NDP cycles from the cost model, "
+          f"{p['ndp_clock_mhz']:.0f} MHz): {_ms(t['total_s'])} (NDP {_ms(t['ndp_s'])}, link {_ms(t['link_s'])}, "
+          f"GPU {_ms(t['gpu_s'])}, latency {_ms(t['latency_s'])})")
+    for k in labels:
+        m = runs[k]["measured_time_s"]
+        print(f"layer time with measured NDP cycles, stalls {'off' if runs[k]['stalls'] is None else 'on '}: "
+              f"{_ms(m['total_s'])} (NDP {_ms(m['ndp_s'])})")
+    print(f"cost model: {p['cost_model']['source']}")
+    for kind, f in (r.get("faults") or {}).items():
+        ok = f["caught"] and f["rerun_equal_to_golden"]
+        print(f"fault '{kind}' at descriptor {f['descriptor']} of the layer: {f['raised']} ({f['message']}); "
+              f"after reset, rerun == golden: {f['rerun_equal_to_golden']} -> {'ok' if ok else 'FAILED'}")
+    tm = r["timing_s"]
+    print(f"time: prepare {tm['prepare']:.1f} s, Verilator build check {tm['build']:.1f} s, simulator process "
+          f"{tm['simulator_process']:.1f} s ({tm['sim_cycles']:,} cycles); log in {r['run_dir']}")
+    if r.get("trace"):
+        print(f"trace: {r['trace']}")
+
+
+def print_calibration(r: dict) -> None:
+    f = r["fit"]
+    print(f"NDP cost model fitted: {f['cycles_per_word']:.4f} cycles/beat, MATMUL overhead "
+          f"{f['overhead_cycles']:.2f} cycles, LOAD_ACT overhead {f['load_overhead_cycles']:.2f} cycles")
+    print(f"  ({f['source']})")
+    print(f"{'case':>10} {'held out':>8} {'descriptors':>11} {'measured':>10} {'modeled':>10} {'layer err':>9} {'worst desc':>10}")
+    for row in r["rows"]:
+        print(f"{row['case']:>10} {'yes' if row['held_out'] else 'no':>8} {row['descriptors']:>11} "
+              f"{row['measured_cycles']:>10,.0f} {row['modeled_cycles']:>10,.0f} {row['layer_error']:>+9.3%} "
+              f"{row['worst_descriptor_error']:>10.2%}")
+    print(f"worst layer error {r['worst_layer_error']:.3%}, worst single descriptor {r['worst_descriptor_error']:.2%} "
+          f"(goal: within 5 %)")
+
+
+def run(args) -> int:
+    torch.set_num_threads(1)           # shared 2-core machines: oversubscribed torch is far slower
+    t0 = time.perf_counter()
+    if args.calibrate:
+        result = calibrate(args.model, _ints("--calib-layers", args.calib_layers), _ints("--calib-tokens", args.calib_tokens),
+                           args.topn, args.bits, args.placement, group=args.group, rank=args.rank,
+                           quantizer=args.quantizer, seed=args.seed)
+        print_calibration(result)
+        ok = result["worst_layer_error"] <= 0.05
+    else:
+        result = run_cosim(args.model, args.layer, args.tokens, args.topn, args.bits, args.placement, group=args.group,
+                           rank=args.rank, quantizer=args.quantizer, seed=args.seed, faults=args.faults,
+                           waves=args.waves)
+        print_cosim(result)
+        runs = result["runs"].values()
+        ok = (all(run["ndp"]["max_abs_diff"] == 0 and run["output"]["equal_to_golden_backend"] for run in runs)
+              and all(f["caught"] and f["rerun_equal_to_golden"] for f in (result.get("faults") or {}).values()))
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"results: {args.json}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

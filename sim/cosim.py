@@ -1,0 +1,108 @@
+"""Co-simulation of whole MoE layers: the host runtime with its NDP ops on the Verilator-simulated
+RTL, everything else in PyTorch (the `ndpmoe cosim` command and the demo call `run_cosim`).
+
+    run_cosim(model="default", layer=3, tokens=16, topn=2, bits=3, placement="all-ndp") -> dict
+
+Outside the simulator (this process): load the model, take the hidden states entering the layer
+on held-out text, build (or reuse) the layer's expert store. Inside it (sim/cocotb_cosim.py): plan
+the layer, run the plan on the golden NDP backend and on the RTL (stalls off, then random stalls
+on the memory and output handshakes), compare, and optionally inject faults.
+
+The simulation reuses the RTL tests' Verilator build (same harness parameters); every run gets its
+own folder under build/cosim/runs for logs, reports and traces.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from host.ndp_cost import RTL_TARGET, NdpCostModel
+from host.placement import PLACEMENTS
+from model.contract import get_config
+from rtl.export import HARNESS_TOP
+
+from .cosim_layer import CosimCase
+from .cosim_prepare import REPO, QuantSettings, layer_inputs, load, stores
+from .runner import BenchOptions, build, verilator_runner
+
+RUN_ROOT = REPO / "build" / "cosim" / "runs"
+STALL_MODES = (("no_stalls", None), ("stalls", "random"))
+# cocotb rewrites the asserts of every module imported into the simulator (pytest's hook, no
+# bytecode cache there): torch alone then takes ~15 s to import instead of ~3 s. Test modules only.
+REWRITE_ASSERTIONS = "cocotb_*.py"
+MEM_BYTES = 1 << 24          # the host's view of the NDP memory (the harness RAM is a window onto it)
+
+
+def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, faults: bool = False,
+             stall_modes=STALL_MODES, cost: NdpCostModel = RTL_TARGET, waves: bool = False,
+             opts: BenchOptions | None = None) -> dict:
+    """Run `cases` in one simulator process; returns the report of sim/cocotb_cosim.py plus
+    `build_s`, `run_dir`. `opts` picks the harness build (default: the RTL tests' parameters)."""
+    opts = opts or BenchOptions(config=config, seed=seed, waves=waves)
+    t0 = time.perf_counter()
+    bdir = build(opts)
+    build_s = time.perf_counter() - t0
+    run_dir = RUN_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job_path, report_path = run_dir / "job.pt", run_dir / "report.json"
+    options = {"config": opts.config, "seed": seed, "mem_words": opts.mem_words, "result_words": opts.result_words,
+               "mem_bytes": MEM_BYTES, "faults": faults, "stall_modes": [list(m) for m in stall_modes],
+               "cost": {"cycles_per_word": cost.cycles_per_word, "overhead_cycles": cost.overhead_cycles,
+                        "source": cost.source}}
+    torch.save({"cases": [c.to_dict() for c in cases], "options": options}, job_path)
+    env = opts.env() | {"NDP_COSIM_JOB": str(job_path), "NDP_COSIM_REPORT": str(report_path),
+                        "PYTHONPATH": str(REPO), "COCOTB_REWRITE_ASSERTION_FILES": REWRITE_ASSERTIONS}
+    t1 = time.perf_counter()
+    verilator_runner().test(test_module="sim.cocotb_cosim", hdl_toplevel=HARNESS_TOP,
+                            hdl_toplevel_lang="verilog", build_dir=bdir, test_dir=run_dir, extra_env=env,
+                            waves=opts.waves, log_file=run_dir / "sim.log",
+                            results_xml=str(run_dir / "results.xml"))
+    if not report_path.exists():
+        raise RuntimeError(f"the co-simulation wrote no report; see {run_dir / 'sim.log'}")
+    report = json.loads(report_path.read_text())
+    if "error" in report:
+        raise RuntimeError(f"the co-simulation failed inside the simulator (log: {run_dir / 'sim.log'}):\n"
+                           f"{report['error']}")
+    report.update(build_s=build_s, sim_process_s=time.perf_counter() - t1, run_dir=str(run_dir),
+                  build_dir=str(bdir), trace=str(run_dir / "dump.vcd") if opts.waves else None)
+    return report
+
+
+def run_cosim(model: str = "default", layer: int = 3, tokens: int = 16, topn: int = 2, bits: int = 3,
+              placement: str = "all-ndp", *, group: int = 64, rank: int = 16, quantizer: str = "optimized",
+              seed: int = 1, faults: bool = False, waves: bool = False, config: str = "default") -> dict:
+    """Co-simulate one MoE layer of `model` on `tokens` real text tokens. Returns a JSON-able dict:
+    settings, the plan, per stall mode the NDP figures (cycles, utilization, stalls, largest
+    |RTL - golden|), the layer output against the golden backend and the references, bytes per
+    link, modeled and measured layer times, timings (and the fault scenarios with faults=True)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive integer, not {tokens!r}")
+    cfg = get_config(config)
+    q = QuantSettings(bits, group, rank, quantizer, cfg.word_bits)
+    t0 = time.perf_counter()
+    m = load(model, [layer])
+    w, rc = m.blocks[layer]
+    if not 1 <= topn <= rc.top_k:
+        raise ValueError(f"topn must be in 1..top_k={rc.top_k}, not {topn}")
+    folder = stores(m, [layer], q)[layer]
+    x = layer_inputs(m, [layer], tokens, seed)[layer]
+    prepare_s = time.perf_counter() - t0
+    case = CosimCase(f"L{layer}-T{tokens}", layer, str(folder), w, rc, x, topn, placement)
+    report = simulate([case], config=config, seed=seed, faults=faults, waves=waves)
+    result = report["cases"][0]
+    result["settings"] = {"model": model, "model_source": m.source, "tokens_source": m.tokens_note,
+                          "layer": layer, "tokens": tokens, "topn": topn, "placement": placement,
+                          "quant": asdict(q), "config": config, "seed": seed, "store": str(folder),
+                          "experts": w.num_experts, "top_k": rc.top_k, "hidden": w.hidden,
+                          "intermediate": w.intermediate}
+    result["timing_s"] = {"prepare": prepare_s, "build": report["build_s"], "simulator_process": report["sim_process_s"],
+                          "inside_simulator": report["sim_wall_s"], "sim_cycles": report["sim_cycles"]}
+    result["run_dir"], result["trace"] = report["run_dir"], report["trace"]
+    return result

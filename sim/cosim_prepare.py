@@ -1,0 +1,159 @@
+"""What a co-simulated layer is made of, built outside the simulator: the model's float MoE block,
+the hidden states that enter it on real text, and an expert store of its quantized experts with
+activation-aware compensators.
+
+Models: "default" is the offline MoEfied SmolLM2 (model/default_moe.py); a path is a local
+Hugging Face MoE checkpoint (model/checkpoint.py). Stores are cached under build/cosim/stores,
+keyed by the block's weights and the quantization settings, so only the first run of a layer
+pays for the calibration pass and the fits.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from host.store import StoreError, open_store, write_store
+from model.contract import QuantFormat
+from model.moe import MoEWeights, RouterConfig
+from model.moe_quant import expert_grams, quantize_moe
+from model.perplexity import collect_mlp_inputs, decoder_layers
+from model.quantize import get_quantizer
+from model.text import load_text, token_windows, tokenize
+
+REPO = Path(__file__).resolve().parent.parent
+STORE_ROOT = REPO / "build" / "cosim" / "stores"
+SEQ_LEN = 512
+CALIB_ROWS = 2048            # calibration rows per layer for the compensator fits
+CALIB_TOKENS = 4 * SEQ_LEN
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    bits: int = 3
+    group: int = 64
+    rank: int = 16
+    quantizer: str = "optimized"
+    word_bits: int = 128     # the simulated NDP's port
+
+    def fmt(self) -> QuantFormat:
+        return QuantFormat(self.bits, self.group, self.word_bits)
+
+    def tag(self) -> str:
+        return f"int{self.bits}-g{self.group}-p{self.word_bits}-r{self.rank}-{self.quantizer}"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM whose MoE blocks we can read, its token stream and where it came from."""
+    model: torch.nn.Module
+    blocks: dict[int, tuple[MoEWeights, RouterConfig]]
+    calib_ids: torch.Tensor          # 1-D token ids of the calibration text
+    eval_ids: torch.Tensor           # 1-D token ids of the held-out text
+    source: str
+    tokens_note: str
+
+
+def load_default(layers: list[int]) -> LoadedModel:
+    from model.default_moe import load_default_moe
+
+    # Fewer MoEfied layers build faster; the loader grew a `layers` argument (older: all layers).
+    kwargs = {"layers": sorted(set(layers))} if "layers" in inspect.signature(load_default_moe).parameters else {}
+    dm = load_default_moe(progress=False, **kwargs)
+    missing = [l for l in layers if l not in dm.blocks]
+    if missing:
+        raise ValueError(f"layers {missing} are not MoE layers of the default model (it has {sorted(dm.blocks)})")
+    return LoadedModel(dm.model, dm.blocks, tokenize(dm.text.calib, dm.tokenizer), tokenize(dm.text.eval, dm.tokenizer),
+                       f"default MoE (SmolLM2-135M MoEfied, {dm.info.get('tag', '?')})",
+                       f"{dm.text.source}, evaluation half, SmolLM2 tokenizer")
+
+
+def load_checkpoint(path: str, layers: list[int]) -> LoadedModel:
+    from model.checkpoint import load_model
+
+    model, ckpt = load_model(path)
+    blocks = {}
+    for l in layers:
+        if l not in ckpt.moe_layers:
+            raise ValueError(f"layer {l} is not an MoE layer of {path} (MoE layers: {list(ckpt.moe_layers)})")
+        blocks[l] = ckpt.moe_layer(l)
+    text = load_text(None)
+    vocab = model.config.vocab_size
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        calib, ev, note = tokenize(text.calib, tok), tokenize(text.eval, tok), f"{text.source}, the checkpoint's tokenizer"
+    except (OSError, ValueError):
+        # A checkpoint without a tokenizer (e.g. a tiny random test model): UTF-8 bytes as ids.
+        calib, ev = (torch.tensor(list(t.encode()), dtype=torch.long) % vocab for t in (text.calib, text.eval))
+        note = f"{text.source}, UTF-8 bytes mod vocab {vocab} (no tokenizer in {path})"
+    return LoadedModel(model, blocks, calib, ev, f"checkpoint {path}", note)
+
+
+def load(model: str, layers: list[int]) -> LoadedModel:
+    if model == "default":
+        return load_default(layers)
+    if not Path(model).is_dir():
+        raise ValueError(f"--model must be 'default' or a checkpoint folder, not {model!r}")
+    return load_checkpoint(model, layers)
+
+
+def block_digest(w: MoEWeights, cfg: RouterConfig, q: QuantSettings) -> str:
+    h = hashlib.sha256(q.tag().encode() + repr(sorted(cfg.__dict__.items())).encode())
+    for name in ("router", "w1", "w3", "w2"):
+        h.update(getattr(w, name).detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def layer_inputs(m: LoadedModel, layers: list[int], tokens: int, seed: int) -> dict[int, torch.Tensor]:
+    """Hidden states entering each layer's MoE block at `tokens` positions of the held-out text:
+    [tokens, D] per layer (the same positions for every layer)."""
+    seq = min(SEQ_LEN, m.eval_ids.numel())
+    windows = token_windows(m.eval_ids, seq)
+    need = -(-tokens // seq) + 1
+    return collect_mlp_inputs(m.model, windows[:need], max_rows=tokens, seed=seed, layers=layers, progress=False)
+
+
+def layer_store(m: LoadedModel, layer: int, q: QuantSettings, calib: dict[int, torch.Tensor] | None = None) -> Path:
+    """The store of `layer`'s quantized experts (built and cached on first use)."""
+    w, rc = m.blocks[layer]
+    folder = STORE_ROOT / f"L{layer}-{q.tag()}-{block_digest(w, rc, q)}"
+    source = f"{m.source} layer {layer} {q.tag()}"
+    try:
+        open_store(folder, expect_source=source)
+        return folder
+    except StoreError:
+        pass
+    if calib is None or layer not in calib:
+        calib = calibration_inputs(m, [layer])
+    grams = expert_grams(w, rc, calib[layer])
+    qm = quantize_moe(w, rc, q.fmt(), quantizer=get_quantizer(q.quantizer), rank=q.rank, fit="aware", grams=grams)
+    write_store(folder, [qm], source=source, grams=[grams])
+    return folder
+
+
+def calibration_inputs(m: LoadedModel, layers: list[int]) -> dict[int, torch.Tensor]:
+    windows = token_windows(m.calib_ids, SEQ_LEN, CALIB_TOKENS)
+    return collect_mlp_inputs(m.model, windows, max_rows=CALIB_ROWS, layers=layers, progress=False)
+
+
+def stores(m: LoadedModel, layers: list[int], q: QuantSettings) -> dict[int, Path]:
+    """Stores of several layers, sharing one calibration pass for those not cached yet."""
+    todo = []
+    for l in layers:
+        w, rc = m.blocks[l]
+        folder = STORE_ROOT / f"L{l}-{q.tag()}-{block_digest(w, rc, q)}"
+        try:
+            open_store(folder, expect_source=f"{m.source} layer {l} {q.tag()}")
+        except StoreError:
+            todo.append(l)
+    calib = calibration_inputs(m, todo) if todo else None
+    return {l: layer_store(m, l, q, calib) for l in layers}
+
+
+def n_layers(m: LoadedModel) -> int:
+    return len(decoder_layers(m.model))
