@@ -101,12 +101,24 @@ def step_study(opt: DemoOptions, log) -> StepResult:
 
 def step_cosim(opt: DemoOptions, log) -> StepResult:
     """3/5 co-simulation of one MoE layer on the RTL"""
+    from sim.cmd_cosim import print_cosim
     from sim.cosim import run_cosim
 
-    res = run_cosim(model="default", layer=opt.cosim_layer, tokens=opt.cosim_tokens,
-                    moe_layers=opt.study_layers, log=lambda s: log("   " + s))
-    ok = res.get("max_abs_diff") == 0 and res.get("golden_equal", False)
-    lines = [f"- {k}: {v}" for k, v in res.items() if not isinstance(v, (dict, list))]
+    res = run_cosim(model="default", layer=opt.cosim_layer, tokens=opt.cosim_tokens, topn=2, bits=3,
+                    placement="all-ndp")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_cosim(res)
+    text = buf.getvalue()
+    log("   " + text.replace("\n", "\n   "))
+    runs = res["runs"].values()
+    diffs = [run["ndp"]["max_abs_diff"] for run in runs]
+    ok = all(d == 0 for d in diffs) and all(run["output"]["equal_to_golden_backend"] for run in runs)
+    lines = [f"`ndpmoe cosim --layer {opt.cosim_layer} --tokens {opt.cosim_tokens} --topn 2 --bits 3 --placement all-ndp`",
+             "", "```", text.rstrip(), "```", "",
+             f"Bit-exact check: {'passed' if ok else 'FAILED'} (largest |RTL - golden| over every NDP op: "
+             f"{max(d if d is not None else -1 for d in diffs)}; layer output identical to the golden backend: "
+             f"{all(run['output']['equal_to_golden_backend'] for run in runs)})"]
     return StepResult("Co-simulation of one MoE layer on the RTL", 0, lines, res, ok=ok)
 
 
