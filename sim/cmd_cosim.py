@@ -116,6 +116,8 @@ def print_calibration(r: dict) -> None:
               f"{row['worst_descriptor_error']:>10.2%}")
     print(f"worst layer error {r['worst_layer_error']:.3%}, worst single descriptor {r['worst_descriptor_error']:.2%} "
           f"(goal: within 5 %)")
+    for name, err in r["baselines"].items():
+        print(f"  before (cost model form with {name}): worst layer error {err:.1%}")
 
 
 def run(args) -> int:

@@ -21,25 +21,22 @@ from pathlib import Path
 
 import torch
 
-from host.ndp_cost import RTL_TARGET, NdpCostModel
+from host.ndp_cost import RTL_COSIM, NdpCostModel
 from host.placement import PLACEMENTS
 from model.contract import get_config
 from rtl.export import HARNESS_TOP
 
 from .cosim_layer import CosimCase
 from .cosim_prepare import REPO, QuantSettings, layer_inputs, load, stores
-from .runner import BenchOptions, build, verilator_runner
+from .runner import REWRITE_ASSERTIONS, BenchOptions, build, verilator_runner
 
 RUN_ROOT = REPO / "build" / "cosim" / "runs"
 STALL_MODES = (("no_stalls", None), ("stalls", "random"))
-# cocotb rewrites the asserts of every module imported into the simulator (pytest's hook, no
-# bytecode cache there): torch alone then takes ~15 s to import instead of ~3 s. Test modules only.
-REWRITE_ASSERTIONS = "cocotb_*.py"
 MEM_BYTES = 1 << 24          # the host's view of the NDP memory (the harness RAM is a window onto it)
 
 
 def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, faults: bool = False,
-             stall_modes=STALL_MODES, cost: NdpCostModel = RTL_TARGET, waves: bool = False,
+             stall_modes=STALL_MODES, cost: NdpCostModel = RTL_COSIM, waves: bool = False,
              opts: BenchOptions | None = None) -> dict:
     """Run `cases` in one simulator process; returns the report of sim/cocotb_cosim.py plus
     `build_s`, `run_dir`. `opts` picks the harness build (default: the RTL tests' parameters)."""
@@ -52,8 +49,7 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
     job_path, report_path = run_dir / "job.pt", run_dir / "report.json"
     options = {"config": opts.config, "seed": seed, "mem_words": opts.mem_words, "result_words": opts.result_words,
                "mem_bytes": MEM_BYTES, "faults": faults, "stall_modes": [list(m) for m in stall_modes],
-               "cost": {"cycles_per_word": cost.cycles_per_word, "overhead_cycles": cost.overhead_cycles,
-                        "source": cost.source}}
+               "cost": asdict(cost)}
     torch.save({"cases": [c.to_dict() for c in cases], "options": options}, job_path)
     env = opts.env() | {"NDP_COSIM_JOB": str(job_path), "NDP_COSIM_REPORT": str(report_path),
                         "PYTHONPATH": str(REPO), "COCOTB_REWRITE_ASSERTION_FILES": REWRITE_ASSERTIONS}

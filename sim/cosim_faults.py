@@ -28,7 +28,7 @@ def fault_scenarios(s: LayerSetup, rtl: RtlNdpBackend, y_golden: torch.Tensor, d
     out = {}
     for kind in ("hang", "reset"):
         ex = s.executor(rtl)
-        fault = Fault(kind, rtl.issued + at, cycles=max(1, words // 2))
+        fault = Fault(kind, rtl.issued + at, cycles=max(1, words // 2))      # half way through its words
         rtl.inject(fault)
         caught = None
         try:

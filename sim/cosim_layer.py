@@ -10,7 +10,7 @@ Legend: T tokens, D hidden, K top-k.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -136,8 +136,7 @@ def plan_summary(s: LayerSetup) -> dict:
                     "ndp_cycles": u.ndp_wall_cycles, "link_bytes": {k: int(v) for k, v in u.link.items()},
                     "time_s": p.time.to_json() if p.time is not None else None},
         "system": s.system.name, "ndp_clock_mhz": s.system.ndp.clock_mhz,
-        "cost_model": {"cycles_per_word": s.system.ndp.cost.cycles_per_word,
-                       "overhead_cycles": s.system.ndp.cost.overhead_cycles, "source": s.system.ndp.cost.source},
+        "cost_model": asdict(s.system.ndp.cost),
     }
 
 

@@ -20,7 +20,7 @@ from host.store import StoreError, open_store, write_store
 from model.contract import QuantFormat
 from model.moe import MoEWeights, RouterConfig
 from model.moe_quant import expert_grams, quantize_moe
-from model.perplexity import collect_mlp_inputs, decoder_layers
+from model.perplexity import collect_mlp_inputs
 from model.quantize import get_quantizer
 from model.text import load_text, token_windows, tokenize
 
@@ -109,10 +109,15 @@ def block_digest(w: MoEWeights, cfg: RouterConfig, q: QuantSettings) -> str:
     return h.hexdigest()[:16]
 
 
+def _seq_len(m: LoadedModel) -> int:
+    """Context per window: SEQ_LEN, or less for a model with a shorter context (tiny test models)."""
+    return min(SEQ_LEN, getattr(m.model.config, "max_position_embeddings", SEQ_LEN) or SEQ_LEN)
+
+
 def layer_inputs(m: LoadedModel, layers: list[int], tokens: int, seed: int) -> dict[int, torch.Tensor]:
     """Hidden states entering each layer's MoE block at `tokens` positions of the held-out text:
     [tokens, D] per layer (the same positions for every layer)."""
-    seq = min(SEQ_LEN, m.eval_ids.numel())
+    seq = _seq_len(m)
     windows = token_windows(m.eval_ids, seq)
     need = -(-tokens // seq) + 1
     return collect_mlp_inputs(m.model, windows[:need], max_rows=tokens, seed=seed, layers=layers, progress=False)
@@ -137,7 +142,8 @@ def layer_store(m: LoadedModel, layer: int, q: QuantSettings, calib: dict[int, t
 
 
 def calibration_inputs(m: LoadedModel, layers: list[int]) -> dict[int, torch.Tensor]:
-    windows = token_windows(m.calib_ids, SEQ_LEN, CALIB_TOKENS)
+    seq = _seq_len(m)
+    windows = token_windows(m.calib_ids, seq, max(CALIB_TOKENS // seq, 1) * seq)
     return collect_mlp_inputs(m.model, windows, max_rows=CALIB_ROWS, layers=layers, progress=False)
 
 
@@ -154,6 +160,3 @@ def stores(m: LoadedModel, layers: list[int], q: QuantSettings) -> dict[int, Pat
     calib = calibration_inputs(m, todo) if todo else None
     return {l: layer_store(m, l, q, calib) for l in layers}
 
-
-def n_layers(m: LoadedModel) -> int:
-    return len(decoder_layers(m.model))

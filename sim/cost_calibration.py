@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from host.ndp_cost import CycleSample, NdpCostModel, fit_ndp_cost, relative_error, sample_cycles
+from host.ndp_cost import RTL_TARGET, CycleSample, NdpCostModel, fit_ndp_cost, relative_error, sample_cycles
 from model.contract import get_config
 
 from .cosim import simulate
@@ -36,6 +36,19 @@ def case_errors(model: NdpCostModel, samples: list[CycleSample]) -> dict:
     modeled = sum(sample_cycles(model, s) for s in samples)
     return {"descriptors": len(samples), "measured_cycles": measured, "modeled_cycles": modeled,
             "layer_error": (modeled - measured) / measured, "worst_descriptor_error": relative_error(model, samples)}
+
+
+def _worst_layer_error(model: NdpCostModel, per_case: dict[str, list[CycleSample]]) -> float:
+    return max(abs(case_errors(model, v)["layer_error"]) for v in per_case.values())
+
+
+def baselines(fit_names: list[str], per_case: dict[str, list[CycleSample]]) -> dict[str, float]:
+    """Worst layer error of the cost model's earlier form (every word once per pass, one overhead
+    for every descriptor): with the RTL design targets, and refitted on the same descriptors."""
+    plain = {k: [CycleSample(s.words, s.passes, s.cycles) for s in v] for k, v in per_case.items()}
+    refit = fit_ndp_cost([s for n in fit_names for s in plain[n]])
+    return {"design target, words x passes": _worst_layer_error(RTL_TARGET, plain),
+            "refit, words x passes": _worst_layer_error(refit, plain)}
 
 
 def calibrate(model: str = "default", layers=CALIB_LAYERS, tokens=CALIB_TOKENS, topn: int = 2, bits: int = 3,
@@ -66,7 +79,8 @@ def calibrate(model: str = "default", layers=CALIB_LAYERS, tokens=CALIB_TOKENS, 
         e = case_errors(fit, per_case[c.name])
         rows.append({"case": c.name, "layer": c.model_layer, "tokens": c.x.shape[0], "held_out": c.name not in fit_names,
                      **e})
-    return {"fit": {"cycles_per_word": fit.cycles_per_word, "overhead_cycles": fit.overhead_cycles,
+    return {"baselines": baselines(fit_names, per_case),
+            "fit": {"cycles_per_word": fit.cycles_per_word, "overhead_cycles": fit.overhead_cycles,
                     "load_overhead_cycles": fit.load_overhead_cycles, "source": fit.source},
             "rows": rows, "worst_layer_error": max(abs(r["layer_error"]) for r in rows),
             "worst_descriptor_error": max(r["worst_descriptor_error"] for r in rows),

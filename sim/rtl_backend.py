@@ -17,9 +17,9 @@ Every descriptor also runs on the bit-exact golden unit over the same memory: it
 the largest |RTL - golden| of the results (0 when bit-exact; None when the results do not even
 line up), the unit's counter deltas and the beats the contract implies.
 
-Faults (`inject`): "hang" makes the memory stop answering at the n-th descriptor (requests are
-taken, no word ever returns), which the timeout turns into NdpTimeout naming the descriptor;
-"reset" resets the unit `cycles` into the n-th descriptor, reported as NdpReset. `reset()` brings
+Faults (`inject`), `cycles` into the n-th descriptor: "hang" makes the memory stop answering
+(requests are taken, no word ever returns), which the timeout turns into NdpTimeout naming the
+descriptor; "reset" resets the unit, reported as NdpReset. `reset()` brings
 the unit back (the RAM keeps its contents, as a memory would).
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ class NdpReset(NdpError):
 class Fault:
     kind: str                 # "hang" | "reset"
     at: int                   # index of the descriptor (in this backend's order) it hits
-    cycles: int = 50          # "reset": cycles after the descriptor is taken
+    cycles: int = 50          # cycles after the descriptor is taken
 
     def __post_init__(self):
         if self.kind not in ("hang", "reset"):
@@ -264,10 +264,6 @@ class RtlNdpBackend:
                 loaded = self._load_words(addr, nbytes)
         words, once, passes = descriptor_shape(cfg, fields) if expect_state == State.DONE else (0, 0, 1)
         fault = next((f for f in self.faults if f.at == index), None)
-        if fault is not None and fault.kind == "hang":
-            dut.ext_mem.value = 1                 # the unit's memory port now goes nowhere:
-            dut.mem_req__ready.value = 1          # requests are taken, no word ever comes back
-            dut.mem_resp__valid.value = 0
         rates = self._apply_stalls()
         before = tb.counters()
         count0 = int(dut.result_count.value)
@@ -277,17 +273,26 @@ class RtlNdpBackend:
         taken = await First(FallingEdge(dut.cmd__ready), Timer(limit * PERIOD_NS, unit="ns"))
         dut.cmd__valid.value = 0
         if isinstance(taken, Timer):
-            raise NdpTimeout(f"descriptor {index} ({describe(fields)}) was not taken within {limit} cycles")
-        if fault is not None and fault.kind == "reset":
-            await ClockCycles(dut.clk, fault.cycles)
-            progress = {k: v - before[k] for k, v in tb.counters().items()}
-            await self.reset_async()
-            raise NdpReset(f"unit reset {fault.cycles} cycles into descriptor {index} ({describe(fields)}) "
-                           f"after {progress['words_read']} of {words} words")
-        ended = await First(RisingEdge(dut.done), Timer(limit * PERIOD_NS, unit="ns"))
+            raise NdpTimeout(f"descriptor #{index} ({describe(fields)}) was not taken within {limit} cycles")
+        done = RisingEdge(dut.done)
+        ended = None
+        if fault is not None:
+            ended = await First(done, ClockCycles(dut.clk, fault.cycles))
+            if isinstance(ended, ClockCycles):
+                ended = None
+                progress = {k: v - before[k] for k, v in tb.counters().items()}
+                if fault.kind == "reset":
+                    await self.reset_async()
+                    raise NdpReset(f"unit reset {fault.cycles} cycles into descriptor #{index} ({describe(fields)}) "
+                                   f"after {progress['words_read']} of {words} words")
+                dut.ext_mem.value = 1             # the unit's memory port now goes nowhere:
+                dut.mem_req__ready.value = 1      # requests are taken, no word ever comes back
+                dut.mem_resp__valid.value = 0
+        if ended is None:
+            ended = await First(done, Timer(limit * PERIOD_NS, unit="ns"))
         if isinstance(ended, Timer):
             progress = {k: v - before[k] for k, v in tb.counters().items()}
-            raise NdpTimeout(f"descriptor {index} ({describe(fields)}) hung: no `done` within {limit} cycles; "
+            raise NdpTimeout(f"descriptor #{index} ({describe(fields)}) hung: no `done` within {limit} cycles; "
                              f"{progress['words_read']} of {words} words read, "
                              f"{progress['results_written']} of {len(expect)} results; reset the unit")
         after = tb.counters()
@@ -302,7 +307,7 @@ class RtlNdpBackend:
             delta["words_read"], once, passes, delta["busy_cycles"], delta["mem_stall_cycles"],
             delta["out_stall_cycles"], len(got), _max_abs_diff(got, expect), rates, loaded))
         if (state, error) != (expect_state, self.golden.error):
-            raise NdpError(f"descriptor {index} ({describe(fields)}): RTL status {state.name}/{error.name}, "
+            raise NdpError(f"descriptor #{index} ({describe(fields)}): RTL status {state.name}/{error.name}, "
                            f"golden {expect_state.name}/{ErrorCode(self.golden.error).name}")
         if state == State.ERROR:
             raise NdpError(f"NDP refused descriptor {describe(fields)}: {error.name}")
