@@ -13,6 +13,7 @@ from pathlib import Path
 
 from model.contract import CONFIGS, get_config
 from rtl.synth.cmd_synth import attach_throughput
+from rtl.synth.report import over_capacity
 from rtl.synth.run import DEFAULT_BUILD_ROOT, run_synth
 from rtl.synth.sweep import (SweepAxes, markdown_table, parse_bits_sets, parse_ints, plot,
                              sweep_points)
@@ -41,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--words-per-cycle", type=float, default=RTL_TARGET_WORDS_PER_CYCLE,
                    help="port utilization for the bandwidth columns (default 1.0 = the RTL's design "
                         "target, not a measurement)")
+    p.add_argument("--dsp-fallback", type=int, default=9,
+                   help="rerun a point whose multiplies overflow the DSP blocks with --dsp-min-width N "
+                        "(default 9: low-bit lane products in LUTs); 0 to keep the failure")
     p.add_argument("--out", type=Path, default=None, help="output folder (default build/fpga/sweep-<target>)")
     p.add_argument("--fresh", action="store_true", help="rerun points that have a stored result")
     p.add_argument("--dry-run", action="store_true", help="only list the points")
@@ -67,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
         start = time.monotonic()
         r = run_synth(cfg, target, freq_mhz=args.freq, speed=speed, build=out / cfg.name,
                       seed=args.seed, reuse=not args.fresh, dsp_min_width=args.dsp_min_width)
+        if (not r.fits and args.dsp_fallback and args.dsp_min_width is None and target.dsp_bel
+                and target.dsp_bel in over_capacity(r.utilization)):
+            # Yosys maps every multiply to a DSP whatever the device holds: keep the point in
+            # the table with the low-bit products in LUTs (the DSP map column says so)
+            r = run_synth(cfg, target, freq_mhz=args.freq, speed=speed,
+                          build=out / f"{cfg.name}-dsp{args.dsp_fallback}", seed=args.seed,
+                          reuse=not args.fresh, dsp_min_width=args.dsp_fallback)
         attach_throughput(r, cfg, args.words_per_cycle)
         results.append((cfg, r))
         status = f"Fmax {r.fmax_mhz} MHz" if r.fits else (r.error or "failed").splitlines()[0]

@@ -28,8 +28,8 @@ def rtl_revision() -> str:
     """The last commit touching rtl/ (+ "-dirty" with uncommitted changes there): which RTL a
     result belongs to, since the unit changes under the flow."""
     try:
-        rev = subprocess.run(["git", "log", "-1", "--format=%h", "--", "rtl"], capture_output=True,
-                             text=True, check=True).stdout.strip()
+        rev = subprocess.run(["git", "log", "-1", "--format=%h", "--", "rtl", ":!rtl/synth"],
+                             capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "rtl", ":!rtl/synth"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):

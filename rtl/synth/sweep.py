@@ -78,12 +78,18 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
 
 
 # --- table -------------------------------------------------------------------------------------
-_COLUMNS = ("point", "P", "bits", "T_max", "tok/cyc", "LUTs", "FFs", "DSPs", "BRAMs", "Fmax MHz",
+_COLUMNS = ("point", "P", "bits", "T_max", "tok/cyc", "DSP map", "LUTs", "FFs", "DSPs", "BRAMs", "Fmax MHz",
             "peak GB/s", "sust. GB/s") + tuple(f"GMAC/s int{b}" for b in SUPPORTED_BITS)
 
 
 def _cell(value, fmt="{}") -> str:
     return "-" if value is None else fmt.format(value)
+
+
+def _dsp_map(r: SynthResult) -> str:
+    """Which multiplies went to DSPs: Yosys's choice (all), or those with both operands >= N bits."""
+    width = r.extra.get("dsp_min_width")
+    return "all" if width is None else f">={width} bit"
 
 
 def table_rows(results: Iterable[tuple[NdpConfig, SynthResult]]) -> list[list[str]]:
@@ -93,7 +99,7 @@ def table_rows(results: Iterable[tuple[NdpConfig, SynthResult]]) -> list[list[st
         gmacs = {int(k): v for k, v in tp.get("gmacs", {}).items()}
         fmax = _cell(r.fmax_mhz, "{:.1f}") if r.fits else "no fit"
         rows.append([cfg.name, str(cfg.word_bits), "".join(map(str, cfg.bits)), str(cfg.t_max),
-                     str(cfg.tokens_parallel), _cell(r.luts), _cell(r.ffs), _cell(r.dsps),
+                     str(cfg.tokens_parallel), _dsp_map(r), _cell(r.luts), _cell(r.ffs), _cell(r.dsps),
                      _cell(r.brams), fmax, _cell(tp.get("peak_gbps"), "{:.2f}"),
                      _cell(tp.get("sustained_gbps"), "{:.2f}")]
                     + [_cell(gmacs.get(b), "{:.1f}") for b in SUPPORTED_BITS])
