@@ -136,6 +136,8 @@ def plot(results: list[tuple[NdpConfig, SynthResult]], path: Path, title: str,
     fmax = [r.fmax_mhz if r.fits and r.fmax_mhz else 0 for _, r in results]
     axes[2].bar(xs, fmax, 0.6, color=["tab:green" if f >= freq_target_mhz else "tab:red" for f in fmax])
     axes[2].axhline(freq_target_mhz, color="k", ls="--", label=f"target {freq_target_mhz:g} MHz")
+    for x, (f, (_, r)) in enumerate(zip(fmax, results)):
+        axes[2].text(x, f + 2, f"{f:.0f}" if f else ("no fit" if not r.fits else "?"), ha="center", fontsize=8)
     axes[2].set_title("Fmax after routing (MHz)")
     for ax in axes:
         ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=8)
