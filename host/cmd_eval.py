@@ -29,7 +29,7 @@ def add_arguments(p):
     p.add_argument("--hi-bits", type=int, default=8, help="bits of the HOBBIT-style higher-precision copies (0: none)")
     p.add_argument("--budgets", default="0.5,1,2", help="budgeted policy: multiples of the Top-1 top-rank factor bytes")
     p.add_argument("--policy", action="append", default=[], help="extra runtime policy spec (repeatable)")
-    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--layers", default=None, help="comma list of layers to make MoE and study (a reduced run; the "
