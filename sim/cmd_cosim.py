@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1, help="token positions and per-descriptor stall rates")
     p.add_argument("--faults", action="store_true", help="also run the fault scenarios (hang, reset mid-layer)")
     p.add_argument("--waves", action="store_true",
-                   help="trace the simulation (separate Verilator build; a layer is ~1e6 cycles, keep --tokens small)")
+                   help="write a VCD trace (separate Verilator build; ~13 kB per cycle, so --tokens 2 at most)")
     p.add_argument("--json", help="write the results here")
     c = p.add_argument_group("cost-model calibration (--calibrate)")
     c.add_argument("--calibrate", action="store_true", help="fit the NDP cost model to co-simulated cycles")
@@ -63,6 +63,9 @@ def print_cosim(r: dict) -> None:
     print(f"plan: {p['tasks']} expert tasks (GEMM: {p['gemm_ndp']} NDP, {p['gemm_gpu']} GPU; compensation: "
           f"{p['comp_ndp']} NDP, {p['comp_gpu']} GPU), {p['restored_slots']} restored slots, "
           f"{p['modeled']['ndp_descriptors']} NDP descriptors")
+    if not p["modeled"]["ndp_descriptors"]:
+        print(f"note: the planner put no work on the NDP (on system {p['system']}, fetching these experts is "
+              f"cheaper); --placement all-ndp runs it all there")
     runs = r["runs"]
     diffs = [run["ndp"]["max_abs_diff"] for run in runs.values()]
     worst = "results misaligned" if any(d is None for d in diffs) else max(diffs, default=0)
@@ -77,6 +80,7 @@ def print_cosim(r: dict) -> None:
     labels = list(runs)
     print(f"{'':28}" + "".join(f"{('stalls ' + ('off' if runs[k]['stalls'] is None else 'on')):>16}" for k in labels))
     for name, key, fmt in (("NDP busy cycles", "ndp_cycles", "{:,}"), ("port utilization (words/cycle)", "port_utilization", "{:.3f}"),
+                           ("datapath beats per cycle", "beats_per_cycle", "{:.3f}"),
                            ("memory stall cycles", "mem_stall_cycles", "{:,}"), ("output stall cycles", "out_stall_cycles", "{:,}"),
                            ("words read", "words_read", "{:,}"), ("results", "results", "{:,}")):
         print(f"{name:28}" + "".join(f"{fmt.format(runs[k]['ndp'][key]):>16}" for k in labels))

@@ -2,7 +2,7 @@
 on the simulated RTL and everything else in PyTorch.
 
 The job (NDP_COSIM_JOB, a torch file written by sim/cosim.py) lists the layers and options; the
-host runtime runs in a `cocotb.bridge` thread and every NDP descriptor resumes into the simulator
+host runtime runs in a `cocotb.task.bridge` thread and every NDP descriptor resumes into the simulator
 through sim/rtl_backend.py. Per layer: the golden-backend run, one RTL run per stall mode, and
 optionally the fault scenarios. The report goes to NDP_COSIM_REPORT as JSON.
 """

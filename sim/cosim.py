@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
@@ -32,6 +32,8 @@ from .runner import REWRITE_ASSERTIONS, BenchOptions, build, verilator_runner
 
 RUN_ROOT = REPO / "build" / "cosim" / "runs"
 STALL_MODES = (("no_stalls", None), ("stalls", "random"))
+KEEP_RUNS = 20               # run folders kept under build/cosim/runs
+WAVES_MAX_TOKENS = 2         # a trace takes ~13 kB per simulated cycle; a 16-token default layer is ~1.5e6 cycles
 MEM_BYTES = 1 << 24          # the host's view of the NDP memory (the harness RAM is a window onto it)
 
 
@@ -46,6 +48,7 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
     build_s = time.perf_counter() - t0
     run_dir = RUN_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    _prune_runs(keep=KEEP_RUNS)
     job_path, report_path = run_dir / "job.pt", run_dir / "report.json"
     options = {"config": opts.config, "seed": seed, "mem_words": opts.mem_words, "result_words": opts.result_words,
                "mem_bytes": MEM_BYTES, "faults": faults, "stall_modes": [list(m) for m in stall_modes],
@@ -69,6 +72,12 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
     return report
 
 
+def _prune_runs(keep: int) -> None:
+    """Drop all but the newest `keep` run folders (traces are large)."""
+    for old in sorted(p for p in RUN_ROOT.iterdir() if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def run_cosim(model: str = "default", layer: int = 3, tokens: int = 16, topn: int = 2, bits: int = 3,
               placement: str = "all-ndp", *, group: int = 64, rank: int = 16, quantizer: str = "optimized",
               seed: int = 1, faults: bool = False, waves: bool = False, config: str = "default") -> dict:
@@ -80,6 +89,9 @@ def run_cosim(model: str = "default", layer: int = 3, tokens: int = 16, topn: in
         raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens must be a positive integer, not {tokens!r}")
+    if waves and tokens > WAVES_MAX_TOKENS:
+        raise ValueError(f"--waves writes ~13 kB per simulated cycle (16 tokens of the default model: ~1.5e6 cycles, "
+                         f"~20 GB); use --tokens {WAVES_MAX_TOKENS} or fewer with it, not {tokens}")
     cfg = get_config(config)
     q = QuantSettings(bits, group, rank, quantizer, cfg.word_bits)
     t0 = time.perf_counter()

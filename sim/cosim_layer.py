@@ -1,8 +1,8 @@
 """One MoE layer of a co-simulation, host side: plan it once, execute the plan with its NDP ops
 on a given backend (the RTL, the golden model), and measure the outputs against the references.
 
-Nothing here touches the simulator: `run_case` takes the NDP backends as arguments, so the same
-code runs inside the cocotb test (RTL backend, in a bridge thread) and in plain tests (golden
+Nothing here touches the simulator: the NDP backend is an argument, so the same code runs inside
+the cocotb test (sim/cocotb_cosim.py: RTL backend, in a bridge thread) and in plain tests (golden
 backends only).
 
 Legend: T tokens, D hidden, K top-k.
@@ -19,7 +19,7 @@ from host.cache import ExpertCache
 from host.execute import ExecutionRecord, LayerExecutor
 from host.ndp import GoldenNdpBackend, NdpDriver
 from host.ndp_cost import NdpCostModel
-from host.perf_model import Usage, layer_time
+from host.perf_model import layer_time
 from host.plan import LayerPlan, LayerPlanner, check_plan
 from host.policy import TopN
 from host.presets import NdpPreset, SystemPreset, get_system
@@ -148,6 +148,8 @@ def ndp_summary(records: list[dict]) -> dict:
     """Totals of a run's descriptor records (sim/rtl_backend.DescriptorRecord as dicts)."""
     busy = sum(r["busy_cycles"] for r in records)
     words = sum(r["words"] for r in records)
+    # Datapath beats: once-streamed words one each, code words one per pass (host/ndp_cost.py).
+    beats = sum(r["once_words"] + (r["words"] - r["once_words"]) * r["passes"] for r in records)
     diffs = [r["max_abs_diff"] for r in records]
     return {
         "descriptors": len(records),
@@ -158,6 +160,7 @@ def ndp_summary(records: list[dict]) -> dict:
         "mem_stall_cycles": sum(r["mem_stall_cycles"] for r in records),
         "out_stall_cycles": sum(r["out_stall_cycles"] for r in records),
         "port_utilization": words / busy if busy else 0.0,
+        "beats_per_cycle": beats / busy if busy else 0.0,
         # None: some descriptor's results did not line up with the golden ones at all
         "max_abs_diff": None if any(d is None for d in diffs) else max(diffs, default=0),
         "ram_words_loaded": sum(r["loaded_words"] for r in records),

@@ -10,7 +10,6 @@ pays for the calibration pass and the fits.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +57,19 @@ class LoadedModel:
 
 
 def load_default(layers: list[int]) -> LoadedModel:
-    from model.default_moe import load_default_moe
+    """The default MoE: the whole model (all layers MoEfied) when it is cached, else a reduced
+    build that MoEfies only `layers` (earlier layers stay dense; built once, then cached)."""
+    from model.default_moe import DEFAULT_CONFIG, cache_paths, load_default_moe
 
-    # Fewer MoEfied layers build faster; the loader grew a `layers` argument (older: all layers).
-    kwargs = {"layers": sorted(set(layers))} if "layers" in inspect.signature(load_default_moe).parameters else {}
-    dm = load_default_moe(progress=False, **kwargs)
+    text = load_text(None)
+    whole = all(p.is_file() for p in cache_paths(DEFAULT_CONFIG, text, None))
+    dm = load_default_moe(text=text, layers=None if whole else sorted(set(layers)), progress=False)
     missing = [l for l in layers if l not in dm.blocks]
     if missing:
         raise ValueError(f"layers {missing} are not MoE layers of the default model (it has {sorted(dm.blocks)})")
+    which = "all layers MoEfied" if whole else f"MoEfied layers {sorted(dm.blocks)} only"
     return LoadedModel(dm.model, dm.blocks, tokenize(dm.text.calib, dm.tokenizer), tokenize(dm.text.eval, dm.tokenizer),
-                       f"default MoE (SmolLM2-135M MoEfied, {dm.info.get('tag', '?')})",
+                       f"default MoE (SmolLM2-135M, {dm.info.get('tag', '?')}, {which})",
                        f"{dm.text.source}, evaluation half, SmolLM2 tokenizer")
 
 

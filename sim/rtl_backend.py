@@ -1,10 +1,10 @@
 """The host runtime's NdpBackend over the Verilator-simulated RTL (cocotb), for co-simulation.
 
-The host runtime runs in a thread started with `cocotb.bridge`; each `run(descriptor)` resumes
-into the simulator (`cocotb.resume`), issues the descriptor on the harness's command port, waits
-for `done` and reads the results RAM and the counters back. Python never touches a signal per
-cycle: whole descriptors run inside the design (rtl/sim_harness.py), with the harness's LFSR
-stalls on the memory and output handshakes when `stalls` asks for them.
+The host runtime runs in a thread started with `cocotb.task.bridge`; each `run(descriptor)`
+resumes into the simulator (`cocotb.task.resume`), issues the descriptor on the harness's command
+port, waits for `done` and reads the results RAM and the counters back. Python never touches a
+signal per cycle: whole descriptors run inside the design (rtl/sim_harness.py), with the
+harness's LFSR stalls on the memory and output handshakes when `stalls` asks for them.
 
 Memory: the host addresses a large memory (`mem_bytes`, by default 16 MiB, enough for every
 expert of a layer); the harness RAM is smaller and its addresses wrap. The backend keeps the large
@@ -19,8 +19,8 @@ line up), the unit's counter deltas and the beats the contract implies.
 
 Faults (`inject`), `cycles` into the n-th descriptor: "hang" makes the memory stop answering
 (requests are taken, no word ever returns), which the timeout turns into NdpTimeout naming the
-descriptor; "reset" resets the unit, reported as NdpReset. `reset()` brings
-the unit back (the RAM keeps its contents, as a memory would).
+descriptor; "reset" resets the unit, reported as NdpReset. `reset()` brings the unit back (the
+RAM keeps its contents, as a memory would).
 """
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ import random
 import threading
 from dataclasses import asdict, dataclass
 
-import cocotb
-from cocotb.task import resume
 import numpy as np
+from cocotb.task import resume
 from cocotb.triggers import ClockCycles, FallingEdge, First, RisingEdge, Timer
 
 from host.ndp import NdpError, NdpResult
@@ -116,7 +115,7 @@ def _read_range(cfg, fields: dict[str, int]) -> tuple[int, int]:
 
 class RtlNdpBackend:
     """NdpBackend (host/ndp.py) over the simulated RTL. Build it inside a cocotb test after
-    `await tb.start(python_ports=False)`; call `run` from a `cocotb.bridge` thread (or
+    `await tb.start(python_ports=False)`; call `run` from a `cocotb.task.bridge` thread (or
     `run_async` from a coroutine).
 
     stalls: None (memory and output always ready), "random" (rates n/16 drawn per descriptor
@@ -179,7 +178,7 @@ class RtlNdpBackend:
 
     def run(self, descriptor: int) -> NdpResult:
         if threading.current_thread() is threading.main_thread():
-            raise RuntimeError("RtlNdpBackend.run blocks: call it from a cocotb.bridge thread, or await run_async")
+            raise RuntimeError("RtlNdpBackend.run blocks: call it from a cocotb.task.bridge thread, or await run_async")
         return resume(self.run_async)(descriptor)
 
     def counters(self) -> dict[str, int]:
@@ -188,7 +187,7 @@ class RtlNdpBackend:
 
     def reset(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            raise RuntimeError("RtlNdpBackend.reset blocks: call it from a cocotb.bridge thread, or await reset_async")
+            raise RuntimeError("RtlNdpBackend.reset blocks: call it from a cocotb.task.bridge thread, or await reset_async")
         resume(self.reset_async)()
 
     # -- simulator side -----------------------------------------------------------------------------

@@ -108,3 +108,23 @@ def test_bad_fault_and_stall_settings():
         Fault("stuck", 0)
     with pytest.raises(ValueError, match="at >= 0"):
         Fault("hang", -1)
+
+
+def test_layer_path_on_golden_backends(tmp_path):
+    """The co-simulation's host side without a simulator: one plan, two golden-backend runs agree
+    exactly, and the output is near the quantized + compensated reference."""
+    from host.ndp_cost import RTL_COSIM
+    from host_block import make_store
+    from model.contract import get_config
+    from sim.cosim_layer import CosimCase, golden_output, plan_summary, references, setup
+
+    router, blocks, x, _ = make_store(tmp_path / "store")
+    case = CosimCase("block", 0, str(tmp_path / "store"), blocks[0][0], router, x, topn=1)
+    s = setup(CosimCase.from_dict(case.to_dict()), get_config("default"), RTL_COSIM)
+    y1, rec = golden_output(s, 1 << 24)
+    y2, _ = golden_output(s, 1 << 24)
+    assert torch.equal(y1, y2)
+    summary = plan_summary(s)
+    assert summary["gemm_ndp"] == summary["tasks"] and len(rec.ndp_descriptors) == summary["modeled"]["ndp_descriptors"]
+    ref = references(s)["quant"]
+    assert float((y1 - ref).norm() / ref.norm()) < 0.04     # int8 activations and factors, as above
