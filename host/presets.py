@@ -13,7 +13,7 @@ from functools import cached_property
 
 from model.contract import NdpConfig, get_config
 
-from .ndp_cost import RTL_TARGET, NdpCostModel
+from .ndp_cost import RTL_COSIM, NdpCostModel
 
 
 def _positive(name: str, value) -> None:
@@ -61,7 +61,7 @@ class NdpPreset:
     config: str               # contract.CONFIGS name: port width, T_max, buffer size
     units: int
     clock_mhz: float
-    cost: NdpCostModel = RTL_TARGET
+    cost: NdpCostModel = RTL_COSIM       # cycles per word and overhead measured on the co-simulated RTL
 
     def __post_init__(self):
         get_config(self.config)

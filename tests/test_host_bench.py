@@ -20,7 +20,7 @@ def test_bench_table(capsys, tmp_path):
     text = capsys.readouterr().out
     assert rc == 0
     for label in ("fp16 + LRU", "uniform int3", "hobbit int4", "ours top-1 r32", "ours top-4 r32",
-                  "(= top-4 bytes)", "trace: SYNTHETIC", "NDP cycles: RTL design target", "planning cost"):
+                  "(= top-4 bytes)", "trace: SYNTHETIC", "NDP cycles: fit to the co-simulated RTL", "planning cost"):
         assert label in text, label
     rows = json.loads(out_json.read_text())["rows"]
     # fp16, uniform, top-1, top-4, adaptive at the bytes of each, HOBBIT at top-1's bytes
@@ -73,4 +73,4 @@ def test_perf_model_orders_systems():
     near = layer_time(task_usage(sizes, ndp, "lo", 1, "ndp", None, 0, False, 0), ndp)
     assert fetch.link_s == pytest.approx(sizes.weight_bytes("lo") / 25e9)
     assert near.ndp_s < fetch.link_s and near.link_s < fetch.link_s / 100
-    assert ndp.ndp.peak_gbps == pytest.approx(153.6)
+    assert ndp.ndp.peak_gbps == pytest.approx(153.6, rel=1e-3)     # measured 1.0004 cycles per word
