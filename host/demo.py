@@ -40,9 +40,7 @@ class DemoOptions:
     def synth_config(self) -> str:
         return "small" if self.quick else "default"
 
-    @property
-    def synth_target(self) -> str:
-        return "ecp5-25k" if self.quick else "ecp5-85k"
+    synth_target: str = "ecp5-85k"
 
 
 @dataclass
@@ -84,9 +82,12 @@ def step_study(opt: DemoOptions, log) -> StepResult:
     from .cmd_eval import run_study, write_outputs
     from .study_plan import PlanOptions
 
-    plan = PlanOptions(bits=(2, 3, 4), base_bits=3, ranks=(4, 16), topn=(1, 2) if opt.quick else (1, 2, 4),
-                       quantizers=("optimized",), hi_bits=8, budgets=(1.0,), compare_fits=not opt.quick,
-                       compare_random=not opt.quick, compare_alloc=False)
+    if opt.quick:       # the test suite's: fp16, uniform 3/4-bit, one Top-n point
+        plan = PlanOptions(bits=(3, 4), base_bits=3, ranks=(4,), topn=(2,), quantizers=("optimized",), hi_bits=0,
+                           budgets=(), compare_fits=False, compare_random=False, compare_alloc=False)
+    else:
+        plan = PlanOptions(bits=(2, 3, 4), base_bits=3, ranks=(4, 16), topn=(1, 2, 4), quantizers=("optimized",),
+                           hi_bits=8, budgets=(1.0,), compare_fits=True, compare_random=True, compare_alloc=False)
     rows, info = run_study("default", plan, layers=opt.study_layers, eval_tokens=opt.eval_tokens,
                            calib_tokens=2048, seq_len=256 if opt.quick else 512, progress=True,
                            log=lambda s: log("   " + s))
@@ -131,7 +132,8 @@ def step_throughput(opt: DemoOptions, log) -> StepResult:
     for system in ("gpu-only", "gpu-ndp"):
         path = opt.out / f"throughput-{system}.json"
         buf = io.StringIO()
-        args = ["bench", "--model", "mixtral-8x7b", "--system", system, "--json", str(path)]
+        args = ["bench", "--model", "mixtral-8x7b", "--system", system, "--tokens", "32" if opt.quick else "256",
+                "--json", str(path)]
         with contextlib.redirect_stdout(buf):
             rc = cli_main(args)
         text = buf.getvalue()
