@@ -26,7 +26,7 @@ from host.placement import PLACEMENTS
 from model.contract import get_config
 from rtl.export import HARNESS_TOP
 
-from .cosim_layer import CosimCase
+from .cosim_layer import CosimCase, memory_needs
 from .cosim_prepare import REPO, QuantSettings, layer_inputs, load, stores
 from .runner import REWRITE_ASSERTIONS, BenchOptions, build, verilator_runner
 
@@ -34,7 +34,7 @@ RUN_ROOT = REPO / "build" / "cosim" / "runs"
 STALL_MODES = (("no_stalls", None), ("stalls", "random"))
 KEEP_RUNS = 20               # run folders kept under build/cosim/runs
 WAVES_MAX_TOKENS = 2         # a trace takes ~13 kB per simulated cycle; a 16-token default layer is ~1.5e6 cycles
-MEM_BYTES = 1 << 24          # the host's view of the NDP memory (the harness RAM is a window onto it)
+MEM_BYTES = 1 << 24          # least NDP memory the host sees (the harness RAM is a window onto it)
 
 
 def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, faults: bool = False,
@@ -42,7 +42,17 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
              opts: BenchOptions | None = None) -> dict:
     """Run `cases` in one simulator process; returns the report of sim/cocotb_cosim.py plus
     `build_s`, `run_dir`. `opts` picks the harness build (default: the RTL tests' parameters)."""
-    opts = opts or BenchOptions(config=config, seed=seed, waves=waves)
+    cfg = get_config(config)
+    needs = [memory_needs(c, cfg) for c in cases]
+    mem_bytes = min(cfg.mem_bytes, max(MEM_BYTES, _roundup(max(n[0] for n in needs), 1 << 20)))
+    if opts is None:
+        # The RTL tests' harness unless one read (a matrix image) or one descriptor's results
+        # are larger than its RAMs.
+        words = -(-max(n[1] for n in needs) // cfg.word_bytes)
+        results = max(n[2] for n in needs)
+        opts = BenchOptions(config=config, seed=seed, waves=waves,
+                            mem_words=max(BenchOptions().mem_words, 1 << (words - 1).bit_length()),
+                            result_words=max(BenchOptions().result_words, 1 << (results - 1).bit_length()))
     t0 = time.perf_counter()
     bdir = build(opts)
     build_s = time.perf_counter() - t0
@@ -51,7 +61,7 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
     _prune_runs(keep=KEEP_RUNS)
     job_path, report_path = run_dir / "job.pt", run_dir / "report.json"
     options = {"config": opts.config, "seed": seed, "mem_words": opts.mem_words, "result_words": opts.result_words,
-               "mem_bytes": MEM_BYTES, "faults": faults, "stall_modes": [list(m) for m in stall_modes],
+               "mem_bytes": mem_bytes, "faults": faults, "stall_modes": [list(m) for m in stall_modes],
                "cost": asdict(cost)}
     torch.save({"cases": [c.to_dict() for c in cases], "options": options}, job_path)
     env = opts.env() | {"NDP_COSIM_JOB": str(job_path), "NDP_COSIM_REPORT": str(report_path),
@@ -70,6 +80,10 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
     report.update(build_s=build_s, sim_process_s=time.perf_counter() - t1, run_dir=str(run_dir),
                   build_dir=str(bdir), trace=str(run_dir / "dump.vcd") if opts.waves else None)
     return report
+
+
+def _roundup(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _prune_runs(keep: int) -> None:

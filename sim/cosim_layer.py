@@ -23,6 +23,7 @@ from host.perf_model import layer_time
 from host.plan import LayerPlan, LayerPlanner, check_plan
 from host.policy import TopN
 from host.presets import NdpPreset, SystemPreset, get_system
+from host.sizes import MATRICES
 from host.store import ExpertStore, open_store
 from model.contract import NdpConfig
 from model.moe import MoEWeights, RouterConfig, moe_forward, route, shared_expert
@@ -99,6 +100,24 @@ def setup(case: CosimCase, cfg: NdpConfig, cost: NdpCostModel) -> LayerSetup:
     plan = planner.plan(0, *route(case.x, case.weights.router, case.router))
     check_plan(plan)
     return LayerSetup(case, store, plan, cache, system, cfg)
+
+
+def memory_needs(case: CosimCase, cfg: NdpConfig) -> tuple[int, int, int]:
+    """(bytes of NDP memory the layer's placed images and the activation scratch need, bytes of
+    the largest single read: one matrix image or one activation load, most results of one
+    descriptor)."""
+    store = open_store(case.store, verify=False)
+    sizes = store.sizes(cfg)
+    reads = []
+    for matrix in MATRICES:
+        reads.append(sizes.matrix_bytes("lo", matrix))
+        if sizes.hi_fmt is not None and sizes.hi_fmt.bits in cfg.bits:
+            reads.append(sizes.matrix_bytes("hi", matrix))
+        reads += list(sizes.int8_factor_bytes(matrix))
+    scratch = cfg.t_max * cfg.max_in_features
+    total = store.manifest.experts * (sum(reads) + len(reads) * cfg.word_bytes) + scratch    # + word alignment of each image
+    results = cfg.t_max * max(sizes.hidden, sizes.intermediate)
+    return total, max(max(reads), scratch), results
 
 
 def _errors(y: torch.Tensor, ref: torch.Tensor) -> dict:

@@ -226,6 +226,9 @@ class RtlNdpBackend:
 
     def _read_results(self, first: int, last: int) -> list[tuple[int, int, int]]:
         ram, words, out = self.tb.dut.results.ram.mem, self.tb.result_words, []
+        if last - first > words:
+            raise ValueError(f"{last - first} results overflow the harness's result RAM of {words}; "
+                             f"build the harness with more result_words")
         for i in range(first, last):
             h = self._res_handles.get(i % words)
             if h is None:
