@@ -67,12 +67,16 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
     env = opts.env() | {"NDP_COSIM_JOB": str(job_path), "NDP_COSIM_REPORT": str(report_path),
                         "PYTHONPATH": str(REPO), "COCOTB_REWRITE_ASSERTION_FILES": REWRITE_ASSERTIONS}
     t1 = time.perf_counter()
-    verilator_runner().test(test_module="sim.cocotb_cosim", hdl_toplevel=HARNESS_TOP,
-                            hdl_toplevel_lang="verilog", build_dir=bdir, test_dir=run_dir, extra_env=env,
-                            waves=opts.waves, log_file=run_dir / "sim.log",
-                            results_xml=str(run_dir / "results.xml"))
+    exit_code = 0
+    try:
+        verilator_runner().test(test_module="sim.cocotb_cosim", hdl_toplevel=HARNESS_TOP,
+                                hdl_toplevel_lang="verilog", build_dir=bdir, test_dir=run_dir, extra_env=env,
+                                waves=opts.waves, log_file=run_dir / "sim.log",
+                                results_xml=str(run_dir / "results.xml"))
+    except SystemExit as exc:        # the runner exits on a failed test under pytest; the report says why
+        exit_code = exc.code
     if not report_path.exists():
-        raise RuntimeError(f"the co-simulation wrote no report; see {run_dir / 'sim.log'}")
+        raise RuntimeError(f"the co-simulation wrote no report (simulator exit {exit_code}); see {run_dir / 'sim.log'}")
     report = json.loads(report_path.read_text())
     if "error" in report:
         raise RuntimeError(f"the co-simulation failed inside the simulator (log: {run_dir / 'sim.log'}):\n"
@@ -108,11 +112,12 @@ def run_cosim(model: str = "default", layer: int = 3, tokens: int = 16, topn: in
                          f"~20 GB); use --tokens {WAVES_MAX_TOKENS} or fewer with it, not {tokens}")
     cfg = get_config(config)
     q = QuantSettings(bits, group, rank, quantizer, cfg.word_bits)
+    q.check(cfg)                                # bad settings fail before the model loads
     t0 = time.perf_counter()
     m = load(model, [layer])
     w, rc = m.blocks[layer]
-    if not 1 <= topn <= rc.top_k:
-        raise ValueError(f"topn must be in 1..top_k={rc.top_k}, not {topn}")
+    if not 1 <= topn < rc.top_k:
+        raise ValueError(f"topn must be in [1, top_k) = [1, {rc.top_k}) for layer {layer}, not {topn}")
     folder = stores(m, [layer], q)[layer]
     x = layer_inputs(m, [layer], tokens, seed)[layer]
     prepare_s = time.perf_counter() - t0

@@ -41,6 +41,14 @@ class QuantSettings:
     def fmt(self) -> QuantFormat:
         return QuantFormat(self.bits, self.group, self.word_bits)
 
+    def check(self, cfg) -> None:
+        if self.bits not in cfg.bits:
+            raise ValueError(f"bits must be one of {cfg.bits} (NDP configuration {cfg.name!r}), not {self.bits!r}")
+        self.fmt()
+        get_quantizer(self.quantizer)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"rank must be a non-negative integer, not {self.rank!r}")
+
     def tag(self) -> str:
         return f"int{self.bits}-g{self.group}-p{self.word_bits}-r{self.rank}-{self.quantizer}"
 

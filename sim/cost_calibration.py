@@ -66,7 +66,7 @@ def calibrate(model: str = "default", layers=CALIB_LAYERS, tokens=CALIB_TOKENS, 
         xs = layer_inputs(m, layers, t, seed)
         for l in layers:
             w, rc = m.blocks[l]
-            cases.append(CosimCase(f"L{l}-T{t}", l, str(folders[l]), w, rc, xs[l], min(topn, rc.top_k), placement))
+            cases.append(CosimCase(f"L{l}-T{t}", l, str(folders[l]), w, rc, xs[l], min(topn, rc.top_k - 1), placement))
     prepare_s = time.perf_counter() - t0
     report = simulate(cases, config=config, seed=seed, stall_modes=(("no_stalls", None),))
     fields = report["record_fields"]
