@@ -35,9 +35,15 @@ class DefaultMoE:
     info: dict                                               # the cached JSON: recipe, sources, timings
 
 
+def _recipe_digest() -> str:
+    """The MoEfication code itself: a changed algorithm must not reuse blocks cached by the old one."""
+    import hashlib
+    return hashlib.sha256(Path(__file__).with_name("moefy.py").read_bytes()).hexdigest()[:8]
+
+
 def cache_paths(cfg: MoEfyConfig, text: TextSplit, layers: tuple[int, ...] | None) -> tuple[Path, Path]:
     which = "all" if layers is None else "L" + "_".join(map(str, layers))
-    stem = f"smollm2-moe-{cfg.tag}-{cfg.digest()}-{which}-text{text.digest}"
+    stem = f"smollm2-moe-{cfg.tag}-{cfg.digest()}-code{_recipe_digest()}-{which}-text{text.digest}"
     return cache_dir() / f"{stem}.safetensors", cache_dir() / f"{stem}.json"
 
 
