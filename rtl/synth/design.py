@@ -8,6 +8,7 @@ from amaranth.back import verilog
 from amaranth.lib import wiring
 
 from model.contract import NdpConfig, get_config
+from rtl.export import resolve_config  # noqa: F401  (re-exported: the synth modules import it from here)
 from rtl.synth.wrapper import PinWrapper
 
 TOP_NAME = "ndp_fpga_top"        # module name of the wrapped design in the exported Verilog
@@ -25,12 +26,6 @@ def ndp_unit(cfg: NdpConfig) -> wiring.Component:
     return NdpUnit(cfg)
 
 
-def resolve_config(config: NdpConfig | str) -> NdpConfig:
-    if isinstance(config, NdpConfig):
-        return config
-    if isinstance(config, str):
-        return get_config(config)
-    raise TypeError(f"config must be an NdpConfig or a configuration name, not {config!r}")
 
 
 def write_wrapped_verilog(cfg: NdpConfig, path: Path, factory: DesignFactory = ndp_unit) -> PinWrapper:
