@@ -168,6 +168,7 @@ def verdicts(rows: list[dict], quantizer: str) -> list[str]:
                     and abs(t["bytes_per_token"] - r["bytes_per_token"]) <= 0.1 * r["bytes_per_token"]]
             if near:
                 best = min(near, key=lambda t: t["ppl"])
-                out.append(f"HOBBIT {r['name']} ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best compensated within "
-                           f"10% bytes ({best['name']}) {best['ppl']:.3f}: " + ("compensation wins" if best["ppl"] < r["ppl"] else "HOBBIT wins"))
+                out.append(f"HOBBIT {r['name']} ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best Top-n / budgeted "
+                           f"(which may buy copies too) within 10% bytes ({best['name']}) {best['ppl']:.3f}: "
+                           + ("HOBBIT loses" if best["ppl"] < r["ppl"] else "HOBBIT wins"))
     return out
