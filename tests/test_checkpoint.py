@@ -41,13 +41,7 @@ def _configs():
 FAMILIES = list(_configs())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: on 2 shared cores OpenMP hand-offs cost more than the work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 def _write(folder, family, shard_size=None):

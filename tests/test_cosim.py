@@ -23,13 +23,7 @@ except FileNotFoundError:
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors on 2 shared cores: OpenMP hand-offs cost more than the work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 def tiny_mixtral(folder):

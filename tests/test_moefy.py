@@ -8,13 +8,7 @@ from model.moefy import MoEfyConfig, balanced_assign, hidden_acts, moefy_mlp
 D, G = 48, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These ops are tiny: on 2 shared cores, OpenMP hand-offs cost more than the work (10x here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 def _dense(seed=0, experts=4, shared=64, tokens=768):
