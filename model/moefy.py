@@ -3,7 +3,7 @@
 Legend: N calibration tokens, D hidden, I dense intermediate, E routed experts, G expert size,
 S shared size, K top-k.
 
-Recipe (each step measured against the issue's starting point, see the README table):
+Recipe (each step measured, see the table in model/README.md):
 1. Neuron contribution a[t, i] = |h[t, i]| * ||w2[:, i]||, h = silu(x w1^T) * (x w3^T): how much
    neuron i adds to the block output for token t.
 2. Shared expert: the S neurons with the largest mean a^2 (DeepSeek-style always-on expert).
@@ -19,6 +19,7 @@ Recipe (each step measured against the issue's starting point, see the README ta
 6. Short calibration of the experts: the down projections (w2, all experts and the shared one)
    are refitted by ridge regression to the dense block output under the router's own selections,
    so the kept neurons absorb part of what the dropped ones contributed.
+7. Layer by layer (`moefy_model`): each layer is fitted on the inputs the MoEfied layers before it give.
 """
 from __future__ import annotations
 
@@ -36,16 +37,16 @@ GROUP = 64     # quantization groups run along the input dim; w2's input dim is 
 @dataclass(frozen=True)
 class MoEfyConfig:
     """How a dense MLP is cut into experts. The defaults are the project's default model."""
-    num_experts: int = 20
+    num_experts: int = 16
     expert_size: int = 64
-    shared_size: int = 256
+    shared_size: int = 512
     top_k: int = 8
     calib_tokens: int = 8192
     cluster_iters: int = 15
     router_steps: int = 60
     router_target: str = "energy"        # "energy": soft energy share; "topk": oracle top-k set
     refit_down: bool = True
-    ridge: float = 1e-2                  # refit pull toward the original w2, relative to the Gram diagonal
+    ridge: float = 0.1                   # refit pull toward the original w2, relative to the Gram diagonal
     seed: int = 0
 
     def __post_init__(self):
@@ -161,7 +162,7 @@ def neuron_weights(ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor
     per_expert = torch.zeros(ids.shape[0], num_experts + 1)
     per_expert[:, num_experts] = 1.0
     per_expert.scatter_(1, ids, weights)
-    return per_expert[:, owner.clamp(min=-1) % (num_experts + 1)]
+    return per_expert[:, torch.where(owner < 0, num_experts, owner)]
 
 
 def moefy_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
@@ -244,9 +245,10 @@ def first_layer_inputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
 @torch.no_grad()
 def moefy_model(model, ids: torch.Tensor, cfg: MoEfyConfig, layers: list[int] | None = None,
                 progress: bool = True) -> dict[int, tuple[MoEWeights, RouterConfig]]:
-    """MoEfy the MLPs of a Llama-style causal LM in place, fitting layer by layer on calibration
-    windows ids [B, L]: each layer is fitted on the hidden states the already-MoEfied earlier layers
-    produce (so the router and the refit see the inputs they will get). Returns {layer: block}."""
+    """MoEfy the MLPs (gate_proj / up_proj / down_proj) of a Llama-style causal LM in place, layer by
+    layer, on calibration windows ids [B, L]: each layer is fitted on the hidden states that the
+    already-MoEfied earlier layers produce (so its router and refit see the inputs they will get).
+    Returns {layer: (MoEWeights, RouterConfig)}."""
     from tqdm.auto import tqdm
 
     from .block import FloatMoE, set_block

@@ -1,8 +1,10 @@
 """Perplexity of a (possibly modified) causal LM on token windows, and the hidden states that enter
 each MLP / MoE block (what activation-aware quantization calibrates on).
 
-Measured on 2 shared CPU cores, SmolLM2-135M dense: ~2.3 ms per token at seq_len 512 (the 49k-word
-LM head is a fifth of it), so EVAL_TOKENS = 4096 costs about 10 s per whole-model evaluation.
+Measured on 2 CPU cores at seq_len 512: SmolLM2-135M dense ~2 ms per token when the cores are idle
+(the 49k-word LM head is a fifth of it), so EVAL_TOKENS = 4096 costs ~8.5 s; the default MoE model
+16-25 s with one thread while other jobs share the cores. On busy cores set torch.set_num_threads(1):
+two threads fighting for two cores were 3x slower than one.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-EVAL_TOKENS = 4096      # default evaluation length: ~10 s dense on 2 cores, the study runs ~20 of these
+EVAL_TOKENS = 4096      # default evaluation length: 8.5 s dense, 16-25 s MoE on 2 cores (see above)
 SEQ_LEN = 512           # context per window
 
 

@@ -69,7 +69,7 @@ def test_config_is_checked():
     with pytest.raises(ValueError, match="top_k must be below num_experts=8"):
         MoEfyConfig(num_experts=8, expert_size=192, shared_size=0, top_k=8)
     x, w1, w3, w2 = _dense()
-    with pytest.raises(ValueError, match=r"E20x64-S256-k8 partitions 1536 neurons, the MLP has 320"):
+    with pytest.raises(ValueError, match=r"E16x64-S512-k8 partitions 1536 neurons, the MLP has 320"):
         moefy_mlp(x, w1, w3, w2, MoEfyConfig())
 
 
