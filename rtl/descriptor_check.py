@@ -1,25 +1,63 @@
-"""Descriptor validation and the derived sizes of a run, in a short fixed pipeline.
+"""Descriptor validation and the derived sizes of a run, in a fixed pipeline.
 
 The checks and their order are exactly model.ndp_golden.check_descriptor's: the first failing
 check names the error. A refused descriptor never reaches the memory reader.
 
-    stage 1: field checks, padded inputs, words per row, words of an activation load
-    stage 2: words of a matrix (rows x words per row, one multiplier)
-    stage 3: end address against the memory size
-    stage 4: priority encoding of the error
+Every stage is one short carry chain or a few LUT levels, so the check keeps up with the
+datapath's clock (the row-length arithmetic in four stages was the unit's critical path on an
+ECP5: a multiplier and two carry chains in one cycle). A descriptor waits LATENCY cycles.
+
+    stage 1:    field checks; padded inputs, superblocks and weight-word blocks per row
+    stage 2:    weight words per row (x3 for 3-bit), activation mismatch
+    stage 3:    multiplicands: (rows, words per row) or (tokens, words per token row)
+    stages 4-7: their product, a tree of shifted partial products with a register per level
+    stage 8:    end address
+    stage 9:    end address against the memory size
+    stage 10:   priority encoding of the error, outputs
+
+The sizes are computed at the widths valid fields need (tokens <= t_max, in_features <=
+max_in_features): a field out of range is refused by an earlier check whatever its truncated
+size says, and the sizes are only used when every check passed.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.hdl import Cat, Module, Mux, Signal, Value
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from model.contract import GROUP_CODES, MAX_ROWS, ErrorCode, Opcode
+from model.contract import DESCRIPTOR, GROUP_CODES, ErrorCode, Opcode
 
 from .geometry import Geometry, bits_for, log2
 from .shapes import DescriptorLayout, ErrorShape
 
-LATENCY = 4
+ROWS_BITS = dict(DESCRIPTOR.fields)["rows"]
+
+
+def product_levels(width: int) -> int:
+    """Registered adder levels of `pipelined_product` for a `width`-bit first operand."""
+    return max(1, (width - 1).bit_length())
+
+
+def pipelined_product(m: Module, a: Value, b: Value, name: str) -> Signal:
+    """a x b (unsigned) as a tree of shifted partial products, one register per adder level:
+    valid product_levels(len(a)) cycles after a and b. The AND of each partial product folds
+    into the first level's adders."""
+    a, b = Value.cast(a), Value.cast(b)
+    level = [Mux(a[i], b << i, 0) for i in range(len(a))]
+    depth = 0
+    while len(level) > 1 or depth == 0:
+        nxt = []
+        for i in range(0, len(level), 2):
+            pair = level[i:i + 2]
+            s = Signal(len(a) + len(b), name=f"{name}_l{depth}_{i // 2}")
+            m.d.sync += s.eq(pair[0] + pair[1] if len(pair) == 2 else pair[0])
+            nxt.append(s)
+        level, depth = nxt, depth + 1
+    assert depth == product_levels(len(a))
+    return level[0]
+
+
+LATENCY = 3 + product_levels(ROWS_BITS) + 3
 
 
 class DescriptorCheck(wiring.Component):
@@ -51,11 +89,16 @@ class DescriptorCheck(wiring.Component):
         g, cfg = self._geo, self._geo.cfg
         d = self.desc
         p_log = log2(g.word_bits)
-        in_wide = 18                                  # in_features (16 bits) rounded up to a block
+        in_bits = g.in_bits
+        in_v = d.in_features[:in_bits]                    # valid in_features <= max_in_features
+        tokens_v = d.tokens[:g.token_bits]                # valid tokens <= t_max
 
         opcode = d.opcode.as_value()
         is_load = opcode == Opcode.LOAD_ACT
         group_code = d.group
+
+        def ceil_shift(value, shift):
+            return ((value + (1 << shift) - 1) >> shift)[:in_bits]
 
         # -- stage 1 ----------------------------------------------------------------------------
         bad_opcode = Signal()
@@ -65,59 +108,74 @@ class DescriptorCheck(wiring.Component):
         bad_bits = Signal()
         bad_group = Signal()
         bad_rows = Signal()
-        act_mismatch = Signal()
+        tokens_over = Signal()
         misaligned = Signal()
         load = Signal()
-        load_words = Signal(g.length_bits)
-        row_words = Signal(in_wide)
-        padded = Signal(in_wide)
+        three = Signal()
+        padded = Signal(in_bits)            # inputs rounded up to whole packing blocks C
+        blocks = Signal(in_bits)            # weight words per row, 3-bit: blocks of three words
+        superblocks = Signal(in_bits)       # metadata words per row: one per E groups (P << group inputs)
 
-        # Codes per packing block C for each bit width in this build (3-bit: P codes in 3 words).
-        padded_c = Signal(in_wide)
-        weight_words = Signal(in_wide)
-        with m.Switch(d.bits):
-            for b in cfg.bits:
-                with m.Case(b):
-                    c_log = p_log if b == 3 else p_log - log2(b)
-                    m.d.comb += padded_c.eq((d.in_features + (1 << c_log) - 1) >> c_log << c_log)
-                    if b == 3:
-                        m.d.comb += weight_words.eq((padded_c >> p_log) * 3)
-                    else:
-                        m.d.comb += weight_words.eq(padded_c >> c_log)
-        # Superblocks per row: one metadata word per E groups, E * G = P << group_code inputs.
-        sb_shift = Signal(range(p_log + 4))
-        m.d.comb += sb_shift.eq(p_log + group_code)
-        superblocks = ((padded_c + (1 << sb_shift) - 1) >> sb_shift)[:in_wide]
         group_mask = Signal(8)
         m.d.comb += group_mask.eq((32 << group_code) - 1)
         valid_groups = list(GROUP_CODES.values())
+        with m.Switch(d.bits):
+            for b in cfg.bits:
+                with m.Case(b):
+                    c_log = p_log if b == 3 else p_log - log2(b)     # log2 of codes per block
+                    m.d.sync += [padded.eq(ceil_shift(in_v, c_log) << c_log), blocks.eq(ceil_shift(in_v, c_log))]
+        with m.Switch(group_code):
+            for code in valid_groups:
+                with m.Case(code):
+                    m.d.sync += superblocks.eq(ceil_shift(in_v, p_log + code))
 
         m.d.sync += [
             bad_opcode.eq(opcode > max(Opcode)),
             is_nop.eq(opcode == Opcode.NOP),
             load.eq(is_load),
+            three.eq(d.bits == 3),
             bad_tokens.eq((d.tokens == 0) | (d.tokens > cfg.t_max)),
             bad_bits.eq(~_one_of(d.bits, cfg.bits)),
             bad_group.eq(~_one_of(group_code, valid_groups)),
             bad_in.eq((d.in_features == 0) | (d.in_features > cfg.max_in_features) |
                       Mux(is_load, d.in_features[:p_log] != 0, (d.in_features & group_mask) != 0)),
             bad_rows.eq(d.rows == 0),
-            act_mismatch.eq((d.tokens > self.loaded_tokens) | (padded_c > self.loaded_in)),
+            tokens_over.eq(d.tokens > self.loaded_tokens),
             misaligned.eq(d.addr[:log2(g.word_bytes)] != 0),
-            load_words.eq(d.tokens * (d.in_features >> log2(g.word_bytes))),
-            row_words.eq(superblocks + weight_words),
-            padded.eq(padded_c),
         ]
 
         # -- stage 2 ----------------------------------------------------------------------------
-        words = Signal(bits_for(MAX_ROWS) + in_wide)
-        m.d.sync += words.eq(Mux(load, load_words, d.rows * row_words))
+        weight_words = Signal(in_bits + 2)
+        superblocks2 = Signal(in_bits)
+        act_mismatch = Signal()
+        m.d.sync += [
+            weight_words.eq(Mux(three, blocks + (blocks << 1), blocks)),
+            superblocks2.eq(superblocks),
+            act_mismatch.eq(tokens_over | (padded > self.loaded_in)),
+        ]
 
-        # -- stage 3 ----------------------------------------------------------------------------
+        # -- stage 3: multiplicands -------------------------------------------------------------
+        word_log = log2(g.word_bytes)
+        b_bits = bits_for(max(g.max_row_words, cfg.max_in_features >> word_log))
+        mul_a = Signal(ROWS_BITS)
+        mul_b = Signal(b_bits)
+        m.d.sync += [
+            mul_a.eq(Mux(load, tokens_v, d.rows)),
+            mul_b.eq(Mux(load, in_v >> word_log, superblocks2 + weight_words)),
+        ]
+
+        # -- stages 4..: the product --------------------------------------------------------------
+        words = pipelined_product(m, mul_a, mul_b, "words")
+
+        # -- end address and its range ------------------------------------------------------------
+        end = Signal(max(cfg.addr_bits, len(words) + word_log) + 1)
         out_of_range = Signal()
-        m.d.sync += out_of_range.eq(d.addr + (words << log2(g.word_bytes)) > cfg.mem_bytes)
+        m.d.sync += [
+            end.eq(d.addr + (words << word_log)),
+            out_of_range.eq(end > cfg.mem_bytes),
+        ]
 
-        # -- stage 4 ----------------------------------------------------------------------------
+        # -- last stage: priority encoding --------------------------------------------------------
         checks = [                                   # check_descriptor's order
             (bad_opcode, ErrorCode.BAD_OPCODE),
             (is_nop, ErrorCode.NONE),
