@@ -100,14 +100,43 @@ class MatmulSequencer(wiring.Component):
         i0 = Signal(g.in_bits)
         row = Signal(g.row_bits)
 
+        # The issue decision must be a few LUT levels from registers (it fans out to the memory
+        # response's ready and every counter here), so what it needs about the position is kept
+        # in flags, updated with i0 from compares of registers against per-descriptor constants
+        # taken at `start`:
+        #     row_end = (i0 + N_c == padded_in),  sb_end = ((i0 + N_c) & (E * G - 1)) == 0
+        # (the beat's codes end the row / the superblock), last_row = (row == rows - 1).
         n_c = codes_per_beat(m, g, mode.bits)
-        three = mode.bits == 3
-        next_i0 = i0 + n_c
-        row_end = next_i0 == mode.padded_in
-        # A superblock covers E * G = P << group inputs; the next one starts with its metadata.
         sb_mask = Signal(g.in_bits)
         m.d.comb += sb_mask.eq((g.word_bits << mode.group) - 1)
-        sb_end = (next_i0 & sb_mask) == 0
+        three = Signal()
+        n_c_r = Signal.like(n_c)
+        passes_m1 = Signal.like(mode.passes)
+        rows_m1 = Signal(g.row_bits)
+        sb_mask_r = Signal(g.in_bits)
+        row_end_at = Signal(g.in_bits)    # i0 whose successor's codes end the row: padded - 2 N_c
+        sb_end_at = Signal(g.in_bits)     # i0 & mask whose successor ends the superblock: -2 N_c & mask
+        row_end_first = Signal()          # row_end at i0 = 0 (one code beat per row)
+        sb_end_first = Signal()
+        with m.If(self.start):
+            m.d.sync += [
+                three.eq(mode.bits == 3),
+                n_c_r.eq(n_c),
+                passes_m1.eq(mode.passes - 1),
+                rows_m1.eq(mode.rows - 1),
+                sb_mask_r.eq(sb_mask),
+                row_end_at.eq(mode.padded_in - (n_c << 1)),
+                sb_end_at.eq((-(n_c << 1)) & sb_mask),
+                row_end_first.eq(n_c == mode.padded_in),
+                sb_end_first.eq((n_c & sb_mask) == 0),
+            ]
+
+        row_end = Signal()
+        sb_end = Signal()
+        last_row = Signal()
+        # row changes at most once per row, and a row has a META beat before its first CODE beat,
+        # so a flag one cycle behind `row` is current whenever a CODE beat reads it
+        m.d.sync += last_row.eq(row == rows_m1)
 
         kind = Signal(BeatKind)
         with m.If(need_meta):
@@ -117,7 +146,7 @@ class MatmulSequencer(wiring.Component):
         with m.Else():
             m.d.comb += kind.eq(BeatKind.CODE)
         is_code = kind == BeatKind.CODE
-        last_pass = pass_ == mode.passes - 1
+        last_pass = pass_ == passes_m1
         needs_credit = is_code & row_end
         can_issue = active & (~needs_credit | self.credit_ok)
         issue = can_issue & self.words.valid
@@ -139,7 +168,8 @@ class MatmulSequencer(wiring.Component):
         ]
 
         with m.If(self.start):
-            m.d.sync += [active.eq(1), need_meta.eq(1), phase.eq(0), pass_.eq(0), i0.eq(0), row.eq(0)]
+            m.d.sync += [active.eq(1), need_meta.eq(1), phase.eq(0), pass_.eq(0), i0.eq(0), row.eq(0),
+                         row_end.eq(n_c == mode.padded_in), sb_end.eq((n_c & sb_mask) == 0)]
         with m.Elif(issue):
             with m.Switch(kind):
                 with m.Case(BeatKind.META):
@@ -152,12 +182,15 @@ class MatmulSequencer(wiring.Component):
                     with m.Else():
                         m.d.sync += [
                             pass_.eq(0),
-                            i0.eq(next_i0),
+                            i0.eq(i0 + n_c_r),
+                            row_end.eq(i0 == row_end_at),
+                            sb_end.eq((i0 & sb_mask_r) == sb_end_at),
                             phase.eq(Mux(three & (phase == 1), 2, 0)),
                         ]
                         with m.If(row_end):
-                            m.d.sync += [i0.eq(0), need_meta.eq(1), row.eq(row + 1)]
-                            with m.If(row == mode.rows - 1):
+                            m.d.sync += [i0.eq(0), need_meta.eq(1), row.eq(row + 1),
+                                         row_end.eq(row_end_first), sb_end.eq(sb_end_first)]
+                            with m.If(last_row):
                                 m.d.sync += active.eq(0)
                         with m.Elif(sb_end):
                             m.d.sync += need_meta.eq(1)
