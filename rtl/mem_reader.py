@@ -67,7 +67,7 @@ class MemReader(wiring.Component):
             self.mem_req.payload.addr.eq(addr),
             self.mem_req.payload.words.eq(burst),
             self.cmd.ready.eq((to_request == 0) & (to_receive == 0)),
-            self.busy.eq((to_request != 0) | (to_receive != 0)),
+            self.busy.eq(to_receive != 0),          # to_request <= to_receive always
             self.waiting.eq(to_receive != to_request),
             # Responses pass straight through: the consumer's ready is the memory's ready.
             self.data.valid.eq(self.mem_resp.valid),

@@ -10,11 +10,11 @@ passes in order), one per cycle when `out` is ready.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .geometry import Geometry
+from .geometry import Geometry, log2
 from .scale_accumulator import entry_layout
 from .shapes import result_layout
 
@@ -54,10 +54,16 @@ class ResultOutput(wiring.Component):
         # Serializer: token j of the head entry goes into the output register.
         head = layout(buf.r_data)
         j = Signal(range(max(2, g.tokens_parallel)))
-        base = Signal(g.token_bits + 1)
-        m.d.comb += base.eq(head.pass_ * g.tokens_parallel)
-        token = base + j
-        last = (j == g.tokens_parallel - 1) | (token == self.tokens - 1)
+        token = Signal(g.token_bits + 1)
+        tp = g.tokens_parallel
+        if tp & (tp - 1) == 0:              # pass x TP + j without an adder
+            m.d.comb += token.eq(Cat(j[:log2(tp)], head.pass_) if tp > 1 else head.pass_)
+        else:
+            m.d.comb += token.eq(head.pass_ * tp + j)
+        # T - 1 registered: `tokens` holds for the whole descriptor, set cycles before any result
+        tokens_m1 = Signal(g.token_bits)
+        m.d.sync += tokens_m1.eq(self.tokens - 1)
+        last = (j == tp - 1) | (token == tokens_m1)
         load = buf.r_rdy & (~self.out.valid | self.out.ready)
         with m.If(self.out.valid & self.out.ready):
             m.d.sync += self.out.valid.eq(0)
