@@ -12,8 +12,8 @@ blocks), computed once here at LOAD_ACT time instead of by an adder tree per tok
 Load side: LOAD_ACT's words (P bits, little-endian bytes, token rows back to back) are assembled
 into RAM rows, summed by a pipelined adder tree and written; always ready.
 Read side: the address comes with the sequencer's beat (cycle 0), the RAM answers in cycle 1
-(registered read), the lanes' activations are aligned to the beat's codes (4- and 8-bit beats
-use part of a row) and registered: valid in cycle 2.
+(registered read), its row is registered (cycle 2), the lanes' activations are aligned to the
+beat's codes (4- and 8-bit beats use part of a row) and registered: valid in cycle 3.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from model.contract import ACT_BITS
 from .adder_tree import block_sums
 from .geometry import Geometry, log2
 
-READ_LATENCY = 2
+READ_LATENCY = 3
 
 
 def acts_layout(g: Geometry) -> data.ArrayLayout:
@@ -39,8 +39,8 @@ def xslots_layout(g: Geometry) -> data.ArrayLayout:
 
 class ActivationBuffer(wiring.Component):
     """Ports: load side `load_start`, `load_tokens`, `load_in` (bytes per token row), `words`
-    (stream in), `load_busy`; read side `rd_addr`, `rd_offset` (i0 mod L), `bits`, and two
-    cycles later `acts` and `xslots` (per token lane: activations per code lane, block sums per
+    (stream in), `load_busy`; read side `rd_addr`, `rd_offset` (i0 mod L), `bits`, and
+    READ_LATENCY cycles later `acts` and `xslots` (per token lane: activations per code lane, block sums per
     beat slot, zero where the beat has no such block)."""
 
     def __init__(self, geometry: Geometry):
@@ -149,25 +149,33 @@ class ActivationBuffer(wiring.Component):
 
     # -- MATMUL: RAM rows -> activations aligned to the beat's code lanes ------------------------
     def _elaborate_read(self, m, g: Geometry, read_ports):
+        # The block RAM's output goes straight into a register (Yosys leaves the RAM's own output
+        # register unused, and its clock-to-out alone is most of a 150 MHz cycle on an ECP5);
+        # the alignment multiplexers come a cycle later.
         off1 = Signal.like(self.rd_offset)
-        m.d.sync += off1.eq(self.rd_offset)
-        for rp in read_ports:
+        off2 = Signal.like(self.rd_offset)
+        m.d.sync += [off1.eq(self.rd_offset), off2.eq(off1)]
+        rows = []
+        for t, rp in enumerate(read_ports):
             m.d.comb += [rp.addr.eq(self.rd_addr), rp.en.eq(1)]
+            row = Signal(rp.data.shape(), name=f"rd_row_t{t}")
+            m.d.sync += row.eq(rp.data)
+            rows.append(row)
 
         # Offsets a lane can see: a beat of N_c codes starts at a multiple of N_c within the row.
         n_cs = {b: g.codes_per_beat(b) for b in g.cfg.bits}
-        for t, rp in enumerate(read_ports):
+        for t, rp in enumerate(rows):
             for j in range(g.lanes):
                 offsets = sorted({o for n in n_cs.values() if j < n for o in range(0, g.lanes, n)})
                 lane_act = Signal(signed(ACT_BITS), name=f"act_t{t}_l{j}")
                 if offsets == [0]:
-                    m.d.comb += lane_act.eq(rp.data.acts[j])
+                    m.d.comb += lane_act.eq(rp.acts[j])
                 else:
-                    m.d.comb += lane_act.eq(rp.data.acts[j])
-                    with m.Switch(off1):
+                    m.d.comb += lane_act.eq(rp.acts[j])
+                    with m.Switch(off2):
                         for o in offsets:
                             with m.Case(o):
-                                m.d.comb += lane_act.eq(rp.data.acts[o + j])
+                                m.d.comb += lane_act.eq(rp.acts[o + j])
                 m.d.sync += self.acts[t][j].eq(lane_act)
 
             # Block sums per beat slot: the blocks that start inside the beat, in order.
@@ -175,14 +183,14 @@ class ActivationBuffer(wiring.Component):
             with m.Switch(self.bits):
                 for b, n in n_cs.items():
                     with m.Case(b):
-                        with m.Switch(off1):
+                        with m.Switch(off2):
                             for o in range(0, g.lanes, n):
                                 with m.Case(o):
                                     first = o // g.block
                                     if n >= g.block:
                                         for k in range(n // g.block):
-                                            m.d.comb += slots[k].eq(rp.data.xsums[first + k])
+                                            m.d.comb += slots[k].eq(rp.xsums[first + k])
                                     elif o % g.block == 0:
-                                        m.d.comb += slots[0].eq(rp.data.xsums[first])
+                                        m.d.comb += slots[0].eq(rp.xsums[first])
             for k in range(g.blocks):
                 m.d.sync += self.xslots[t][k].eq(slots[k])

@@ -14,8 +14,8 @@
     RegisterBlock: status, counters
 
 Pipeline, counted in cycles from the sequencer issuing a beat (S0): the beat and the activation
-RAM address (S0), the registered RAM read and the unpacker (S1), codes and aligned activations
-(S2), products and the adder tree, the group stages, zero and scale multiplies, the slot tree,
+RAM address (S0), the registered RAM read (S1), the RAM output register and the unpacker (S2),
+codes and aligned activations (S3), products and the adder tree, the group stages, zero and scale multiplies, the slot tree,
 the accumulator, the output FIFO. Nothing in it stalls; the sequencer holds back instead (see
 result_output.py). A descriptor is taken only when the unit is not BUSY; `done` pulses for one
 cycle when it ends (DONE or ERROR).
@@ -209,15 +209,17 @@ class NdpUnit(wiring.Component):
             seq.credit_ok.eq(output.credit_ok),
             output.credit_take.eq(seq.credit_take),
         ]
-        s1_valid = Signal()
-        s1 = Signal(tag)
-        s1_lo_half = Signal()
+        # The beat waits two cycles (S1, S2) before the unpacker, as the activations do in the
+        # buffer (RAM read, RAM output register), so codes and activations meet in S3.
+        s0_valid, s0, s0_lo_half = Signal(), Signal(tag), Signal()
         m.d.sync += [
-            s1_valid.eq(seq.beat.valid),
-            s1_lo_half.eq(beat.lo_half),
-            s1.kind.eq(beat.kind), s1.pass_.eq(beat.pass_), s1.i0.eq(beat.i0),
-            s1.row_end.eq(beat.row_end), s1.row.eq(beat.row), s1.word.eq(beat.word),
+            s0_valid.eq(seq.beat.valid),
+            s0_lo_half.eq(beat.lo_half),
+            s0.kind.eq(beat.kind), s0.pass_.eq(beat.pass_), s0.i0.eq(beat.i0),
+            s0.row_end.eq(beat.row_end), s0.row.eq(beat.row), s0.word.eq(beat.word),
         ]
+        s1_valid, s1, s1_lo_half = Signal(), Signal(tag), Signal()
+        m.d.sync += [s1_valid.eq(s0_valid), s1.eq(s0), s1_lo_half.eq(s0_lo_half)]
         m.d.comb += [
             unpack.valid.eq(s1_valid), unpack.kind.eq(s1.kind), unpack.lo_half.eq(s1_lo_half),
             unpack.word.eq(s1.word), unpack.bits.eq(mode.bits), unpack.tag_in.eq(s1),
