@@ -12,9 +12,11 @@ quantized experts of its (bits, quantizer, fit) and only re-runs the model with 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -22,13 +24,16 @@ from model.block import FloatMoE, set_blocks
 from model.compensate import FP16_BYTES
 from model.contract import QuantFormat, fp16_matrix_bytes
 from model.moe import RouterConfig, route
-from model.moe_quant import FULL_RANK, MATRICES, QuantizedMoE, expert_grams, moe_forward_quant, quantize_moe
+from model.moe_quant import (FULL_RANK, MATRICES, QuantizedExpert, QuantizedMoE, compensate_moe, expert_grams,
+                             moe_forward_quant, quantize_moe)
 from model.perplexity import collect_mlp_inputs, perplexity
 from model.quantize import get_quantizer
 from model.rank_alloc import allocate_ranks
+from model.smollm import cache_dir
 
 from .policy import RestorationContext
 from .sensitivity import measure_sensitivity
+from .study_cache import StudyCache, model_fingerprint, tensor_hash
 
 
 @dataclass(frozen=True)
@@ -91,9 +96,12 @@ class Study:
     """Holds the model, its calibration statistics and the quantized variants built so far."""
 
     def __init__(self, dm, eval_windows: torch.Tensor, calib_windows: torch.Tensor, calib_rows: int = 4096,
-                 progress: bool = True, quant_layers: list[int] | None = None, block_rows: int = 1024):
+                 progress: bool = True, quant_layers: list[int] | None = None, block_rows: int = 1024,
+                 cache_root: Path | None | str = "default"):
         """quant_layers: the MoE layers the study quantizes and counts (default: all); the others
-        stay float MoE blocks, so a reduced run keeps the whole model's perplexity meaningful."""
+        stay float MoE blocks, so a reduced run keeps the whole model's perplexity meaningful.
+        cache_root: where quantized experts and compensators are cached ("default": the project
+        cache, None: not at all)."""
         self.dm = dm
         self.eval_windows = eval_windows
         self.progress = progress
@@ -113,6 +121,11 @@ class Study:
                                               progress=False)
         self.eval_refs = {l: self.float_blocks[l](x) for l, x in self.eval_inputs.items()}
         self.calib_seconds = time.time() - t0
+        if cache_root == "default":
+            cache_root = cache_dir() / "study"
+        h = hashlib.sha256()
+        tensor_hash(h, calib_windows)
+        self.cache = StudyCache(cache_root, model_fingerprint(dm.model, dm.blocks, f"{h.hexdigest()}|{calib_rows}"))
         self._variants: dict[Variant, dict[int, QuantizedMoE]] = {}
         self._sens: dict[Variant, dict] = {}
         self.rows: list[dict] = []
@@ -120,24 +133,39 @@ class Study:
     # -- building variants ---------------------------------------------------------------------
     def variant(self, v: Variant) -> dict[int, QuantizedMoE]:
         if v not in self._variants:
-            fmt = QuantFormat(v.bits, v.group, v.word_bits)
-            quantizer = get_quantizer(v.quantizer)
-            out = {}
-            base = None
             if v.alloc_budget:
                 base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group, v.word_bits))
-            for l in self.layers:
-                w, rc = self.dm.blocks[l]
-                if base is not None:
-                    qm = _with_allocated_ranks(base[l], v.alloc_budget)
-                else:
-                    qm = quantize_moe(w, rc, fmt, quantizer=quantizer, rank=v.rank, fit=v.fit, grams=self.grams[l])
-                if v.hi_bits:
-                    hi = self.variant(Variant(v.hi_bits, v.quantizer, group=v.group, word_bits=v.word_bits))[l]
-                    qm = QuantizedMoE(qm.fmt, qm.experts, qm.router, qm.cfg, qm.float_weights, hi.experts)
-                out[l] = qm
+                out = {l: _with_allocated_ranks(qm, v.alloc_budget) for l, qm in base.items()}
+            elif v.rank:
+                out = {l: self._compensated(l, v) for l in self.layers}
+            else:
+                out = {l: self._quantized(l, v) for l in self.layers}
+            if v.hi_bits:
+                hi = self.variant(Variant(v.hi_bits, v.quantizer, group=v.group, word_bits=v.word_bits))
+                out = {l: QuantizedMoE(qm.fmt, qm.experts, qm.router, qm.cfg, qm.float_weights, hi[l].experts)
+                       for l, qm in out.items()}
             self._variants[v] = out
         return self._variants[v]
+
+    def _quantized(self, layer: int, v: Variant) -> QuantizedMoE:
+        """The layer's low-bit experts without compensators (shared by every fit and rank)."""
+        plain = Variant(v.bits, v.quantizer, group=v.group, word_bits=v.word_bits)
+        if plain in self._variants:
+            return self._variants[plain][layer]
+        w, rc = self.dm.blocks[layer]
+        fmt = QuantFormat(v.bits, v.group, v.word_bits)
+        key = self.cache.key(str(layer), f"q|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}")
+        qs = self.cache.quantized(key, fmt, lambda: [ex.q for ex in quantize_moe(
+            w, rc, fmt, quantizer=get_quantizer(v.quantizer), grams=self.grams[layer]).experts])
+        return QuantizedMoE(fmt, [QuantizedExpert(q) for q in qs], w.router, rc, w)
+
+    def _compensated(self, layer: int, v: Variant) -> QuantizedMoE:
+        base = self.variant(Variant(v.bits, v.quantizer, group=v.group, word_bits=v.word_bits))[layer]
+        key = self.cache.key(str(layer), f"c|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}|{v.fit}|{v.rank}")
+        comps = self.cache.compensators(key, lambda: [ex.comp for ex in compensate_moe(
+            base, v.rank, v.fit, self.grams[layer]).experts])
+        experts = [QuantizedExpert(ex.q, comps[e], ex._deq) for e, ex in enumerate(base.experts)]
+        return QuantizedMoE(base.fmt, experts, base.router, base.cfg, base.float_weights)
 
     def sensitivity(self, v: Variant) -> dict:
         if v not in self._sens:
@@ -237,7 +265,6 @@ def _with_allocated_ranks(qm: QuantizedMoE, budget: float) -> QuantizedMoE:
     """Truncate a block's stored compensators to ranks allocated greedily under `budget` bytes of
     fp16 factors for the whole layer (gains: each component's calibration output-error
     reduction, from the activation-aware fit's spectrum)."""
-    from model.moe_quant import QuantizedExpert
 
     gains, cost = {}, {}
     for e, ex in enumerate(qm.experts):

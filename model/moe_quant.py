@@ -142,23 +142,40 @@ def quantize_moe(w: MoEWeights, cfg: RouterConfig, fmt: QuantFormat, *, quantize
     """Quantize every expert; fit compensators of `rank` (an int, or {(e, name): rank} from a
     rank allocation) with `fit` in {"aware", "svd"}. Activation-aware fits and activation-aware
     quantizers need calibration inputs of the block (`calib` [N, D]) or precomputed `grams`."""
-    if fit not in ("aware", "svd"):
-        raise ValueError(f"fit must be 'aware' or 'svd', not {fit!r}")
+    _check_fit(fit)
     if grams is None and calib is not None:
         grams = expert_grams(w, cfg, calib.float())
     if fit == "aware" and rank and grams is None:
         raise ValueError("activation-aware compensation needs calibration activations (calib)")
     experts = []
     for e in range(w.num_experts):
-        mats = {"w1": w.w1[e], "w3": w.w3[e], "w2": w.w2[e]}
-        q, comp = {}, {}
-        for name, m in mats.items():
-            m = m.float()
-            h = grams[e][name] if grams is not None else None
-            q[name] = quantizer(m, fmt, h)
+        q = {name: quantizer(getattr(w, name)[e].float(), fmt, grams[e][name] if grams is not None else None)
+             for name in MATRICES}
+        experts.append(QuantizedExpert(q))
+    qm = QuantizedMoE(fmt, experts, w.router, cfg, w)
+    return compensate_moe(qm, rank, fit, grams) if rank else qm
+
+
+def compensate_moe(qm: QuantizedMoE, rank: int | dict, fit: str = "aware",
+                   grams: list[dict[str, torch.Tensor]] | None = None) -> QuantizedMoE:
+    """The same low-bit experts with compensators of `rank` fitted to their quantization error
+    (the quantized matrices and their dequantized cache are shared, not copied)."""
+    _check_fit(fit)
+    if fit == "aware" and rank and grams is None:
+        raise ValueError("activation-aware compensation needs calibration activations (grams)")
+    w = qm.float_weights
+    experts = []
+    for e, ex in enumerate(qm.experts):
+        comp = {}
+        for name in MATRICES:
             r = rank.get((e, name), 0) if isinstance(rank, dict) else rank
             if r:
-                err = m - q[name].dequantize()
-                comp[name] = fit_activation_aware(err, h, r) if fit == "aware" else fit_svd(err, r)
-        experts.append(QuantizedExpert(q, comp))
-    return QuantizedMoE(fmt, experts, w.router, cfg, w)
+                err = getattr(w, name)[e].float() - ex.weight(name)
+                comp[name] = fit_activation_aware(err, grams[e][name], r) if fit == "aware" else fit_svd(err, r)
+        experts.append(QuantizedExpert(ex.q, comp, ex._deq))
+    return QuantizedMoE(qm.fmt, experts, qm.router, qm.cfg, w, qm.hi_experts)
+
+
+def _check_fit(fit: str) -> None:
+    if fit not in ("aware", "svd"):
+        raise ValueError(f"fit must be 'aware' or 'svd', not {fit!r}")
