@@ -85,39 +85,51 @@ class ActivationBuffer(wiring.Component):
         row_idx = Signal(g.act_row_addr_bits + 1)
         lane = Signal(range(max(2, g.tokens_parallel)))
         group = Signal(max(1, g.pass_bits))
-        rows_per_token = Signal(g.in_bits)
-        rows_left = Signal(g.in_bits + g.token_bits)
         shift = Signal(act_bits)
+        # Where the load is, as flags updated from compares against constants taken at the start
+        # (no multiply, no adder ahead of a compare): the row ends its token, the token is the last.
+        rows_per_token = self.load_in >> log2(g.act_row_bytes)
+        token = Signal(g.token_bits)
+        rows_m2 = Signal(g.in_bits)
+        tokens_m2 = Signal(g.token_bits)
+        one_row = Signal()
+        last_row = Signal()
+        last_token = Signal()
 
+        last_word = Signal()                # word_idx == words_per_act_row - 1, registered
         take = self.words.valid & loading
         m.d.comb += self.words.ready.eq(loading)
         with m.If(self.load_start):
             m.d.sync += [
-                loading.eq(1), word_idx.eq(0), row_idx.eq(0), lane.eq(0), group.eq(0),
-                rows_per_token.eq(self.load_in >> log2(g.act_row_bytes)),
-                rows_left.eq(self.load_tokens * (self.load_in >> log2(g.act_row_bytes))),
+                loading.eq(1), word_idx.eq(0), last_word.eq(g.words_per_act_row == 1),
+                row_idx.eq(0), lane.eq(0), group.eq(0), token.eq(0),
+                rows_m2.eq(rows_per_token - 2), tokens_m2.eq(self.load_tokens - 2),
+                one_row.eq(rows_per_token == 1), last_row.eq(rows_per_token == 1),
+                last_token.eq(self.load_tokens == 1),
             ]
 
         # Stage 0: a whole RAM row assembled (word 0 ends in the low bits).
         full = Signal()
         row = Signal(act_bits)
         target = Signal(len(lane) + g.pass_bits + g.act_row_addr_bits)
-        row_done = take & (word_idx == g.words_per_act_row - 1)
+        row_done = take & last_word
         assembled = self.words.payload if g.words_per_act_row == 1 else \
             Cat(shift[g.word_bits:], self.words.payload)
         m.d.sync += full.eq(row_done)
         with m.If(take):
-            m.d.sync += [shift.eq(assembled), word_idx.eq(word_idx + 1)]
+            m.d.sync += [shift.eq(assembled), word_idx.eq(word_idx + 1),
+                         last_word.eq(word_idx == g.words_per_act_row - 2)]
             with m.If(row_done):
                 m.d.sync += [
-                    word_idx.eq(0), row.eq(assembled),
+                    word_idx.eq(0), last_word.eq(g.words_per_act_row == 1), row.eq(assembled),
                     target.eq(Cat(row_idx[:g.act_row_addr_bits], group[:g.pass_bits], lane)),
-                    rows_left.eq(rows_left - 1), row_idx.eq(row_idx + 1),
+                    row_idx.eq(row_idx + 1), last_row.eq(row_idx == rows_m2),
                 ]
-                with m.If(rows_left == 1):
-                    m.d.sync += loading.eq(0)
-                with m.If(row_idx == rows_per_token - 1):
-                    m.d.sync += row_idx.eq(0)
+                with m.If(last_row):
+                    m.d.sync += [row_idx.eq(0), last_row.eq(one_row),
+                                 token.eq(token + 1), last_token.eq(token == tokens_m2)]
+                    with m.If(last_token):
+                        m.d.sync += loading.eq(0)
                     if g.tokens_parallel > 1:
                         with m.If(lane == g.tokens_parallel - 1):
                             m.d.sync += [lane.eq(0), group.eq(group + 1)]

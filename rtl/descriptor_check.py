@@ -8,7 +8,7 @@ datapath's clock (the row-length arithmetic in four stages was the unit's critic
 ECP5: a multiplier and two carry chains in one cycle). A descriptor waits LATENCY cycles.
 
     stage 1:    field checks; padded inputs, superblocks and weight-word blocks per row
-    stage 2:    weight words per row (x3 for 3-bit), activation mismatch
+    stage 2:    weight words per row (x3 for 3-bit), activation mismatch, bad in_features
     stage 3:    multiplicands: (rows, words per row) or (tokens, words per token row)
     stages 4-7: their product, a tree of shifted partial products with a register per level
     stage 8:    end address
@@ -104,7 +104,8 @@ class DescriptorCheck(wiring.Component):
         bad_opcode = Signal()
         is_nop = Signal()
         bad_tokens = Signal()
-        bad_in = Signal()
+        bad_in = Signal()                   # stage 2, from three stage-1 parts
+        in_zero, in_over, in_unaligned_load, in_unaligned_group = Signal(), Signal(), Signal(), Signal()
         bad_bits = Signal()
         bad_group = Signal()
         bad_rows = Signal()
@@ -116,8 +117,6 @@ class DescriptorCheck(wiring.Component):
         blocks = Signal(in_bits)            # weight words per row, 3-bit: blocks of three words
         superblocks = Signal(in_bits)       # metadata words per row: one per E groups (P << group inputs)
 
-        group_mask = Signal(8)
-        m.d.comb += group_mask.eq((32 << group_code) - 1)
         valid_groups = list(GROUP_CODES.values())
         with m.Switch(d.bits):
             for b in cfg.bits:
@@ -127,7 +126,8 @@ class DescriptorCheck(wiring.Component):
         with m.Switch(group_code):
             for code in valid_groups:
                 with m.Case(code):
-                    m.d.sync += superblocks.eq(ceil_shift(in_v, p_log + code))
+                    m.d.sync += [superblocks.eq(ceil_shift(in_v, p_log + code)),
+                                 in_unaligned_group.eq(d.in_features[:log2(32) + code] != 0)]
 
         m.d.sync += [
             bad_opcode.eq(opcode > max(Opcode)),
@@ -137,8 +137,9 @@ class DescriptorCheck(wiring.Component):
             bad_tokens.eq((d.tokens == 0) | (d.tokens > cfg.t_max)),
             bad_bits.eq(~_one_of(d.bits, cfg.bits)),
             bad_group.eq(~_one_of(group_code, valid_groups)),
-            bad_in.eq((d.in_features == 0) | (d.in_features > cfg.max_in_features) |
-                      Mux(is_load, d.in_features[:p_log] != 0, (d.in_features & group_mask) != 0)),
+            in_zero.eq(d.in_features == 0),
+            in_over.eq(d.in_features > cfg.max_in_features),
+            in_unaligned_load.eq(d.in_features[:p_log] != 0),
             bad_rows.eq(d.rows == 0),
             tokens_over.eq(d.tokens > self.loaded_tokens),
             misaligned.eq(d.addr[:log2(g.word_bytes)] != 0),
@@ -152,6 +153,7 @@ class DescriptorCheck(wiring.Component):
             weight_words.eq(Mux(three, blocks + (blocks << 1), blocks)),
             superblocks2.eq(superblocks),
             act_mismatch.eq(tokens_over | (padded > self.loaded_in)),
+            bad_in.eq(in_zero | in_over | Mux(load, in_unaligned_load, in_unaligned_group)),
         ]
 
         # -- stage 3: multiplicands -------------------------------------------------------------

@@ -16,7 +16,7 @@ partials, metadata lookup.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Array, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -45,7 +45,8 @@ def group_slots_layout(g: Geometry) -> data.StructLayout:
 
 class GroupCombiner(wiring.Component):
     """Ports in: `valid`, `kind`, `pass_`, `i0`, `row_end`, `row`, `word` (a META beat's word),
-    `qx` (block sums of q x), `xs` (block sums of x), `bits`, `group` (held per descriptor).
+    `qx` (block sums of q x), `xs` (block sums of x), `bits`, `group`, `passes` (held per
+    descriptor).
     Out, LATENCY cycles later: `code_valid` (a CODE beat), `pass_out`, `row_end_out`, `row_out`,
     `groups`."""
 
@@ -65,6 +66,7 @@ class GroupCombiner(wiring.Component):
             "xs": In(xslots_layout(g)),
             "bits": In(4),
             "group": In(2),
+            "passes": In(range(g.max_passes + 1)),
             "code_valid": Out(1),
             "pass_out": Out(g.pass_bits),
             "row_end_out": Out(1),
@@ -113,18 +115,29 @@ class GroupCombiner(wiring.Component):
             for k, p in enumerate(parts_of([self.xs[t][k] for k in range(K)])):
                 m.d.sync += x1[t][k].eq(p)
 
-        whole = n_c >> g_log                    # groups wholly inside the beat (0 if N_c < G)
+        # Per-descriptor constants, registered in two steps (bits and group hold for the whole
+        # descriptor and are set cycles before its first beat): which slots hold whole groups, and, for a beat
+        # inside a group (N_c < G), the i0 mod G of the beat that ends it (G - N_c).
+        whole = Signal(range(g.lanes + 1))      # groups wholly inside the beat (0 if N_c < G)
+        m.d.sync += whole.eq(n_c >> g_log)
         g_mask = Signal(8)
-        m.d.comb += g_mask.eq((1 << g_log) - 1)
-        partial = whole == 0
-        ends = ((self.i0 + n_c) & g_mask) == 0
+        partial = Signal()
+        slot_whole = Signal(K)
+        ends_at = Signal(8)
+        m.d.sync += [
+            g_mask.eq((1 << g_log) - 1),
+            partial.eq(whole == 0),
+            slot_whole.eq(Cat(*(k < whole for k in range(K)))),
+            ends_at.eq(((1 << g_log) - n_c) & ((1 << g_log) - 1)),
+        ]
+        ends = (self.i0[:8] & g_mask) == ends_at
         slot_valid1 = Signal(K)
         keep1 = Signal()                        # the beat's sum continues a group: keep it
         entry1 = [Signal(range(E), name=f"entry1_{k}") for k in range(K)]
         first_group = self.i0 >> g_log
         for k in range(K):
             m.d.sync += [
-                slot_valid1[k].eq(Mux(partial, ends if k == 0 else 0, k < whole)),
+                slot_valid1[k].eq(Mux(partial, ends if k == 0 else 0, slot_whole[k])),
                 entry1[k].eq(first_group + k),
             ]
         m.d.sync += keep1.eq(partial & ~ends)
@@ -135,12 +148,20 @@ class GroupCombiner(wiring.Component):
             m.d.sync += meta.eq(s1["word"])
 
         code = s1["valid"] & (s1["kind"] == BeatKind.CODE)
+        # CODE beats come in passes 0, 1, .. passes-1, 0, 1, .. so the running partials rotate:
+        # the beat reads the head and pushes its new partial behind the last live pass (no
+        # multiplexer on the pass number ahead of the adder).
+        last_slot = Signal(range(g.max_passes))
+        m.d.sync += last_slot.eq(self.passes - 1)
         for t in range(g.tokens_parallel):
             for name, parts, width in (("qx", qx1[t], GROUP_QX_BITS), ("x", x1[t], GROUP_X_BITS)):
-                run = Array(Signal(signed(width), name=f"run_{name}_t{t}_p{p}") for p in range(g.max_passes))
-                first = (parts[0] + run[s1["pass_"]])[:width].as_signed()
+                run = [Signal(signed(width), name=f"run_{name}_t{t}_p{p}") for p in range(g.max_passes)]
+                first = (parts[0] + run[0])[:width].as_signed()
+                pushed = Mux(keep1, first, 0)
                 with m.If(code):
-                    m.d.sync += run[s1["pass_"]].eq(Mux(keep1, first, 0))
+                    for p in range(g.max_passes):
+                        nxt = run[p + 1] if p + 1 < g.max_passes else 0
+                        m.d.sync += run[p].eq(Mux(last_slot == p, pushed, nxt))
                 target = getattr(self.groups, name)[t]
                 m.d.sync += target[0].eq(first)
                 for k in range(1, K):

@@ -57,28 +57,50 @@ class MemReader(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         word_bytes = self._word_bits // 8
+        mb_log = log2(self._max_burst)
         to_request = Signal(self._length_bits)      # words not yet requested
         to_receive = Signal(self._length_bits)      # words requested or not, not yet arrived
         addr = Signal.like(self.mem_req.payload.addr)
-        burst = Mux(to_request > self._max_burst, self._max_burst, to_request)
+        # The request side runs from registers (valid, burst length, busy), so nothing the
+        # memory's ready or response touches passes through a wide compare: a read of W words is
+        # `full_left` more bursts of max_burst words after the current one, then `last_burst`.
+        req_valid = Signal()
+        burst = Signal.like(self.mem_req.payload.words)
+        full_left = Signal(max(1, self._length_bits - mb_log))
+        last_burst = Signal.like(burst)
+        busy = Signal()                             # to_receive != 0 (and to_request <= to_receive)
 
         m.d.comb += [
-            self.mem_req.valid.eq(to_request != 0),
+            self.mem_req.valid.eq(req_valid),
             self.mem_req.payload.addr.eq(addr),
             self.mem_req.payload.words.eq(burst),
-            self.cmd.ready.eq((to_request == 0) & (to_receive == 0)),
-            self.busy.eq(to_receive != 0),          # to_request <= to_receive always
+            self.cmd.ready.eq(~busy),
+            self.busy.eq(busy),
             self.waiting.eq(to_receive != to_request),
             # Responses pass straight through: the consumer's ready is the memory's ready.
             self.data.valid.eq(self.mem_resp.valid),
             self.data.payload.eq(self.mem_resp.payload),
             self.mem_resp.ready.eq(self.data.ready),
         ]
+        # A command is taken into registers first; its bursts are worked out the cycle after.
+        pending = Signal()
+        words = Signal(self._length_bits)
+        m.d.sync += pending.eq(0)
+        with m.If(pending):
+            m.d.sync += [
+                req_valid.eq(words != 0),
+                burst.eq(Mux(words > self._max_burst, self._max_burst, words)),
+                full_left.eq((words - 1) >> mb_log),
+                last_burst.eq(((words - 1) & (self._max_burst - 1)) + 1),
+            ]
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 addr.eq(self.cmd.payload.addr),
+                words.eq(self.cmd.payload.words),
+                pending.eq(1),
                 to_request.eq(self.cmd.payload.words),
                 to_receive.eq(self.cmd.payload.words),
+                busy.eq(self.cmd.payload.words != 0),
             ]
         with m.Else():
             with m.If(self.mem_req.valid & self.mem_req.ready):
@@ -86,6 +108,11 @@ class MemReader(wiring.Component):
                     to_request.eq(to_request - burst),
                     addr.eq(addr + (burst << log2(word_bytes))),
                 ]
-            with m.If(self.mem_resp.valid & self.mem_resp.ready & (to_receive != 0)):
-                m.d.sync += to_receive.eq(to_receive - 1)
+                with m.If(full_left == 0):
+                    m.d.sync += req_valid.eq(0)
+                with m.Else():
+                    m.d.sync += [full_left.eq(full_left - 1),
+                                 burst.eq(Mux(full_left == 1, last_burst, self._max_burst))]
+            with m.If(self.mem_resp.valid & self.mem_resp.ready & busy):
+                m.d.sync += [to_receive.eq(to_receive - 1), busy.eq(to_receive != 1)]
         return m

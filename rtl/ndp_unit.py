@@ -231,7 +231,8 @@ class NdpUnit(wiring.Component):
             groups.valid.eq(lanes.valid_out), groups.kind.eq(bt.kind), groups.pass_.eq(bt.pass_),
             groups.i0.eq(bt.i0), groups.row_end.eq(bt.row_end), groups.row.eq(bt.row),
             groups.word.eq(bt.word), groups.qx.eq(lanes.sums), groups.xs.eq(lanes.tag_out.xs),
-            groups.bits.eq(mode.bits), groups.group.eq(mode.group),
+            groups.bits.eq(mode.bits), groups.group.eq(mode.group), groups.passes.eq(mode.passes),
+            scale.passes.eq(mode.passes),
             scale.valid.eq(groups.code_valid), scale.pass_.eq(groups.pass_out),
             scale.row_end.eq(groups.row_end_out), scale.row.eq(groups.row_out),
             scale.groups.eq(groups.groups),
@@ -241,10 +242,14 @@ class NdpUnit(wiring.Component):
         # -- registers --------------------------------------------------------------------------------
         busy = state == StateShape.BUSY
         wants_word = Mux(is_load, act.words.ready, seq.want_word)
+        # counted a cycle late (a wide compare behind the issue decision); a stall needs words in
+        # flight, so none falls in a descriptor's last cycle and the counts at `done` are exact
+        mem_stall = Signal()
+        m.d.sync += mem_stall.eq(busy & reader.waiting & wants_word & ~self.mem_resp.valid)
         m.d.comb += [
             regs.state.eq(state), regs.error.eq(error),
             regs.ev_busy_cycles.eq(busy),
-            regs.ev_mem_stall_cycles.eq(busy & reader.waiting & wants_word & ~self.mem_resp.valid),
+            regs.ev_mem_stall_cycles.eq(mem_stall),
             regs.ev_out_stall_cycles.eq(busy & self.out.valid & ~self.out.ready),
             regs.ev_words_read.eq(self.mem_resp.valid & self.mem_resp.ready),
             regs.ev_results_written.eq(self.out.valid & self.out.ready),

@@ -10,8 +10,8 @@ passes in order), one per cycle when `out` is ready.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Signal
-from amaranth.lib import fifo, stream, wiring
+from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .geometry import Geometry, log2
@@ -42,35 +42,56 @@ class ResultOutput(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         g = self._geo
-        layout = entry_layout(g)
+        tp = g.tokens_parallel
+        entry = entry_layout(g)
+        # FIFO word: the entry and the index of its last token (so the read side decides
+        # "last token of the head" from the head's bits and j alone, with no arithmetic)
+        layout = data.StructLayout({"entry": entry, "last_j": range(max(2, tp))})
         m.submodules.fifo = buf = fifo.SyncFIFOBuffered(width=layout.size, depth=self._depth)
-        m.d.comb += [buf.w_data.eq(self.entry.payload), buf.w_en.eq(self.entry.valid)]
+
+        # T - 1 registered: `tokens` holds for the whole descriptor, set cycles before any result
+        tokens_m1 = Signal(g.token_bits)
+        m.d.sync += tokens_m1.eq(self.tokens - 1)
+        last_j = Signal(range(max(2, tp)))
+        pass_ = self.entry.payload.pass_
+        if tp & (tp - 1) == 0:              # the last pass holds tokens up to T - 1, others TP
+            lo = log2(tp)
+            m.d.comb += last_j.eq(Mux(pass_ == tokens_m1[lo:], tokens_m1[:lo], tp - 1) if tp > 1 else 0)
+        else:
+            left = Signal(g.token_bits + 1)
+            m.d.comb += [left.eq(tokens_m1 - pass_ * tp), last_j.eq(Mux(left < tp, left, tp - 1))]
+        word = Signal(layout)
+        m.d.comb += [word.entry.eq(self.entry.payload), word.last_j.eq(last_j),
+                     buf.w_data.eq(word), buf.w_en.eq(self.entry.valid)]
 
         credits = Signal(range(self._depth + 1), init=self._depth)
         credit_back = Signal()
-        m.d.sync += credits.eq(credits + credit_back - self.credit_take)
-        m.d.comb += self.credit_ok.eq(credits != 0)
+        # credits + back - take, as a choice between precomputed neighbours (take comes late)
+        m.d.sync += credits.eq(Mux(self.credit_take, Mux(credit_back, credits, credits - 1),
+                                   Mux(credit_back, credits + 1, credits)))
+        # credit_ok registered (it gates the sequencer's issue decision): the next count is
+        # non-zero when a credit comes back, or two or more are left, or one is left and not taken
+        credit_ok = Signal(init=1)
+        m.d.sync += credit_ok.eq(credit_back | (credits >= 2) | ((credits == 1) & ~self.credit_take))
+        m.d.comb += self.credit_ok.eq(credit_ok)
 
         # Serializer: token j of the head entry goes into the output register.
-        head = layout(buf.r_data)
-        j = Signal(range(max(2, g.tokens_parallel)))
+        head_word = layout(buf.r_data)
+        head = head_word.entry
+        j = Signal(range(max(2, tp)))
         token = Signal(g.token_bits + 1)
-        tp = g.tokens_parallel
         if tp & (tp - 1) == 0:              # pass x TP + j without an adder
             m.d.comb += token.eq(Cat(j[:log2(tp)], head.pass_) if tp > 1 else head.pass_)
         else:
             m.d.comb += token.eq(head.pass_ * tp + j)
-        # T - 1 registered: `tokens` holds for the whole descriptor, set cycles before any result
-        tokens_m1 = Signal(g.token_bits)
-        m.d.sync += tokens_m1.eq(self.tokens - 1)
-        last = (j == tp - 1) | (token == tokens_m1)
+        last = j == head_word.last_j
         load = buf.r_rdy & (~self.out.valid | self.out.ready)
         with m.If(self.out.valid & self.out.ready):
             m.d.sync += self.out.valid.eq(0)
         with m.If(load):
             m.d.sync += [
                 self.out.valid.eq(1),
-                self.out.payload.value.eq(head.values[j] if g.tokens_parallel > 1 else head.values[0]),
+                self.out.payload.value.eq(head.values[j] if tp > 1 else head.values[0]),
                 self.out.payload.row.eq(head.row),
                 self.out.payload.token.eq(token),
                 j.eq(j + 1),

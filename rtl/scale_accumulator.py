@@ -11,7 +11,7 @@ lane; a row's last beat of a pass emits that pass's results as one entry and cle
 """
 from __future__ import annotations
 
-from amaranth.hdl import Array, Module, Signal, signed
+from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -36,7 +36,8 @@ def entry_layout(g: Geometry) -> data.StructLayout:
 
 
 class ScaleAccumulator(wiring.Component):
-    """Ports in: `valid` (a CODE beat), `pass_`, `row_end`, `row`, `groups`.
+    """Ports in: `valid` (a CODE beat), `pass_`, `row_end`, `row`, `groups`, `passes` (held per
+    descriptor).
     Out: `entry` (always-ready stream: a row's values for one pass)."""
 
     def __init__(self, geometry: Geometry):
@@ -49,6 +50,7 @@ class ScaleAccumulator(wiring.Component):
             "row_end": In(1),
             "row": In(g.row_bits),
             "groups": In(group_slots_layout(g)),
+            "passes": In(range(g.max_passes + 1)),
             "entry": Out(stream.Signature(entry_layout(g), always_ready=True)),
         })
 
@@ -82,6 +84,8 @@ class ScaleAccumulator(wiring.Component):
         row = delay(self.row, stages, "row")
 
         scale2 = [delay(grp.scale[k], 2, f"scale_{k}") for k in range(K)]
+        last_slot = Signal(range(g.max_passes))
+        m.d.sync += last_slot.eq(self.passes - 1)
         for t in range(TP):
             products = []
             for k in range(K):
@@ -98,12 +102,18 @@ class ScaleAccumulator(wiring.Component):
                 products.append(prod)
             (beat_sum,), _ = block_sums(m, products, K, f"slots_t{t}")
 
-            acc = Array(Signal(signed(ACC_BITS), name=f"acc_t{t}_p{p}") for p in range(g.max_passes))
-            total = (acc[pass_] + beat_sum)[:ACC_BITS].as_signed()
+            # Beats come in passes 0, 1, .. passes-1, 0, .. so the accumulators rotate: a beat
+            # adds to the head and pushes the sum (0 after a row's end) behind the last live pass,
+            # and no multiplexer on the pass number sits ahead of the wide adder.
+            acc = [Signal(signed(ACC_BITS), name=f"acc_t{t}_p{p}") for p in range(g.max_passes)]
+            total = (acc[0] + beat_sum)[:ACC_BITS].as_signed()
+            pushed = Mux(row_end, 0, total)
             with m.If(valid):
-                m.d.sync += acc[pass_].eq(total)
+                for p in range(g.max_passes):
+                    nxt = acc[p + 1] if p + 1 < g.max_passes else 0
+                    m.d.sync += acc[p].eq(Mux(last_slot == p, pushed, nxt))
                 with m.If(row_end):
-                    m.d.sync += [acc[pass_].eq(0), self.entry.payload.values[t].eq(total)]
+                    m.d.sync += self.entry.payload.values[t].eq(total)
 
         m.d.sync += self.entry.valid.eq(valid & row_end)
         with m.If(valid & row_end):

@@ -138,15 +138,15 @@ class MatmulSequencer(wiring.Component):
         # so a flag one cycle behind `row` is current whenever a CODE beat reads it
         m.d.sync += last_row.eq(row == rows_m1)
 
+        # The beat's kind and "last pass" are registers too, set with the state they follow from:
+        # kind = META if need_meta, else HI if 3-bit and phase 0, else CODE.
         kind = Signal(BeatKind)
-        with m.If(need_meta):
-            m.d.comb += kind.eq(BeatKind.META)
-        with m.Elif(three & (phase == 0)):
-            m.d.comb += kind.eq(BeatKind.HI)
-        with m.Else():
-            m.d.comb += kind.eq(BeatKind.CODE)
-        is_code = kind == BeatKind.CODE
-        last_pass = pass_ == passes_m1
+        is_code = Signal()
+        last_pass = Signal()              # pass_ == passes - 1
+        passes_m2 = Signal.like(mode.passes)
+        one_pass = Signal()
+        with m.If(self.start):
+            m.d.sync += [passes_m2.eq(mode.passes - 2), one_pass.eq(mode.passes == 1)]
         needs_credit = is_code & row_end
         can_issue = active & (~needs_credit | self.credit_ok)
         issue = can_issue & self.words.valid
@@ -167,26 +167,37 @@ class MatmulSequencer(wiring.Component):
             self.act_addr.eq(Cat((i0 >> log2(g.lanes))[:g.act_row_addr_bits], pass_)),
         ]
 
+        def set_kind(meta, hi):
+            m.d.sync += [kind.eq(Mux(meta, BeatKind.META, Mux(hi, BeatKind.HI, BeatKind.CODE))),
+                         is_code.eq(~meta & ~hi)]
+
         with m.If(self.start):
             m.d.sync += [active.eq(1), need_meta.eq(1), phase.eq(0), pass_.eq(0), i0.eq(0), row.eq(0),
-                         row_end.eq(n_c == mode.padded_in), sb_end.eq((n_c & sb_mask) == 0)]
+                         row_end.eq(n_c == mode.padded_in), sb_end.eq((n_c & sb_mask) == 0),
+                         last_pass.eq(mode.passes == 1)]
+            set_kind(1, 0)
         with m.Elif(issue):
             with m.Switch(kind):
                 with m.Case(BeatKind.META):
                     m.d.sync += need_meta.eq(0)
+                    set_kind(0, three & (phase == 0))
                 with m.Case(BeatKind.HI):
                     m.d.sync += phase.eq(1)
+                    set_kind(0, 0)
                 with m.Case(BeatKind.CODE):
                     with m.If(~last_pass):
-                        m.d.sync += pass_.eq(pass_ + 1)
+                        m.d.sync += [pass_.eq(pass_ + 1), last_pass.eq(pass_ == passes_m2)]
                     with m.Else():
+                        next_phase = Mux(three & (phase == 1), 2, 0)
                         m.d.sync += [
                             pass_.eq(0),
+                            last_pass.eq(one_pass),
                             i0.eq(i0 + n_c_r),
                             row_end.eq(i0 == row_end_at),
                             sb_end.eq((i0 & sb_mask_r) == sb_end_at),
-                            phase.eq(Mux(three & (phase == 1), 2, 0)),
+                            phase.eq(next_phase),
                         ]
+                        set_kind(row_end | sb_end, three & (next_phase == 0))
                         with m.If(row_end):
                             m.d.sync += [i0.eq(0), need_meta.eq(1), row.eq(row + 1),
                                          row_end.eq(row_end_first), sb_end.eq(sb_end_first)]

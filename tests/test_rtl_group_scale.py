@@ -25,7 +25,7 @@ class GroupScale(wiring.Component):
         m = Module()
         m.submodules.groups, m.submodules.scale = gc, sa = self.groups, self.scale
         m.d.comb += [sa.valid.eq(gc.code_valid), sa.pass_.eq(gc.pass_out), sa.row_end.eq(gc.row_end_out),
-                     sa.row.eq(gc.row_out), sa.groups.eq(gc.groups)]
+                     sa.row.eq(gc.row_out), sa.groups.eq(gc.groups), sa.passes.eq(gc.passes)]
         return m
 
 
@@ -74,6 +74,8 @@ def test_rows_of_group_sums(name, bits, group):
     async def driver(ctx):
         ctx.set(gc.bits, bits)
         ctx.set(gc.group, group.bit_length() - 6)
+        ctx.set(gc.passes, passes)
+        await ctx.tick().repeat(3)          # per-descriptor settings lead the first beat (as in the unit)
         for b in beats:
             ctx.set(gc.valid, 1)
             ctx.set(gc.kind, b["kind"])
