@@ -25,7 +25,8 @@ from model.compensate import FP16_BYTES
 from model.contract import QuantFormat, fp16_matrix_bytes
 from model.moe import RouterConfig, route
 from model.moe_quant import (FULL_RANK, MATRICES, QuantizedExpert, QuantizedMoE, compensate_moe, expert_grams,
-                             moe_forward_quant, quantize_moe)
+                             quantize_moe)
+from model.moe_quant_masked import MaskedQuantMoE
 from model.perplexity import collect_mlp_inputs, perplexity
 from model.quantize import get_quantizer
 from model.rank_alloc import allocate_ranks
@@ -76,6 +77,7 @@ class LayerRunner:
 
     def __init__(self, qm: QuantizedMoE, decide, cfg: RouterConfig):
         self.qm, self.decide, self.cfg = qm, decide, cfg
+        self.block = MaskedQuantMoE(qm)        # moe_forward_quant's result, all experts at once
         self.bytes = 0
         self.tokens = 0
 
@@ -89,7 +91,7 @@ class LayerRunner:
                 price[key] = slot_bytes(self.qm, e, r, h)
             self.bytes += price[key]
         self.tokens += x.shape[0]
-        return moe_forward_quant(x, self.qm, restore, hi, routing=(ids, weights))
+        return self.block(x, restore, hi, (ids, weights))
 
 
 class Study:
@@ -203,7 +205,7 @@ class Study:
             x, ref = self.eval_inputs[l], self.eval_refs[l]
             ids, weights = route(x, runner.qm.router, runner.cfg)
             restore, hi = runner.decide(ids, weights)
-            y = moe_forward_quant(x, runner.qm, restore, hi, routing=(ids, weights))
+            y = runner.block(x, restore, hi, (ids, weights))
             sq.append(float((y - ref).square().sum() / ref.square().sum()))
         return math.sqrt(sum(sq) / len(sq))
 

@@ -63,3 +63,29 @@ def test_aware_compensation_needs_calibration():
     w, calib, x = _block(e=2)
     with pytest.raises(ValueError, match="calibration"):
         quantize_moe(w, RouterConfig(top_k=1), QuantFormat(2, 64), rank=4)
+
+
+def test_masked_block_matches_the_per_expert_reference():
+    """The study's all-experts-at-once block equals the reference loop for any mix of plain,
+    restored (at several ranks, past the stored one too) and higher-precision slots."""
+    from model.moe_quant_masked import MaskedQuantMoE
+    from model.moe import route
+
+    w, calib, _ = _block(seed=3, e=8)
+    g = torch.Generator().manual_seed(4)
+    w = MoEWeights(w.router, w.w1, w.w3, w.w2, shared_w1=torch.randn(48, 128, generator=g) * 0.1,
+                   shared_w3=torch.randn(48, 128, generator=g) * 0.1, shared_w2=torch.randn(128, 48, generator=g) * 0.1)
+    cfg = RouterConfig(top_k=4)
+    qm = quantize_moe(w, cfg, QuantFormat(3, 64), rank=6, fit="aware", calib=calib)
+    hi = quantize_moe(w, cfg, QuantFormat(8, 64))
+    qm = type(qm)(qm.fmt, qm.experts, qm.router, qm.cfg, qm.float_weights, hi.experts)
+    x = torch.randn(40, 128, generator=g)
+    routing = route(x, qm.router, cfg)
+    restore = torch.tensor([0, 2, 6, FULL_RANK])[torch.randint(0, 4, (40, 4), generator=g)]
+    his = torch.rand(40, 4, generator=g) < 0.25
+    ref = moe_forward_quant(x, qm, restore, his, routing=routing)
+    got = MaskedQuantMoE(qm)(x, restore, his, routing)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), float((got - ref).abs().max())
+    plain = torch.zeros(40, 4, dtype=torch.long)
+    none = torch.zeros(40, 4, dtype=torch.bool)
+    assert not torch.allclose(MaskedQuantMoE(qm)(x, plain, none, routing), ref, atol=1e-4)
