@@ -19,8 +19,8 @@ KIND_STYLE = {  # kind -> (marker, colour, label)
 
 
 def add_arguments(p):
-    p.add_argument("--model", default="default", help="'default' (MoEfied SmolLM2, built offline) or a local "
-                   "Hugging Face MoE checkpoint folder")
+    p.add_argument("--model", default="default", help="'default' (MoEfied SmolLM2, built offline), a local "
+                   "Hugging Face MoE checkpoint folder (Mixtral, OLMoE, Qwen2/3-MoE, DeepSeek-V2/V3), or a Qwen2/3-MoE .gguf file")
     p.add_argument("--bits", default="2,3,4", help="uniform bit widths")
     p.add_argument("--base-bits", type=int, default=3, help="bit width the restoration sweep runs on")
     p.add_argument("--rank", default="4,16", help="compensator ranks (the largest is stored, the rest are prefixes)")
@@ -53,15 +53,13 @@ def load_study_model(name: str, text: str | None, layers: list[int] | None, prog
 
     if name == "default":
         return load_default_moe(text=text, layers=layers, progress=progress)
-    from transformers import AutoTokenizer
-
-    from model.checkpoint import load_model
+    from model.checkpoint import load_model, load_tokenizer
     from model.text import load_text
 
     model, ckpt = load_model(name)
     blocks = {l: (w, cfg) for l, w, cfg in ckpt.iter_moe_layers()}
-    return DefaultMoE(model, AutoTokenizer.from_pretrained(name), blocks, load_text(text),
-                      {"what": f"local checkpoint {name}", "model_type": ckpt.model_type})
+    kind = getattr(ckpt, "model_type", None) or getattr(ckpt, "arch", None)
+    return DefaultMoE(model, load_tokenizer(name), blocks, load_text(text), {"what": f"local checkpoint {name}", "model_type": kind})
 
 
 def run(args) -> int:

@@ -272,15 +272,34 @@ def load_model(folder: str | Path, float_blocks: bool = True):
 
     With float_blocks, every MoE layer's block is replaced by MoEBlock(FloatMoE(...)) read by our
     loader, so the project's block runs everywhere and the rest is transformers' own code.
+    `folder` may also be a `.gguf` file (see model.gguf_reader.load_gguf_model).
     Returns (model, checkpoint).
     """
     from transformers import AutoModelForCausalLM
 
-    ckpt = Checkpoint(folder)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    model = AutoModelForCausalLM.from_pretrained(ckpt.folder, dtype=torch.float32, local_files_only=True)
-    model.eval()
+    if str(folder).endswith(".gguf"):
+        from .gguf_reader import load_gguf_model
+        model, ckpt = load_gguf_model(folder)
+    else:
+        ckpt = Checkpoint(folder)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        model = AutoModelForCausalLM.from_pretrained(ckpt.folder, dtype=torch.float32, local_files_only=True)
+        model.eval()
     if float_blocks:
         for layer, w, cfg in ckpt.iter_moe_layers():
             set_block(model, layer, FloatMoE(w, cfg))
     return model, ckpt
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local checkpoint folder, or the one in a .gguf file's metadata."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    try:
+        if p.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{p}: no tokenizer could be loaded from it ({e})") from None
+

@@ -168,3 +168,37 @@ class GGUFCheckpoint:
         for layer in self.moe_layers:
             w, cfg = self.moe_layer(layer)
             yield layer, w, cfg
+
+
+# Architectures whose whole model transformers can load from GGUF (its own GGUF support), with the
+# config fields transformers does not read from the file (it falls back to Qwen1.5-MoE's sizes).
+WHOLE_MODEL = {"qwen2moe": ("qwen2_moe", {"moe_intermediate_size": "expert_intermediate",
+                                          "shared_expert_intermediate_size": "shared_intermediate"}),
+               "qwen3moe": ("qwen3_moe", {"moe_intermediate_size": "expert_intermediate"})}
+
+
+def load_gguf_model(path: str | Path):
+    """The whole GGUF model as a transformers causal LM (fp32, offline) for the architectures
+    transformers reads, its MoE sizes taken from the file. Returns (model, GGUFCheckpoint)."""
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = GGUFCheckpoint(path)
+    if ckpt.arch not in WHOLE_MODEL:
+        raise ValueError(f"{ckpt.path}: transformers cannot load a whole {ckpt.arch!r} model from GGUF (it can: "
+                         f"{', '.join(WHOLE_MODEL)}); its MoE layers still read with GGUFCheckpoint, or convert "
+                         f"the model to a Hugging Face safetensors folder")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    folder, name = str(ckpt.path.parent), ckpt.path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model_type, sizes = WHOLE_MODEL[ckpt.arch]
+    if config.model_type != model_type:
+        raise ValueError(f"{ckpt.path}: transformers read model_type={config.model_type!r}, expected {model_type!r}")
+    for field, attr in sizes.items():
+        setattr(config, field, getattr(ckpt, attr))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32,
+                                                 local_files_only=True)
+    model.eval()
+    return model, ckpt
+

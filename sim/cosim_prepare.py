@@ -82,7 +82,7 @@ def load_default(layers: list[int]) -> LoadedModel:
 
 
 def load_checkpoint(path: str, layers: list[int]) -> LoadedModel:
-    from model.checkpoint import load_model
+    from model.checkpoint import load_model, load_tokenizer
 
     model, ckpt = load_model(path)
     blocks = {}
@@ -93,9 +93,7 @@ def load_checkpoint(path: str, layers: list[int]) -> LoadedModel:
     text = load_text(None)
     vocab = model.config.vocab_size
     try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = load_tokenizer(path)
         calib, ev, note = tokenize(text.calib, tok), tokenize(text.eval, tok), f"{text.source}, the checkpoint's tokenizer"
     except (OSError, ValueError):
         # A checkpoint without a tokenizer (e.g. a tiny random test model): UTF-8 bytes as ids.
@@ -107,8 +105,8 @@ def load_checkpoint(path: str, layers: list[int]) -> LoadedModel:
 def load(model: str, layers: list[int]) -> LoadedModel:
     if model == "default":
         return load_default(layers)
-    if not Path(model).is_dir():
-        raise ValueError(f"--model must be 'default' or a checkpoint folder, not {model!r}")
+    if not (Path(model).is_dir() or (model.endswith(".gguf") and Path(model).is_file())):
+        raise ValueError(f"--model must be 'default', a checkpoint folder or a .gguf file, not {model!r}")
     return load_checkpoint(model, layers)
 
 

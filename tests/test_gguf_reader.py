@@ -106,3 +106,72 @@ def test_bad_files_are_refused(tmp_path):
     dense.close()
     with pytest.raises(ValueError, match="expert_count is missing or 0: not an MoE model"):
         GGUFCheckpoint(tmp_path / "dense.gguf")
+
+
+def _write_whole_qwen2moe(path):
+    """A whole tiny Qwen2-MoE model in llama.cpp's tensor names (attention, norms, embeddings too)."""
+    d, heads, kv_heads, vocab = D, 4, 2, 96
+    rng = np.random.default_rng(1)
+    w = gguf.GGUFWriter(str(path), "qwen2moe")
+    w.add_context_length(128)
+    w.add_embedding_length(d)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(I)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_expert_count(E)
+    w.add_expert_used_count(K)
+    w.add_expert_feed_forward_length(I)
+    w.add_expert_shared_feed_forward_length(S)
+    w.add_vocab_size(vocab)
+    kv = kv_heads * d // heads
+    shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,), "output.weight": (vocab, d)}
+    for l in range(LAYERS):
+        b = f"blk.{l}."
+        shapes.update({b + "attn_norm.weight": (d,), b + "attn_q.weight": (d, d), b + "attn_q.bias": (d,),
+                       b + "attn_k.weight": (kv, d), b + "attn_k.bias": (kv,), b + "attn_v.weight": (kv, d),
+                       b + "attn_v.bias": (kv,), b + "attn_output.weight": (d, d), b + "ffn_norm.weight": (d,),
+                       b + "ffn_gate_inp.weight": (E, d), b + "ffn_gate_exps.weight": (E, I, d),
+                       b + "ffn_up_exps.weight": (E, I, d), b + "ffn_down_exps.weight": (E, d, I),
+                       b + "ffn_gate_inp_shexp.weight": (d,), b + "ffn_gate_shexp.weight": (S, d),
+                       b + "ffn_up_shexp.weight": (S, d), b + "ffn_down_shexp.weight": (d, S)})
+    for name, shape in shapes.items():
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_whole_gguf_model_runs_our_block_and_matches_transformers(tmp_path):
+    """transformers loads the rest of a Qwen2-MoE GGUF (with the MoE sizes it does not read from the
+    file set from our reader); our float block reproduces its own MoE block, and the whole model's
+    logits are unchanged when every block is ours."""
+    from model.checkpoint import load_model
+    from model.moe import moe_forward
+
+    path = tmp_path / "tiny-qwen2moe.gguf"
+    _write_whole_qwen2moe(path)
+    theirs, _ = load_model(path, float_blocks=False)
+    ours, ck = load_model(path)
+    assert type(theirs.model.layers[1].mlp).__name__ == "Qwen2MoeSparseMoeBlock"
+    assert type(ours.model.layers[1].mlp).__name__ == "MoEBlock"
+    x = torch.randn(10, D, generator=torch.Generator().manual_seed(2))
+    w, cfg = ck.moe_layer(1)
+    ref = theirs.model.layers[1].mlp(x[None])
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    assert torch.allclose(moe_forward(x, w, cfg), ref[0], atol=1e-6)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)
+
+
+def test_whole_gguf_model_of_an_architecture_transformers_cannot_load(tmp_path):
+    from model.checkpoint import load_model
+
+    path = tmp_path / "ds.gguf"
+    _write(path, arch="deepseek2", leading_dense=1)
+    with pytest.raises(ValueError, match=r"cannot load a whole 'deepseek2' model from GGUF"):
+        load_model(path)
