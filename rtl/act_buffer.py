@@ -24,9 +24,11 @@ from amaranth.lib.wiring import In, Out
 from model.contract import ACT_BITS
 
 from .adder_tree import block_sums
+from .fanout import register_copies
 from .geometry import Geometry, log2
 
 READ_LATENCY = 3
+LANE_GROUP = 16         # activation lanes sharing one copy of the read offset
 
 
 def acts_layout(g: Geometry) -> data.ArrayLayout:
@@ -165,8 +167,11 @@ class ActivationBuffer(wiring.Component):
         # register unused, and its clock-to-out alone is most of a 150 MHz cycle on an ECP5);
         # the alignment multiplexers come a cycle later.
         off1 = Signal.like(self.rd_offset)
-        off2 = Signal.like(self.rd_offset)
-        m.d.sync += [off1.eq(self.rd_offset), off2.eq(off1)]
+        m.d.sync += off1.eq(self.rd_offset)
+        # the offset steers every activation lane's multiplexer: one copy per token and group of
+        # LANE_GROUP lanes (rtl/fanout.py)
+        groups = -(-g.lanes // LANE_GROUP)
+        off2_copies = register_copies(m, off1, g.tokens_parallel * groups, "off2")
         rows = []
         for t, rp in enumerate(read_ports):
             m.d.comb += [rp.addr.eq(self.rd_addr), rp.en.eq(1)]
@@ -178,6 +183,7 @@ class ActivationBuffer(wiring.Component):
         n_cs = {b: g.codes_per_beat(b) for b in g.cfg.bits}
         for t, rp in enumerate(rows):
             for j in range(g.lanes):
+                off2 = off2_copies[t * groups + j // LANE_GROUP]
                 offsets = sorted({o for n in n_cs.values() if j < n for o in range(0, g.lanes, n)})
                 lane_act = Signal(signed(ACT_BITS), name=f"act_t{t}_l{j}")
                 if offsets == [0]:
@@ -195,7 +201,7 @@ class ActivationBuffer(wiring.Component):
             with m.Switch(self.bits):
                 for b, n in n_cs.items():
                     with m.Case(b):
-                        with m.Switch(off2):
+                        with m.Switch(off2_copies[t * groups]):
                             for o in range(0, g.lanes, n):
                                 with m.Case(o):
                                     first = o // g.block

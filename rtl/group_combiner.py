@@ -23,6 +23,7 @@ from amaranth.lib.wiring import In, Out
 from model.contract import (GROUP_QX_BITS, GROUP_X_BITS, META_ENTRY_BITS, SCALE_BITS, ZERO_BITS)
 
 from .act_buffer import xslots_layout
+from .fanout import register_copies
 from .geometry import Geometry, log2
 from .multiply_lanes import sums_layout
 from .sequencer import BeatKind, codes_per_beat
@@ -132,7 +133,6 @@ class GroupCombiner(wiring.Component):
         ]
         ends = (self.i0[:8] & g_mask) == ends_at
         slot_valid1 = Signal(K)
-        keep1 = Signal()                        # the beat's sum continues a group: keep it
         entry1 = [Signal(range(E), name=f"entry1_{k}") for k in range(K)]
         first_group = self.i0 >> g_log
         for k in range(K):
@@ -140,7 +140,10 @@ class GroupCombiner(wiring.Component):
                 slot_valid1[k].eq(Mux(partial, ends if k == 0 else 0, slot_whole[k])),
                 entry1[k].eq(first_group + k),
             ]
-        m.d.sync += keep1.eq(partial & ~ends)
+        # "a CODE beat" and "keep the partial" (the beat's sum continues a group) steer every running partial: a copy per token lane
+        # and sum (rtl/fanout.py)
+        run_flags = register_copies(m, Cat(self.valid & (self.kind == BeatKind.CODE), partial & ~ends),
+                                    2 * g.tokens_parallel, "run_flags")
 
         # -- stage 2: running partials per pass, metadata ---------------------------------------
         meta = Signal(data.ArrayLayout(META_ENTRY, E))
@@ -154,11 +157,12 @@ class GroupCombiner(wiring.Component):
         last_slot = Signal(range(g.max_passes))
         m.d.sync += last_slot.eq(self.passes - 1)
         for t in range(g.tokens_parallel):
-            for name, parts, width in (("qx", qx1[t], GROUP_QX_BITS), ("x", x1[t], GROUP_X_BITS)):
+            for i, (name, parts, width) in enumerate((("qx", qx1[t], GROUP_QX_BITS), ("x", x1[t], GROUP_X_BITS))):
+                code_c, keep_c = run_flags[2 * t + i][0], run_flags[2 * t + i][1]
                 run = [Signal(signed(width), name=f"run_{name}_t{t}_p{p}") for p in range(g.max_passes)]
                 first = (parts[0] + run[0])[:width].as_signed()
-                pushed = Mux(keep1, first, 0)
-                with m.If(code):
+                pushed = Mux(keep_c, first, 0)
+                with m.If(code_c):
                     for p in range(g.max_passes):
                         nxt = run[p + 1] if p + 1 < g.max_passes else 0
                         m.d.sync += run[p].eq(Mux(last_slot == p, pushed, nxt))

@@ -11,7 +11,7 @@ passes in order), one per cycle when `out` is ready.
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Module, Mux, Signal
-from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .geometry import Geometry, log2
@@ -47,7 +47,16 @@ class ResultOutput(wiring.Component):
         # FIFO word: the entry and the index of its last token (so the read side decides
         # "last token of the head" from the head's bits and j alone, with no arithmetic)
         layout = data.StructLayout({"entry": entry, "last_j": range(max(2, tp))})
-        m.submodules.fifo = buf = fifo.SyncFIFOBuffered(width=layout.size, depth=self._depth)
+        # The FIFO: LUT RAM read asynchronously at `consume`, a registered non-empty flag. (The
+        # credits rule out overflow, so there is no full check on the write side.)
+        depth = self._depth
+        m.submodules.storage = storage = memory.Memory(shape=layout, depth=depth, init=[])
+        wp, rp = storage.write_port(), storage.read_port(domain="comb")
+        produce = Signal(range(depth))
+        consume = Signal(range(depth))
+        level = Signal(range(depth + 1))
+        nonempty = Signal()
+        r_en = Signal()
 
         # T - 1 registered: `tokens` holds for the whole descriptor, set cycles before any result
         tokens_m1 = Signal(g.token_bits)
@@ -61,8 +70,17 @@ class ResultOutput(wiring.Component):
             left = Signal(g.token_bits + 1)
             m.d.comb += [left.eq(tokens_m1 - pass_ * tp), last_j.eq(Mux(left < tp, left, tp - 1))]
         word = Signal(layout)
+        w_en = self.entry.valid
         m.d.comb += [word.entry.eq(self.entry.payload), word.last_j.eq(last_j),
-                     buf.w_data.eq(word), buf.w_en.eq(self.entry.valid)]
+                     wp.addr.eq(produce), wp.data.eq(word), wp.en.eq(w_en), rp.addr.eq(consume)]
+        with m.If(w_en):
+            m.d.sync += produce.eq(Mux(produce == depth - 1, 0, produce + 1))
+        with m.If(r_en):
+            m.d.sync += consume.eq(Mux(consume == depth - 1, 0, consume + 1))
+        m.d.sync += [
+            level.eq(Mux(w_en, Mux(r_en, level, level + 1), Mux(r_en, level - 1, level))),
+            nonempty.eq(w_en | (level >= 2) | ((level == 1) & ~r_en)),
+        ]
 
         credits = Signal(range(self._depth + 1), init=self._depth)
         credit_back = Signal()
@@ -76,7 +94,7 @@ class ResultOutput(wiring.Component):
         m.d.comb += self.credit_ok.eq(credit_ok)
 
         # Serializer: token j of the head entry goes into the output register.
-        head_word = layout(buf.r_data)
+        head_word = rp.data
         head = head_word.entry
         j = Signal(range(max(2, tp)))
         token = Signal(g.token_bits + 1)
@@ -85,7 +103,7 @@ class ResultOutput(wiring.Component):
         else:
             m.d.comb += token.eq(head.pass_ * tp + j)
         last = j == head_word.last_j
-        load = buf.r_rdy & (~self.out.valid | self.out.ready)
+        load = nonempty & (~self.out.valid | self.out.ready)
         with m.If(self.out.valid & self.out.ready):
             m.d.sync += self.out.valid.eq(0)
         with m.If(load):
@@ -98,6 +116,6 @@ class ResultOutput(wiring.Component):
             ]
             with m.If(last):
                 m.d.sync += j.eq(0)
-                m.d.comb += [buf.r_en.eq(1), credit_back.eq(1)]
+                m.d.comb += [r_en.eq(1), credit_back.eq(1)]
         m.d.comb += self.idle.eq((credits == self._depth) & ~self.out.valid)
         return m

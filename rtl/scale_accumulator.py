@@ -11,7 +11,7 @@ lane; a row's last beat of a pass emits that pass's results as one entry and cle
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -19,6 +19,7 @@ from model.contract import (ACC_BITS, GROUP_QX_BITS, GROUP_X_BITS, SCALE_BITS, Z
                             ZERO_FRAC_BITS)
 
 from .adder_tree import block_sums
+from .fanout import register_copies
 from .geometry import Geometry, log2
 from .group_combiner import group_slots_layout
 
@@ -82,6 +83,9 @@ class ScaleAccumulator(wiring.Component):
         pass_ = delay(self.pass_, stages, "pass")
         row_end = delay(self.row_end, stages, "row_end")
         row = delay(self.row, stages, "row")
+        # valid and row_end steer every accumulator bit: one copy per token lane (rtl/fanout.py)
+        flags = register_copies(m, Cat(delay(self.valid, stages - 1, "valid_c"),
+                                       delay(self.row_end, stages - 1, "row_end_c")), TP, "acc_flags")
 
         scale2 = [delay(grp.scale[k], 2, f"scale_{k}") for k in range(K)]
         last_slot = Signal(range(g.max_passes))
@@ -107,8 +111,9 @@ class ScaleAccumulator(wiring.Component):
             # and no multiplexer on the pass number sits ahead of the wide adder.
             acc = [Signal(signed(ACC_BITS), name=f"acc_t{t}_p{p}") for p in range(g.max_passes)]
             total = (acc[0] + beat_sum)[:ACC_BITS].as_signed()
-            pushed = Mux(row_end, 0, total)
-            with m.If(valid):
+            valid_t, row_end_t = flags[t][0], flags[t][1]
+            pushed = Mux(row_end_t, 0, total)
+            with m.If(valid_t):
                 for p in range(g.max_passes):
                     nxt = acc[p + 1] if p + 1 < g.max_passes else 0
                     m.d.sync += acc[p].eq(Mux(last_slot == p, pushed, nxt))

@@ -15,10 +15,12 @@ from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
+from .fanout import register_copies
 from .geometry import Geometry
 from .sequencer import BeatKind
 
 LATENCY = 1
+LANE_GROUP = 8          # lanes sharing one copy of `bits`
 
 
 def codes_layout(g: Geometry) -> data.ArrayLayout:
@@ -26,7 +28,8 @@ def codes_layout(g: Geometry) -> data.ArrayLayout:
 
 
 class Unpacker(wiring.Component):
-    """Ports: `valid`, `kind`, `lo_half`, `word`, `bits` (held per descriptor), `tag_in`;
+    """Ports: `valid`, `kind`, `lo_half`, `word`, `bits` (held per descriptor, set a cycle
+    before the first beat), `tag_in`;
     one cycle later `codes` (meaningful for CODE beats), `valid_out`, `tag_out`."""
 
     def __init__(self, geometry: Geometry, tag_shape):
@@ -56,9 +59,12 @@ class Unpacker(wiring.Component):
             with m.If(self.valid & (self.kind == BeatKind.HI)):
                 m.d.sync += plane.eq(word)
 
+        # `bits` (held per descriptor) reaches each group of LANE_GROUP lanes through its own copy
+        groups = -(-g.lanes // LANE_GROUP)
+        bits_copies = register_copies(m, self.bits, groups, "bits")
         for j in range(g.lanes):
             code = Signal(8, name=f"code{j}")
-            with m.Switch(self.bits):
+            with m.Switch(bits_copies[j // LANE_GROUP]):
                 for b in g.cfg.bits:
                     if j >= g.codes_per_beat(b):
                         continue

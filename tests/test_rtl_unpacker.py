@@ -28,6 +28,7 @@ def test_codes_match_packing(name):
             raw = pack_codes(codes, fmt)[0].numpy().tobytes()
             words = [int.from_bytes(raw[i:i + g.word_bytes], "little") for i in range(0, len(raw), g.word_bytes)]
             ctx.set(dut.bits, bits)
+            await ctx.tick()                        # bits leads the first beat by a cycle
             beats = []
             if bits == 3:
                 beats = [(BeatKind.HI, 0, words[0]), (BeatKind.CODE, 0, words[1]), (BeatKind.CODE, 1, words[2])]
