@@ -9,7 +9,7 @@ from .demo import DemoOptions, run_demo
 def add_arguments(p):
     p.add_argument("--out", type=Path, default=Path("results/demo"), help="report folder")
     p.add_argument("--quick", action="store_true", help="reduced mode (the test suite's): two MoE layers, "
-                   "short text, the small NDP configuration on an ECP5-25k")
+                   "short text, the small NDP configuration on an ECP5-85k")
 
 
 def run(args) -> int:

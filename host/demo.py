@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,19 +147,37 @@ def step_throughput(opt: DemoOptions, log) -> StepResult:
     return StepResult("Throughput model: Mixtral-8x7B, GPU-only vs GPU-NDP", 0, lines, data)
 
 
-def step_synth(opt: DemoOptions, log) -> StepResult:
-    """5/5 FPGA synthesis"""
-    from rtl.synth.cmd_synth import attach_throughput, format_result
-    from rtl.synth.run import run_synth
-    from model.contract import get_config
+def start_synth(opt: DemoOptions) -> subprocess.Popen:
+    """Synthesis runs in its own process from the start: Yosys and nextpnr use one core while the
+    model and the study (mostly one thread) use the other. Step 5 collects it."""
+    opt.out.mkdir(parents=True, exist_ok=True)
+    (opt.out / "synth.json").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "host.cli", *synth_args(opt), "--json", str(opt.out / "synth.json")]
+    with open(opt.out / "synth.log", "w") as log_file:      # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
 
-    cfg = get_config(opt.synth_config)
-    r = run_synth(cfg, opt.synth_target, freq_mhz=150.0, reuse=True)
-    attach_throughput(r, cfg, 1.0)
+
+def synth_args(opt: DemoOptions) -> list[str]:
+    return ["synth", "--config", opt.synth_config, "--target", opt.synth_target, "--freq", "150", "--reuse"]
+
+
+def step_synth(opt: DemoOptions, log, proc: subprocess.Popen | None = None) -> StepResult:
+    """5/5 FPGA synthesis"""
+    from rtl.synth.cmd_synth import format_result
+    from rtl.synth.report import SynthResult
+
+    proc = proc or start_synth(opt)
+    if proc.poll() is None:
+        log("   waiting for the synthesis started at the beginning (log: " + str(opt.out / "synth.log") + ")")
+    proc.wait()
+    out = opt.out / "synth.json"
+    if not out.exists():
+        tail = (opt.out / "synth.log").read_text()[-2000:]
+        raise RuntimeError(f"ndpmoe {' '.join(synth_args(opt))} exited with {proc.returncode} and no result:\n{tail}")
+    r = SynthResult.from_json(json.loads(out.read_text()))
     text = format_result(r)
     log("   " + text.replace("\n", "\n   "))
-    lines = [f"`ndpmoe synth --config {opt.synth_config} --target {opt.synth_target} --freq 150`", "", "```",
-             text.rstrip(), "```"]
+    lines = [f"`ndpmoe {' '.join(synth_args(opt))}`", "", "```", text.rstrip(), "```"]
     return StepResult(f"FPGA: NDP configuration '{opt.synth_config}' on {opt.synth_target}", 0, lines, r.to_json(),
                       ok=bool(r.fits))
 
@@ -168,13 +188,19 @@ STEPS = (step_model, step_study, step_cosim, step_throughput, step_synth)
 def run_demo(opt: DemoOptions, log=print) -> Path:
     opt.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    synth = start_synth(opt)
     results = []
-    for step in STEPS:
-        try:
-            results.append(_timed(step.__doc__ or step.__name__, lambda: step(opt, log), log))
-        except Exception as exc:                   # a failed step is reported, never hidden
-            log(f"   FAILED: {type(exc).__name__}: {exc}")
-            results.append(StepResult(step.__name__, 0, [f"**failed**: `{type(exc).__name__}: {exc}`"], ok=False))
+    try:
+        for step in STEPS:
+            run = (lambda: step(opt, log, synth)) if step is step_synth else (lambda: step(opt, log))
+            try:
+                results.append(_timed(step.__doc__ or step.__name__, run, log))
+            except Exception as exc:                   # a failed step is reported, never hidden
+                log(f"   FAILED: {type(exc).__name__}: {exc}")
+                results.append(StepResult(step.__name__, 0, [f"**failed**: `{type(exc).__name__}: {exc}`"], ok=False))
+    finally:
+        if synth.poll() is None:                       # interrupted: no orphaned place and route
+            synth.kill()
     return write_report(opt, results, time.time() - t0, log)
 
 

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "target, not a measurement)")
     p.add_argument("--out", type=Path, default=None, help="build folder (default build/fpga/<run>)")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
+    p.add_argument("--reuse", action="store_true",
+                   help="return the stored result of an identical earlier run (same Verilog, target, speed, clock, "
+                        "seed) from the build folder instead of running the tools again")
 
 
 def _pct(used: int | None, avail: int | None) -> str:
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = get_config(args.config)
     target = get_target(args.target)
     check_words_per_cycle(args.words_per_cycle)   # before minutes of place and route
-    r = run_synth(cfg, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed, dsp_min_width=args.dsp_min_width)
+    r = run_synth(cfg, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed, dsp_min_width=args.dsp_min_width,
+                  reuse=args.reuse)
     attach_throughput(r, cfg, args.words_per_cycle)
     print(format_result(r))
     if args.json:
