@@ -110,21 +110,15 @@ class ActivationBuffer(wiring.Component):
                 last_token.eq(self.load_tokens == 1),
             ]
 
-        # Stage 0: a whole RAM row assembled (word 0 ends in the low bits).
-        full = Signal()
-        row = Signal(act_bits)
-        target = Signal(len(lane) + g.pass_bits + g.act_row_addr_bits)
+        # Control runs on the incoming handshake (a few flags); the wide datapath a cycle behind,
+        # from registers (word, take, row done, target), so no LUT output ahead of it fans out to
+        # the hundreds of row bits.
         row_done = take & last_word
-        assembled = self.words.payload if g.words_per_act_row == 1 else \
-            Cat(shift[g.word_bits:], self.words.payload)
-        m.d.sync += full.eq(row_done)
         with m.If(take):
-            m.d.sync += [shift.eq(assembled), word_idx.eq(word_idx + 1),
-                         last_word.eq(word_idx == g.words_per_act_row - 2)]
+            m.d.sync += [word_idx.eq(word_idx + 1), last_word.eq(word_idx == g.words_per_act_row - 2)]
             with m.If(row_done):
                 m.d.sync += [
-                    word_idx.eq(0), last_word.eq(g.words_per_act_row == 1), row.eq(assembled),
-                    target.eq(Cat(row_idx[:g.act_row_addr_bits], group[:g.pass_bits], lane)),
+                    word_idx.eq(0), last_word.eq(g.words_per_act_row == 1),
                     row_idx.eq(row_idx + 1), last_row.eq(row_idx == rows_m2),
                 ]
                 with m.If(last_row):
@@ -140,11 +134,27 @@ class ActivationBuffer(wiring.Component):
                     else:
                         m.d.sync += group.eq(group + 1)
 
+        target = Signal(len(lane) + g.pass_bits + g.act_row_addr_bits)
+        word_a, take_a, row_done_a = Signal(g.word_bits), Signal(), Signal()
+        target_a = Signal.like(target)
+        m.d.sync += [word_a.eq(self.words.payload), take_a.eq(take), row_done_a.eq(row_done),
+                     target_a.eq(Cat(row_idx[:g.act_row_addr_bits], group[:g.pass_bits], lane))]
+
+        # Stage 0: a whole RAM row assembled (word 0 ends in the low bits).
+        full = Signal()
+        row = Signal(act_bits)
+        assembled = word_a if g.words_per_act_row == 1 else Cat(shift[g.word_bits:], word_a)
+        m.d.sync += full.eq(row_done_a)
+        with m.If(take_a):
+            m.d.sync += shift.eq(assembled)
+        with m.If(row_done_a):
+            m.d.sync += [row.eq(assembled), target.eq(target_a)]
+
         # Stages 1..n: block sums of the row, the row and its target delayed alongside.
         acts = [row[ACT_BITS * i:ACT_BITS * (i + 1)].as_signed() for i in range(g.lanes)]
         sums, latency = block_sums(m, acts, g.block, "xsum")
         valid_d, row_d, target_d = full, row, target
-        in_flight = [full]
+        in_flight = [take_a, full]
         for i in range(latency):
             v, r, t = Signal(name=f"ld_valid{i}"), Signal(act_bits, name=f"ld_row{i}"), \
                 Signal(len(target), name=f"ld_target{i}")
