@@ -13,7 +13,7 @@ Load side: LOAD_ACT's words (P bits, little-endian bytes, token rows back to bac
 into RAM rows, summed by a pipelined adder tree and written; always ready.
 Read side: the address comes with the sequencer's beat (cycle 0), the RAM answers in cycle 1
 (registered read), its row is registered (cycle 2), the lanes' activations are aligned to the
-beat's codes (4- and 8-bit beats use part of a row) and registered: valid in cycle 3.
+beat's codes (4- and 8-bit beats use part of a row) and registered twice: valid in cycle 4.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .adder_tree import block_sums
 from .fanout import register_copies
 from .geometry import Geometry, log2
 
-READ_LATENCY = 3
+READ_LATENCY = 4
 LANE_GROUP = 16         # activation lanes sharing one copy of the read offset
 
 
@@ -204,7 +204,10 @@ class ActivationBuffer(wiring.Component):
                         for o in offsets:
                             with m.Case(o):
                                 m.d.comb += lane_act.eq(rp.acts[o + j])
-                m.d.sync += self.acts[t][j].eq(lane_act)
+                # two registers: the aligned activations travel from the RAMs to lanes spread
+                # over the device, and one hop of routing takes most of a cycle by itself
+                near = Signal(signed(ACT_BITS), name=f"act_near_t{t}_l{j}")
+                m.d.sync += [near.eq(lane_act), self.acts[t][j].eq(near)]
 
             # Block sums per beat slot: the blocks that start inside the beat, in order.
             slots = [Signal(signed(g.xsum_bits), name=f"xslot_t{t}_{k}") for k in range(g.blocks)]
@@ -221,4 +224,5 @@ class ActivationBuffer(wiring.Component):
                                     elif o % g.block == 0:
                                         m.d.comb += slots[0].eq(rp.xsums[first])
             for k in range(g.blocks):
-                m.d.sync += self.xslots[t][k].eq(slots[k])
+                near = Signal(signed(g.xsum_bits), name=f"xslot_near_t{t}_{k}")
+                m.d.sync += [near.eq(slots[k]), self.xslots[t][k].eq(near)]

@@ -14,8 +14,8 @@
     RegisterBlock: status, counters
 
 Pipeline, counted in cycles from the sequencer issuing a beat (S0): the beat and the activation
-RAM address (S0), the registered RAM read (S1), the RAM output register and the unpacker (S2),
-codes and aligned activations (S3), products and the adder tree, the group stages, zero and scale multiplies, the slot tree,
+RAM address (S0), the registered RAM read (S1), the RAM output register (S2), the aligned
+activations and the unpacker (S3), codes and activations at the lanes (S4), products and the adder tree, the group stages, zero and scale multiplies, the slot tree,
 the accumulator, the output FIFO. Nothing in it stalls; the sequencer holds back instead (see
 result_output.py). A descriptor is taken only when the unit is not BUSY; `done` pulses for one
 cycle when it ends (DONE or ERROR).
@@ -25,7 +25,7 @@ each code word ceil(T / TP) beats (passes), so it runs at one word per cycle for
 one word per ceil(T / TP) cycles above, while memory is read once either way.
 
 Cycles of a MATMUL with a memory that keeps up (measured by sim/bench_ndp.py):
-    busy ~= 32..36 + metadata words + 3-bit hi-plane words + ceil(T / TP) x code words,
+    busy ~= 40..44 + metadata words + 3-bit hi-plane words + ceil(T / TP) x code words,
 and never fewer than rows x T (the output stream carries one result per cycle). A LOAD_ACT
 reads one word per cycle.
 """
@@ -209,8 +209,9 @@ class NdpUnit(wiring.Component):
             seq.credit_ok.eq(output.credit_ok),
             output.credit_take.eq(seq.credit_take),
         ]
-        # The beat waits two cycles (S1, S2) before the unpacker, as the activations do in the
-        # buffer (RAM read, RAM output register), so codes and activations meet in S3.
+        # The beat waits three cycles before the unpacker, as the activations do in the buffer
+        # (RAM read, RAM output register, alignment; then a register on the way to the lanes),
+        # so codes and activations meet at the lanes in S4.
         s0_valid, s0, s0_lo_half = Signal(), Signal(tag), Signal()
         m.d.sync += [
             s0_valid.eq(seq.beat.valid),
@@ -218,8 +219,10 @@ class NdpUnit(wiring.Component):
             s0.kind.eq(beat.kind), s0.pass_.eq(beat.pass_), s0.i0.eq(beat.i0),
             s0.row_end.eq(beat.row_end), s0.row.eq(beat.row), s0.word.eq(beat.word),
         ]
+        sa_valid, sa, sa_lo_half = Signal(), Signal(tag), Signal()
+        m.d.sync += [sa_valid.eq(s0_valid), sa.eq(s0), sa_lo_half.eq(s0_lo_half)]
         s1_valid, s1, s1_lo_half = Signal(), Signal(tag), Signal()
-        m.d.sync += [s1_valid.eq(s0_valid), s1.eq(s0), s1_lo_half.eq(s0_lo_half)]
+        m.d.sync += [s1_valid.eq(sa_valid), s1.eq(sa), s1_lo_half.eq(sa_lo_half)]
         m.d.comb += [
             unpack.valid.eq(s1_valid), unpack.kind.eq(s1.kind), unpack.lo_half.eq(s1_lo_half),
             unpack.word.eq(s1.word), unpack.bits.eq(mode.bits), unpack.tag_in.eq(s1),
