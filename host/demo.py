@@ -88,8 +88,10 @@ def step_study(opt: DemoOptions, log) -> StepResult:
         plan = PlanOptions(bits=(3, 4), base_bits=3, ranks=(4,), topn=(2,), quantizers=("optimized",), hi_bits=0,
                            budgets=(), compare_fits=False, compare_random=False, compare_alloc=False)
     else:
+        # The full study is `ndpmoe eval`; this keeps the rows a reader checks first (15 of its 27).
         plan = PlanOptions(bits=(2, 3, 4), base_bits=3, ranks=(4, 16), topn=(1, 2, 4), quantizers=("optimized",),
-                           hi_bits=8, budgets=(1.0,), compare_fits=True, compare_random=True, compare_alloc=False)
+                           hi_bits=8, budgets=(1.0,), compare_fits=False, compare_random=True, compare_alloc=False,
+                           other_bits_topn=False)
     rows, info = run_study("default", plan, layers=opt.study_layers, eval_tokens=opt.eval_tokens,
                            calib_tokens=2048, seq_len=256 if opt.quick else 512, progress=True,
                            log=lambda s: log("   " + s))

@@ -28,6 +28,7 @@ class PlanOptions:
     compare_random: bool = True
     compare_alloc: bool = True
     policies: tuple[str, ...] = ()                   # extra runtime policy specs (--policy)
+    other_bits_topn: bool = True                     # Top-n rows on the other base widths too
 
 
 def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
@@ -84,7 +85,7 @@ def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
             say(study.run(f"int{opt.base_bits} budgeted {mult:g}x", hv,
                           _layers(study, lambda l: policy_decider(policy, layer_context(study.variant(hv)[l], sens[l], True))),
                           kind="budgeted", bits=opt.base_bits, budget_bytes=mult * unit * len(study.layers)))
-    for b in opt.bits:
+    for b in opt.bits if opt.other_bits_topn else ():
         if b == opt.base_bits:
             continue
         v = Variant(b, q_best, "aware", r_top)
