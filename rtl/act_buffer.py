@@ -3,7 +3,7 @@
 Storage is `tokens_parallel` RAMs (one per token lane of the datapath), each row holding the L
 activations one code beat needs and the K sums of its blocks of `block` activations:
 
-    RAM row (LSB first):  | act 0 | act 1 | ... | act L-1 | xsum 0 | ... | xsum K-1 |
+    RAM row (LSB first):  | acts (L, interleaved, see _stored_position) | xsum 0 | ... | xsum K-1 |
     token t lives in RAM t % tokens_parallel, rows {t // tokens_parallel, 0 .. in / L - 1}
 
 The block sums are what the zero-point correction needs (sum(x) over a group = sum of its
@@ -29,6 +29,15 @@ from .geometry import Geometry, log2
 
 READ_LATENCY = 4
 LANE_GROUP = 16         # activation lanes sharing one copy of the read offset
+
+
+def _stored_position(g: Geometry, lane: int) -> int:
+    """Where lane `lane`'s activation sits in a RAM row. A beat of N_c codes starts at a multiple of
+    N_c, so lane j reads one of j, j + s, j + 2s, .. (s the smallest N_c): those are stored side by
+    side, so each alignment multiplexer reads neighbouring bits of one block RAM rather than bits of
+    RAMs across the device."""
+    s = min(g.codes_per_beat(b) for b in g.cfg.bits)
+    return (lane % s) * (g.lanes // s) + lane // s
 
 
 def acts_layout(g: Geometry) -> data.ArrayLayout:
@@ -165,7 +174,8 @@ class ActivationBuffer(wiring.Component):
         for i, wp in enumerate(write_ports):
             m.d.comb += [
                 wp.addr.eq(target_d[:g.pass_bits + g.act_row_addr_bits]),
-                wp.data.acts.as_value().eq(row_d),
+                *[wp.data.acts[_stored_position(g, lane)].eq(row_d[ACT_BITS * lane:ACT_BITS * (lane + 1)])
+                  for lane in range(g.lanes)],
                 *[wp.data.xsums[k].eq(s) for k, s in enumerate(sums)],
                 wp.en.eq(valid_d & ((lane_sel == i) if g.tokens_parallel > 1 else 1)),
             ]
@@ -197,13 +207,13 @@ class ActivationBuffer(wiring.Component):
                 offsets = sorted({o for n in n_cs.values() if j < n for o in range(0, g.lanes, n)})
                 lane_act = Signal(signed(ACT_BITS), name=f"act_t{t}_l{j}")
                 if offsets == [0]:
-                    m.d.comb += lane_act.eq(rp.acts[j])
+                    m.d.comb += lane_act.eq(rp.acts[_stored_position(g, j)])
                 else:
-                    m.d.comb += lane_act.eq(rp.acts[j])
+                    m.d.comb += lane_act.eq(rp.acts[_stored_position(g, j)])
                     with m.Switch(off2):
                         for o in offsets:
                             with m.Case(o):
-                                m.d.comb += lane_act.eq(rp.acts[o + j])
+                                m.d.comb += lane_act.eq(rp.acts[_stored_position(g, o + j)])
                 # two registers: the aligned activations travel from the RAMs to lanes spread
                 # over the device, and one hop of routing takes most of a cycle by itself
                 near = Signal(signed(ACT_BITS), name=f"act_near_t{t}_l{j}")
