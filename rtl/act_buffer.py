@@ -17,7 +17,7 @@ beat's codes (4- and 8-bit beats use part of a row) and registered twice: valid 
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -188,10 +188,17 @@ class ActivationBuffer(wiring.Component):
         # the alignment multiplexers come a cycle later.
         off1 = Signal.like(self.rd_offset)
         m.d.sync += off1.eq(self.rd_offset)
-        # the offset steers every activation lane's multiplexer: one copy per token and group of
-        # LANE_GROUP lanes (rtl/fanout.py)
+        # Offsets a lane can see: a beat of N_c codes starts at a multiple of N_c within the row.
+        n_cs = {b: g.codes_per_beat(b) for b in g.cfg.bits}
+        all_offsets = sorted({o for n in n_cs.values() for o in range(0, g.lanes, n)})
+        # The offset steers every activation lane's multiplexer: it arrives decoded (one select
+        # bit per offset, registered), one copy per token and group of LANE_GROUP lanes
+        # (rtl/fanout.py), so no decode LUT output fans out across the lanes.
         groups = -(-g.lanes // LANE_GROUP)
-        off2_copies = register_copies(m, off1, g.tokens_parallel * groups, "off2")
+        off2 = Signal.like(off1)
+        m.d.sync += off2.eq(off1)
+        sel_copies = register_copies(m, Cat(*(off1 == o for o in all_offsets)),
+                                     g.tokens_parallel * groups, "offset_sel")
         rows = []
         for t, rp in enumerate(read_ports):
             m.d.comb += [rp.addr.eq(self.rd_addr), rp.en.eq(1)]
@@ -199,21 +206,16 @@ class ActivationBuffer(wiring.Component):
             m.d.sync += row.eq(rp.data)
             rows.append(row)
 
-        # Offsets a lane can see: a beat of N_c codes starts at a multiple of N_c within the row.
-        n_cs = {b: g.codes_per_beat(b) for b in g.cfg.bits}
         for t, rp in enumerate(rows):
             for j in range(g.lanes):
-                off2 = off2_copies[t * groups + j // LANE_GROUP]
+                sel = sel_copies[t * groups + j // LANE_GROUP]
                 offsets = sorted({o for n in n_cs.values() if j < n for o in range(0, g.lanes, n)})
                 lane_act = Signal(signed(ACT_BITS), name=f"act_t{t}_l{j}")
-                if offsets == [0]:
-                    m.d.comb += lane_act.eq(rp.acts[_stored_position(g, j)])
-                else:
-                    m.d.comb += lane_act.eq(rp.acts[_stored_position(g, j)])
-                    with m.Switch(off2):
-                        for o in offsets:
-                            with m.Case(o):
-                                m.d.comb += lane_act.eq(rp.acts[_stored_position(g, o + j)])
+                value = rp.acts[_stored_position(g, j)]          # offset 0, and any other offset
+                for o in offsets:
+                    if o:
+                        value = Mux(sel[all_offsets.index(o)], rp.acts[_stored_position(g, o + j)], value)
+                m.d.comb += lane_act.eq(value)
                 # two registers: the aligned activations travel from the RAMs to lanes spread
                 # over the device, and one hop of routing takes most of a cycle by itself
                 near = Signal(signed(ACT_BITS), name=f"act_near_t{t}_l{j}")
@@ -224,7 +226,7 @@ class ActivationBuffer(wiring.Component):
             with m.Switch(self.bits):
                 for b, n in n_cs.items():
                     with m.Case(b):
-                        with m.Switch(off2_copies[t * groups]):
+                        with m.Switch(off2):
                             for o in range(0, g.lanes, n):
                                 with m.Case(o):
                                     first = o // g.block

@@ -17,11 +17,10 @@ from amaranth.hdl import Module, Signal, Value
 def register_copies(m: Module, value, copies: int, name: str) -> list[Signal]:
     """`copies` registers of `value` (one cycle later), each its own flip-flops."""
     value = Value.cast(value)
-    if copies > 1 << len(value):
-        raise ValueError(f"{copies} copies of a {len(value)}-bit value cannot all have distinct reset values")
     out = []
     for k in range(copies):
-        r = Signal(len(value), name=f"{name}_copy{k}", init=k)
+        # beyond 2^width copies the reset values repeat (and Yosys may merge those copies)
+        r = Signal(len(value), name=f"{name}_copy{k}", init=k % (1 << len(value)))
         m.d.sync += r.eq(value)
         out.append(r)
     return out
