@@ -81,7 +81,10 @@ class ActivationBuffer(wiring.Component):
         })
         rams = []
         for lane in range(g.tokens_parallel):
-            ram = memory.Memory(shape=row_shape, depth=g.act_depth, init=[])
+            # LOAD_ACT writes and MATMUL reads never overlap, so a read never meets a write to its
+            # address: no_rw_check keeps Yosys from emulating read-before-write around the block
+            # RAMs (a delayed write and a collision flag multiplexed into every read bit)
+            ram = memory.Memory(shape=row_shape, depth=g.act_depth, init=[], attrs={"no_rw_check": 1})
             m.submodules[f"ram{lane}"] = ram
             rams.append((ram.write_port(), ram.read_port(domain="sync")))
 
