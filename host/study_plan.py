@@ -81,7 +81,7 @@ def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
         sens = study.sensitivity(hv)
         unit = layer_context(study.variant(hv)[study.layers[0]], sens[study.layers[0]], True).rank_bytes * r_top
         for mult in opt.budgets:
-            policy = BudgetedPolicy(mult * unit, rank_step=8)
+            policy = BudgetedPolicy(mult * unit, rank_step=min(opt.ranks))   # every rank the study studies
             say(study.run(f"int{opt.base_bits} budgeted {mult:g}x", hv,
                           _layers(study, lambda l: policy_decider(policy, layer_context(study.variant(hv)[l], sens[l], True))),
                           kind="budgeted", bits=opt.base_bits, budget_bytes=mult * unit * len(study.layers)))
