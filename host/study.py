@@ -156,14 +156,14 @@ class Study:
             return self._variants[plain][layer]
         w, rc = self.dm.blocks[layer]
         fmt = QuantFormat(v.bits, v.group, v.word_bits)
-        key = self.cache.key(str(layer), f"q|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}")
+        key = self.cache.key(layer, f"q|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}")
         qs = self.cache.quantized(key, fmt, lambda: [ex.q for ex in quantize_moe(
             w, rc, fmt, quantizer=get_quantizer(v.quantizer), grams=self.grams[layer]).experts])
         return QuantizedMoE(fmt, [QuantizedExpert(q) for q in qs], w.router, rc, w)
 
     def _compensated(self, layer: int, v: Variant) -> QuantizedMoE:
         base = self.variant(Variant(v.bits, v.quantizer, group=v.group, word_bits=v.word_bits))[layer]
-        key = self.cache.key(str(layer), f"c|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}|{v.fit}|{v.rank}")
+        key = self.cache.key(layer, f"c|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}|{v.fit}|{v.rank}")
         comps = self.cache.compensators(key, lambda: [ex.comp for ex in compensate_moe(
             base, v.rank, v.fit, self.grams[layer]).experts])
         experts = [QuantizedExpert(ex.q, comps[e], ex._deq) for e, ex in enumerate(base.experts)]

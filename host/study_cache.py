@@ -52,8 +52,8 @@ class StudyCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, layer_fingerprint: str, part: str) -> str:
-        return hashlib.sha256(f"{self._context}|{layer_fingerprint}|{part}".encode()).hexdigest()[:32]
+    def key(self, layer: int, part: str) -> str:
+        return hashlib.sha256(f"{self._context}|{layer}|{part}".encode()).hexdigest()[:32]
 
     # -- low-bit matrices ------------------------------------------------------------------------
     def quantized(self, key: str, fmt, make) -> list[dict[str, QuantizedMatrix]]:
