@@ -11,14 +11,15 @@ blocks), computed once here at LOAD_ACT time instead of by an adder tree per tok
 
 Load side: LOAD_ACT's words (P bits, little-endian bytes, token rows back to back) are assembled
 into RAM rows, summed by a pipelined adder tree and written; always ready.
-Read side: the address comes with the sequencer's beat (cycle 0), the RAM answers in cycle 1
-(registered read), its row is registered (cycle 2), the lanes' activations are aligned to the
-beat's codes (4- and 8-bit beats use part of a row) and registered twice: valid in cycle 4.
+Read side: the address comes with the sequencer's beat (cycle 0), the RAM's registered row is
+there in cycle 3 (rtl/hard_blocks.py: address registers beside every block RAM, the block RAM's
+own output register), the lanes' activations are aligned to the beat's codes (4- and 8-bit beats
+use part of a row) and registered twice: valid in cycle 5.
 """
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from model.contract import ACT_BITS
@@ -26,8 +27,9 @@ from model.contract import ACT_BITS
 from .adder_tree import block_sums
 from .fanout import register_copies
 from .geometry import Geometry, log2
+from .hard_blocks import RAM_READ_LATENCY, RegisteredRam
 
-READ_LATENCY = 4
+READ_LATENCY = RAM_READ_LATENCY + 2
 LANE_GROUP = 16         # activation lanes sharing one copy of the read offset
 
 
@@ -82,18 +84,17 @@ class ActivationBuffer(wiring.Component):
         rams = []
         for lane in range(g.tokens_parallel):
             # LOAD_ACT writes and MATMUL reads never overlap, so a read never meets a write to its
-            # address: no_rw_check keeps Yosys from emulating read-before-write around the block
-            # RAMs (a delayed write and a collision flag multiplexed into every read bit)
-            ram = memory.Memory(shape=row_shape, depth=g.act_depth, init=[], attrs={"no_rw_check": 1})
+            # address (RegisteredRam leaves that case undefined)
+            ram = RegisteredRam(row_shape.size, g.act_depth)
             m.submodules[f"ram{lane}"] = ram
-            rams.append((ram.write_port(), ram.read_port(domain="sync")))
+            rams.append(ram)
 
-        self._elaborate_load(m, g, [w for w, _ in rams], act_bits)
-        self._elaborate_read(m, g, [r for _, r in rams])
+        self._elaborate_load(m, g, rams, row_shape, act_bits)
+        self._elaborate_read(m, g, rams, row_shape, platform)
         return m
 
     # -- LOAD_ACT: words -> RAM rows with block sums ------------------------------------------
-    def _elaborate_load(self, m, g: Geometry, write_ports, act_bits):
+    def _elaborate_load(self, m, g: Geometry, rams, row_shape, act_bits):
         loading = Signal()
         word_idx = Signal(range(max(2, g.words_per_act_row)))
         row_idx = Signal(g.act_row_addr_bits + 1)
@@ -174,23 +175,32 @@ class ActivationBuffer(wiring.Component):
             valid_d, row_d, target_d = v, r, t
             in_flight.append(v)
         lane_sel = target_d[g.pass_bits + g.act_row_addr_bits:]
-        for i, wp in enumerate(write_ports):
+        row_data = Signal(row_shape)
+        m.d.comb += [
+            *[row_data.acts[_stored_position(g, lane)].eq(row_d[ACT_BITS * lane:ACT_BITS * (lane + 1)])
+              for lane in range(g.lanes)],
+            *[row_data.xsums[k].eq(s) for k, s in enumerate(sums)],
+        ]
+        for i, ram in enumerate(rams):
             m.d.comb += [
-                wp.addr.eq(target_d[:g.pass_bits + g.act_row_addr_bits]),
-                *[wp.data.acts[_stored_position(g, lane)].eq(row_d[ACT_BITS * lane:ACT_BITS * (lane + 1)])
-                  for lane in range(g.lanes)],
-                *[wp.data.xsums[k].eq(s) for k, s in enumerate(sums)],
-                wp.en.eq(valid_d & ((lane_sel == i) if g.tokens_parallel > 1 else 1)),
+                ram.w_addr.eq(target_d[:g.pass_bits + g.act_row_addr_bits]),
+                ram.w_data.eq(row_data),
+                ram.w_en.eq(valid_d & ((lane_sel == i) if g.tokens_parallel > 1 else 1)),
             ]
-        m.d.comb += self.load_busy.eq(Cat(loading, *in_flight).any())
+        # the RAM registers the write once more before it lands
+        writing = Signal()
+        m.d.sync += writing.eq(valid_d)
+        m.d.comb += self.load_busy.eq(Cat(loading, *in_flight, writing).any())
 
     # -- MATMUL: RAM rows -> activations aligned to the beat's code lanes ------------------------
-    def _elaborate_read(self, m, g: Geometry, read_ports):
-        # The block RAM's output goes straight into a register (Yosys leaves the RAM's own output
-        # register unused, and its clock-to-out alone is most of a 150 MHz cycle on an ECP5);
-        # the alignment multiplexers come a cycle later.
-        off1 = Signal.like(self.rd_offset)
-        m.d.sync += off1.eq(self.rd_offset)
+    def _elaborate_read(self, m, g: Geometry, rams, row_shape, platform):
+        # The offset travels beside the RAM read (RAM_READ_LATENCY cycles): the alignment
+        # multiplexers work on the RAM's registered row.
+        off1 = self.rd_offset
+        for i in range(RAM_READ_LATENCY - 1):
+            d = Signal.like(self.rd_offset, name=f"rd_offset_d{i}")
+            m.d.sync += d.eq(off1)
+            off1 = d
         # Offsets a lane can see: a beat of N_c codes starts at a multiple of N_c within the row.
         n_cs = {b: g.codes_per_beat(b) for b in g.cfg.bits}
         all_offsets = sorted({o for n in n_cs.values() for o in range(0, g.lanes, n)})
@@ -201,13 +211,11 @@ class ActivationBuffer(wiring.Component):
         off2 = Signal.like(off1)
         m.d.sync += off2.eq(off1)
         sel_copies = register_copies(m, Cat(*(off1 == o for o in all_offsets)),
-                                     g.tokens_parallel * groups, "offset_sel")
+                                     g.tokens_parallel * groups, "offset_sel", platform)
         rows = []
-        for t, rp in enumerate(read_ports):
-            m.d.comb += [rp.addr.eq(self.rd_addr), rp.en.eq(1)]
-            row = Signal(rp.data.shape(), name=f"rd_row_t{t}")
-            m.d.sync += row.eq(rp.data)
-            rows.append(row)
+        for t, ram in enumerate(rams):
+            m.d.comb += ram.r_addr.eq(self.rd_addr)
+            rows.append(data.View(row_shape, ram.r_data))
 
         for t, rp in enumerate(rows):
             for j in range(g.lanes):

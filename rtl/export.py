@@ -15,6 +15,7 @@ from amaranth.back import verilog
 
 from model.contract import NdpConfig, get_config
 
+from .hard_blocks import platform_for, simulation_models
 from .ndp_unit import NdpUnit
 from .sim_harness import SIM_RAM_VERILOG, SimHarness
 from .verilator_env import verilator_env
@@ -47,9 +48,14 @@ def unit_verilog(config: NdpConfig | str) -> str:
     return verilog.convert(NdpUnit(resolve_config(config)), name=UNIT_TOP, emit_src=False)
 
 
-def harness_verilog(config: NdpConfig | str, *, mem_words: int, result_words: int) -> str:
+def harness_verilog(config: NdpConfig | str, *, mem_words: int, result_words: int,
+                    primitives: str = "inferred") -> str:
+    """The simulation harness; with primitives="ecp5" the unit as the ECP5 flow synthesizes it
+    (DP16KD / MULT18X18D instances, rtl/hard_blocks.py) and those primitives' models."""
+    platform = platform_for(primitives)
     top = SimHarness(resolve_config(config), mem_words=mem_words, result_words=result_words)
-    return verilog.convert(top, name=HARNESS_TOP, emit_src=False) + "\n" + SIM_RAM_VERILOG
+    return "\n".join([verilog.convert(top, name=HARNESS_TOP, emit_src=False, platform=platform),
+                      SIM_RAM_VERILOG, simulation_models(primitives)])
 
 
 def write_unit(config: NdpConfig | str, out_dir: Path | str) -> Path:
@@ -62,12 +68,12 @@ def write_unit(config: NdpConfig | str, out_dir: Path | str) -> Path:
 
 
 def write_harness(config: NdpConfig | str, out_dir: Path | str, *, mem_words: int,
-                  result_words: int) -> Path:
+                  result_words: int, primitives: str = "inferred") -> Path:
     cfg = resolve_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{HARNESS_TOP}_{cfg.name}.v"
-    text = harness_verilog(cfg, mem_words=mem_words, result_words=result_words)
+    text = harness_verilog(cfg, mem_words=mem_words, result_words=result_words, primitives=primitives)
     if not path.exists() or path.read_text() != text:      # keep the mtime: no needless rebuild
         path.write_text(text)
     return path

@@ -4,23 +4,42 @@ ECP5 routing has no buffers: one register driving a thousand LUTs (the bit-width
 every code lane, the alignment offset ahead of every activation lane) spends most of a cycle in
 routing. Each group of consumers gets its own copy, registered from the same source.
 
-Yosys merges flip-flops with equal inputs (a `keep` on the wire does not stop it), so copy k
-takes a different reset value (k): the copies are different cells, equal one cycle after the
-source is written. A per-descriptor setting used through a copy must therefore be written a
-cycle before its first use.
+Yosys merges flip-flops with equal inputs and equal initial values, bit by bit (opt_merge; a
+`keep` on the wire does not stop it), so plain copies collapse to at most two per bit. On ECP5
+(rtl/platforms.py) each copy is therefore a TRELLIS_FF instance with the `keep` attribute, which
+opt_merge leaves alone. In plain Amaranth copy k takes the reset value k (bit by bit that still
+gives up to two distinct copies under Yosys), and the ECP5 instances take the same values, so
+both forms behave alike cycle for cycle. A per-descriptor setting used through a copy must
+therefore be written a cycle before its first use.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal, Value
+from amaranth.hdl import ClockSignal, Const, Instance, Module, ResetSignal, Signal, Value
+
+from .platforms import uses_ecp5
 
 
-def register_copies(m: Module, value, copies: int, name: str) -> list[Signal]:
-    """`copies` registers of `value` (one cycle later), each its own flip-flops."""
+def register_copies(m: Module, value, copies: int, name: str, platform=None, *, reset_less: bool = False,
+                    distinct: bool = True) -> list[Signal]:
+    """`copies` registers of `value` (one cycle later), each its own flip-flops on ECP5.
+
+    Copy k resets to k (`distinct`) or to 0. With `reset_less` those are power-on values only
+    and a reset leaves the copies following `value` (for a write enable, whose copies must not
+    come out of a reset asserted)."""
     value = Value.cast(value)
     out = []
     for k in range(copies):
-        # beyond 2^width copies the reset values repeat (and Yosys may merge those copies)
-        r = Signal(len(value), name=f"{name}_copy{k}", init=k % (1 << len(value)))
-        m.d.sync += r.eq(value)
+        init = k % (1 << len(value)) if distinct else 0
+        r = Signal(len(value), name=f"{name}_copy{k}", init=init, reset_less=reset_less)
+        if uses_ecp5(platform):
+            for bit in range(len(value)):
+                m.submodules[f"{name}_copy{k}_ff{bit}"] = Instance(
+                    "TRELLIS_FF", a_keep=1,
+                    p_GSR="DISABLED", p_CEMUX="1", p_CLKMUX="CLK", p_LSRMUX="LSR", p_SRMODE="LSR_OVER_CE",
+                    p_REGSET="SET" if (init >> bit) & 1 else "RESET", p_LSRMODE="LSR",
+                    i_CLK=ClockSignal(), i_LSR=Const(0, 1) if reset_less else ResetSignal(),
+                    i_CE=Const(1, 1), i_DI=value[bit], i_M=Const(0, 1), o_Q=r[bit])
+        else:
+            m.d.sync += r.eq(value)
         out.append(r)
     return out

@@ -143,7 +143,7 @@ class GroupCombiner(wiring.Component):
         # "a CODE beat" and "keep the partial" (the beat's sum continues a group) steer every running partial: a copy per token lane
         # and sum (rtl/fanout.py)
         run_flags = register_copies(m, Cat(self.valid & (self.kind == BeatKind.CODE), partial & ~ends),
-                                    2 * g.tokens_parallel, "run_flags")
+                                    2 * g.tokens_parallel, "run_flags", platform)
 
         # -- stage 2: running partials per pass, metadata ---------------------------------------
         meta = Signal(data.ArrayLayout(META_ENTRY, E))

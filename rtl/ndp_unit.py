@@ -14,9 +14,10 @@
     RegisterBlock: status, counters
 
 Pipeline, counted in cycles from the sequencer issuing a beat (S0): the beat and the activation
-RAM address (S0), the registered RAM read (S1), the RAM output register (S2), the aligned
-activations and the unpacker (S3), codes and activations at the lanes (S4), products and the adder tree, the group stages, zero and scale multiplies, the slot tree,
-the accumulator, the output FIFO. Nothing in it stalls; the sequencer holds back instead (see
+RAM address (S0), the address registers beside each block RAM (S1), the block-RAM read (S2), its
+output register (S3), the aligned activations and the unpacker (S4), codes and activations at the
+lanes (S5), products and the adder tree, the group stages, zero and scale multiplies (registered
+DSPs, rtl/hard_blocks.py), the slot tree, the accumulator, the output FIFO. Nothing in it stalls; the sequencer holds back instead (see
 result_output.py). A descriptor is taken only when the unit is not BUSY; `done` pulses for one
 cycle when it ends (DONE or ERROR).
 
@@ -37,7 +38,7 @@ from amaranth.lib.wiring import In, Out
 
 from model.contract import NdpConfig
 
-from .act_buffer import ActivationBuffer, xslots_layout
+from .act_buffer import READ_LATENCY, ActivationBuffer, xslots_layout
 from .descriptor_check import DescriptorCheck
 from .geometry import Geometry
 from .group_combiner import GroupCombiner
@@ -209,20 +210,18 @@ class NdpUnit(wiring.Component):
             seq.credit_ok.eq(output.credit_ok),
             output.credit_take.eq(seq.credit_take),
         ]
-        # The beat waits three cycles before the unpacker, as the activations do in the buffer
-        # (RAM read, RAM output register, alignment; then a register on the way to the lanes),
-        # so codes and activations meet at the lanes in S4.
-        s0_valid, s0, s0_lo_half = Signal(), Signal(tag), Signal()
-        m.d.sync += [
-            s0_valid.eq(seq.beat.valid),
-            s0_lo_half.eq(beat.lo_half),
-            s0.kind.eq(beat.kind), s0.pass_.eq(beat.pass_), s0.i0.eq(beat.i0),
-            s0.row_end.eq(beat.row_end), s0.row.eq(beat.row), s0.word.eq(beat.word),
-        ]
-        sa_valid, sa, sa_lo_half = Signal(), Signal(tag), Signal()
-        m.d.sync += [sa_valid.eq(s0_valid), sa.eq(s0), sa_lo_half.eq(s0_lo_half)]
-        s1_valid, s1, s1_lo_half = Signal(), Signal(tag), Signal()
-        m.d.sync += [s1_valid.eq(sa_valid), s1.eq(sa), s1_lo_half.eq(sa_lo_half)]
+        # The beat waits READ_LATENCY - 1 cycles before the unpacker (one more), as the
+        # activations do in the buffer (RAM input registers, RAM read, RAM output register,
+        # alignment, a register on the way to the lanes), so codes and activations meet at the lanes.
+        s1_valid, s1_lo_half = seq.beat.valid, beat.lo_half
+        s1 = Signal(tag)
+        m.d.comb += [s1.kind.eq(beat.kind), s1.pass_.eq(beat.pass_), s1.i0.eq(beat.i0),
+                     s1.row_end.eq(beat.row_end), s1.row.eq(beat.row), s1.word.eq(beat.word)]
+        for i in range(READ_LATENCY - 1):
+            d_valid, d, d_lo_half = Signal(name=f"beat_valid_d{i}"), Signal(tag, name=f"beat_d{i}"), \
+                Signal(name=f"beat_lo_half_d{i}")
+            m.d.sync += [d_valid.eq(s1_valid), d.eq(s1), d_lo_half.eq(s1_lo_half)]
+            s1_valid, s1, s1_lo_half = d_valid, d, d_lo_half
         m.d.comb += [
             unpack.valid.eq(s1_valid), unpack.kind.eq(s1.kind), unpack.lo_half.eq(s1_lo_half),
             unpack.word.eq(s1.word), unpack.bits.eq(mode.bits), unpack.tag_in.eq(s1),

@@ -5,8 +5,9 @@ Per complete group (model/contract.py, "NDP arithmetic"):
     term = 2^ZERO_FRAC_BITS * sum(q x) - zero * sum(x)        zero is Q11.4
     acc += scale * term                                        ACC_BITS, cannot overflow
 
-Registered stages: the zero multiply, the term, the scale multiply split in two DSP-sized halves,
-their sum, the sum of the K slots (a tree with a register per level), the accumulator. The accumulators are kept per pass and per token
+Registered stages: the zero multiply (2: a DSP with its operand and product registers,
+rtl/hard_blocks.py), the term, the scale multiply split in two DSP-sized halves (2), their sum,
+the sum of the K slots (a tree with a register per level), the accumulator. The accumulators are kept per pass and per token
 lane; a row's last beat of a pass emits that pass's results as one entry and clears them.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .adder_tree import block_sums
 from .fanout import register_copies
 from .geometry import Geometry, log2
 from .group_combiner import group_slots_layout
+from .hard_blocks import PRODUCT_LATENCY, registered_product
 
 # 2^F sum(q x) - zero sum(x): the wider of the two operands plus one bit for the difference.
 GROUP_TERM_BITS = max(GROUP_QX_BITS + ZERO_FRAC_BITS, ZERO_BITS + GROUP_X_BITS) + 1
@@ -57,7 +59,7 @@ class ScaleAccumulator(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return 4 + log2(self._geo.blocks) + 1
+        return 2 + 2 * PRODUCT_LATENCY + log2(self._geo.blocks) + 1
 
     def elaborate(self, platform):
         m = Module()
@@ -73,34 +75,37 @@ class ScaleAccumulator(wiring.Component):
                 value = d
             return value
 
-        # Stage 1: zero x sum(x) and 2^F sum(q x); stage 2: their difference (the term);
-        # stage 3: scale x the term's low 17 bits (unsigned) and high bits (signed), each an
-        # 18x18 DSP multiply; stage 4: the two halves added; then the slot tree.
+        # Stages 1-2: zero x sum(x) (2^F sum(q x) delayed alongside); stage 3: their difference
+        # (the term); stages 4-5: scale x the term's low 17 bits (unsigned) and high bits
+        # (signed), each an 18x18 DSP multiply; stage 6: the two halves added; then the slot tree.
         split = 17
         tree_latency = log2(K)
-        stages = 4 + tree_latency
+        zx_stage = PRODUCT_LATENCY
+        term_stage = zx_stage + 1
+        prod_stage = term_stage + PRODUCT_LATENCY + 1
+        stages = prod_stage + tree_latency
         valid = delay(self.valid, stages, "valid")
         pass_ = delay(self.pass_, stages, "pass")
         row_end = delay(self.row_end, stages, "row_end")
         row = delay(self.row, stages, "row")
         # valid and row_end steer every accumulator bit: one copy per token lane (rtl/fanout.py)
         flags = register_copies(m, Cat(delay(self.valid, stages - 1, "valid_c"),
-                                       delay(self.row_end, stages - 1, "row_end_c")), TP, "acc_flags")
+                                       delay(self.row_end, stages - 1, "row_end_c")), TP, "acc_flags", platform)
 
-        scale2 = [delay(grp.scale[k], 2, f"scale_{k}") for k in range(K)]
+        scale_at_term = [delay(grp.scale[k], term_stage, f"scale_{k}") for k in range(K)]
         last_slot = Signal(range(g.max_passes))
         m.d.sync += last_slot.eq(self.passes - 1)
         for t in range(TP):
             products = []
             for k in range(K):
-                qx16 = Signal(signed(GROUP_QX_BITS + ZERO_FRAC_BITS), name=f"qx16_t{t}_{k}")
-                zx = Signal(signed(ZERO_BITS + GROUP_X_BITS), name=f"zx_t{t}_{k}")
-                m.d.sync += [qx16.eq(grp.qx[t][k] << ZERO_FRAC_BITS), zx.eq(grp.zero[k] * grp.x[t][k])]
+                qx16 = delay((grp.qx[t][k] << ZERO_FRAC_BITS)[:GROUP_QX_BITS + ZERO_FRAC_BITS].as_signed(),
+                             zx_stage, f"qx16_t{t}_{k}")
+                zx = registered_product(m, grp.zero[k], grp.x[t][k], f"zx_t{t}_{k}", platform)
                 term = Signal(signed(GROUP_TERM_BITS), name=f"term_t{t}_{k}")
                 m.d.sync += term.eq(qx16 - zx)
-                lo = Signal(SCALE_BITS + split, name=f"prod_lo_t{t}_{k}")
-                hi = Signal(signed(SCALE_BITS + GROUP_TERM_BITS - split + 1), name=f"prod_hi_t{t}_{k}")
-                m.d.sync += [lo.eq(scale2[k] * term[:split]), hi.eq(scale2[k] * term[split:].as_signed())]
+                lo = registered_product(m, term[:split], scale_at_term[k], f"prod_lo_t{t}_{k}", platform)
+                hi = registered_product(m, term[split:].as_signed(), scale_at_term[k], f"prod_hi_t{t}_{k}",
+                                        platform)
                 prod = Signal(signed(GROUP_TERM_BITS + SCALE_BITS), name=f"prod_t{t}_{k}")
                 m.d.sync += prod.eq((hi << split) + lo)
                 products.append(prod)

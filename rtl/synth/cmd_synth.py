@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from model.contract import CONFIGS
+from rtl.hard_blocks import PRIMITIVES
 from rtl.synth.report import SynthResult
 from rtl.synth.run import run_synth
 from rtl.synth.targets import TARGETS, get_target
@@ -22,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dsp-min-width", type=int, default=None,
                    help="ECP5: put only multiplies whose narrower operand has >= N bits in DSPs "
                         "(default: synth_ecp5's choice, which maps even 2x8-bit products)")
+    p.add_argument("--primitives", choices=PRIMITIVES, default=None,
+                   help="block RAMs and multipliers: 'ecp5' instantiates DP16KD / MULT18X18D with their "
+                        "registers on (the default on ECP5), 'inferred' leaves them to Yosys")
     p.add_argument("--words-per-cycle", type=float, default=RTL_TARGET_WORDS_PER_CYCLE,
                    help="memory port utilization while streaming (default 1.0 = the RTL's design "
                         "target, not a measurement)")
@@ -68,7 +72,8 @@ def format_result(r: SynthResult) -> str:
         lines.append("  GEMM         " + ", ".join(f"int{b} {g:.1f} GMAC/s ({tp['macs_per_cycle'][b]:.0f} MAC/cycle)"
                                                 for b, g in tp["gmacs"].items()))
     lines.append("  tool time    " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items()))
-    lines.append(f"  build        {r.extra.get('build')} (rtl {r.extra.get('rtl', '?')})")
+    lines.append(f"  build        {r.extra.get('build')} (rtl {r.extra.get('rtl', '?')}, "
+                 f"primitives {r.extra.get('primitives', 'inferred')})")
     for note in r.extra.get("notes", []):
         lines.append(f"  note         {note}")
     if r.error:
@@ -86,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = get_config(args.config)
     target = get_target(args.target)
     check_words_per_cycle(args.words_per_cycle)   # before minutes of place and route
-    r = run_synth(cfg, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed, dsp_min_width=args.dsp_min_width,
-                  reuse=args.reuse)
+    r = run_synth(cfg, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed,
+                  dsp_min_width=args.dsp_min_width, reuse=args.reuse, primitives=args.primitives)
     attach_throughput(r, cfg, args.words_per_cycle)
     print(format_result(r))
     if args.json:

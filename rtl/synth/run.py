@@ -9,7 +9,8 @@ from pathlib import Path
 
 from model.contract import NdpConfig
 from rtl.synth import flow
-from rtl.synth.design import DesignFactory, ndp_unit, resolve_config, write_wrapped_verilog
+from rtl.synth.design import (DesignFactory, check_primitives, default_primitives, ndp_unit, resolve_config,
+                              write_wrapped_verilog)
 from rtl.synth.report import (SynthResult, log_tail, over_capacity, read_timing, read_utilization,
                               read_yosys_cells, resource_counts)
 from rtl.synth.targets import FpgaTarget, get_target
@@ -18,10 +19,11 @@ DEFAULT_BUILD_ROOT = Path("build/fpga")
 
 
 def default_build_dir(cfg: NdpConfig, target: FpgaTarget, freq_mhz: float, speed: int | None,
-                      dsp_min_width: int | None = None) -> Path:
+                      dsp_min_width: int | None = None, primitives: str | None = None) -> Path:
     grade = f"-s{speed}" if speed is not None else ""
     dsp = f"-dsp{dsp_min_width}" if dsp_min_width is not None else ""
-    return DEFAULT_BUILD_ROOT / f"{cfg.name}-{target.name}{grade}{dsp}-{freq_mhz:g}mhz"
+    prim = f"-{primitives}" if primitives not in (None, default_primitives(target)) else ""
+    return DEFAULT_BUILD_ROOT / f"{cfg.name}-{target.name}{grade}{dsp}{prim}-{freq_mhz:g}mhz"
 
 
 def rtl_revision() -> str:
@@ -46,25 +48,30 @@ def check_freq(freq_mhz) -> float:
 def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: float = 150.0,
               speed: int | None = None, build: Path | None = None, seed: int = 1,
               factory: DesignFactory = ndp_unit, timeout_s: float | None = 3600,
-              reuse: bool = False, dsp_min_width: int | None = None) -> SynthResult:
+              reuse: bool = False, dsp_min_width: int | None = None,
+              primitives: str | None = None) -> SynthResult:
     """Amaranth -> wrapped Verilog -> Yosys -> nextpnr; the result says whether the design fits,
     its resources, Fmax and critical path. Tool failures come back in `result.error`.
 
     With `reuse`, a result.json left in the build folder by a run of the very same Verilog,
     target, speed, clock and seed is returned instead of running the tools again.
     `dsp_min_width` (ECP5): only multiplies whose narrower operand has at least that many bits
-    go to DSPs (see flow.synthesize); None leaves the choice to synth_ecp5."""
+    go to DSPs (see flow.synthesize); None leaves the choice to synth_ecp5. `primitives`:
+    "ecp5" (the default on ECP5 targets) instantiates block RAMs and multipliers with their
+    registers on, "inferred" leaves them to Yosys (rtl/hard_blocks.py)."""
     cfg = resolve_config(config)
     target = get_target(target) if isinstance(target, str) else target
     freq_mhz = check_freq(freq_mhz)
     speed = target.check_speed(speed)
+    primitives = check_primitives(target, primitives)
     if dsp_min_width is not None:
         flow.dsp_premap(target, dsp_min_width)   # bad values fail before any tool runs
-    build = Path(build) if build is not None else default_build_dir(cfg, target, freq_mhz, speed, dsp_min_width)
+    build = Path(build) if build is not None else default_build_dir(cfg, target, freq_mhz, speed, dsp_min_width,
+                                                                    primitives)
     build.mkdir(parents=True, exist_ok=True)
     seconds = {}
     start = time.monotonic()
-    write_wrapped_verilog(cfg, build / "top.v", factory)
+    write_wrapped_verilog(cfg, build / "top.v", factory, primitives)
     seconds["verilog"] = round(time.monotonic() - start, 2)
     key = hashlib.sha256((build / "top.v").read_bytes()
                          + f"|{target.name}|{speed}|{freq_mhz}|{seed}|{dsp_min_width}".encode()).hexdigest()
@@ -88,6 +95,7 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
                         utilization=util, yosys_cells=cells, critical_path=path,
                         seconds=seconds, error=error,
                         extra={"build": str(build), "key": key, "dsp_min_width": dsp_min_width,
+                               "primitives": primitives,
                                "rtl": revision, "notes": notes})
         cached.write_text(json.dumps(r.to_json(), indent=1) + "\n")
         return r
