@@ -190,7 +190,12 @@ class ActivationBuffer(wiring.Component):
         # the RAM registers the write once more before it lands
         writing = Signal()
         m.d.sync += writing.eq(valid_d)
-        m.d.comb += self.load_busy.eq(Cat(loading, *in_flight, writing).any())
+        # registered (an OR of a dozen flags would sit ahead of the controller's state logic):
+        # busy in cycle t when anything was in flight in t - 1 or a load started then; no flag
+        # rises again once all are clear, so it falls only after the last write has landed
+        busy = Signal()
+        m.d.sync += busy.eq(self.load_start | Cat(loading, *in_flight, writing).any())
+        m.d.comb += self.load_busy.eq(busy)
 
     # -- MATMUL: RAM rows -> activations aligned to the beat's code lanes ------------------------
     def _elaborate_read(self, m, g: Geometry, rams, row_shape, platform):

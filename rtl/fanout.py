@@ -38,7 +38,7 @@ def register_copies(m: Module, value, copies: int, name: str, platform=None, *, 
                     p_GSR="DISABLED", p_CEMUX="1", p_CLKMUX="CLK", p_LSRMUX="LSR", p_SRMODE="LSR_OVER_CE",
                     p_REGSET="SET" if (init >> bit) & 1 else "RESET", p_LSRMODE="LSR",
                     i_CLK=ClockSignal(), i_LSR=Const(0, 1) if reset_less else ResetSignal(),
-                    i_CE=Const(1, 1), i_DI=value[bit], i_M=Const(0, 1), o_Q=r[bit])
+                    i_CE=Const(1, 1), i_DI=value[bit], o_Q=r[bit])   # M left open: nextpnr refuses it tied
         else:
             m.d.sync += r.eq(value)
         out.append(r)

@@ -154,18 +154,22 @@ class GroupCombiner(wiring.Component):
         # CODE beats come in passes 0, 1, .. passes-1, 0, 1, .. so the running partials rotate:
         # the beat reads the head and pushes its new partial behind the last live pass (no
         # multiplexer on the pass number ahead of the adder).
-        last_slot = Signal(range(g.max_passes))
-        m.d.sync += last_slot.eq(self.passes - 1)
+        # "pass p is the last live one", decoded and copied per token and sum (each bit steers
+        # a partial's multiplexers); `passes` is set at the descriptor check, long before a beat
+        is_last = Signal(g.max_passes)
+        m.d.sync += is_last.eq(Cat(*(self.passes - 1 == p for p in range(g.max_passes))))
+        last_copies = register_copies(m, is_last, 2 * g.tokens_parallel, "is_last", platform)
         for t in range(g.tokens_parallel):
             for i, (name, parts, width) in enumerate((("qx", qx1[t], GROUP_QX_BITS), ("x", x1[t], GROUP_X_BITS))):
                 code_c, keep_c = run_flags[2 * t + i][0], run_flags[2 * t + i][1]
+                last_c = last_copies[2 * t + i]
                 run = [Signal(signed(width), name=f"run_{name}_t{t}_p{p}") for p in range(g.max_passes)]
                 first = (parts[0] + run[0])[:width].as_signed()
                 pushed = Mux(keep_c, first, 0)
                 with m.If(code_c):
                     for p in range(g.max_passes):
                         nxt = run[p + 1] if p + 1 < g.max_passes else 0
-                        m.d.sync += run[p].eq(Mux(last_slot == p, pushed, nxt))
+                        m.d.sync += run[p].eq(Mux(last_c[p], pushed, nxt))
                 target = getattr(self.groups, name)[t]
                 m.d.sync += target[0].eq(first)
                 for k in range(1, K):

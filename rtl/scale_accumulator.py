@@ -93,8 +93,11 @@ class ScaleAccumulator(wiring.Component):
                                        delay(self.row_end, stages - 1, "row_end_c")), TP, "acc_flags", platform)
 
         scale_at_term = [delay(grp.scale[k], term_stage, f"scale_{k}") for k in range(K)]
-        last_slot = Signal(range(g.max_passes))
-        m.d.sync += last_slot.eq(self.passes - 1)
+        # "pass p is the last live one", decoded, one copy per token lane (each bit steers an
+        # accumulator's multiplexers); `passes` is set long before the first beat
+        is_last = Signal(g.max_passes)
+        m.d.sync += is_last.eq(Cat(*(self.passes - 1 == p for p in range(g.max_passes))))
+        last_copies = register_copies(m, is_last, TP, "is_last", platform)
         for t in range(TP):
             products = []
             for k in range(K):
@@ -121,7 +124,7 @@ class ScaleAccumulator(wiring.Component):
             with m.If(valid_t):
                 for p in range(g.max_passes):
                     nxt = acc[p + 1] if p + 1 < g.max_passes else 0
-                    m.d.sync += acc[p].eq(Mux(last_slot == p, pushed, nxt))
+                    m.d.sync += acc[p].eq(Mux(last_copies[t][p], pushed, nxt))
                 with m.If(row_end):
                     m.d.sync += self.entry.payload.values[t].eq(total)
 
