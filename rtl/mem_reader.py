@@ -4,7 +4,8 @@ The memory side is two streams with valid/ready and any latency in between: requ
 (byte address, words) and response words of P bits, in request order. The unit reads each
 descriptor's data as one linear range; this component cuts it into bursts of at most
 `max_burst` words (an AXI-style limit), issues them as fast as the memory takes them, and passes
-the response words through untouched (no added latency, no buffering).
+the response words through untouched (no added latency, no buffering; the unit puts a
+ResponseFifo behind it, rtl/response_fifo.py).
 """
 from __future__ import annotations
 
@@ -93,6 +94,22 @@ class MemReader(wiring.Component):
                 full_left.eq((words - 1) >> mb_log),
                 last_burst.eq(((words - 1) & (self._max_burst - 1)) + 1),
             ]
+        # The request handshake and a new command never meet (a command is taken only when
+        # idle, and then no request is valid), so neither waits on the other's decision.
+        with m.If(self.mem_req.valid & self.mem_req.ready):
+            m.d.sync += [
+                to_request.eq(to_request - burst),
+                addr.eq(addr + (burst << log2(word_bytes))),
+            ]
+            with m.If(full_left == 0):
+                m.d.sync += req_valid.eq(0)
+            with m.Else():
+                m.d.sync += [full_left.eq(full_left - 1),
+                             burst.eq(Mux(full_left == 1, last_burst, self._max_burst))]
+        # `one_left` (to_receive == 1) kept as a flag: no wide compare behind the response handshake
+        one_left = Signal()
+        with m.If(self.mem_resp.valid & self.mem_resp.ready & busy):
+            m.d.sync += [to_receive.eq(to_receive - 1), busy.eq(~one_left), one_left.eq(to_receive == 2)]
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 addr.eq(self.cmd.payload.addr),
@@ -101,18 +118,6 @@ class MemReader(wiring.Component):
                 to_request.eq(self.cmd.payload.words),
                 to_receive.eq(self.cmd.payload.words),
                 busy.eq(self.cmd.payload.words != 0),
+                one_left.eq(self.cmd.payload.words == 1),
             ]
-        with m.Else():
-            with m.If(self.mem_req.valid & self.mem_req.ready):
-                m.d.sync += [
-                    to_request.eq(to_request - burst),
-                    addr.eq(addr + (burst << log2(word_bytes))),
-                ]
-                with m.If(full_left == 0):
-                    m.d.sync += req_valid.eq(0)
-                with m.Else():
-                    m.d.sync += [full_left.eq(full_left - 1),
-                                 burst.eq(Mux(full_left == 1, last_burst, self._max_burst))]
-            with m.If(self.mem_resp.valid & self.mem_resp.ready & busy):
-                m.d.sync += [to_receive.eq(to_receive - 1), busy.eq(to_receive != 1)]
         return m

@@ -45,10 +45,12 @@ from .group_combiner import GroupCombiner
 from .mem_reader import MemReader, mem_request_layout
 from .multiply_lanes import MultiplyLanes
 from .registers import RegisterBlock
+from .response_fifo import ResponseFifo
 from .result_output import ResultOutput
 from .scale_accumulator import ScaleAccumulator
 from .sequencer import BeatKind, MatmulSequencer, mode_layout
 from .shapes import CountersLayout, DescriptorLayout, ErrorShape, OpcodeShape, StateShape, StatusLayout, result_layout
+from .unpacker import LATENCY as UNPACK_LATENCY
 from .unpacker import Unpacker
 
 
@@ -114,6 +116,7 @@ class NdpUnit(wiring.Component):
                                                  length_bits=g.length_bits, max_burst=self._max_burst)
         m.submodules.act = act = ActivationBuffer(g)
         m.submodules.seq = seq = MatmulSequencer(g)
+        m.submodules.responses = responses = ResponseFifo(cfg.word_bits)
         tag = beat_tag_layout(g)
         m.submodules.unpack = unpack = Unpacker(g, tag)
         lanes_tag = data.StructLayout({"beat": tag, "xs": xslots_layout(g)})
@@ -126,6 +129,7 @@ class NdpUnit(wiring.Component):
         wiring.connect(m, reader.mem_req, wiring.flipped(self.mem_req))
         wiring.connect(m, wiring.flipped(self.mem_resp), reader.mem_resp)
         wiring.connect(m, output.out, wiring.flipped(self.out))
+        wiring.connect(m, reader.data, responses.i)
 
         # -- controller ---------------------------------------------------------------------------
         desc = Signal(DescriptorLayout)
@@ -136,6 +140,8 @@ class NdpUnit(wiring.Component):
         mode = Signal(mode_layout(g))
         is_load = Signal()
         start_check = Signal()
+        start_read = Signal()           # the reader's command valid, a register (Check -> Start)
+        matmul_done = Signal()          # registered: sequencer through (and not just starting), output drained
         done = Signal()
 
         m.d.comb += [
@@ -143,6 +149,7 @@ class NdpUnit(wiring.Component):
             check.start.eq(start_check),
             reader.cmd.payload.addr.eq(desc.addr),
             reader.cmd.payload.words.eq(check.words),
+            reader.cmd.valid.eq(start_read),
             seq.mode.eq(mode),
             act.load_tokens.eq(desc.tokens),
             act.load_in.eq(desc.in_features),
@@ -150,7 +157,8 @@ class NdpUnit(wiring.Component):
             output.tokens.eq(mode.tokens),
             self.done.eq(done),
         ]
-        m.d.sync += [start_check.eq(0), done.eq(0)]
+        m.d.sync += [start_check.eq(0), start_read.eq(0), done.eq(0),
+                     matmul_done.eq(~seq.active & output.idle & ~seq.start)]
 
         with m.FSM(name="control"):
             with m.State("Idle"):
@@ -173,10 +181,10 @@ class NdpUnit(wiring.Component):
                             mode.bits.eq(desc.bits), mode.group.eq(desc.group),
                             mode.padded_in.eq(check.padded_in), mode.passes.eq(check.passes),
                             mode.rows.eq(desc.rows), mode.tokens.eq(desc.tokens),
+                            start_read.eq(1),
                         ]
                         m.next = "Start"
             with m.State("Start"):
-                m.d.comb += reader.cmd.valid.eq(1)
                 with m.If(is_load):
                     m.d.comb += act.load_start.eq(1)
                     m.next = "Load"
@@ -184,22 +192,22 @@ class NdpUnit(wiring.Component):
                     m.d.comb += seq.start.eq(1)
                     m.next = "Matmul"
             with m.State("Load"):
-                with m.If(~reader.busy & ~act.load_busy):
+                with m.If(~reader.busy & responses.empty & ~act.load_busy):
                     m.d.sync += [loaded_tokens.eq(desc.tokens), loaded_in.eq(desc.in_features),
                                  state.eq(StateShape.DONE), done.eq(1)]
                     m.next = "Idle"
             with m.State("Matmul"):
-                with m.If(~seq.active & output.idle):
+                with m.If(matmul_done):
                     m.d.sync += [state.eq(StateShape.DONE), done.eq(1)]
                     m.next = "Idle"
 
         # Response words go to the activation loader or the sequencer.
         m.d.comb += [
-            act.words.valid.eq(reader.data.valid & is_load),
-            act.words.payload.eq(reader.data.payload),
-            seq.words.valid.eq(reader.data.valid & ~is_load),
-            seq.words.payload.eq(reader.data.payload),
-            reader.data.ready.eq(Mux(is_load, act.words.ready, seq.words.ready)),
+            act.words.valid.eq(responses.o.valid & is_load),
+            act.words.payload.eq(responses.o.payload),
+            seq.words.valid.eq(responses.o.valid & ~is_load),
+            seq.words.payload.eq(responses.o.payload),
+            responses.o.ready.eq(Mux(is_load, act.words.ready, seq.words.ready)),
         ]
 
         # -- datapath -------------------------------------------------------------------------------
@@ -210,14 +218,14 @@ class NdpUnit(wiring.Component):
             seq.credit_ok.eq(output.credit_ok),
             output.credit_take.eq(seq.credit_take),
         ]
-        # The beat waits READ_LATENCY - 1 cycles before the unpacker (one more), as the
+        # The beat waits READ_LATENCY - UNPACK_LATENCY cycles before the unpacker, as the
         # activations do in the buffer (RAM input registers, RAM read, RAM output register,
         # alignment, a register on the way to the lanes), so codes and activations meet at the lanes.
         s1_valid, s1_lo_half = seq.beat.valid, beat.lo_half
         s1 = Signal(tag)
         m.d.comb += [s1.kind.eq(beat.kind), s1.pass_.eq(beat.pass_), s1.i0.eq(beat.i0),
                      s1.row_end.eq(beat.row_end), s1.row.eq(beat.row), s1.word.eq(beat.word)]
-        for i in range(READ_LATENCY - 1):
+        for i in range(READ_LATENCY - UNPACK_LATENCY):
             d_valid, d, d_lo_half = Signal(name=f"beat_valid_d{i}"), Signal(tag, name=f"beat_d{i}"), \
                 Signal(name=f"beat_lo_half_d{i}")
             m.d.sync += [d_valid.eq(s1_valid), d.eq(s1), d_lo_half.eq(s1_lo_half)]
@@ -247,7 +255,7 @@ class NdpUnit(wiring.Component):
         # counted a cycle late (a wide compare behind the issue decision); a stall needs words in
         # flight, so none falls in a descriptor's last cycle and the counts at `done` are exact
         mem_stall = Signal()
-        m.d.sync += mem_stall.eq(busy & reader.waiting & wants_word & ~self.mem_resp.valid)
+        m.d.sync += mem_stall.eq(busy & reader.waiting & wants_word & ~responses.o.valid)
         m.d.comb += [
             regs.state.eq(state), regs.error.eq(error),
             regs.ev_busy_cycles.eq(busy),

@@ -6,12 +6,14 @@
                     hi = plane[i + P/2 * lo_half], code = hi << 2 | lo.
 
 So the memory side never bubbles for 3-bit: the hi word takes its own beat and costs nothing
-else. Lanes past the format's N_c codes get code 0 (their products vanish). One cycle latency:
-the codes are registered, and a `tag` (any shape) travels alongside.
+else. Lanes past the format's N_c codes get code 0 (their products vanish). Two cycles latency
+(LATENCY): the word, the format decoded one-hot and the 3-bit beat's hi bits are registered,
+then each code bit is an AND-OR of at most four sources, registered; a `tag` (any shape)
+travels alongside.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -19,7 +21,7 @@ from .fanout import register_copies
 from .geometry import Geometry
 from .sequencer import BeatKind
 
-LATENCY = 1
+LATENCY = 2
 LANE_GROUP = 8          # lanes sharing one copy of `bits`
 
 
@@ -28,9 +30,9 @@ def codes_layout(g: Geometry) -> data.ArrayLayout:
 
 
 class Unpacker(wiring.Component):
-    """Ports: `valid`, `kind`, `lo_half`, `word`, `bits` (held per descriptor, set a cycle
-    before the first beat), `tag_in`;
-    one cycle later `codes` (meaningful for CODE beats), `valid_out`, `tag_out`."""
+    """Ports: `valid`, `kind`, `lo_half`, `word`, `bits` (held per descriptor, valid with the
+    first beat), `tag_in`;
+    LATENCY cycles later `codes` (meaningful for CODE beats), `valid_out`, `tag_out`."""
 
     def __init__(self, geometry: Geometry, tag_shape):
         if not isinstance(geometry, Geometry):
@@ -59,22 +61,37 @@ class Unpacker(wiring.Component):
             with m.If(self.valid & (self.kind == BeatKind.HI)):
                 m.d.sync += plane.eq(word)
 
-        # `bits` (held per descriptor) reaches each group of LANE_GROUP lanes through its own copy
+        # Stage A: the word, the 3-bit beat's hi bits (plane half picked by lo_half) and `bits`
+        # decoded one-hot, which reaches each group of LANE_GROUP lanes through its own copy.
+        word_a = Signal(g.word_bits)
+        m.d.sync += word_a.eq(word)
+        if 3 in g.cfg.bits:
+            hi_a = Signal(half)
+            m.d.sync += hi_a.eq(Mux(self.lo_half, plane[half:], plane[:half]))
         groups = -(-g.lanes // LANE_GROUP)
-        bits_copies = register_copies(m, self.bits, groups, "bits", platform)
+        bits = list(g.cfg.bits)
+        sel_copies = register_copies(m, Cat(*(self.bits == b for b in bits)), groups, "bits_sel", platform)
+
+        # Stage B: code bit = OR over formats of (format selected & its source bit).
         for j in range(g.lanes):
+            sel = sel_copies[j // LANE_GROUP]
             code = Signal(8, name=f"code{j}")
-            with m.Switch(bits_copies[j // LANE_GROUP]):
-                for b in g.cfg.bits:
+            for k in range(8):
+                terms = []
+                for i, b in enumerate(bits):
                     if j >= g.codes_per_beat(b):
                         continue
-                    with m.Case(b):
-                        if b == 3:
-                            hi = Mux(self.lo_half, plane[half + j], plane[j])
-                            m.d.comb += code.eq(word[2 * j:2 * j + 2] | (hi << 2))
-                        else:
-                            m.d.comb += code.eq(word[b * j:b * (j + 1)])
+                    if b == 3:
+                        src = word_a[2 * j + k] if k < 2 else (hi_a[j] if k == 2 else None)
+                    else:
+                        src = word_a[b * j + k] if k < b else None
+                    if src is not None:
+                        terms.append(sel[i] & src)
+                if terms:
+                    m.d.comb += code[k].eq(Cat(*terms).any())
             m.d.sync += self.codes[j].eq(code)
 
-        m.d.sync += [self.valid_out.eq(self.valid), self.tag_out.eq(self.tag_in)]
+        valid_a, tag_a = Signal(), Signal.like(self.tag_in)
+        m.d.sync += [valid_a.eq(self.valid), tag_a.eq(self.tag_in),
+                     self.valid_out.eq(valid_a), self.tag_out.eq(tag_a)]
         return m
