@@ -25,12 +25,13 @@ from amaranth.lib.wiring import In, Out
 from model.contract import ACT_BITS
 
 from .adder_tree import block_sums
-from .fanout import register_copies
+from .fanout import copy_tree
 from .geometry import Geometry, log2
 from .hard_blocks import RAM_READ_LATENCY, RegisteredRam
 
 READ_LATENCY = RAM_READ_LATENCY + 2
-LANE_GROUP = 16         # activation lanes sharing one copy of the read offset
+LANE_GROUP = 4          # activation lanes sharing one copy of the read offset
+SEL_BRANCHING = 8       # copies one register of that tree drives
 
 
 def _stored_position(g: Geometry, lane: int) -> int:
@@ -200,23 +201,25 @@ class ActivationBuffer(wiring.Component):
     # -- MATMUL: RAM rows -> activations aligned to the beat's code lanes ------------------------
     def _elaborate_read(self, m, g: Geometry, rams, row_shape, platform):
         # The offset travels beside the RAM read (RAM_READ_LATENCY cycles): the alignment
-        # multiplexers work on the RAM's registered row.
-        off1 = self.rd_offset
-        for i in range(RAM_READ_LATENCY - 1):
+        # multiplexers work on the RAM's registered row. offs[i]: the offset i cycles later.
+        offs = [self.rd_offset]
+        for i in range(RAM_READ_LATENCY):
             d = Signal.like(self.rd_offset, name=f"rd_offset_d{i}")
-            m.d.sync += d.eq(off1)
-            off1 = d
+            m.d.sync += d.eq(offs[-1])
+            offs.append(d)
+        off2 = offs[RAM_READ_LATENCY]
         # Offsets a lane can see: a beat of N_c codes starts at a multiple of N_c within the row.
         n_cs = {b: g.codes_per_beat(b) for b in g.cfg.bits}
         all_offsets = sorted({o for n in n_cs.values() for o in range(0, g.lanes, n)})
         # The offset steers every activation lane's multiplexer: it arrives decoded (one select
-        # bit per offset, registered), one copy per token and group of LANE_GROUP lanes
-        # (rtl/fanout.py), so no decode LUT output fans out across the lanes.
+        # bit per offset), one copy per token and group of LANE_GROUP lanes, from a tree of
+        # register copies (rtl/fanout.py), so no net fans out across the lanes.
         groups = -(-g.lanes // LANE_GROUP)
-        off2 = Signal.like(off1)
-        m.d.sync += off2.eq(off1)
-        sel_copies = register_copies(m, Cat(*(off1 == o for o in all_offsets)),
-                                     g.tokens_parallel * groups, "offset_sel", platform)
+        leaves = g.tokens_parallel * groups
+        tree_latency = 1 if leaves <= SEL_BRANCHING else 2
+        decoded = Cat(*(offs[RAM_READ_LATENCY - tree_latency] == o for o in all_offsets))
+        sel_copies, latency = copy_tree(m, decoded, leaves, "offset_sel", platform, branching=SEL_BRANCHING)
+        assert latency == tree_latency
         rows = []
         for t, ram in enumerate(rams):
             m.d.comb += ram.r_addr.eq(self.rd_addr)

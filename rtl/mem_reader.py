@@ -83,16 +83,29 @@ class MemReader(wiring.Component):
             self.data.payload.eq(self.mem_resp.payload),
             self.mem_resp.ready.eq(self.data.ready),
         ]
-        # A command is taken into registers first; its bursts are worked out the cycle after.
+        # A command is taken into registers first; its bursts are worked out over the two cycles
+        # after (words - 1 and the compares in the first, the burst registers in the second).
         pending = Signal()
+        pending2 = Signal()
         words = Signal(self._length_bits)
-        m.d.sync += pending.eq(0)
+        words_m1 = Signal(self._length_bits)
+        words_nz = Signal()
+        words_big = Signal()
+        m.d.sync += [pending.eq(0), pending2.eq(pending)]
         with m.If(pending):
+            m.d.sync += [words_m1.eq(words - 1), words_nz.eq(words != 0), words_big.eq(words > self._max_burst)]
+        # `full_left` == 0 / == 1 kept as flags (full_left counts down by one per burst)
+        fl_zero = Signal()
+        fl_one = Signal()
+        with m.If(pending2):
+            full = words_m1 >> mb_log
             m.d.sync += [
-                req_valid.eq(words != 0),
-                burst.eq(Mux(words > self._max_burst, self._max_burst, words)),
-                full_left.eq((words - 1) >> mb_log),
-                last_burst.eq(((words - 1) & (self._max_burst - 1)) + 1),
+                req_valid.eq(words_nz),
+                burst.eq(Mux(words_big, self._max_burst, words)),
+                full_left.eq(full),
+                fl_zero.eq(full == 0),
+                fl_one.eq(full == 1),
+                last_burst.eq((words_m1 & (self._max_burst - 1)) + 1),
             ]
         # The request handshake and a new command never meet (a command is taken only when
         # idle, and then no request is valid), so neither waits on the other's decision.
@@ -101,11 +114,11 @@ class MemReader(wiring.Component):
                 to_request.eq(to_request - burst),
                 addr.eq(addr + (burst << log2(word_bytes))),
             ]
-            with m.If(full_left == 0):
+            with m.If(fl_zero):
                 m.d.sync += req_valid.eq(0)
             with m.Else():
-                m.d.sync += [full_left.eq(full_left - 1),
-                             burst.eq(Mux(full_left == 1, last_burst, self._max_burst))]
+                m.d.sync += [full_left.eq(full_left - 1), fl_zero.eq(fl_one), fl_one.eq(full_left == 2),
+                             burst.eq(Mux(fl_one, last_burst, self._max_burst))]
         # `one_left` (to_receive == 1) kept as a flag: no wide compare behind the response handshake
         one_left = Signal()
         with m.If(self.mem_resp.valid & self.mem_resp.ready & busy):

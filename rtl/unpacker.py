@@ -17,12 +17,12 @@ from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .fanout import register_copies
+from .fanout import copy_tree
 from .geometry import Geometry
 from .sequencer import BeatKind
 
 LATENCY = 2
-LANE_GROUP = 8          # lanes sharing one copy of `bits`
+LANE_GROUP = 4          # lanes sharing one copy of `bits` (decoded)
 
 
 def codes_layout(g: Geometry) -> data.ArrayLayout:
@@ -30,8 +30,8 @@ def codes_layout(g: Geometry) -> data.ArrayLayout:
 
 
 class Unpacker(wiring.Component):
-    """Ports: `valid`, `kind`, `lo_half`, `word`, `bits` (held per descriptor, valid with the
-    first beat), `tag_in`;
+    """Ports: `valid`, `kind`, `lo_half`, `word`, `bits` (held per descriptor, set at least a
+    cycle before the first beat: it reaches the lanes through a tree of copies), `tag_in`;
     LATENCY cycles later `codes` (meaningful for CODE beats), `valid_out`, `tag_out`."""
 
     def __init__(self, geometry: Geometry, tag_shape):
@@ -70,7 +70,7 @@ class Unpacker(wiring.Component):
             m.d.sync += hi_a.eq(Mux(self.lo_half, plane[half:], plane[:half]))
         groups = -(-g.lanes // LANE_GROUP)
         bits = list(g.cfg.bits)
-        sel_copies = register_copies(m, Cat(*(self.bits == b for b in bits)), groups, "bits_sel", platform)
+        sel_copies, _ = copy_tree(m, Cat(*(self.bits == b for b in bits)), groups, "bits_sel", platform)
 
         # Stage B: code bit = OR over formats of (format selected & its source bit).
         for j in range(g.lanes):
