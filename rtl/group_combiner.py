@@ -11,8 +11,9 @@ of a superblock always meet their own metadata whatever the pipeline holds. Grou
 uses entry ((i0 / G) + m) mod E. Slots without a complete group leave with scale 0, so the
 stage after can sum all K slots without looking at a mask.
 
-Two registered stages: (1) parts at the group's granularity and the beat's flags, (2) running
-partials, metadata lookup.
+Three registered stages: (0) the inputs, and where the beat sits in its group (from i0: a
+masked compare and a shift by log2(G), which would otherwise sit ahead of stage 1's logic),
+(1) parts at the group's granularity and the beat's flags, (2) running partials, metadata lookup.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .geometry import Geometry, log2
 from .multiply_lanes import sums_layout
 from .sequencer import BeatKind, codes_per_beat
 
-LATENCY = 2
+LATENCY = 3
 
 META_ENTRY = data.StructLayout({"scale": unsigned(SCALE_BITS), "zero": signed(ZERO_BITS)})
 assert META_ENTRY.size == META_ENTRY_BITS
@@ -102,18 +103,23 @@ class GroupCombiner(wiring.Component):
                             m.d.comb += out[i].eq(v)
             return out
 
+        # -- stage 0: inputs registered ----------------------------------------------------------
+        inp = {name: Signal.like(getattr(self, name), name=f"{name}_in")
+               for name in ("valid", "kind", "pass_", "row_end", "row", "word", "qx", "xs")}
+        m.d.sync += [inp[name].eq(getattr(self, name)) for name in inp]
+
         s1 = dict(valid=Signal(), kind=Signal(BeatKind), pass_=Signal(g.pass_bits),
                   row_end=Signal(), row=Signal(g.row_bits), word=Signal(g.word_bits))
         for name, sig in s1.items():
-            m.d.sync += sig.eq(getattr(self, name))
+            m.d.sync += sig.eq(inp[name])
         qx1 = [[Signal(signed(GROUP_QX_BITS), name=f"qx1_t{t}_{k}") for k in range(K)]
                for t in range(g.tokens_parallel)]
         x1 = [[Signal(signed(GROUP_X_BITS), name=f"x1_t{t}_{k}") for k in range(K)]
               for t in range(g.tokens_parallel)]
         for t in range(g.tokens_parallel):
-            for k, p in enumerate(parts_of([self.qx[t][k] for k in range(K)])):
+            for k, p in enumerate(parts_of([inp["qx"][t][k] for k in range(K)])):
                 m.d.sync += qx1[t][k].eq(p)
-            for k, p in enumerate(parts_of([self.xs[t][k] for k in range(K)])):
+            for k, p in enumerate(parts_of([inp["xs"][t][k] for k in range(K)])):
                 m.d.sync += x1[t][k].eq(p)
 
         # Per-descriptor constants, registered in two steps (bits and group hold for the whole
@@ -131,10 +137,11 @@ class GroupCombiner(wiring.Component):
             slot_whole.eq(Cat(*(k < whole for k in range(K)))),
             ends_at.eq(((1 << g_log) - n_c) & ((1 << g_log) - 1)),
         ]
-        ends = (self.i0[:8] & g_mask) == ends_at
+        ends = Signal()
+        first_group = Signal(range(E))
+        m.d.sync += [ends.eq((self.i0[:8] & g_mask) == ends_at), first_group.eq(self.i0 >> g_log)]
         slot_valid1 = Signal(K)
         entry1 = [Signal(range(E), name=f"entry1_{k}") for k in range(K)]
-        first_group = self.i0 >> g_log
         for k in range(K):
             m.d.sync += [
                 slot_valid1[k].eq(Mux(partial, ends if k == 0 else 0, slot_whole[k])),
@@ -142,7 +149,7 @@ class GroupCombiner(wiring.Component):
             ]
         # "a CODE beat" and "keep the partial" (the beat's sum continues a group) steer every running partial: a copy per token lane
         # and sum (rtl/fanout.py)
-        run_flags = register_copies(m, Cat(self.valid & (self.kind == BeatKind.CODE), partial & ~ends),
+        run_flags = register_copies(m, Cat(inp["valid"] & (inp["kind"] == BeatKind.CODE), partial & ~ends),
                                     2 * g.tokens_parallel, "run_flags", platform)
 
         # -- stage 2: running partials per pass, metadata ---------------------------------------
