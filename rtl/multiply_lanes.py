@@ -6,12 +6,14 @@ all of them), so most lanes are 2x8 or 3x8 bit products: a few LUTs, no DSP.
 The zero point is not subtracted here: sum((q - z) x) = sum(q x) - z sum(x), and the group stage
 does that once per group with the buffer's precomputed sum(x).
 
-A product is written out as a sum of shifted partial products (activation AND code bit), not a
-`*`: Yosys would put every low-bit product in a DSP block (or, in LUTs, chain its partial products
-into one slow carry chain). Codes of up to PRODUCT_STAGE_BITS bits are multiplied in one cycle
-(two adder levels); wider codes in PRODUCT_STAGE_BITS-bit slices whose registered products are
-summed the next cycle. All lanes wait alike, then K blocks of `block` lanes are summed by a tree
-with a register after every level; a `tag` travels alongside with the same latency.
+The codes (one copy per token) and activations are registered at the lanes first: they come
+from the unpacker and the activation buffer across the device. A product is written out as a
+sum of shifted partial products (activation AND code bit), not a `*`: Yosys would put every
+low-bit product in a DSP block (or, in LUTs, chain its partial products into one slow carry
+chain). The sum is a tree with a register after every adder level: codes are multiplied in
+PRODUCT_STAGE_BITS-bit slices, whose shifted products are summed by a registered tree too. All
+lanes wait alike (`product_latency`), then K blocks of `block` lanes are summed by a tree with
+a register after every level; a `tag` travels alongside with the same latency.
 """
 from __future__ import annotations
 
@@ -30,25 +32,36 @@ from .unpacker import codes_layout
 PRODUCT_STAGE_BITS = 4      # code bits multiplied in one cycle
 
 
-def _code_times_act(m: Module, code: Value, act: Value, name: str) -> Value:
-    """unsigned code x signed activation as a balanced sum of (act AND code bit) << bit.
-
-    The inner sums are kept wires: without them Yosys's alumacc merges the whole sum into one
-    $macc and maps it to a tree of full adders in LUTs (twice the depth of two carry chains)."""
-    terms = [Mux(code[i], act.as_signed() << i, 0) for i in range(len(code))]
+def _registered_sum(m: Module, terms: list, name: str) -> tuple[Value, int]:
+    """Sum of `terms` by a balanced adder tree with a register after every level; returns the
+    sum and its latency (0 for a single term)."""
     depth = 0
-    while len(terms) > 2:
+    while len(terms) > 1:
         nxt = []
         for i in range(0, len(terms), 2):
             if i + 1 == len(terms):
-                nxt.append(terms[i])
+                carried = Signal(Value.cast(terms[i]).shape(), name=f"{name}_d{depth}_{i // 2}")
+                m.d.sync += carried.eq(terms[i])
+                nxt.append(carried)
                 continue
             total = terms[i] + terms[i + 1]
-            w = Signal(total.shape(), name=f"{name}_d{depth}_{i // 2}", attrs={"keep": 1})
-            m.d.comb += w.eq(total)
+            w = Signal(total.shape(), name=f"{name}_d{depth}_{i // 2}")
+            m.d.sync += w.eq(total)
             nxt.append(w)
         terms, depth = nxt, depth + 1
-    return terms[0] + terms[1] if len(terms) == 2 else terms[0]
+    return terms[0], depth
+
+
+def _delay(m: Module, value, cycles: int, name: str) -> Value:
+    for i in range(cycles):
+        d = Signal(Value.cast(value).shape(), name=f"{name}_w{i}")
+        m.d.sync += d.eq(value)
+        value = d
+    return value
+
+
+def _levels(n: int) -> int:
+    return max(0, (n - 1).bit_length())
 
 
 def block_sum_bits(g: Geometry) -> int:
@@ -78,9 +91,18 @@ class MultiplyLanes(wiring.Component):
             "tag_out": Out(tag_shape),
         })
 
+    def _slices(self, width: int) -> list[tuple[int, int]]:
+        return [(lo, min(width, lo + PRODUCT_STAGE_BITS)) for lo in range(0, width, PRODUCT_STAGE_BITS)]
+
+    def _lane_latency(self, width: int) -> int:
+        slices = self._slices(width)
+        return max(_levels(hi - lo) for lo, hi in slices) + _levels(len(slices))
+
     @property
     def product_latency(self) -> int:
-        return 2 if max(self._geo.cfg.bits) > PRODUCT_STAGE_BITS else 1
+        """Input registers plus the slowest lane's product tree."""
+        g = self._geo
+        return 1 + max(max(1, self._lane_latency(g.lane_code_bits(j))) for j in range(g.lanes))
 
     @property
     def latency(self) -> int:
@@ -93,18 +115,18 @@ class MultiplyLanes(wiring.Component):
             products = []
             for j in range(g.lanes):
                 width = g.lane_code_bits(j)
-                code, act = self.codes[j][:width], self.acts[t][j]
-                slices = []
-                for i, lo in enumerate(range(0, width, PRODUCT_STAGE_BITS)):
-                    hi = min(width, lo + PRODUCT_STAGE_BITS)
-                    part = Signal(signed(hi - lo + ACT_BITS + 1), name=f"prod_t{t}_l{j}_s{i}")
-                    m.d.sync += part.eq(_code_times_act(m, code[lo:hi], act, f"pp_t{t}_l{j}_s{i}"))
-                    slices.append((part, lo))
-                if self.product_latency == 1:
-                    (p, _), = slices
-                else:
-                    p = Signal(signed(width + ACT_BITS + 1), name=f"prod_t{t}_l{j}")
-                    m.d.sync += p.eq(sum(part << lo for part, lo in slices))
+                code = Signal(width, name=f"code_t{t}_l{j}")
+                act = Signal(signed(ACT_BITS), name=f"act_t{t}_l{j}")
+                m.d.sync += [code.eq(self.codes[j][:width]), act.eq(self.acts[t][j])]
+                slices = self._slices(width)
+                slice_levels = max(_levels(hi - lo) for lo, hi in slices)
+                parts = []
+                for i, (lo, hi) in enumerate(slices):
+                    terms = [Mux(code[b], act.as_signed() << (b - lo), 0) for b in range(lo, hi)]
+                    part, levels = _registered_sum(m, terms, f"pp_t{t}_l{j}_s{i}")
+                    parts.append(_delay(m, part, slice_levels - levels, f"pp_t{t}_l{j}_s{i}") << lo)
+                p, levels = _registered_sum(m, parts, f"prod_t{t}_l{j}")
+                p = _delay(m, p, self.product_latency - 1 - slice_levels - levels, f"prod_t{t}_l{j}")
                 products.append(p)
             sums, _ = block_sums(m, products, g.block, f"qx_t{t}")
             for k, s in enumerate(sums):
