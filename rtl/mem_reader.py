@@ -70,6 +70,8 @@ class MemReader(wiring.Component):
         full_left = Signal(max(1, self._length_bits - mb_log))
         last_burst = Signal.like(burst)
         busy = Signal()                             # to_receive != 0 (and to_request <= to_receive)
+        waiting = Signal()                          # to_receive != to_request, a cycle late (for counters)
+        m.d.sync += waiting.eq(to_receive != to_request)
 
         m.d.comb += [
             self.mem_req.valid.eq(req_valid),
@@ -77,7 +79,7 @@ class MemReader(wiring.Component):
             self.mem_req.payload.words.eq(burst),
             self.cmd.ready.eq(~busy),
             self.busy.eq(busy),
-            self.waiting.eq(to_receive != to_request),
+            self.waiting.eq(waiting),
             # Responses pass straight through: the consumer's ready is the memory's ready.
             self.data.valid.eq(self.mem_resp.valid),
             self.data.payload.eq(self.mem_resp.payload),
@@ -87,13 +89,16 @@ class MemReader(wiring.Component):
         # after (words - 1 and the compares in the first, the burst registers in the second).
         pending = Signal()
         pending2 = Signal()
+        # `one_left` (to_receive == 1) kept as a flag: no wide compare behind the response handshake
+        one_left = Signal()
         words = Signal(self._length_bits)
         words_m1 = Signal(self._length_bits)
         words_nz = Signal()
         words_big = Signal()
         m.d.sync += [pending.eq(0), pending2.eq(pending)]
         with m.If(pending):
-            m.d.sync += [words_m1.eq(words - 1), words_nz.eq(words != 0), words_big.eq(words > self._max_burst)]
+            m.d.sync += [words_m1.eq(words - 1), words_nz.eq(words != 0), words_big.eq(words > self._max_burst),
+                         busy.eq(words != 0), one_left.eq(words == 1)]
         # `full_left` == 0 / == 1 kept as flags (full_left counts down by one per burst)
         fl_zero = Signal()
         fl_one = Signal()
@@ -119,8 +124,6 @@ class MemReader(wiring.Component):
             with m.Else():
                 m.d.sync += [full_left.eq(full_left - 1), fl_zero.eq(fl_one), fl_one.eq(full_left == 2),
                              burst.eq(Mux(fl_one, last_burst, self._max_burst))]
-        # `one_left` (to_receive == 1) kept as a flag: no wide compare behind the response handshake
-        one_left = Signal()
         with m.If(self.mem_resp.valid & self.mem_resp.ready & busy):
             m.d.sync += [to_receive.eq(to_receive - 1), busy.eq(~one_left), one_left.eq(to_receive == 2)]
         with m.If(self.cmd.valid & self.cmd.ready):
@@ -130,7 +133,9 @@ class MemReader(wiring.Component):
                 pending.eq(1),
                 to_request.eq(self.cmd.payload.words),
                 to_receive.eq(self.cmd.payload.words),
-                busy.eq(self.cmd.payload.words != 0),
-                one_left.eq(self.cmd.payload.words == 1),
+                # busy from the command on; whether any word comes is settled in `pending`
+                # (no request goes out before then, so no response can arrive)
+                busy.eq(1),
+                one_left.eq(0),
             ]
         return m

@@ -15,9 +15,12 @@
 
 Pipeline, counted in cycles from the sequencer issuing a beat (S0): the beat and the activation
 RAM address (S0), the address registers beside each block RAM (S1), the block-RAM read (S2), its
-output register (S3), the aligned activations and the unpacker (S4), codes and activations at the
-lanes (S5), products and the adder tree, the group stages, zero and scale multiplies (registered
-DSPs, rtl/hard_blocks.py), the slot tree, the accumulator, the output FIFO. Nothing in it stalls; the sequencer holds back instead (see
+output register (S3), the aligned activations registered twice on their way to the lanes while
+the beat's word is unpacked in two stages (S4-S5); then at the lanes the input registers, the
+products' adder levels and the block adder tree, each registered; the group combiner (3 stages),
+the zero and scale multiplies (registered DSPs, rtl/hard_blocks.py), the slot tree, the
+accumulator, the output FIFO. Memory words reach the sequencer through a small FIFO with a
+registered ready (rtl/response_fifo.py). Nothing in it stalls; the sequencer holds back instead (see
 result_output.py). A descriptor is taken only when the unit is not BUSY; `done` pulses for one
 cycle when it ends (DONE or ERROR).
 
@@ -203,11 +206,13 @@ class NdpUnit(wiring.Component):
 
         # Response words go to the activation loader or the sequencer.
         m.d.comb += [
-            act.words.valid.eq(responses.o.valid & is_load),
+            # the loader takes words only while loading, the sequencer only while active, and
+            # the two never overlap: neither needs the opcode in its handshake
+            act.words.valid.eq(responses.o.valid),
             act.words.payload.eq(responses.o.payload),
-            seq.words.valid.eq(responses.o.valid & ~is_load),
+            seq.words.valid.eq(responses.o.valid),
             seq.words.payload.eq(responses.o.payload),
-            responses.o.ready.eq(Mux(is_load, act.words.ready, seq.words.ready)),
+            responses.o.ready.eq(act.words.ready | seq.words.ready),
         ]
 
         # -- datapath -------------------------------------------------------------------------------
