@@ -25,13 +25,14 @@ from amaranth.lib.wiring import In, Out
 from model.contract import ACT_BITS
 
 from .adder_tree import block_sums
-from .fanout import copy_tree
+from .fanout import copy_tree, register_copies
 from .geometry import Geometry, log2
 from .hard_blocks import RAM_READ_LATENCY, RegisteredRam
 
 READ_LATENCY = RAM_READ_LATENCY + 2
 LANE_GROUP = 4          # activation lanes sharing one copy of the read offset
 SEL_BRANCHING = 8       # copies one register of that tree drives
+LOAD_SLICE_BITS = 64    # row bits per copy of the load's enables
 
 
 def _stored_position(g: Geometry, lane: int) -> int:
@@ -90,12 +91,12 @@ class ActivationBuffer(wiring.Component):
             m.submodules[f"ram{lane}"] = ram
             rams.append(ram)
 
-        self._elaborate_load(m, g, rams, row_shape, act_bits)
+        self._elaborate_load(m, g, rams, row_shape, act_bits, platform)
         self._elaborate_read(m, g, rams, row_shape, platform)
         return m
 
     # -- LOAD_ACT: words -> RAM rows with block sums ------------------------------------------
-    def _elaborate_load(self, m, g: Geometry, rams, row_shape, act_bits):
+    def _elaborate_load(self, m, g: Geometry, rams, row_shape, act_bits, platform):
         loading = Signal()
         word_idx = Signal(range(max(2, g.words_per_act_row)))
         row_idx = Signal(g.act_row_addr_bits + 1)
@@ -159,10 +160,18 @@ class ActivationBuffer(wiring.Component):
         row = Signal(act_bits)
         assembled = word_a if g.words_per_act_row == 1 else Cat(shift[g.word_bits:], word_a)
         m.d.sync += full.eq(row_done_a)
-        with m.If(take_a):
-            m.d.sync += shift.eq(assembled)
+        # take and row-done enable hundreds of row bits: a register copy per slice of them
+        slices = -(-act_bits // LOAD_SLICE_BITS)
+        take_c = register_copies(m, take, slices, "take", platform, distinct=False)
+        done_c = register_copies(m, row_done, slices, "row_done", platform, distinct=False)
+        for i in range(slices):
+            bits = slice(i * LOAD_SLICE_BITS, min(act_bits, (i + 1) * LOAD_SLICE_BITS))
+            with m.If(take_c[i]):
+                m.d.sync += shift[bits].eq(assembled[bits])
+            with m.If(done_c[i]):
+                m.d.sync += row[bits].eq(assembled[bits])
         with m.If(row_done_a):
-            m.d.sync += [row.eq(assembled), target.eq(target_a)]
+            m.d.sync += target.eq(target_a)
 
         # Stages 1..n: block sums of the row, the row and its target delayed alongside.
         acts = [row[ACT_BITS * i:ACT_BITS * (i + 1)].as_signed() for i in range(g.lanes)]

@@ -153,9 +153,13 @@ class GroupCombiner(wiring.Component):
                                     2 * g.tokens_parallel, "run_flags", platform)
 
         # -- stage 2: running partials per pass, metadata ---------------------------------------
+        # the META beat's enable reaches the word's bits through a copy per entry
         meta = Signal(data.ArrayLayout(META_ENTRY, E))
-        with m.If(s1["valid"] & (s1["kind"] == BeatKind.META)):
-            m.d.sync += meta.eq(s1["word"])
+        meta_en = register_copies(m, inp["valid"] & (inp["kind"] == BeatKind.META), E, "meta_en", platform,
+                                  distinct=False)
+        for e in range(E):
+            with m.If(meta_en[e]):
+                m.d.sync += meta[e].eq(s1["word"][e * META_ENTRY.size:(e + 1) * META_ENTRY.size])
 
         code = s1["valid"] & (s1["kind"] == BeatKind.CODE)
         # CODE beats come in passes 0, 1, .. passes-1, 0, 1, .. so the running partials rotate:

@@ -7,8 +7,8 @@
 
 So the memory side never bubbles for 3-bit: the hi word takes its own beat and costs nothing
 else. Lanes past the format's N_c codes get code 0 (their products vanish). Two cycles latency
-(LATENCY): the word, the format decoded one-hot and the 3-bit beat's hi bits are registered,
-then each code bit is an AND-OR of at most four sources, registered; a `tag` (any shape)
+(LATENCY): the word and the format decoded one-hot are registered (and a hi-plane word latched
+from there), then each code bit is an AND-OR of at most four sources, registered; a `tag` (any shape)
 travels alongside.
 """
 from __future__ import annotations
@@ -17,12 +17,13 @@ from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .fanout import copy_tree
+from .fanout import copy_tree, register_copies
 from .geometry import Geometry
 from .sequencer import BeatKind
 
 LATENCY = 2
 LANE_GROUP = 4          # lanes sharing one copy of `bits` (decoded)
+PLANE_SLICE_BITS = 16   # hi-plane bits per copy of its enable
 
 
 def codes_layout(g: Geometry) -> data.ArrayLayout:
@@ -56,18 +57,23 @@ class Unpacker(wiring.Component):
         half = g.word_bits // 2
         word = self.word
 
-        if 3 in g.cfg.bits:
-            plane = Signal(g.word_bits)
-            with m.If(self.valid & (self.kind == BeatKind.HI)):
-                m.d.sync += plane.eq(word)
-
-        # Stage A: the word, the 3-bit beat's hi bits (plane half picked by lo_half) and `bits`
-        # decoded one-hot, which reaches each group of LANE_GROUP lanes through its own copy.
+        # Stage A: the word, whether it is a hi-plane word (a copy of that enable per slice of
+        # the plane), lo_half, and `bits` decoded one-hot, which reaches each group of
+        # LANE_GROUP lanes through its own copy. The plane is latched from stage A's word, in
+        # time for a lo word right behind it.
         word_a = Signal(g.word_bits)
         m.d.sync += word_a.eq(word)
         if 3 in g.cfg.bits:
-            hi_a = Signal(half)
-            m.d.sync += hi_a.eq(Mux(self.lo_half, plane[half:], plane[:half]))
+            plane = Signal(g.word_bits)
+            slices = -(-g.word_bits // PLANE_SLICE_BITS)
+            plane_en = register_copies(m, self.valid & (self.kind == BeatKind.HI), slices, "plane_en", platform,
+                                       distinct=False)
+            for i in range(slices):
+                bits_i = slice(i * PLANE_SLICE_BITS, min(g.word_bits, (i + 1) * PLANE_SLICE_BITS))
+                with m.If(plane_en[i]):
+                    m.d.sync += plane[bits_i].eq(word_a[bits_i])
+            lo_half_a = Signal()
+            m.d.sync += lo_half_a.eq(self.lo_half)
         groups = -(-g.lanes // LANE_GROUP)
         bits = list(g.cfg.bits)
         sel_copies, _ = copy_tree(m, Cat(*(self.bits == b for b in bits)), groups, "bits_sel", platform)
@@ -82,7 +88,8 @@ class Unpacker(wiring.Component):
                     if j >= g.codes_per_beat(b):
                         continue
                     if b == 3:
-                        src = word_a[2 * j + k] if k < 2 else (hi_a[j] if k == 2 else None)
+                        hi = Mux(lo_half_a, plane[half + j], plane[j]) if j < half else None
+                        src = word_a[2 * j + k] if k < 2 else (hi if k == 2 else None)
                     else:
                         src = word_a[b * j + k] if k < b else None
                     if src is not None:
