@@ -14,6 +14,7 @@ from amaranth.lib.wiring import In, Out
 from model.contract import get_config
 from rtl.synth import constraints, flow
 from rtl.synth.design import TOP_NAME, ndp_unit
+from rtl.synth.report import read_failing_endpoints
 from rtl.synth.run import check_freq, run_synth
 from rtl.synth.sweep import SweepAxes, derive, markdown_table, parse_bits_sets, sweep_points
 from rtl.synth.targets import TARGETS, get_target
@@ -135,3 +136,28 @@ def test_smallest_configuration_fits_and_meets_a_modest_clock(tmp_path):
     assert r.luts > 1000 and r.ffs > 1000 and r.dsps > 0     # the unit, not an optimized-away shell
     assert r.critical_path.delay_ns > 0 and r.critical_path.start and r.critical_path.end
     assert r.utilization[get_target(CI_TARGET).lut_bel]["available"] == 24288
+    # the primitives the ECP5 flow instantiates made it through Yosys and nextpnr
+    assert r.extra["primitives"] == "ecp5" and r.brams > 0
+    # nothing arrives later than the clock the design met, and the worst arrival is the critical path's
+    assert r.extra["failing"]["endpoints"] == 0
+    slow = read_failing_endpoints(tmp_path, 1000 / (r.critical_path.delay_ns - 0.5))
+    assert slow["endpoints"] > 0 and abs(slow["worst"][0]["arrival_ns"] - r.critical_path.delay_ns) < 0.05
+
+
+def test_failing_endpoints_count_clocked_register_inputs_only(tmp_path):
+    clk = "posedge $glbnet$clk"
+    nets = [
+        {"net": "a", "event": clk, "endpoints": [
+            {"cell": "design.acc_TRELLIS_FF_Q_3", "port": "DI", "event": clk, "delay": [1.0, 7.5]},
+            {"cell": "design.acc_TRELLIS_FF_Q_4", "port": "DI", "event": clk, "delay": [1.0, 7.0]},
+            {"cell": "design.flag_TRELLIS_FF_Q", "port": "CE", "event": clk, "delay": [1.0, 6.0]},
+            {"cell": "design.reg_TRELLIS_FF_Q", "port": "LSR", "event": clk, "delay": [1.0, 9.0]}]},
+        {"net": "rst", "event": "<async>", "endpoints": [
+            {"cell": "design.x_TRELLIS_FF_Q", "port": "DI", "event": clk, "delay": [1.0, 12.0]}]},
+    ]
+    (tmp_path / "report.json").write_text(__import__("json").dumps({"detailed_net_timings": nets}))
+    r = read_failing_endpoints(tmp_path, 150.0)
+    assert (r["endpoints"], r["signals"]) == (2, 1)
+    assert r["worst"] == [{"signal": "design.acc", "endpoints": 2, "arrival_ns": 7.5}]
+    assert read_failing_endpoints(tmp_path, 100.0)["endpoints"] == 0
+    assert read_failing_endpoints(tmp_path / "missing", 100.0) is None

@@ -64,6 +64,11 @@ def format_result(r: SynthResult) -> str:
         lines.append(f"  path through {' -> '.join(cp.signals())}")
         if cp.hdl_lines():
             lines.append(f"  RTL lines    {', '.join(cp.hdl_lines())}")
+    failing = r.extra.get("failing")
+    if failing and failing["endpoints"]:
+        lines.append(f"  failing      {failing['endpoints']} register inputs in {failing['signals']} signals arrive after "
+                     f"{failing['period_ns']:g} ns; latest: "
+                     + ", ".join(f"{w['signal']} {w['arrival_ns']:.2f} ns ({w['endpoints']})" for w in failing["worst"][:6]))
     tp = r.extra.get("throughput")
     if tp:
         lines.append(f"  weight BW    {tp['sustained_gbps']:.2f} GB/s sustained of {tp['peak_gbps']:.2f} GB/s "

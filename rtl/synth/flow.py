@@ -112,7 +112,8 @@ def place_and_route(target: FpgaTarget, build: Path, freq_mhz: float, speed: int
     reached. Pins are left to the placer (the wrapper has only four).
     """
     command = [tool(target.nextpnr), *target.device_args, "--json", "netlist.json",
-               "--freq", f"{freq_mhz:g}", "--report", "report.json", "--seed", str(seed),
+               "--freq", f"{freq_mhz:g}", "--report", "report.json", "--detailed-timing-report",
+               "--seed", str(seed),
                "--threads", "1", "--timing-allow-fail", "-q", "-l", "nextpnr.log",
                # router1 (the default) spent > 10 min ripping up the last few hundred arcs of the
                # small unit on an ECP5-25k at 26 % use; router2 converges in a fraction of that

@@ -192,6 +192,37 @@ def read_timing(build: Path) -> tuple[float | None, CriticalPath | None]:
     return round(clocks[clock], 2), (_critical_path(paths[0], lines) if paths else None)
 
 
+def read_failing_endpoints(build: Path, freq_mhz: float, top: int = 12) -> dict | None:
+    """Every register input the clock reaches later than its period, from nextpnr's detailed
+    timing report (the arrival time it gives each endpoint), grouped by the HDL signal the
+    register holds: how many fail, and the `top` signals with the latest arrivals. One run then
+    shows all of what is left to pipeline, not just the single critical path. I/O paths
+    (from the reset and si pins) are left out, as in the Fmax, and so are flip-flops' LSR
+    inputs: nextpnr gives one arrival per endpoint, and Yosys folds the reset pin into the LSR
+    logic of most registers (D = c ? x : 0 becomes a synchronous reset), whose pin path is not
+    the clock's."""
+    report = build / "report.json"
+    if not report.exists():
+        return None
+    raw = json.loads(report.read_text())
+    nets = raw.get("detailed_net_timings")
+    if nets is None:
+        return None
+    period = 1000.0 / freq_mhz
+    failing: dict[str, list[float]] = {}
+    for net in nets:
+        if net.get("event", "").startswith("<async>"):
+            continue
+        for end in net["endpoints"]:
+            arrival = float(end["delay"][1])
+            if end.get("event") == net.get("event") and end.get("port") != "LSR" and arrival > period:
+                failing.setdefault(signal_name(end["cell"]), []).append(arrival)
+    worst = sorted(failing.items(), key=lambda kv: -max(kv[1]))[:top]
+    return {"period_ns": round(period, 3), "endpoints": sum(len(v) for v in failing.values()),
+            "signals": len(failing),
+            "worst": [{"signal": k, "endpoints": len(v), "arrival_ns": round(max(v), 3)} for k, v in worst]}
+
+
 def resource_counts(target: FpgaTarget, util: dict, cells: dict) -> dict[str, int | None]:
     """LUTs, FFs, DSPs, block RAMs in the target's own units.
 

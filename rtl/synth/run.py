@@ -11,8 +11,8 @@ from model.contract import NdpConfig
 from rtl.synth import flow
 from rtl.synth.design import (DesignFactory, check_primitives, default_primitives, ndp_unit, resolve_config,
                               write_wrapped_verilog)
-from rtl.synth.report import (SynthResult, log_tail, over_capacity, read_timing, read_utilization,
-                              read_yosys_cells, resource_counts)
+from rtl.synth.report import (SynthResult, log_tail, over_capacity, read_failing_endpoints, read_timing,
+                              read_utilization, read_yosys_cells, resource_counts)
 from rtl.synth.targets import FpgaTarget, get_target
 
 DEFAULT_BUILD_ROOT = Path("build/fpga")
@@ -90,12 +90,13 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
     def result(error: str | None, fits: bool) -> SynthResult:
         cells, util = read_yosys_cells(build), read_utilization(build)
         fmax, path = read_timing(build)
+        failing = read_failing_endpoints(build, freq_mhz)
         r = SynthResult(config=cfg.name, target=target.name, speed=speed, freq_target_mhz=freq_mhz,
                         fits=fits, fmax_mhz=fmax, **resource_counts(target, util, cells),
                         utilization=util, yosys_cells=cells, critical_path=path,
                         seconds=seconds, error=error,
                         extra={"build": str(build), "key": key, "dsp_min_width": dsp_min_width,
-                               "primitives": primitives,
+                               "primitives": primitives, "failing": failing,
                                "rtl": revision, "notes": notes})
         cached.write_text(json.dumps(r.to_json(), indent=1) + "\n")
         return r
