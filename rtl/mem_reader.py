@@ -124,7 +124,11 @@ class MemReader(wiring.Component):
             with m.Else():
                 m.d.sync += [full_left.eq(full_left - 1), fl_zero.eq(fl_one), fl_one.eq(full_left == 2),
                              burst.eq(Mux(fl_one, last_burst, self._max_burst))]
-        with m.If(self.mem_resp.valid & self.mem_resp.ready & busy):
+        # Responses are counted a cycle after their handshake (the memory's handshake sits at
+        # the unit's edge, the counters beside the controller): busy falls a cycle later.
+        resp_fire = Signal()
+        m.d.sync += resp_fire.eq(self.mem_resp.valid & self.mem_resp.ready & busy)
+        with m.If(resp_fire):
             m.d.sync += [to_receive.eq(to_receive - 1), busy.eq(~one_left), one_left.eq(to_receive == 2)]
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
