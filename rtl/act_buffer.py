@@ -12,9 +12,9 @@ blocks), computed once here at LOAD_ACT time instead of by an adder tree per tok
 Load side: LOAD_ACT's words (P bits, little-endian bytes, token rows back to back) are assembled
 into RAM rows, summed by a pipelined adder tree and written; always ready.
 Read side: the address comes with the sequencer's beat (cycle 0), the RAM's registered row is
-there in cycle 3 (rtl/hard_blocks.py: address registers beside every block RAM, the block RAM's
-own output register), the lanes' activations are aligned to the beat's codes (4- and 8-bit beats
-use part of a row) and registered twice: valid in cycle 5.
+there in cycle RAM_READ_LATENCY (rtl/hard_blocks.py: a tree of address registers towards every
+block RAM, the block RAM's own output register), the lanes' activations are aligned to the
+beat's codes (4- and 8-bit beats use part of a row) and registered twice: valid two cycles later.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from model.contract import ACT_BITS
 from .adder_tree import block_sums
 from .fanout import copy_tree, register_copies
 from .geometry import Geometry, log2
-from .hard_blocks import RAM_READ_LATENCY, RegisteredRam
+from .hard_blocks import RAM_INPUT_STAGES, RAM_READ_LATENCY, RegisteredRam
 
 READ_LATENCY = RAM_READ_LATENCY + 2
 LANE_GROUP = 4          # activation lanes sharing one copy of the read offset
@@ -197,14 +197,17 @@ class ActivationBuffer(wiring.Component):
                 ram.w_data.eq(row_data),
                 ram.w_en.eq(valid_d & ((lane_sel == i) if g.tokens_parallel > 1 else 1)),
             ]
-        # the RAM registers the write once more before it lands
-        writing = Signal()
-        m.d.sync += writing.eq(valid_d)
+        # the RAM registers the write RAM_INPUT_STAGES more times before it lands
+        writing = []
+        for i in range(RAM_INPUT_STAGES):
+            w = Signal(name=f"writing{i}")
+            m.d.sync += w.eq(writing[-1] if writing else valid_d)
+            writing.append(w)
         # registered (an OR of a dozen flags would sit ahead of the controller's state logic):
         # busy in cycle t when anything was in flight in t - 1 or a load started then; no flag
         # rises again once all are clear, so it falls only after the last write has landed
         busy = Signal()
-        m.d.sync += busy.eq(self.load_start | Cat(loading, *in_flight, writing).any())
+        m.d.sync += busy.eq(self.load_start | Cat(loading, *in_flight, *writing).any())
         m.d.comb += self.load_busy.eq(busy)
 
     # -- MATMUL: RAM rows -> activations aligned to the beat's code lanes ------------------------

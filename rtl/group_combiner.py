@@ -91,10 +91,21 @@ class GroupCombiner(wiring.Component):
         m.d.comb += level.eq(Mux(self.group > levels, levels, self.group))
 
         def parts_of(values):
+            # every level of the sum tree registered in stage 0 (from the inputs), so stage 1
+            # only picks the level the group size asks for
             tree = [list(values)]
             for _ in range(levels):
                 prev = tree[-1]
                 tree.append([prev[i] + prev[i + 1] for i in range(0, len(prev), 2)])
+            registered = []
+            for lv, row in enumerate(tree):
+                regs = []
+                for i, v in enumerate(row):
+                    r = Signal(signed(len(values[0]) + lv), name=f"tree{lv}_{i}")
+                    m.d.sync += r.eq(v)
+                    regs.append(r)
+                registered.append(regs)
+            tree = registered
             out = [Signal(signed(len(values[0]) + levels + 1), name="part") for _ in range(K)]
             with m.Switch(level):
                 for lv in range(levels + 1):
@@ -105,7 +116,7 @@ class GroupCombiner(wiring.Component):
 
         # -- stage 0: inputs registered ----------------------------------------------------------
         inp = {name: Signal.like(getattr(self, name), name=f"{name}_in")
-               for name in ("valid", "kind", "pass_", "row_end", "row", "word", "qx", "xs")}
+               for name in ("valid", "kind", "pass_", "row_end", "row", "word")}
         m.d.sync += [inp[name].eq(getattr(self, name)) for name in inp]
 
         s1 = dict(valid=Signal(), kind=Signal(BeatKind), pass_=Signal(g.pass_bits),
@@ -117,9 +128,9 @@ class GroupCombiner(wiring.Component):
         x1 = [[Signal(signed(GROUP_X_BITS), name=f"x1_t{t}_{k}") for k in range(K)]
               for t in range(g.tokens_parallel)]
         for t in range(g.tokens_parallel):
-            for k, p in enumerate(parts_of([inp["qx"][t][k] for k in range(K)])):
+            for k, p in enumerate(parts_of([self.qx[t][k] for k in range(K)])):
                 m.d.sync += qx1[t][k].eq(p)
-            for k, p in enumerate(parts_of([inp["xs"][t][k] for k in range(K)])):
+            for k, p in enumerate(parts_of([self.xs[t][k] for k in range(K)])):
                 m.d.sync += x1[t][k].eq(p)
 
         # Per-descriptor constants, registered in two steps (bits and group hold for the whole

@@ -5,10 +5,12 @@ and output registers (TOOLCHAIN.md), and nextpnr then times an unregistered DP16
 about 5.8 ns clock-to-out at speed grade 6, most of a 150 MHz cycle before any routing. So the
 unit builds these two things through this module:
 
-- `RegisteredRam`: one write and one read port, every input and the read data registered
-  (READ_LATENCY 3). On ECP5 each DP16KD gets its own copy of the address and enable registers
-  (the block RAMs of a wide row sit across the device, and one address net reaching all of them
-  was the critical path) and runs with REGMODE OUTREG.
+- `RegisteredRam`: one write and one read port, every input registered twice and the read data
+  registered (RAM_READ_LATENCY 4). On ECP5 the second level gives each DP16KD its own copy of
+  the address and enable registers, fed from a copy per RAM_BRANCHING block RAMs (the block
+  RAMs of a wide row sit across the device: one address net reaching all of them was the
+  critical path, then one register copy per block RAM fed from one place), and the DP16KD runs
+  with REGMODE OUTREG.
 - `registered_product`: a x b with the operands and the product registered (2 cycles); on ECP5
   a MULT18X18D with REG_INPUTA/B and REG_OUTPUT on CLK0.
 
@@ -27,7 +29,9 @@ from amaranth.lib.wiring import In, Out
 from .fanout import register_copies
 from .platforms import ECP5_MODELS, PRIMITIVES, Ecp5HardBlocks, platform_for, simulation_models, uses_ecp5  # noqa: F401
 
-RAM_READ_LATENCY = 3
+RAM_INPUT_STAGES = 2             # registers ahead of the block RAM's own address register
+RAM_READ_LATENCY = RAM_INPUT_STAGES + 2
+RAM_BRANCHING = 4                # block RAMs per first-level copy of an address or enable
 PRODUCT_LATENCY = 2
 
 DSP_WIDTH = 18                   # MULT18X18D: signed 18 x 18 -> 36
@@ -46,9 +50,9 @@ def bram_mode(depth: int) -> tuple[int, int, int]:
 
 
 class RegisteredRam(wiring.Component):
-    """`depth` x `width` bits. Cycle 0: `w_addr`, `w_data`, `w_en`, `r_addr` presented; cycle 1:
-    in the input registers, the write lands at its end; cycle 3: `r_data` holds the word at the
-    cycle-1 address. A read of a word written in the same cycle is undefined (the users never
+    """`depth` x `width` bits. Cycle 0: `w_addr`, `w_data`, `w_en`, `r_addr` presented; cycle 2:
+    in the second input registers, the write lands at its end; cycle 4: `r_data` holds the word
+    at the cycle-2 address. A read of a word written in the same cycle is undefined (the users never
     do that: no_rw_check).
 
     Its input registers are reset-less, in both forms: the ECP5 form's per-block-RAM copies of
@@ -76,9 +80,11 @@ class RegisteredRam(wiring.Component):
         return m
 
     def _elaborate_generic(self, m):
-        w_addr, w_data, w_en, r_addr = (Signal.like(s, name=f"{n}_in", reset_less=True) for n, s in (
-            ("w_addr", self.w_addr), ("w_data", self.w_data), ("w_en", self.w_en), ("r_addr", self.r_addr)))
-        m.d.sync += [w_addr.eq(self.w_addr), w_data.eq(self.w_data), w_en.eq(self.w_en), r_addr.eq(self.r_addr)]
+        ports = (("w_addr", self.w_addr), ("w_data", self.w_data), ("w_en", self.w_en), ("r_addr", self.r_addr))
+        mid = [Signal.like(s, name=f"{n}_mid", reset_less=True) for n, s in ports]
+        w_addr, w_data, w_en, r_addr = (Signal.like(s, name=f"{n}_in", reset_less=True) for n, s in ports)
+        m.d.sync += [r.eq(s) for r, (_, s) in zip(mid, ports)]
+        m.d.sync += [w_addr.eq(mid[0]), w_data.eq(mid[1]), w_en.eq(mid[2]), r_addr.eq(mid[3])]
         m.submodules.mem = mem = memory.Memory(shape=unsigned(self._width), depth=self._depth, init=[],
                                                attrs={"no_rw_check": 1})
         wp, rp = mem.write_port(), mem.read_port(domain="sync")
@@ -92,11 +98,17 @@ class RegisteredRam(wiring.Component):
         abits = len(self.r_addr)
         tiles = -(-self._width // width)
         # one register copy of each address and enable per block RAM (rtl/fanout.py)
-        r_addrs = register_copies(m, self.r_addr, tiles, "r_addr", platform, reset_less=True, distinct=False)
-        w_addrs = register_copies(m, self.w_addr, tiles, "w_addr", platform, reset_less=True, distinct=False)
-        w_ens = register_copies(m, self.w_en, tiles, "w_en", platform, reset_less=True, distinct=False)
+        # two levels of register copies: one per RAM_BRANCHING block RAMs, then one per block
+        # RAM (a wide row's block RAMs sit across the device)
+        def tree(value, name):
+            trunks = register_copies(m, value, -(-tiles // RAM_BRANCHING), f"{name}_trunk", platform,
+                                     reset_less=True, distinct=False)
+            return [register_copies(m, trunks[i // RAM_BRANCHING], 1, f"{name}{i}", platform,
+                                    reset_less=True, distinct=False)[0] for i in range(tiles)]
+        r_addrs, w_addrs, w_ens = tree(self.r_addr, "r_addr"), tree(self.w_addr, "w_addr"), tree(self.w_en, "w_en")
+        w_data_mid = Signal(tiles * width, name="w_data_mid", reset_less=True)
         w_data = Signal(tiles * width, name="w_data_in", reset_less=True)
-        m.d.sync += w_data.eq(self.w_data)
+        m.d.sync += [w_data_mid.eq(self.w_data), w_data.eq(w_data_mid)]
         r_data = Signal(tiles * width)
         for i in range(tiles):
             def address(addr):

@@ -22,6 +22,7 @@ class ResponseFifo(wiring.Component):
 
     def __init__(self, word_bits: int, depth: int = DEPTH):
         if not isinstance(depth, int) or depth < 4 or depth & (depth - 1):
+            self._MustUse__silence = True          # refused: not an unused design
             raise ValueError(f"response FIFO depth must be a power of two >= 4, not {depth!r}")
         self._depth = depth
         super().__init__({

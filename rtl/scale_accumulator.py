@@ -7,12 +7,13 @@ Per complete group (model/contract.py, "NDP arithmetic"):
 
 Registered stages: the zero multiply (2: a DSP with its operand and product registers,
 rtl/hard_blocks.py), the term, the scale multiply split in two DSP-sized halves (2), their sum,
-the sum of the K slots (a tree with a register per level), the accumulator. The accumulators are kept per pass and per token
+the sum of the K slots (a tree with a register per level), the accumulator (carry-save halves),
+the resolved result. The accumulators are kept per pass and per token
 lane; a row's last beat of a pass emits that pass's results as one entry and clears them.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -27,6 +28,7 @@ from .hard_blocks import PRODUCT_LATENCY, registered_product
 
 # 2^F sum(q x) - zero sum(x): the wider of the two operands plus one bit for the difference.
 GROUP_TERM_BITS = max(GROUP_QX_BITS + ZERO_FRAC_BITS, ZERO_BITS + GROUP_X_BITS) + 1
+ACC_LO = ACC_BITS // 2         # low half of a carry-save accumulator
 
 
 def entry_layout(g: Geometry) -> data.StructLayout:
@@ -59,7 +61,7 @@ class ScaleAccumulator(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return 2 + 2 * PRODUCT_LATENCY + log2(self._geo.blocks) + 1
+        return 2 + 2 * PRODUCT_LATENCY + log2(self._geo.blocks) + 2
 
     def elaborate(self, platform):
         m = Module()
@@ -98,6 +100,8 @@ class ScaleAccumulator(wiring.Component):
         is_last = Signal(g.max_passes)
         m.d.sync += is_last.eq(Cat(*(self.passes - 1 == p for p in range(g.max_passes))))
         last_copies = register_copies(m, is_last, TP, "is_last", platform)
+        emit = Signal()
+        emit_row, emit_pass = Signal.like(self.row), Signal.like(self.pass_)
         for t in range(TP):
             products = []
             for k in range(K):
@@ -116,19 +120,38 @@ class ScaleAccumulator(wiring.Component):
 
             # Beats come in passes 0, 1, .. passes-1, 0, .. so the accumulators rotate: a beat
             # adds to the head and pushes the sum (0 after a row's end) behind the last live pass,
-            # and no multiplexer on the pass number sits ahead of the wide adder.
-            acc = [Signal(signed(ACC_BITS), name=f"acc_t{t}_p{p}") for p in range(g.max_passes)]
-            total = (acc[0] + beat_sum)[:ACC_BITS].as_signed()
+            # and no multiplexer on the pass number sits ahead of the adders. Each accumulator is
+            # kept in two halves with the low half's carry added into the high half at the next
+            # beat (value = (hi + c) << LO | lo), so no adder is wider than ACC_BITS / 2 + 1.
+            bs = Signal(signed(ACC_BITS), name=f"beat_sum_t{t}")
+            m.d.comb += bs.eq(beat_sum)
+            lo = [Signal(ACC_LO, name=f"acc_lo_t{t}_p{p}") for p in range(g.max_passes)]
+            hi = [Signal(ACC_BITS - ACC_LO, name=f"acc_hi_t{t}_p{p}") for p in range(g.max_passes)]
+            cy = [Signal(name=f"acc_c_t{t}_p{p}") for p in range(g.max_passes)]
+            lo_sum = lo[0] + bs[:ACC_LO]
+            # hi + bs_hi + c in one adder: (hi:c) + (bs_hi:1) has carry c into bit 1
+            hi_sum = (Cat(cy[0], hi[0]) + Cat(Const(1, 1), bs[ACC_LO:]))[1:1 + ACC_BITS - ACC_LO]
+            new_lo, new_c, new_hi = lo_sum[:ACC_LO], lo_sum[ACC_LO], hi_sum
             valid_t, row_end_t = flags[t][0], flags[t][1]
-            pushed = Mux(row_end_t, 0, total)
             with m.If(valid_t):
                 for p in range(g.max_passes):
-                    nxt = acc[p + 1] if p + 1 < g.max_passes else 0
-                    m.d.sync += acc[p].eq(Mux(last_copies[t][p], pushed, nxt))
-                with m.If(row_end):
-                    m.d.sync += self.entry.payload.values[t].eq(total)
+                    last = last_copies[t][p]
+                    if p + 1 < g.max_passes:
+                        nxt = (lo[p + 1], hi[p + 1], cy[p + 1])
+                    else:
+                        nxt = (0, 0, 0)
+                    for reg, new, n in zip((lo[p], hi[p], cy[p]), (new_lo, new_hi, new_c), nxt):
+                        m.d.sync += reg.eq(Mux(last, Mux(row_end_t, 0, new), n))
+            # a row's result: the halves registered, then resolved into the entry
+            emit_lo, emit_hi, emit_c = Signal(ACC_LO), Signal(ACC_BITS - ACC_LO), Signal()
+            with m.If(valid & row_end):
+                m.d.sync += [emit_lo.eq(new_lo), emit_hi.eq(new_hi), emit_c.eq(new_c)]
+            with m.If(emit):
+                m.d.sync += self.entry.payload.values[t].eq(Cat(emit_lo, (emit_hi + emit_c)[:ACC_BITS - ACC_LO]))
 
-        m.d.sync += self.entry.valid.eq(valid & row_end)
+        m.d.sync += [emit.eq(valid & row_end), self.entry.valid.eq(emit)]
         with m.If(valid & row_end):
-            m.d.sync += [self.entry.payload.row.eq(row), self.entry.payload.pass_.eq(pass_)]
+            m.d.sync += [emit_row.eq(row), emit_pass.eq(pass_)]
+        with m.If(emit):
+            m.d.sync += [self.entry.payload.row.eq(emit_row), self.entry.payload.pass_.eq(emit_pass)]
         return m
