@@ -7,6 +7,7 @@ Every stage is one short carry chain or a few LUT levels, so the check keeps up 
 datapath's clock (the row-length arithmetic in four stages was the unit's critical path on an
 ECP5: a multiplier and two carry chains in one cycle). A descriptor waits LATENCY cycles.
 
+    stage 0:    inputs rounded up to whole packing blocks and superblocks, for every format
     stage 1:    field checks; padded inputs, superblocks and weight-word blocks per row
     stage 2:    weight words per row (x3 for 3-bit), activation mismatch, bad in_features
     stage 3:    multiplicands: (rows, words per row) or (tokens, words per token row)
@@ -57,7 +58,7 @@ def pipelined_product(m: Module, a: Value, b: Value, name: str) -> Signal:
     return level[0]
 
 
-LATENCY = 3 + product_levels(ROWS_BITS) + 3
+LATENCY = 4 + product_levels(ROWS_BITS) + 3
 
 
 class DescriptorCheck(wiring.Component):
@@ -117,16 +118,26 @@ class DescriptorCheck(wiring.Component):
         blocks = Signal(in_bits)            # weight words per row, 3-bit: blocks of three words
         superblocks = Signal(in_bits)       # metadata words per row: one per E groups (P << group inputs)
 
+        # The roundings for every format and group size are registered first (stage 0: an
+        # adder each), stage 1 only picks the descriptor's (the desc holds, so they are ready)
         valid_groups = list(GROUP_CODES.values())
+        c_logs = {b: p_log if b == 3 else p_log - log2(b) for b in cfg.bits}     # log2 of codes per block
+        rounded = {}
+        for b, c_log in c_logs.items():
+            rounded[b] = Signal(in_bits, name=f"rounded_b{b}")
+            m.d.sync += rounded[b].eq(ceil_shift(in_v, c_log))
+        rounded_sb = {}
+        for code in valid_groups:
+            rounded_sb[code] = Signal(in_bits, name=f"rounded_g{code}")
+            m.d.sync += rounded_sb[code].eq(ceil_shift(in_v, p_log + code))
         with m.Switch(d.bits):
             for b in cfg.bits:
                 with m.Case(b):
-                    c_log = p_log if b == 3 else p_log - log2(b)     # log2 of codes per block
-                    m.d.sync += [padded.eq(ceil_shift(in_v, c_log) << c_log), blocks.eq(ceil_shift(in_v, c_log))]
+                    m.d.sync += [padded.eq(rounded[b] << c_logs[b]), blocks.eq(rounded[b])]
         with m.Switch(group_code):
             for code in valid_groups:
                 with m.Case(code):
-                    m.d.sync += [superblocks.eq(ceil_shift(in_v, p_log + code)),
+                    m.d.sync += [superblocks.eq(rounded_sb[code]),
                                  in_unaligned_group.eq(d.in_features[:log2(32) + code] != 0)]
 
         m.d.sync += [

@@ -83,7 +83,9 @@ class ResultOutput(wiring.Component):
         ]
 
         credits = Signal(range(self._depth + 1), init=self._depth)
-        credit_back = Signal()
+        credit_back = Signal()          # registered: an entry left the FIFO in the cycle before
+        returned = Signal()
+        m.d.sync += credit_back.eq(returned)
         # credits + back - take, as a choice between precomputed neighbours (take comes late)
         m.d.sync += credits.eq(Mux(self.credit_take, Mux(credit_back, credits, credits - 1),
                                    Mux(credit_back, credits + 1, credits)))
@@ -116,6 +118,6 @@ class ResultOutput(wiring.Component):
             ]
             with m.If(last):
                 m.d.sync += j.eq(0)
-                m.d.comb += [r_en.eq(1), credit_back.eq(1)]
+                m.d.comb += [r_en.eq(1), returned.eq(1)]
         m.d.comb += self.idle.eq((credits == self._depth) & ~self.out.valid)
         return m
