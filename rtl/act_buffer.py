@@ -18,6 +18,9 @@ beat's codes (4- and 8-bit beats use part of a row) and registered twice: valid 
 """
 from __future__ import annotations
 
+import operator
+from functools import reduce
+
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -215,11 +218,10 @@ class ActivationBuffer(wiring.Component):
         # The offset travels beside the RAM read (RAM_READ_LATENCY cycles): the alignment
         # multiplexers work on the RAM's registered row. offs[i]: the offset i cycles later.
         offs = [self.rd_offset]
-        for i in range(RAM_READ_LATENCY):
+        for i in range(RAM_READ_LATENCY - 1):
             d = Signal.like(self.rd_offset, name=f"rd_offset_d{i}")
             m.d.sync += d.eq(offs[-1])
             offs.append(d)
-        off2 = offs[RAM_READ_LATENCY]
         # Offsets a lane can see: a beat of N_c codes starts at a multiple of N_c within the row.
         n_cs = {b: g.codes_per_beat(b) for b in g.cfg.bits}
         all_offsets = sorted({o for n in n_cs.values() for o in range(0, g.lanes, n)})
@@ -232,6 +234,22 @@ class ActivationBuffer(wiring.Component):
         decoded = Cat(*(offs[RAM_READ_LATENCY - tree_latency] == o for o in all_offsets))
         sel_copies, latency = copy_tree(m, decoded, leaves, "offset_sel", platform, branching=SEL_BRANCHING)
         assert latency == tree_latency
+        # Which block sum each beat slot takes (slot k <- block i), from the format and the
+        # offset a cycle before the row arrives, one registered copy per token.
+        xslot_next = Signal(g.blocks * g.blocks)
+        with m.Switch(self.bits):
+            for b, n in n_cs.items():
+                with m.Case(b):
+                    with m.Switch(offs[RAM_READ_LATENCY - 1]):
+                        for o in range(0, g.lanes, n):
+                            with m.Case(o):
+                                first = o // g.block
+                                if n >= g.block:
+                                    for k in range(n // g.block):
+                                        m.d.comb += xslot_next[k * g.blocks + first + k].eq(1)
+                                elif o % g.block == 0:
+                                    m.d.comb += xslot_next[first].eq(1)
+        xslot_sel = register_copies(m, xslot_next, g.tokens_parallel, "xslot_sel", platform, distinct=False)
         rows = []
         for t, ram in enumerate(rams):
             m.d.comb += ram.r_addr.eq(self.rd_addr)
@@ -252,20 +270,13 @@ class ActivationBuffer(wiring.Component):
                 near = Signal(signed(ACT_BITS), name=f"act_near_t{t}_l{j}")
                 m.d.sync += [near.eq(lane_act), self.acts[t][j].eq(near)]
 
-            # Block sums per beat slot: the blocks that start inside the beat, in order.
+            # Block sums per beat slot: the blocks that start inside the beat, in order; slot k
+            # takes block i where xslot_sel (decoded a cycle ahead) says so, else 0.
             slots = [Signal(signed(g.xsum_bits), name=f"xslot_t{t}_{k}") for k in range(g.blocks)]
-            with m.Switch(self.bits):
-                for b, n in n_cs.items():
-                    with m.Case(b):
-                        with m.Switch(off2):
-                            for o in range(0, g.lanes, n):
-                                with m.Case(o):
-                                    first = o // g.block
-                                    if n >= g.block:
-                                        for k in range(n // g.block):
-                                            m.d.comb += slots[k].eq(rp.xsums[first + k])
-                                    elif o % g.block == 0:
-                                        m.d.comb += slots[0].eq(rp.xsums[first])
+            sel = xslot_sel[t]
+            for k in range(g.blocks):
+                picked = [Mux(sel[k * g.blocks + i], rp.xsums[i], 0) for i in range(g.blocks)]
+                m.d.comb += slots[k].eq(reduce(operator.or_, picked))
             for k in range(g.blocks):
                 near = Signal(signed(g.xsum_bits), name=f"xslot_near_t{t}_{k}")
                 m.d.sync += [near.eq(slots[k]), self.xslots[t][k].eq(near)]
