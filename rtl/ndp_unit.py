@@ -163,6 +163,16 @@ class NdpUnit(wiring.Component):
         m.d.sync += [start_check.eq(0), start_read.eq(0), done.eq(0),
                      matmul_done.eq(~seq.active & output.idle & ~seq.start)]
 
+        # The run's settings are taken whenever the check finishes, refused or not (a refused
+        # descriptor runs nothing), so their enable is the check's `done` register alone.
+        with m.If(check.done):
+            m.d.sync += [
+                is_load.eq(desc.opcode == OpcodeShape.LOAD_ACT),
+                mode.bits.eq(desc.bits), mode.group.eq(desc.group),
+                mode.padded_in.eq(check.padded_in), mode.passes.eq(check.passes),
+                mode.rows.eq(desc.rows), mode.tokens.eq(desc.tokens),
+            ]
+
         with m.FSM(name="control"):
             with m.State("Idle"):
                 m.d.comb += self.cmd.ready.eq(1)
@@ -179,13 +189,7 @@ class NdpUnit(wiring.Component):
                         m.d.sync += [state.eq(StateShape.DONE), done.eq(1)]
                         m.next = "Idle"
                     with m.Else():
-                        m.d.sync += [
-                            is_load.eq(desc.opcode == OpcodeShape.LOAD_ACT),
-                            mode.bits.eq(desc.bits), mode.group.eq(desc.group),
-                            mode.padded_in.eq(check.padded_in), mode.passes.eq(check.passes),
-                            mode.rows.eq(desc.rows), mode.tokens.eq(desc.tokens),
-                            start_read.eq(1),
-                        ]
+                        m.d.sync += start_read.eq(1)
                         m.next = "Start"
             with m.State("Start"):
                 with m.If(is_load):
