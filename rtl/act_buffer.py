@@ -21,7 +21,7 @@ from __future__ import annotations
 import operator
 from functools import reduce
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -236,19 +236,18 @@ class ActivationBuffer(wiring.Component):
         assert latency == tree_latency
         # Which block sum each beat slot takes (slot k <- block i), from the format and the
         # offset a cycle before the row arrives, one registered copy per token.
-        xslot_next = Signal(g.blocks * g.blocks)
-        with m.Switch(self.bits):
-            for b, n in n_cs.items():
-                with m.Case(b):
-                    with m.Switch(offs[RAM_READ_LATENCY - 1]):
-                        for o in range(0, g.lanes, n):
-                            with m.Case(o):
-                                first = o // g.block
-                                if n >= g.block:
-                                    for k in range(n // g.block):
-                                        m.d.comb += xslot_next[k * g.blocks + first + k].eq(1)
-                                elif o % g.block == 0:
-                                    m.d.comb += xslot_next[first].eq(1)
+        off_prev = offs[RAM_READ_LATENCY - 1]
+        takes = {(k, i): [] for k in range(g.blocks) for i in range(g.blocks)}
+        for b, n in n_cs.items():
+            for o in range(0, g.lanes, n):
+                first = o // g.block
+                if n >= g.block:
+                    for k in range(n // g.block):
+                        takes[(k, first + k)].append((self.bits == b) & (off_prev == o))
+                elif o % g.block == 0:
+                    takes[(0, first)].append((self.bits == b) & (off_prev == o))
+        xslot_next = Cat(*(reduce(operator.or_, takes[(k, i)]) if takes[(k, i)] else Const(0, 1)
+                           for k in range(g.blocks) for i in range(g.blocks)))
         xslot_sel = register_copies(m, xslot_next, g.tokens_parallel, "xslot_sel", platform, distinct=False)
         rows = []
         for t, ram in enumerate(rams):
