@@ -17,7 +17,7 @@ unit builds these two things through this module:
 The choice is made by the `platform` given to elaborate: `Ecp5HardBlocks()` (the synthesis flow
 passes it for ECP5 targets) instantiates the primitives, anything else (None in simulation,
 users' own Vivado/Quartus flows) builds the same cycle behaviour from plain Amaranth. Verilator
-runs the ECP5 form too, against behavioural models of the two primitives (`ecp5_models.v`), so
+runs the ECP5 form too, against behavioural models of the primitives (`ecp5_models.v`), so
 the netlist nextpnr times is the one the benches check bit-exactly.
 """
 from __future__ import annotations
