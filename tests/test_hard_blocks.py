@@ -35,13 +35,9 @@ from rtl.hard_blocks import (
     BRAM_BITS, DSP_WIDTH, PRIMITIVES, PRODUCT_LATENCY, RAM_READ_LATENCY, Ecp5HardBlocks, RegisteredRam,
     bram_mode, platform_for, registered_product, simulation_models,
 )
-from rtl.verilator_env import apply_verilator_env, verilator_bin_dir
+from rtl.verilator_env import apply_verilator_env, have_verilator
 
-try:
-    verilator_bin_dir()
-    HAVE_VERILATOR = True
-except FileNotFoundError:
-    HAVE_VERILATOR = False
+HAVE_VERILATOR = have_verilator()
 
 SEED = int(os.environ.get("HB_TEST_SEED", "1"))
 RAM_CYCLES = int(os.environ.get("HB_TEST_RAM_CYCLES", "10000"))

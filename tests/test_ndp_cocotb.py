@@ -8,14 +8,10 @@ import os
 
 import pytest
 
-from rtl.verilator_env import verilator_bin_dir
+from rtl.verilator_env import have_verilator
 from sim.runner import BenchOptions, run
 
-try:
-    verilator_bin_dir()
-    HAVE_VERILATOR = True
-except FileNotFoundError:
-    HAVE_VERILATOR = False
+HAVE_VERILATOR = have_verilator()
 
 COUNT = int(os.environ.get("NDP_TEST_COUNT", "1000"))
 SEED = int(os.environ.get("NDP_TEST_SEED", "1"))

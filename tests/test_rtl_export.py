@@ -4,13 +4,9 @@ import pytest
 from model.contract import CONFIGS, NdpConfig
 from rtl.export import LINT_WAIVERS, UNIT_TOP, lint, write_unit
 from rtl.geometry import Geometry
-from rtl.verilator_env import verilator_bin_dir
+from rtl.verilator_env import have_verilator
 
-try:
-    verilator_bin_dir()
-    HAVE_VERILATOR = True
-except FileNotFoundError:
-    HAVE_VERILATOR = False
+HAVE_VERILATOR = have_verilator()
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
