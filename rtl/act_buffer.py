@@ -13,8 +13,9 @@ Load side: LOAD_ACT's words (P bits, little-endian bytes, token rows back to bac
 into RAM rows, summed by a pipelined adder tree and written; always ready.
 Read side: the address comes with the sequencer's beat (cycle 0), the RAM's registered row is
 there in cycle RAM_READ_LATENCY (rtl/hard_blocks.py: a tree of address registers towards every
-block RAM, the block RAM's own output register), the lanes' activations are aligned to the
-beat's codes (4- and 8-bit beats use part of a row) and registered twice: valid two cycles later.
+block RAM, the block RAM's own output register) and in a fabric register a cycle later
+(ROW_LATENCY), the lanes' activations are aligned to the beat's codes (4- and 8-bit beats use
+part of a row) and registered twice: valid two cycles later.
 """
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ from .fanout import copy_tree, register_copies
 from .geometry import Geometry, log2
 from .hard_blocks import RAM_INPUT_STAGES, RAM_READ_LATENCY, RegisteredRam
 
-READ_LATENCY = RAM_READ_LATENCY + 2
+ROW_LATENCY = RAM_READ_LATENCY + 1  # the RAM's row in a fabric register
+READ_LATENCY = ROW_LATENCY + 2
 LANE_GROUP = 4          # activation lanes sharing one copy of the read offset
 SEL_BRANCHING = 8       # copies one register of that tree drives
-LOAD_SLICE_BITS = 64    # row bits per copy of the load's enables
+LOAD_SLICE_BITS = 32    # row bits per copy of the load's enables
+LOAD_BRANCHING = 4      # copies one register of the load's enable trees drives
 
 
 def _stored_position(g: Geometry, lane: int) -> int:
@@ -116,9 +119,14 @@ class ActivationBuffer(wiring.Component):
         last_row = Signal()
         last_token = Signal()
 
+        # Words are taken at the FIFO's handshake and registered (word_a, take_a); the control
+        # runs a cycle later from those registers, so nothing behind the FIFO's valid flag fans
+        # out. `loading` therefore falls a cycle after the last word is taken: no word follows
+        # a load's last one before the controller starts the next descriptor.
         last_word = Signal()                # word_idx == words_per_act_row - 1, registered
-        take = self.words.valid & loading
         m.d.comb += self.words.ready.eq(loading)
+        word_a, take_a = Signal(g.word_bits), Signal()
+        m.d.sync += [word_a.eq(self.words.payload), take_a.eq(self.words.valid & loading)]
         with m.If(self.load_start):
             m.d.sync += [
                 loading.eq(1), word_idx.eq(0), last_word.eq(g.words_per_act_row == 1),
@@ -128,13 +136,10 @@ class ActivationBuffer(wiring.Component):
                 last_token.eq(self.load_tokens == 1),
             ]
 
-        # Control runs on the incoming handshake (a few flags); the wide datapath a cycle behind,
-        # from registers (word, take, row done, target), so no LUT output ahead of it fans out to
-        # the hundreds of row bits.
-        row_done = take & last_word
-        with m.If(take):
+        row_done_a = take_a & last_word
+        with m.If(take_a):
             m.d.sync += [word_idx.eq(word_idx + 1), last_word.eq(word_idx == g.words_per_act_row - 2)]
-            with m.If(row_done):
+            with m.If(row_done_a):
                 m.d.sync += [
                     word_idx.eq(0), last_word.eq(g.words_per_act_row == 1),
                     row_idx.eq(row_idx + 1), last_row.eq(row_idx == rows_m2),
@@ -152,35 +157,44 @@ class ActivationBuffer(wiring.Component):
                     else:
                         m.d.sync += group.eq(group + 1)
 
+        # The word's take and row-done enable hundreds of row bits: each slice of them gets its
+        # own register copy from a tree of copies (rtl/fanout.py), and the word, the take and the
+        # row's target travel beside the tree to the slices.
+        slices = -(-act_bits // LOAD_SLICE_BITS)
+        take_c, tree_latency = copy_tree(m, take_a, slices, "take", platform, branching=LOAD_BRANCHING,
+                                         distinct=False)
+        done_c, _ = copy_tree(m, row_done_a, slices, "row_done", platform, branching=LOAD_BRANCHING,
+                              distinct=False)
         target = Signal(len(lane) + g.pass_bits + g.act_row_addr_bits)
-        word_a, take_a, row_done_a = Signal(g.word_bits), Signal(), Signal()
-        target_a = Signal.like(target)
-        m.d.sync += [word_a.eq(self.words.payload), take_a.eq(take), row_done_a.eq(row_done),
-                     target_a.eq(Cat(row_idx[:g.act_row_addr_bits], group[:g.pass_bits], lane))]
+        word_d, take_d, done_d = word_a, take_a, row_done_a
+        target_d = Cat(row_idx[:g.act_row_addr_bits], group[:g.pass_bits], lane)
+        in_flight = [take_a]
+        for i in range(tree_latency):
+            w, t, d, tg = Signal(g.word_bits, name=f"ld_word{i}"), Signal(name=f"ld_take{i}"), \
+                Signal(name=f"ld_done{i}"), Signal(len(target), name=f"ld_at{i}")
+            m.d.sync += [w.eq(word_d), t.eq(take_d), d.eq(done_d), tg.eq(target_d)]
+            word_d, take_d, done_d, target_d = w, t, d, tg
+            in_flight.append(t)
 
         # Stage 0: a whole RAM row assembled (word 0 ends in the low bits).
         full = Signal()
         row = Signal(act_bits)
-        assembled = word_a if g.words_per_act_row == 1 else Cat(shift[g.word_bits:], word_a)
-        m.d.sync += full.eq(row_done_a)
-        # take and row-done enable hundreds of row bits: a register copy per slice of them
-        slices = -(-act_bits // LOAD_SLICE_BITS)
-        take_c = register_copies(m, take, slices, "take", platform, distinct=False)
-        done_c = register_copies(m, row_done, slices, "row_done", platform, distinct=False)
+        assembled = word_d if g.words_per_act_row == 1 else Cat(shift[g.word_bits:], word_d)
+        m.d.sync += full.eq(done_d)
         for i in range(slices):
             bits = slice(i * LOAD_SLICE_BITS, min(act_bits, (i + 1) * LOAD_SLICE_BITS))
             with m.If(take_c[i]):
                 m.d.sync += shift[bits].eq(assembled[bits])
             with m.If(done_c[i]):
                 m.d.sync += row[bits].eq(assembled[bits])
-        with m.If(row_done_a):
-            m.d.sync += target.eq(target_a)
+        with m.If(done_c[0]):
+            m.d.sync += target.eq(target_d)
 
         # Stages 1..n: block sums of the row, the row and its target delayed alongside.
         acts = [row[ACT_BITS * i:ACT_BITS * (i + 1)].as_signed() for i in range(g.lanes)]
         sums, latency = block_sums(m, acts, g.block, "xsum")
         valid_d, row_d, target_d = full, row, target
-        in_flight = [take_a, full]
+        in_flight.append(full)
         for i in range(latency):
             v, r, t = Signal(name=f"ld_valid{i}"), Signal(act_bits, name=f"ld_row{i}"), \
                 Signal(len(target), name=f"ld_target{i}")
@@ -215,10 +229,10 @@ class ActivationBuffer(wiring.Component):
 
     # -- MATMUL: RAM rows -> activations aligned to the beat's code lanes ------------------------
     def _elaborate_read(self, m, g: Geometry, rams, row_shape, platform):
-        # The offset travels beside the RAM read (RAM_READ_LATENCY cycles): the alignment
-        # multiplexers work on the RAM's registered row. offs[i]: the offset i cycles later.
+        # The offset travels beside the RAM read and the fabric register after it (ROW_LATENCY
+        # cycles): the alignment multiplexers work on that register. offs[i]: the offset i cycles later.
         offs = [self.rd_offset]
-        for i in range(RAM_READ_LATENCY - 1):
+        for i in range(ROW_LATENCY - 1):
             d = Signal.like(self.rd_offset, name=f"rd_offset_d{i}")
             m.d.sync += d.eq(offs[-1])
             offs.append(d)
@@ -231,12 +245,12 @@ class ActivationBuffer(wiring.Component):
         groups = -(-g.lanes // LANE_GROUP)
         leaves = g.tokens_parallel * groups
         tree_latency = 1 if leaves <= SEL_BRANCHING else 2
-        decoded = Cat(*(offs[RAM_READ_LATENCY - tree_latency] == o for o in all_offsets))
+        decoded = Cat(*(offs[ROW_LATENCY - tree_latency] == o for o in all_offsets))
         sel_copies, latency = copy_tree(m, decoded, leaves, "offset_sel", platform, branching=SEL_BRANCHING)
         assert latency == tree_latency
         # Which block sum each beat slot takes (slot k <- block i), from the format and the
         # offset a cycle before the row arrives, one registered copy per token.
-        off_prev = offs[RAM_READ_LATENCY - 1]
+        off_prev = offs[ROW_LATENCY - 1]
         takes = {(k, i): [] for k in range(g.blocks) for i in range(g.blocks)}
         for b, n in n_cs.items():
             for o in range(0, g.lanes, n):
@@ -249,10 +263,14 @@ class ActivationBuffer(wiring.Component):
         xslot_next = Cat(*(reduce(operator.or_, takes[(k, i)]) if takes[(k, i)] else Const(0, 1)
                            for k in range(g.blocks) for i in range(g.blocks)))
         xslot_sel = register_copies(m, xslot_next, g.tokens_parallel, "xslot_sel", platform, distinct=False)
+        # The block RAMs sit in fixed columns, the lanes' multiplexers wherever the lanes are: the
+        # RAM's output register, then a fabric one, so that route gets a cycle of its own.
         rows = []
         for t, ram in enumerate(rams):
             m.d.comb += ram.r_addr.eq(self.rd_addr)
-            rows.append(data.View(row_shape, ram.r_data))
+            row_q = Signal(row_shape, name=f"row_q{t}")
+            m.d.sync += row_q.eq(ram.r_data)
+            rows.append(row_q)
 
         for t, rp in enumerate(rows):
             for j in range(g.lanes):

@@ -45,15 +45,16 @@ def register_copies(m: Module, value, copies: int, name: str, platform=None, *, 
     return out
 
 
-def copy_tree(m: Module, value, leaves: int, name: str, platform=None, *, branching: int = 8
-              ) -> tuple[list[Signal], int]:
+def copy_tree(m: Module, value, leaves: int, name: str, platform=None, *, branching: int = 8,
+              distinct: bool = True) -> tuple[list[Signal], int]:
     """`leaves` registered copies of `value` through a tree of copies, each register driving at
     most `branching` others (so every copy can sit near what it drives); returns the leaves and
     the tree's latency in cycles (1 for up to `branching` leaves, else 2)."""
     if leaves <= branching:
-        return register_copies(m, value, leaves, name, platform), 1
-    trunks = register_copies(m, value, -(-leaves // branching), f"{name}_trunk", platform)
+        return register_copies(m, value, leaves, name, platform, distinct=distinct), 1
+    trunks = register_copies(m, value, -(-leaves // branching), f"{name}_trunk", platform, distinct=distinct)
     out = []
     for i, trunk in enumerate(trunks):
-        out += register_copies(m, trunk, min(branching, leaves - i * branching), f"{name}_{i}", platform)
+        out += register_copies(m, trunk, min(branching, leaves - i * branching), f"{name}_{i}", platform,
+                               distinct=distinct)
     return out, 2

@@ -114,10 +114,16 @@ class MemReader(wiring.Component):
             ]
         # The request handshake and a new command never meet (a command is taken only when
         # idle, and then no request is valid), so neither waits on the other's decision.
+        # Every burst but the last is max_burst words, so the next request's address is the
+        # current one plus a constant: it is worked out ahead (`addr_next`), and the handshake only
+        # moves it over (no adder of two variables behind the memory's ready).
+        step_log = mb_log + log2(word_bytes)
+        addr_next = Signal(max(1, len(addr) - step_log))        # its upper bits; the lower stay
         with m.If(self.mem_req.valid & self.mem_req.ready):
             m.d.sync += [
                 to_request.eq(to_request - burst),
-                addr.eq(addr + (burst << log2(word_bytes))),
+                addr[step_log:].eq(addr_next),
+                addr_next.eq(addr_next + 1),
             ]
             with m.If(fl_zero):
                 m.d.sync += req_valid.eq(0)
@@ -133,6 +139,7 @@ class MemReader(wiring.Component):
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 addr.eq(self.cmd.payload.addr),
+                addr_next.eq(self.cmd.payload.addr[step_log:] + 1),
                 words.eq(self.cmd.payload.words),
                 pending.eq(1),
                 to_request.eq(self.cmd.payload.words),

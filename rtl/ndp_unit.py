@@ -35,7 +35,7 @@ reads one word per cycle.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -261,10 +261,13 @@ class NdpUnit(wiring.Component):
         # -- registers --------------------------------------------------------------------------------
         busy = state == StateShape.BUSY
         wants_word = Mux(is_load, act.words.ready, seq.want_word)
-        # counted a cycle late (a wide compare behind the issue decision); a stall needs words in
-        # flight, so none falls in a descriptor's last cycle and the counts at `done` are exact
+        # counted two cycles late (its terms registered where they come from, then their AND): a
+        # stall needs words in flight, and the last word is followed by more than two cycles of
+        # pipeline, so none falls in a descriptor's last cycles and the counts at `done` are exact
+        stall_terms = Signal(4)
         mem_stall = Signal()
-        m.d.sync += mem_stall.eq(busy & reader.waiting & wants_word & ~responses.o.valid)
+        m.d.sync += [stall_terms.eq(Cat(busy, reader.waiting, wants_word, ~responses.o.valid)),
+                     mem_stall.eq(stall_terms.all())]
         m.d.comb += [
             regs.state.eq(state), regs.error.eq(error),
             regs.ev_busy_cycles.eq(busy),

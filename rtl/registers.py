@@ -18,7 +18,7 @@ otherwise (the host takes differences):
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module
+from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -44,7 +44,18 @@ class RegisterBlock(wiring.Component):
         m = Module()
         m.d.comb += [self.status.state.eq(self.state), self.status.error.eq(self.error)]
         for name in COUNTERS:
-            counter = getattr(self.counters, name)
-            with m.If(getattr(self, f"ev_{name}")):
-                m.d.sync += counter.eq(counter + 1)
+            split_counter(m, getattr(self.counters, name), getattr(self, f"ev_{name}"), name)
         return m
+
+
+def split_counter(m: Module, counter, event, name: str) -> None:
+    """counter += event as two half-width incrementers: the high half steps when the low half is
+    all ones, a flag kept a cycle ahead, so both halves step at the same edge (the count is exact
+    in every cycle) and no carry chain is longer than half the counter."""
+    half = len(counter) // 2
+    lo, hi = counter[:half], counter[half:]
+    lo_full = Signal(name=f"{name}_lo_full")        # lo == all ones
+    with m.If(event):
+        m.d.sync += [lo.eq(lo + 1), lo_full.eq(lo == (1 << half) - 2)]
+        with m.If(lo_full):
+            m.d.sync += hi.eq(hi + 1)
