@@ -268,13 +268,21 @@ class NdpUnit(wiring.Component):
         mem_stall = Signal()
         m.d.sync += [stall_terms.eq(Cat(busy, reader.waiting, wants_word, ~responses.o.valid)),
                      mem_stall.eq(stall_terms.all())]
+        # The port handshakes are counted a cycle late too (the ready comes from outside, the
+        # counters sit elsewhere): `done` follows the last result's handshake by three cycles
+        # and the last memory word by many more, so these counts are exact at `done` as well.
+        # busy_cycles is not delayed: its last cycle is the one before `done`.
+        port_events = Signal(3)
+        m.d.sync += port_events.eq(Cat(busy & self.out.valid & ~self.out.ready,
+                                       self.mem_resp.valid & self.mem_resp.ready,
+                                       self.out.valid & self.out.ready))
         m.d.comb += [
             regs.state.eq(state), regs.error.eq(error),
             regs.ev_busy_cycles.eq(busy),
             regs.ev_mem_stall_cycles.eq(mem_stall),
-            regs.ev_out_stall_cycles.eq(busy & self.out.valid & ~self.out.ready),
-            regs.ev_words_read.eq(self.mem_resp.valid & self.mem_resp.ready),
-            regs.ev_results_written.eq(self.out.valid & self.out.ready),
+            regs.ev_out_stall_cycles.eq(port_events[0]),
+            regs.ev_words_read.eq(port_events[1]),
+            regs.ev_results_written.eq(port_events[2]),
         ]
         m.d.comb += [self.status.eq(regs.status), self.counters.eq(regs.counters)]
         return m
