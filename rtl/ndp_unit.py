@@ -47,6 +47,7 @@ from .geometry import Geometry
 from .group_combiner import GroupCombiner
 from .mem_reader import MemReader, mem_request_layout
 from .multiply_lanes import MultiplyLanes
+from .register_slice import RegisterSlice
 from .registers import RegisterBlock
 from .response_fifo import ResponseFifo
 from .result_output import ResultOutput
@@ -128,10 +129,13 @@ class NdpUnit(wiring.Component):
         m.submodules.scale = scale = ScaleAccumulator(g)
         m.submodules.output = output = ResultOutput(g, self._out_fifo_depth)
         m.submodules.regs = regs = RegisterBlock()
+        # the consumer's ready reaches only a register slice at the edge (rtl/register_slice.py)
+        m.submodules.out_slice = out_slice = RegisterSlice(result_layout(cfg.t_max))
 
         wiring.connect(m, reader.mem_req, wiring.flipped(self.mem_req))
         wiring.connect(m, wiring.flipped(self.mem_resp), reader.mem_resp)
-        wiring.connect(m, output.out, wiring.flipped(self.out))
+        wiring.connect(m, output.out, out_slice.i)
+        wiring.connect(m, out_slice.o, wiring.flipped(self.out))
         wiring.connect(m, reader.data, responses.i)
 
         # -- controller ---------------------------------------------------------------------------
@@ -161,7 +165,7 @@ class NdpUnit(wiring.Component):
             self.done.eq(done),
         ]
         m.d.sync += [start_check.eq(0), start_read.eq(0), done.eq(0),
-                     matmul_done.eq(~seq.active & output.idle & ~seq.start)]
+                     matmul_done.eq(~seq.active & output.idle & out_slice.empty & ~seq.start)]
 
         # The run's settings are taken whenever the check finishes, refused or not (a refused
         # descriptor runs nothing), so their enable is the check's `done` register alone.

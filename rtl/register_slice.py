@@ -1,0 +1,42 @@
+"""A register slice for a valid/ready stream at the unit's edge (an AXI-style skid buffer).
+
+The consumer's `ready` comes from outside the unit and reaches only this slice: the output
+register's load enable and the skid select. Inside, `i.ready` is a register, so the unit's
+own decisions (the result FIFO's read pointer, the serializer) never wait on the outside.
+Full throughput (a transfer every cycle while `o.ready` stays high), one cycle of latency,
+order and payloads unchanged.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Module, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+
+class RegisterSlice(wiring.Component):
+    """Ports: `i` (In stream, `ready` registered), `o` (Out stream, `valid` and `payload`
+    registered), `empty` (nothing held: neither the output register nor the skid)."""
+
+    def __init__(self, shape):
+        super().__init__({
+            "i": In(stream.Signature(shape)),
+            "o": Out(stream.Signature(shape)),
+            "empty": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        skid = Signal.like(self.i.payload)
+        skid_valid = Signal()
+        m.d.comb += [self.i.ready.eq(~skid_valid), self.empty.eq(~self.o.valid & ~skid_valid)]
+        taken = self.i.valid & ~skid_valid
+        with m.If(self.o.ready | ~self.o.valid):
+            # the output register moves on: the skid's word first, else the incoming one
+            with m.If(skid_valid):
+                m.d.sync += [self.o.payload.eq(skid), skid_valid.eq(0)]
+            with m.Else():
+                m.d.sync += [self.o.payload.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
+        with m.Elif(taken):
+            # the output register holds: an incoming word waits in the skid (i.ready was high)
+            m.d.sync += [skid.eq(self.i.payload), skid_valid.eq(1)]
+        return m
