@@ -35,7 +35,7 @@ from .hard_blocks import RAM_INPUT_STAGES, RAM_READ_LATENCY, RegisteredRam
 
 ROW_LATENCY = RAM_READ_LATENCY + 1  # the RAM's row in a fabric register
 READ_LATENCY = ROW_LATENCY + 2
-LANE_GROUP = 4          # activation lanes sharing one copy of the read offset
+LANE_GROUP = 2          # activation lanes sharing one copy of the read offset
 SEL_BRANCHING = 8       # copies one register of that tree drives
 LOAD_SLICE_BITS = 32    # row bits per copy of the load's enables
 LOAD_BRANCHING = 4      # copies one register of the load's enable trees drives

@@ -17,6 +17,9 @@ masked compare and a shift by log2(G), which would otherwise sit ahead of stage 
 """
 from __future__ import annotations
 
+import operator
+from functools import reduce
+
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
@@ -83,14 +86,20 @@ class GroupCombiner(wiring.Component):
         levels = log2(K)
 
         # -- stage 1: parts at granularity min(G, L), beat flags --------------------------------
-        n_c = codes_per_beat(m, g, self.bits)
+        # bits and group hold for the whole descriptor and are set well over a dozen cycles
+        # before its first beat reaches this stage: what follows from them is worked out over
+        # registered steps, none of which has to be fast
+        n_c = Signal(range(g.lanes + 1))
         g_log = Signal(range(8))
-        m.d.comb += g_log.eq(5 + self.group)
-        # Blocks per part: G / block, capped at K (then the part is the whole beat).
-        level = Signal(range(max(2, levels + 1)))
-        m.d.comb += level.eq(Mux(self.group > levels, levels, self.group))
+        m.d.sync += [n_c.eq(codes_per_beat(m, g, self.bits)), g_log.eq(5 + self.group)]
+        # Blocks per part: G / block, capped at K (then the part is the whole beat); one-hot,
+        # a copy per token and sum (it steers every part's multiplexer)
+        level_hot = Signal(levels + 1)
+        m.d.sync += level_hot.eq(Cat(*(Mux(self.group > levels, levels, self.group) == lv
+                                       for lv in range(levels + 1))))
+        level_copies = register_copies(m, level_hot, 2 * g.tokens_parallel, "level", platform)
 
-        def parts_of(values):
+        def parts_of(values, level_sel):
             # every level of the sum tree registered in stage 0 (from the inputs), so stage 1
             # only picks the level the group size asks for
             tree = [list(values)]
@@ -106,12 +115,12 @@ class GroupCombiner(wiring.Component):
                     regs.append(r)
                 registered.append(regs)
             tree = registered
-            out = [Signal(signed(len(values[0]) + levels + 1), name="part") for _ in range(K)]
-            with m.Switch(level):
-                for lv in range(levels + 1):
-                    with m.Case(lv):
-                        for i, v in enumerate(tree[lv]):
-                            m.d.comb += out[i].eq(v)
+            out = []
+            for i in range(K):
+                picked = [Mux(level_sel[lv], tree[lv][i], 0) for lv in range(levels + 1) if i < len(tree[lv])]
+                part = Signal(signed(len(values[0]) + levels + 1), name="part")
+                m.d.comb += part.eq(reduce(operator.or_, picked))
+                out.append(part)
             return out
 
         # -- stage 0: inputs registered ----------------------------------------------------------
@@ -128,9 +137,9 @@ class GroupCombiner(wiring.Component):
         x1 = [[Signal(signed(GROUP_X_BITS), name=f"x1_t{t}_{k}") for k in range(K)]
               for t in range(g.tokens_parallel)]
         for t in range(g.tokens_parallel):
-            for k, p in enumerate(parts_of([self.qx[t][k] for k in range(K)])):
+            for k, p in enumerate(parts_of([self.qx[t][k] for k in range(K)], level_copies[2 * t])):
                 m.d.sync += qx1[t][k].eq(p)
-            for k, p in enumerate(parts_of([self.xs[t][k] for k in range(K)])):
+            for k, p in enumerate(parts_of([self.xs[t][k] for k in range(K)], level_copies[2 * t + 1])):
                 m.d.sync += x1[t][k].eq(p)
 
         # Per-descriptor constants, registered in two steps (bits and group hold for the whole
