@@ -3,7 +3,8 @@
 The memory side is two streams with valid/ready and any latency in between: requests
 (byte address, words) and response words of P bits, in request order. The unit reads each
 descriptor's data as one linear range; this component cuts it into bursts of at most
-`max_burst` words (an AXI-style limit), issues them as fast as the memory takes them, and passes
+`max_burst` words (an AXI-style limit), issues them one every other cycle at most (a burst
+carries many words, so that is no limit on bandwidth), and passes
 the response words through untouched (no added latency, no buffering; the unit puts a
 ResponseFifo behind it, rtl/response_fifo.py).
 """
@@ -62,6 +63,11 @@ class MemReader(wiring.Component):
         to_request = Signal(self._length_bits)      # words not yet requested
         to_receive = Signal(self._length_bits)      # words requested or not, not yet arrived
         addr = Signal.like(self.mem_req.payload.addr)
+        # Every burst but the last is max_burst words, so the next request's address is the
+        # current one plus a constant: it is worked out ahead (`addr_next`, its upper bits; the
+        # lower stay), and the handshake only moves it over (no adder behind the memory's ready).
+        step_log = mb_log + log2(word_bytes)
+        addr_next = Signal(max(1, len(addr) - step_log))
         # The request side runs from registers (valid, burst length, busy), so nothing the
         # memory's ready or response touches passes through a wide compare: a read of W words is
         # `full_left` more bursts of max_burst words after the current one, then `last_burst`.
@@ -70,8 +76,7 @@ class MemReader(wiring.Component):
         full_left = Signal(max(1, self._length_bits - mb_log))
         last_burst = Signal.like(burst)
         busy = Signal()                             # to_receive != 0 (and to_request <= to_receive)
-        waiting = Signal()                          # to_receive != to_request, a cycle late (for counters)
-        m.d.sync += waiting.eq(to_receive != to_request)
+        waiting = Signal()                          # words requested and not arrived, a cycle late (for counters)
 
         m.d.comb += [
             self.mem_req.valid.eq(req_valid),
@@ -98,7 +103,10 @@ class MemReader(wiring.Component):
         m.d.sync += [pending.eq(0), pending2.eq(pending)]
         with m.If(pending):
             m.d.sync += [words_m1.eq(words - 1), words_nz.eq(words != 0), words_big.eq(words > self._max_burst),
-                         busy.eq(words != 0), one_left.eq(words == 1)]
+                         busy.eq(words != 0), one_left.eq(words == 1),
+                         # the counts and the next address are loaded here, not at the command's
+                         # handshake: no request goes out and no word arrives before pending2
+                         to_request.eq(words), to_receive.eq(words), addr_next.eq(addr[step_log:] + 1)]
         # `full_left` == 0 / == 1 kept as flags (full_left counts down by one per burst)
         fl_zero = Signal()
         fl_one = Signal()
@@ -112,24 +120,26 @@ class MemReader(wiring.Component):
                 fl_one.eq(full == 1),
                 last_burst.eq((words_m1 & (self._max_burst - 1)) + 1),
             ]
-        # The request handshake and a new command never meet (a command is taken only when
-        # idle, and then no request is valid), so neither waits on the other's decision.
-        # Every burst but the last is max_burst words, so the next request's address is the
-        # current one plus a constant: it is worked out ahead (`addr_next`), and the handshake only
-        # moves it over (no adder of two variables behind the memory's ready).
-        step_log = mb_log + log2(word_bytes)
-        addr_next = Signal(max(1, len(addr) - step_log))        # its upper bits; the lower stay
+        # The memory's ready (from outside the unit) reaches two flip-flops: valid drops for a
+        # cycle after every accepted request, and the next request is set up in that cycle from
+        # the registered handshake. Bursts are up to max_burst words, so a request every other
+        # cycle costs no bandwidth. The request handshake and a new command never meet (a
+        # command is taken only when idle, and then no request is valid).
+        req_fire = Signal()
+        m.d.sync += req_fire.eq(self.mem_req.valid & self.mem_req.ready)
+        # (to_request lags the handshake by a cycle: the fired burst counts as requested then)
+        m.d.sync += waiting.eq((to_receive != to_request) | req_fire)
         with m.If(self.mem_req.valid & self.mem_req.ready):
+            m.d.sync += req_valid.eq(0)
+        with m.If(req_fire):
             m.d.sync += [
                 to_request.eq(to_request - burst),
                 addr[step_log:].eq(addr_next),
                 addr_next.eq(addr_next + 1),
             ]
-            with m.If(fl_zero):
-                m.d.sync += req_valid.eq(0)
-            with m.Else():
-                m.d.sync += [full_left.eq(full_left - 1), fl_zero.eq(fl_one), fl_one.eq(full_left == 2),
-                             burst.eq(Mux(fl_one, last_burst, self._max_burst))]
+            with m.If(~fl_zero):
+                m.d.sync += [req_valid.eq(1), full_left.eq(full_left - 1), fl_zero.eq(fl_one),
+                             fl_one.eq(full_left == 2), burst.eq(Mux(fl_one, last_burst, self._max_burst))]
         # Responses are counted a cycle after their handshake (the memory's handshake sits at
         # the unit's edge, the counters beside the controller): busy falls a cycle later.
         resp_fire = Signal()
@@ -139,11 +149,8 @@ class MemReader(wiring.Component):
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 addr.eq(self.cmd.payload.addr),
-                addr_next.eq(self.cmd.payload.addr[step_log:] + 1),
                 words.eq(self.cmd.payload.words),
                 pending.eq(1),
-                to_request.eq(self.cmd.payload.words),
-                to_receive.eq(self.cmd.payload.words),
                 # busy from the command on; whether any word comes is settled in `pending`
                 # (no request goes out before then, so no response can arrive)
                 busy.eq(1),

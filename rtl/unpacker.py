@@ -72,9 +72,10 @@ class Unpacker(wiring.Component):
                 bits_i = slice(i * PLANE_SLICE_BITS, min(g.word_bits, (i + 1) * PLANE_SLICE_BITS))
                 with m.If(plane_en[i]):
                     m.d.sync += plane[bits_i].eq(word_a[bits_i])
-            lo_half_a = Signal()
-            m.d.sync += lo_half_a.eq(self.lo_half)
         groups = -(-g.lanes // LANE_GROUP)
+        if 3 in g.cfg.bits:
+            # lo_half steers half the lanes' hi-plane multiplexers: a copy per group of lanes
+            lo_half_a = register_copies(m, self.lo_half, groups, "lo_half", platform, distinct=False)
         bits = list(g.cfg.bits)
         sel_copies, _ = copy_tree(m, Cat(*(self.bits == b for b in bits)), groups, "bits_sel", platform)
 
@@ -88,7 +89,7 @@ class Unpacker(wiring.Component):
                     if j >= g.codes_per_beat(b):
                         continue
                     if b == 3:
-                        hi = Mux(lo_half_a, plane[half + j], plane[j]) if j < half else None
+                        hi = Mux(lo_half_a[j // LANE_GROUP], plane[half + j], plane[j]) if j < half else None
                         src = word_a[2 * j + k] if k < 2 else (hi if k == 2 else None)
                     else:
                         src = word_a[b * j + k] if k < b else None
