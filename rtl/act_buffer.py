@@ -11,11 +11,12 @@ blocks), computed once here at LOAD_ACT time instead of by an adder tree per tok
 
 Load side: LOAD_ACT's words (P bits, little-endian bytes, token rows back to back) are assembled
 into RAM rows, summed by a pipelined adder tree and written; always ready.
-Read side: the address comes with the sequencer's beat (cycle 0), the RAM's registered row is
-there in cycle RAM_READ_LATENCY (rtl/hard_blocks.py: a tree of address registers towards every
-block RAM, the block RAM's own output register) and in a fabric register a cycle later
-(ROW_LATENCY), the lanes' activations are aligned to the beat's codes (4- and 8-bit beats use
-part of a row) and registered twice: valid two cycles later.
+Read side: the address comes with the sequencer's beat (cycle 0) and is registered once
+(ADDR_STAGES), the RAM's registered row is there RAM_READ_LATENCY cycles after that
+(rtl/hard_blocks.py: a tree of address registers towards every block RAM, the block RAM's own
+output register) and in a fabric register a cycle later (ROW_LATENCY), the lanes' activations
+are aligned to the beat's codes (4- and 8-bit beats use part of a row) and registered twice:
+valid two cycles later.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from .fanout import copy_tree, register_copies
 from .geometry import Geometry, log2
 from .hard_blocks import RAM_INPUT_STAGES, RAM_READ_LATENCY, RegisteredRam
 
-ROW_LATENCY = RAM_READ_LATENCY + 1  # the RAM's row in a fabric register
+ADDR_STAGES = 1                     # registers between the sequencer's address and the RAMs'
+ROW_LATENCY = ADDR_STAGES + RAM_READ_LATENCY + 1    # the RAM's row in a fabric register
 READ_LATENCY = ROW_LATENCY + 2
 LANE_GROUP = 2          # activation lanes sharing one copy of the read offset
 SEL_BRANCHING = 8       # copies one register of that tree drives
@@ -265,9 +267,13 @@ class ActivationBuffer(wiring.Component):
         xslot_sel = register_copies(m, xslot_next, g.tokens_parallel, "xslot_sel", platform, distinct=False)
         # The block RAMs sit in fixed columns, the lanes' multiplexers wherever the lanes are: the
         # RAM's output register, then a fabric one, so that route gets a cycle of its own.
+        # The sequencer sits by the memory side, the block RAMs in their columns: the address
+        # takes a register of its own on the way (ADDR_STAGES) before the RAMs' input trees.
+        rd_addr_q = Signal.like(self.rd_addr)
+        m.d.sync += rd_addr_q.eq(self.rd_addr)
         rows = []
         for t, ram in enumerate(rams):
-            m.d.comb += ram.r_addr.eq(self.rd_addr)
+            m.d.comb += ram.r_addr.eq(rd_addr_q)
             row_q = Signal(row_shape, name=f"row_q{t}")
             m.d.sync += row_q.eq(ram.r_data)
             rows.append(row_q)

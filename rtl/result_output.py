@@ -11,12 +11,15 @@ passes in order), one per cycle when `out` is ready.
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Module, Mux, Signal
-from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .geometry import Geometry, log2
+from .lut_ram import sliced_lut_ram
 from .scale_accumulator import entry_layout
 from .shapes import result_layout
+
+READ_SLICE_BITS = 32    # FIFO columns per copy of the read pointer
 
 
 class ResultOutput(wiring.Component):
@@ -47,13 +50,11 @@ class ResultOutput(wiring.Component):
         # FIFO word: the entry and the index of its last token (so the read side decides
         # "last token of the head" from the head's bits and j alone, with no arithmetic)
         layout = data.StructLayout({"entry": entry, "last_j": range(max(2, tp))})
-        # The FIFO: LUT RAM read asynchronously at `consume`, a registered non-empty flag. (The
-        # credits rule out overflow, so there is no full check on the write side.)
+        # The FIFO: LUT RAM read asynchronously, a copy of the read pointer per slice of its
+        # columns (rtl/lut_ram.py), a registered non-empty flag. (The credits rule out
+        # overflow, so there is no full check on the write side.)
         depth = self._depth
-        m.submodules.storage = storage = memory.Memory(shape=layout, depth=depth, init=[])
-        wp, rp = storage.write_port(), storage.read_port(domain="comb")
         produce = Signal(range(depth))
-        consume = Signal(range(depth))
         level = Signal(range(depth + 1))
         nonempty = Signal()
         r_en = Signal()
@@ -71,12 +72,11 @@ class ResultOutput(wiring.Component):
             m.d.comb += [left.eq(tokens_m1 - pass_ * tp), last_j.eq(Mux(left < tp, left, tp - 1))]
         word = Signal(layout)
         w_en = self.entry.valid
-        m.d.comb += [word.entry.eq(self.entry.payload), word.last_j.eq(last_j),
-                     wp.addr.eq(produce), wp.data.eq(word), wp.en.eq(w_en), rp.addr.eq(consume)]
+        m.d.comb += [word.entry.eq(self.entry.payload), word.last_j.eq(last_j)]
         with m.If(w_en):
             m.d.sync += produce.eq(Mux(produce == depth - 1, 0, produce + 1))
-        with m.If(r_en):
-            m.d.sync += consume.eq(Mux(consume == depth - 1, 0, consume + 1))
+        head_bits, _ = sliced_lut_ram(m, "storage", layout.size, depth, w_addr=produce, w_data=word, w_en=w_en,
+                                      r_advance=r_en, slices=-(-layout.size // READ_SLICE_BITS), platform=platform)
         m.d.sync += [
             level.eq(Mux(w_en, Mux(r_en, level, level + 1), Mux(r_en, level - 1, level))),
             nonempty.eq(w_en | (level >= 2) | ((level == 1) & ~r_en)),
@@ -96,7 +96,7 @@ class ResultOutput(wiring.Component):
         m.d.comb += self.credit_ok.eq(credit_ok)
 
         # Serializer: token j of the head entry goes into the output register.
-        head_word = rp.data
+        head_word = data.View(layout, head_bits)
         head = head_word.entry
         j = Signal(range(max(2, tp)))
         token = Signal(g.token_bits + 1)
