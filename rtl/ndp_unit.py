@@ -141,6 +141,7 @@ class NdpUnit(wiring.Component):
         # -- controller ---------------------------------------------------------------------------
         desc = Signal(DescriptorLayout)
         state = Signal(StateShape, init=StateShape.IDLE)
+        busy_flag = Signal()            # state == BUSY, kept in a flip-flop of its own (for the counter)
         error = Signal(ErrorShape)
         loaded_tokens = Signal(g.token_bits)
         loaded_in = Signal(g.in_bits)
@@ -181,16 +182,17 @@ class NdpUnit(wiring.Component):
             with m.State("Idle"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
-                    m.d.sync += [desc.eq(self.cmd.payload), state.eq(StateShape.BUSY),
+                    m.d.sync += [desc.eq(self.cmd.payload), state.eq(StateShape.BUSY), busy_flag.eq(1),
                                  error.eq(ErrorShape.NONE), start_check.eq(1)]
                     m.next = "Check"
             with m.State("Check"):
                 with m.If(check.done):
                     with m.If(check.error != ErrorShape.NONE):
-                        m.d.sync += [state.eq(StateShape.ERROR), error.eq(check.error), done.eq(1)]
+                        m.d.sync += [state.eq(StateShape.ERROR), busy_flag.eq(0), error.eq(check.error),
+                                     done.eq(1)]
                         m.next = "Idle"
                     with m.Elif(desc.opcode == OpcodeShape.NOP):
-                        m.d.sync += [state.eq(StateShape.DONE), done.eq(1)]
+                        m.d.sync += [state.eq(StateShape.DONE), busy_flag.eq(0), done.eq(1)]
                         m.next = "Idle"
                     with m.Else():
                         m.d.sync += start_read.eq(1)
@@ -205,11 +207,11 @@ class NdpUnit(wiring.Component):
             with m.State("Load"):
                 with m.If(~reader.busy & responses.empty & ~act.load_busy):
                     m.d.sync += [loaded_tokens.eq(desc.tokens), loaded_in.eq(desc.in_features),
-                                 state.eq(StateShape.DONE), done.eq(1)]
+                                 state.eq(StateShape.DONE), busy_flag.eq(0), done.eq(1)]
                     m.next = "Idle"
             with m.State("Matmul"):
                 with m.If(matmul_done):
-                    m.d.sync += [state.eq(StateShape.DONE), done.eq(1)]
+                    m.d.sync += [state.eq(StateShape.DONE), busy_flag.eq(0), done.eq(1)]
                     m.next = "Idle"
 
         # Response words go to the activation loader or the sequencer.
@@ -263,7 +265,7 @@ class NdpUnit(wiring.Component):
         wiring.connect(m, scale.entry, output.entry)
 
         # -- registers --------------------------------------------------------------------------------
-        busy = state == StateShape.BUSY
+        busy = busy_flag
         wants_word = Mux(is_load, act.words.ready, seq.want_word)
         # counted two cycles late (its terms registered where they come from, then their AND): a
         # stall needs words in flight, and the last word is followed by more than two cycles of

@@ -7,7 +7,7 @@ Per complete group (model/contract.py, "NDP arithmetic"):
 
 Registered stages: the zero multiply (2: a DSP with its operand and product registers,
 rtl/hard_blocks.py), the term, the scale multiply split in two DSP-sized halves (2), their sum,
-the sum of the K slots (a tree with a register per level), the accumulator (carry-save halves),
+the sum of the K slots (a tree with a register per level), the accumulator (carry-save, in ACC_PARTS parts),
 the resolved result. The accumulators are kept per pass and per token
 lane; a row's last beat of a pass emits that pass's results as one entry and clears them.
 """
@@ -28,7 +28,9 @@ from .hard_blocks import PRODUCT_LATENCY, registered_product
 
 # 2^F sum(q x) - zero sum(x): the wider of the two operands plus one bit for the difference.
 GROUP_TERM_BITS = max(GROUP_QX_BITS + ZERO_FRAC_BITS, ZERO_BITS + GROUP_X_BITS) + 1
-ACC_LO = ACC_BITS // 2         # low half of a carry-save accumulator
+ACC_PARTS = 3                                   # parts of a carry-save accumulator
+ACC_PART_BITS = tuple(ACC_BITS // ACC_PARTS + (i < ACC_BITS % ACC_PARTS) for i in range(ACC_PARTS))
+ACC_PART_OFFSETS = tuple(sum(ACC_PART_BITS[:i]) for i in range(ACC_PARTS))
 
 
 def entry_layout(g: Geometry) -> data.StructLayout:
@@ -121,33 +123,42 @@ class ScaleAccumulator(wiring.Component):
             # Beats come in passes 0, 1, .. passes-1, 0, .. so the accumulators rotate: a beat
             # adds to the head and pushes the sum (0 after a row's end) behind the last live pass,
             # and no multiplexer on the pass number sits ahead of the adders. Each accumulator is
-            # kept in two halves with the low half's carry added into the high half at the next
-            # beat (value = (hi + c) << LO | lo), so no adder is wider than ACC_BITS / 2 + 1.
+            # kept in ACC_PARTS parts, each part's carry added into the next part at the next beat
+            # (value = sum over parts of (part + carry in) << offset), so no adder in the loop is
+            # wider than a part.
             bs = Signal(signed(ACC_BITS), name=f"beat_sum_t{t}")
             m.d.comb += bs.eq(beat_sum)
-            lo = [Signal(ACC_LO, name=f"acc_lo_t{t}_p{p}") for p in range(g.max_passes)]
-            hi = [Signal(ACC_BITS - ACC_LO, name=f"acc_hi_t{t}_p{p}") for p in range(g.max_passes)]
-            cy = [Signal(name=f"acc_c_t{t}_p{p}") for p in range(g.max_passes)]
-            lo_sum = lo[0] + bs[:ACC_LO]
-            # hi + bs_hi + c in one adder: (hi:c) + (bs_hi:1) has carry c into bit 1
-            hi_sum = (Cat(cy[0], hi[0]) + Cat(Const(1, 1), bs[ACC_LO:]))[1:1 + ACC_BITS - ACC_LO]
-            new_lo, new_c, new_hi = lo_sum[:ACC_LO], lo_sum[ACC_LO], hi_sum
+            acc = [[Signal(w, name=f"acc_{i}_t{t}_p{p}") for i, w in enumerate(ACC_PART_BITS)]
+                   for p in range(g.max_passes)]
+            cin = [[Signal(name=f"acc_c{i}_t{t}_p{p}") for i in range(1, ACC_PARTS)] for p in range(g.max_passes)]
+            new_parts, new_carries = [], []
+            for i, (w, off) in enumerate(zip(ACC_PART_BITS, ACC_PART_OFFSETS)):
+                b = bs[off:off + w]
+                if i == 0:
+                    total = acc[0][0] + b
+                else:                       # part + b + carry in, in one adder: the carry enters at bit 1
+                    total = (Cat(cin[0][i - 1], acc[0][i]) + Cat(Const(1, 1), b))[1:]
+                new_parts.append(total[:w])
+                if i + 1 < ACC_PARTS:
+                    new_carries.append(total[w])
             valid_t, row_end_t = flags[t][0], flags[t][1]
             with m.If(valid_t):
                 for p in range(g.max_passes):
                     last = last_copies[t][p]
-                    if p + 1 < g.max_passes:
-                        nxt = (lo[p + 1], hi[p + 1], cy[p + 1])
-                    else:
-                        nxt = (0, 0, 0)
-                    for reg, new, n in zip((lo[p], hi[p], cy[p]), (new_lo, new_hi, new_c), nxt):
+                    regs = acc[p] + cin[p]
+                    news = new_parts + new_carries
+                    nxts = acc[p + 1] + cin[p + 1] if p + 1 < g.max_passes else [0] * len(regs)
+                    for reg, new, n in zip(regs, news, nxts):
                         m.d.sync += reg.eq(Mux(last, Mux(row_end_t, 0, new), n))
-            # a row's result: the halves registered, then resolved into the entry
-            emit_lo, emit_hi, emit_c = Signal(ACC_LO), Signal(ACC_BITS - ACC_LO), Signal()
+            # a row's result: the parts and carries registered, then resolved into the entry
+            emit_parts = [Signal(w, name=f"emit_{i}_t{t}") for i, w in enumerate(ACC_PART_BITS)]
+            emit_carries = [Signal(name=f"emit_c{i}_t{t}") for i in range(1, ACC_PARTS)]
             with m.If(valid & row_end):
-                m.d.sync += [emit_lo.eq(new_lo), emit_hi.eq(new_hi), emit_c.eq(new_c)]
+                m.d.sync += [r.eq(v) for r, v in zip(emit_parts + emit_carries, new_parts + new_carries)]
+            carries = Signal(ACC_BITS)
+            m.d.comb += [carries[off].eq(c) for off, c in zip(ACC_PART_OFFSETS[1:], emit_carries)]
             with m.If(emit):
-                m.d.sync += self.entry.payload.values[t].eq(Cat(emit_lo, (emit_hi + emit_c)[:ACC_BITS - ACC_LO]))
+                m.d.sync += self.entry.payload.values[t].eq((Cat(*emit_parts) + carries)[:ACC_BITS])
 
         m.d.sync += [emit.eq(valid & row_end), self.entry.valid.eq(emit)]
         with m.If(valid & row_end):
