@@ -11,16 +11,17 @@ of a superblock always meet their own metadata whatever the pipeline holds. Grou
 uses entry ((i0 / G) + m) mod E. Slots without a complete group leave with scale 0, so the
 stage after can sum all K slots without looking at a mask.
 
-Three registered stages: (0) the inputs, and where the beat sits in its group (from i0: a
+Four registered stages: (0) the inputs, and where the beat sits in its group (from i0: a
 masked compare and a shift by log2(G), which would otherwise sit ahead of stage 1's logic),
-(1) parts at the group's granularity and the beat's flags, (2) running partials, metadata lookup.
+(1) parts at the group's granularity and the beat's flags, (2) running partials (carry-save),
+metadata lookup, (3) the running sum resolved, the outputs.
 """
 from __future__ import annotations
 
 import operator
 from functools import reduce
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -32,7 +33,7 @@ from .geometry import Geometry, log2
 from .multiply_lanes import sums_layout
 from .sequencer import BeatKind, codes_per_beat
 
-LATENCY = 3
+LATENCY = 4
 
 META_ENTRY = data.StructLayout({"scale": unsigned(SCALE_BITS), "zero": signed(ZERO_BITS)})
 assert META_ENTRY.size == META_ENTRY_BITS
@@ -190,32 +191,48 @@ class GroupCombiner(wiring.Component):
         is_last = Signal(g.max_passes)
         m.d.sync += is_last.eq(Cat(*(self.passes - 1 == p for p in range(g.max_passes))))
         last_copies = register_copies(m, is_last, 2 * g.tokens_parallel, "is_last", platform)
+        # Stage 2 computes into `groups2` (and the beat fields beside it); stage 3 registers
+        # them as the outputs, resolving the running sums' carries on the way.
+        groups2 = Signal(group_slots_layout(g))
         for t in range(g.tokens_parallel):
             for i, (name, parts, width) in enumerate((("qx", qx1[t], GROUP_QX_BITS), ("x", x1[t], GROUP_X_BITS))):
                 code_c, keep_c = run_flags[2 * t + i][0], run_flags[2 * t + i][1]
                 last_c = last_copies[2 * t + i]
-                run = [Signal(signed(width), name=f"run_{name}_t{t}_p{p}") for p in range(g.max_passes)]
-                first = (parts[0] + run[0])[:width].as_signed()
-                pushed = Mux(keep_c, first, 0)
+                # Running partials in two carry-save halves (value = (hi + c) << lo_bits | lo): the
+                # loop through the adder is half as long; the sum is resolved in stage 3.
+                lo_bits = width // 2
+                p0 = Signal(signed(width), name=f"part0_{name}_t{t}")
+                m.d.comb += p0.eq(parts[0])
+                run_lo = [Signal(lo_bits, name=f"run_{name}_lo_t{t}_p{p}") for p in range(g.max_passes)]
+                run_c = [Signal(name=f"run_{name}_c_t{t}_p{p}") for p in range(g.max_passes)]
+                run_hi = [Signal(width - lo_bits, name=f"run_{name}_hi_t{t}_p{p}") for p in range(g.max_passes)]
+                lo_sum = run_lo[0] + p0[:lo_bits]
+                # hi + p0_hi + c in one adder: the carry enters at bit 1
+                hi_sum = (Cat(run_c[0], run_hi[0]) + Cat(Const(1, 1), p0[lo_bits:]))[1:1 + width - lo_bits]
+                first = (lo_sum[:lo_bits], lo_sum[lo_bits], hi_sum)
                 with m.If(code_c):
                     for p in range(g.max_passes):
-                        nxt = run[p + 1] if p + 1 < g.max_passes else 0
-                        m.d.sync += run[p].eq(Mux(last_c[p], pushed, nxt))
+                        nxt = (run_lo[p + 1], run_c[p + 1], run_hi[p + 1]) if p + 1 < g.max_passes else (0, 0, 0)
+                        for reg, new, n in zip((run_lo[p], run_c[p], run_hi[p]), first, nxt):
+                            m.d.sync += reg.eq(Mux(last_c[p], Mux(keep_c, new, 0), n))
+                first_lo, first_c, first_hi = Signal(lo_bits), Signal(), Signal(width - lo_bits)
+                m.d.sync += [first_lo.eq(first[0]), first_c.eq(first[1]), first_hi.eq(first[2])]
                 target = getattr(self.groups, name)[t]
-                m.d.sync += target[0].eq(first)
+                m.d.sync += target[0].eq(Cat(first_lo, (first_hi + first_c)[:width - lo_bits]))
                 for k in range(1, K):
-                    m.d.sync += target[k].eq(parts[k])
+                    m.d.sync += getattr(groups2, name)[t][k].eq(parts[k])
+                    m.d.sync += target[k].eq(getattr(groups2, name)[t][k])
 
         for k in range(K):
             entry = meta[entry1[k]]
             m.d.sync += [
-                self.groups.scale[k].eq(Mux(slot_valid1[k], entry.scale, 0)),
-                self.groups.zero[k].eq(entry.zero),
+                groups2.scale[k].eq(Mux(slot_valid1[k], entry.scale, 0)),
+                groups2.zero[k].eq(entry.zero),
+                self.groups.scale[k].eq(groups2.scale[k]),
+                self.groups.zero[k].eq(groups2.zero[k]),
             ]
-        m.d.sync += [
-            self.code_valid.eq(code),
-            self.pass_out.eq(s1["pass_"]),
-            self.row_end_out.eq(s1["row_end"]),
-            self.row_out.eq(s1["row"]),
-        ]
+        beat2 = [Signal.like(v, name=f"{n}2") for n, v in (("code_valid", code), ("pass", s1["pass_"]),
+                                                            ("row_end", s1["row_end"]), ("row", s1["row"]))]
+        m.d.sync += [b.eq(v) for b, v in zip(beat2, (code, s1["pass_"], s1["row_end"], s1["row"]))]
+        m.d.sync += [o.eq(b) for o, b in zip((self.code_valid, self.pass_out, self.row_end_out, self.row_out), beat2)]
         return m
