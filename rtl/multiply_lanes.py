@@ -25,6 +25,7 @@ from model.contract import ACT_BITS
 
 from .act_buffer import acts_layout
 from .adder_tree import block_sums
+from .fanout import register_copies
 from .geometry import Geometry, log2, signed_bits_for
 from .unpacker import codes_layout
 
@@ -111,14 +112,17 @@ class MultiplyLanes(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         g = self._geo
+        # each token's lanes take the codes through a copy of their own (rtl/fanout.py: plain
+        # registers of the same input would be merged into one by Yosys)
+        code_copies = [register_copies(m, self.codes[j][:g.lane_code_bits(j)], g.tokens_parallel, f"code_l{j}",
+                                       platform, distinct=False) for j in range(g.lanes)]
         for t in range(g.tokens_parallel):
             products = []
             for j in range(g.lanes):
-                width = g.lane_code_bits(j)
-                code = Signal(width, name=f"code_t{t}_l{j}")
+                code = code_copies[j][t]
                 act = Signal(signed(ACT_BITS), name=f"act_t{t}_l{j}")
-                m.d.sync += [code.eq(self.codes[j][:width]), act.eq(self.acts[t][j])]
-                slices = self._slices(width)
+                m.d.sync += act.eq(self.acts[t][j])
+                slices = self._slices(len(code))
                 slice_levels = max(_levels(hi - lo) for lo, hi in slices)
                 parts = []
                 for i, (lo, hi) in enumerate(slices):

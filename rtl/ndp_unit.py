@@ -17,12 +17,13 @@ Pipeline, counted in cycles from the sequencer issuing a beat (S0): the beat and
 RAM address (S0), the address registers beside each block RAM (S1), the block-RAM read (S2), its
 output register (S3), the aligned activations registered twice on their way to the lanes while
 the beat's word is unpacked in two stages (S4-S5); then at the lanes the input registers, the
-products' adder levels and the block adder tree, each registered; the group combiner (3 stages),
+products' adder levels and the block adder tree, each registered; the group combiner (4 stages),
 the zero and scale multiplies (registered DSPs, rtl/hard_blocks.py), the slot tree, the
-accumulator, the output FIFO. Memory words reach the sequencer through a small FIFO with a
-registered ready (rtl/response_fifo.py). Nothing in it stalls; the sequencer holds back instead (see
-result_output.py). A descriptor is taken only when the unit is not BUSY; `done` pulses for one
-cycle when it ends (DONE or ERROR).
+accumulator, the output FIFO, a register slice at the result port. Memory words reach the
+sequencer through a small FIFO with a registered ready (rtl/response_fifo.py). Nothing in it
+stalls; the sequencer holds back instead (see result_output.py). A descriptor is taken only when
+the unit is not BUSY; `done` pulses for one cycle a cycle after it ends (DONE or ERROR), and the
+next descriptor is taken from the cycle `done` is high.
 
 Tokens: `cfg.tokens_parallel` (TP) tokens are multiplied per beat. A MATMUL of T tokens gives
 each code word ceil(T / TP) beats (passes), so it runs at one word per cycle for T <= TP and at
@@ -141,7 +142,6 @@ class NdpUnit(wiring.Component):
         # -- controller ---------------------------------------------------------------------------
         desc = Signal(DescriptorLayout)
         state = Signal(StateShape, init=StateShape.IDLE)
-        busy_flag = Signal()            # state == BUSY, kept in a flip-flop of its own (for the counter)
         error = Signal(ErrorShape)
         loaded_tokens = Signal(g.token_bits)
         loaded_in = Signal(g.in_bits)
@@ -150,7 +150,9 @@ class NdpUnit(wiring.Component):
         start_check = Signal()
         start_read = Signal()           # the reader's command valid, a register (Check -> Start)
         matmul_done = Signal()          # registered: sequencer through (and not just starting), output drained
-        done = Signal()
+        done = Signal()                 # the state leaves BUSY (DONE or ERROR)
+        done_out = Signal()             # `done` a cycle later, when every counter has its count
+        m.d.sync += done_out.eq(done)
 
         m.d.comb += [
             check.desc.eq(desc), check.loaded_tokens.eq(loaded_tokens), check.loaded_in.eq(loaded_in),
@@ -163,7 +165,7 @@ class NdpUnit(wiring.Component):
             act.load_in.eq(desc.in_features),
             act.bits.eq(mode.bits),
             output.tokens.eq(mode.tokens),
-            self.done.eq(done),
+            self.done.eq(done_out),
         ]
         m.d.sync += [start_check.eq(0), start_read.eq(0), done.eq(0),
                      matmul_done.eq(~seq.active & output.idle & out_slice.empty & ~seq.start)]
@@ -182,18 +184,18 @@ class NdpUnit(wiring.Component):
             with m.State("Idle"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
-                    m.d.sync += [desc.eq(self.cmd.payload), state.eq(StateShape.BUSY), busy_flag.eq(1),
+                    m.d.sync += [desc.eq(self.cmd.payload), state.eq(StateShape.BUSY),
                                  error.eq(ErrorShape.NONE), start_check.eq(1)]
                     m.next = "Check"
             with m.State("Check"):
                 with m.If(check.done):
                     with m.If(check.error != ErrorShape.NONE):
-                        m.d.sync += [state.eq(StateShape.ERROR), busy_flag.eq(0), error.eq(check.error),
+                        m.d.sync += [state.eq(StateShape.ERROR), error.eq(check.error),
                                      done.eq(1)]
-                        m.next = "Idle"
+                        m.next = "Finish"
                     with m.Elif(desc.opcode == OpcodeShape.NOP):
-                        m.d.sync += [state.eq(StateShape.DONE), busy_flag.eq(0), done.eq(1)]
-                        m.next = "Idle"
+                        m.d.sync += [state.eq(StateShape.DONE), done.eq(1)]
+                        m.next = "Finish"
                     with m.Else():
                         m.d.sync += start_read.eq(1)
                         m.next = "Start"
@@ -207,12 +209,16 @@ class NdpUnit(wiring.Component):
             with m.State("Load"):
                 with m.If(~reader.busy & responses.empty & ~act.load_busy):
                     m.d.sync += [loaded_tokens.eq(desc.tokens), loaded_in.eq(desc.in_features),
-                                 state.eq(StateShape.DONE), busy_flag.eq(0), done.eq(1)]
-                    m.next = "Idle"
+                                 state.eq(StateShape.DONE), done.eq(1)]
+                    m.next = "Finish"
+            with m.State("Finish"):
+                # a cycle between a descriptor's end and the next one's start, so that the
+                # counters, which count a cycle late, are complete when `done` is seen
+                m.next = "Idle"
             with m.State("Matmul"):
                 with m.If(matmul_done):
-                    m.d.sync += [state.eq(StateShape.DONE), busy_flag.eq(0), done.eq(1)]
-                    m.next = "Idle"
+                    m.d.sync += [state.eq(StateShape.DONE), done.eq(1)]
+                    m.next = "Finish"
 
         # Response words go to the activation loader or the sequencer.
         m.d.comb += [
@@ -265,7 +271,7 @@ class NdpUnit(wiring.Component):
         wiring.connect(m, scale.entry, output.entry)
 
         # -- registers --------------------------------------------------------------------------------
-        busy = busy_flag
+        busy = state == StateShape.BUSY
         wants_word = Mux(is_load, act.words.ready, seq.want_word)
         # counted two cycles late (its terms registered where they come from, then their AND): a
         # stall needs words in flight, and the last word is followed by more than two cycles of
@@ -274,17 +280,20 @@ class NdpUnit(wiring.Component):
         mem_stall = Signal()
         m.d.sync += [stall_terms.eq(Cat(busy, reader.waiting, wants_word, ~responses.o.valid)),
                      mem_stall.eq(stall_terms.all())]
-        # The port handshakes are counted a cycle late too (the ready comes from outside, the
-        # counters sit elsewhere): `done` follows the last result's handshake by three cycles
-        # and the last memory word by many more, so these counts are exact at `done` as well.
-        # busy_cycles is not delayed: its last cycle is the one before `done`.
+        # The BUSY cycles and the port handshakes are counted a cycle late too (the state and the
+        # readies fan out from elsewhere): `done` is seen a cycle after the state leaves BUSY
+        # (the Finish state keeps the next descriptor out meanwhile), four after the last
+        # result's handshake and many after the last memory word, so the counts are exact at
+        # `done`.
+        busy_event = Signal()
+        m.d.sync += busy_event.eq(busy)
         port_events = Signal(3)
         m.d.sync += port_events.eq(Cat(busy & self.out.valid & ~self.out.ready,
                                        self.mem_resp.valid & self.mem_resp.ready,
                                        self.out.valid & self.out.ready))
         m.d.comb += [
             regs.state.eq(state), regs.error.eq(error),
-            regs.ev_busy_cycles.eq(busy),
+            regs.ev_busy_cycles.eq(busy_event),
             regs.ev_mem_stall_cycles.eq(mem_stall),
             regs.ev_out_stall_cycles.eq(port_events[0]),
             regs.ev_words_read.eq(port_events[1]),

@@ -175,7 +175,13 @@ class NdpTB:
                 got = list(self.py_results[count0:])
             else:
                 got = self.read_results(count0, int(self.dut.result_count.value))
-            self.check(step, got, before, self.counters())
+            after = self.counters()
+            self.check(step, got, before, after)
+            if not presented:
+                # nothing runs now: every count must have been complete when `done` rose
+                await Timer(3 * PERIOD_NS, unit="ns")
+                if self.counters() != after:
+                    self.fail(step, f"counters still moving after done: {after} -> {self.counters()}")
 
     async def _reset_during(self, step: Step) -> None:
         await Timer(step.reset_after * PERIOD_NS, unit="ns")
