@@ -30,7 +30,7 @@ each code word ceil(T / TP) beats (passes), so it runs at one word per cycle for
 one word per ceil(T / TP) cycles above, while memory is read once either way.
 
 Cycles of a MATMUL with a memory that keeps up (measured by sim/bench_ndp.py):
-    busy ~= 53..57 + metadata words + 3-bit hi-plane words + ceil(T / TP) x code words,
+    busy ~= 56..60 + metadata words + 3-bit hi-plane words + ceil(T / TP) x code words,
 and never fewer than rows x T (the output stream carries one result per cycle). A LOAD_ACT
 reads one word per cycle.
 """
