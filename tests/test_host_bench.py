@@ -73,4 +73,7 @@ def test_perf_model_orders_systems():
     near = layer_time(task_usage(sizes, ndp, "lo", 1, "ndp", None, 0, False, 0), ndp)
     assert fetch.link_s == pytest.approx(sizes.weight_bytes("lo") / 25e9)
     assert near.ndp_s < fetch.link_s and near.link_s < fetch.link_s / 100
-    assert ndp.ndp.peak_gbps == pytest.approx(153.6, rel=1e-3)     # measured 1.0004 cycles per word
+    # 8 units x 32-byte words x 600 MHz = 153.6 GB/s at one word per cycle, divided by the cycles
+    # per word the RTL was measured at, which keeps it within 1 % of that
+    assert ndp.ndp.peak_gbps == pytest.approx(153.6 / ndp.ndp.cost.cycles_per_word, rel=1e-9)
+    assert 0.99 * 153.6 < ndp.ndp.peak_gbps <= 153.6
