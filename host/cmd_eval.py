@@ -5,7 +5,6 @@ import json
 import time
 from pathlib import Path
 
-from .study_plan import PlanOptions, run_plan, verdicts
 
 KIND_STYLE = {  # kind -> (marker, colour, label)
     "fp16": ("*", "black", "fp16"),
@@ -49,12 +48,12 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def load_study_model(name: str, text: str | None, layers: list[int] | None, progress: bool):
     """(DefaultMoE-like object) for 'default' or a local checkpoint folder."""
-    from model.default_moe import DefaultMoE, load_default_moe
+    from ndpmoe.model.default_moe import DefaultMoE, load_default_moe
 
     if name == "default":
         return load_default_moe(text=text, layers=layers, progress=progress)
-    from model.checkpoint import load_model, load_tokenizer
-    from model.text import load_text
+    from ndpmoe.model.checkpoint import load_model, load_tokenizer
+    from ndpmoe.model.text import load_text
 
     model, ckpt = load_model(name)
     blocks = {l: (w, cfg) for l, w, cfg in ckpt.iter_moe_layers()}
@@ -63,6 +62,8 @@ def load_study_model(name: str, text: str | None, layers: list[int] | None, prog
 
 
 def run(args) -> int:
+    from .study_plan import PlanOptions   # torch loads here, not for --help
+
     opt = PlanOptions(bits=_ints(args.bits), base_bits=args.base_bits, ranks=_ints(args.rank), topn=_ints(args.topn),
                       quantizers=tuple(q for q in args.quantizers.split(",") if q), hi_bits=args.hi_bits,
                       budgets=tuple(float(b) for b in args.budgets.split(",") if b),
@@ -77,9 +78,10 @@ def run(args) -> int:
 
 def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_tokens=4096, calib_tokens=4096,
               seq_len=512, progress=True, log=print):
-    from model.text import token_windows, tokenize
+    from ndpmoe.model.text import token_windows, tokenize
 
     from .study import Study
+    from .study_plan import run_plan
 
     t0 = time.time()
     dm = load_study_model(model, text, layers, progress)
@@ -102,6 +104,8 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
 
 
 def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log=print) -> dict:
+    from .study_plan import verdicts
+
     out.mkdir(parents=True, exist_ok=True)
     q = opt.quantizers[-1]
     found = verdicts(rows, q)

@@ -66,7 +66,7 @@ def _timed(title: str, fn, log) -> StepResult:
 
 def step_model(opt: DemoOptions, log) -> StepResult:
     """1/5 default MoE model"""
-    from model.default_moe import load_default_moe
+    from ndpmoe.model.default_moe import load_default_moe
 
     dm = load_default_moe(layers=opt.study_layers, progress=True)
     w, rc = next(iter(dm.blocks.values()))
@@ -106,8 +106,8 @@ def step_study(opt: DemoOptions, log) -> StepResult:
 
 def step_cosim(opt: DemoOptions, log) -> StepResult:
     """3/5 co-simulation of one MoE layer on the RTL"""
-    from sim.cmd_cosim import print_cosim
-    from sim.cosim import run_cosim
+    from ndpmoe.sim.cmd_cosim import print_cosim
+    from ndpmoe.sim.cosim import run_cosim
 
     res = run_cosim(model="default", layer=opt.cosim_layer, tokens=opt.cosim_tokens, topn=2, bits=3,
                     placement="all-ndp")
@@ -154,7 +154,7 @@ def start_synth(opt: DemoOptions) -> subprocess.Popen:
     model and the study (mostly one thread) use the other. Step 5 collects it."""
     opt.out.mkdir(parents=True, exist_ok=True)
     (opt.out / "synth.json").unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "host.cli", *synth_args(opt), "--json", str(opt.out / "synth.json")]
+    cmd = [sys.executable, "-m", "ndpmoe.host.cli", *synth_args(opt), "--json", str(opt.out / "synth.json")]
     with open(opt.out / "synth.log", "w") as log_file:      # the child keeps its own descriptor
         return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
 
@@ -165,8 +165,8 @@ def synth_args(opt: DemoOptions) -> list[str]:
 
 def step_synth(opt: DemoOptions, log, proc: subprocess.Popen | None = None) -> StepResult:
     """5/5 FPGA synthesis"""
-    from rtl.synth.cmd_synth import format_result
-    from rtl.synth.report import SynthResult
+    from ndpmoe.rtl.synth.cmd_synth import format_result
+    from ndpmoe.rtl.synth.report import SynthResult
 
     proc = proc or start_synth(opt)
     if proc.poll() is None:

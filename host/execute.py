@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from model.moe_quant import MATRICES
-from model.ndp_golden import acc_to_float, quantize_activations
+from ndpmoe.model.moe_quant import MATRICES
+from ndpmoe.model.ndp_golden import acc_to_float, quantize_activations
 
 from .backends import TorchGpuBackend
 from .cache import ExpertCache

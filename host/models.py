@@ -74,7 +74,7 @@ def default_model_spec() -> ModelSpec:
     """The offline default model (SmolLM2-135M MoEfied, model/default_moe.py), shaped by its
     current configuration; ValueError while that model does not exist yet."""
     try:
-        from model.default_moe import DEFAULT_CONFIG
+        from ndpmoe.model.default_moe import DEFAULT_CONFIG
     except ImportError as exc:
         raise ValueError(f"model 'default' is not available yet ({exc})") from None
     c = DEFAULT_CONFIG

@@ -14,9 +14,9 @@ from typing import Protocol
 
 import torch
 
-from model.contract import (COUNTERS, DESCRIPTOR, ErrorCode, NdpConfig, Opcode, QuantFormat, State,
+from ndpmoe.model.contract import (COUNTERS, DESCRIPTOR, ErrorCode, NdpConfig, Opcode, QuantFormat, State,
                             act_row_len, make_descriptor)
-from model.ndp_golden import NdpGoldenUnit, act_image
+from ndpmoe.model.ndp_golden import NdpGoldenUnit, act_image
 
 from .ndp_cost import RTL_TARGET, NdpCostModel, descriptor_once_words
 

@@ -21,7 +21,7 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
-from model.contract import QuantFormat
+from ndpmoe.model.contract import QuantFormat
 
 # --- RTL design targets, to be replaced by the fit of measured cycles -------------------------
 RTL_TARGET_CYCLES_PER_WORD = 1.0
@@ -58,6 +58,10 @@ class NdpCostModel:
     def measured(self) -> bool:
         return self.source != RTL_TARGET_SOURCE
 
+
+# The calibration protocol (`ndpmoe cosim --calibrate`): layers and token counts co-simulated.
+CALIB_LAYERS = (3, 12, 24)
+CALIB_TOKENS = (1, 4, 16, 32)
 
 RTL_TARGET = NdpCostModel()
 

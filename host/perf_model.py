@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.contract import Opcode
+from ndpmoe.model.contract import Opcode
 
 from .ndp_cost import descriptor_once_words
 from .presets import SystemPreset

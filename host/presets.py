@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from model.contract import NdpConfig, get_config
+from ndpmoe.model.contract import NdpConfig, get_config
 
 from .ndp_cost import RTL_COSIM, NdpCostModel
 

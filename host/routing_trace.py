@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.moe import RouterConfig, route
+from ndpmoe.model.moe import RouterConfig, route
 
 ROUTER_LOGIT_STD = 1.5      # assumed per-token spread of router logits (a temperature), see text_trace
 
@@ -110,14 +110,14 @@ def kmeans_router(calib: torch.Tensor, experts: int, seed: int = 0, iters: int =
 
 
 def _trace_cache_dir() -> Path:
-    from model.smollm import cache_dir
+    from ndpmoe.model.paths import cache_dir
     return cache_dir()
 
 
 def smollm_mlp_inputs(tokens: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], str]:
     """SmolLM2-135M MLP inputs on `tokens` calibration and `tokens` evaluation tokens, per layer
     ({layer: [tokens, 576]} twice) and a description; cached under the project cache folder."""
-    from model.text import load_text, tokenize
+    from ndpmoe.model.text import load_text, tokenize
     text = load_text()
     key = hashlib.sha256(f"{text.digest}-{tokens}".encode()).hexdigest()[:12]
     path = _trace_cache_dir() / f"smollm2-mlp-inputs-{key}.safetensors"
@@ -125,8 +125,8 @@ def smollm_mlp_inputs(tokens: int) -> tuple[dict[int, torch.Tensor], dict[int, t
     if path.is_file():
         t = load_file(str(path))
     else:
-        from model.perplexity import collect_mlp_inputs
-        from model.smollm import load_smollm
+        from ndpmoe.model.perplexity import collect_mlp_inputs
+        from ndpmoe.model.smollm import load_smollm
         print(f"recording SmolLM2 MLP inputs on {2 * tokens} tokens of real text (once, cached) ...", flush=True)
         model, tok = load_smollm()
         calib_ids, eval_ids = tokenize(text.calib, tok)[:tokens], tokenize(text.eval, tok)[:tokens]
@@ -164,15 +164,15 @@ def default_model_trace(tokens: int = 256) -> RoutingTrace | None:
     evaluation tokens (model.perplexity.collect_mlp_inputs), routed by that block's own router.
     None when neither is available (the default model is still being built)."""
     try:
-        moefy = importlib.import_module("model.moefy")
+        moefy = importlib.import_module("ndpmoe.model.moefy")
         fn = getattr(moefy, "record_routing_trace", None)
         if fn is not None:
             d = fn(tokens)
             return RoutingTrace(tuple(d["ids"]), tuple(w.float() for w in d["weights"]), int(d["num_experts"]),
                                 str(d["source"]))
-        default_moe = importlib.import_module("model.default_moe")
-        from model.perplexity import collect_mlp_inputs
-        from model.text import tokenize
+        default_moe = importlib.import_module("ndpmoe.model.default_moe")
+        from ndpmoe.model.perplexity import collect_mlp_inputs
+        from ndpmoe.model.text import tokenize
     except (ImportError, AttributeError):
         return None
     moe = default_moe.load_default_moe(progress=False)

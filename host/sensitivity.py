@@ -14,8 +14,8 @@ from functools import cached_property
 
 import torch
 
-from model.compensate import whitening_factor
-from model.moe_quant import MATRICES, QuantizedMoE
+from ndpmoe.model.compensate import whitening_factor
+from ndpmoe.model.moe_quant import MATRICES, QuantizedMoE
 
 
 @dataclass(frozen=True, eq=False)

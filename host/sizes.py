@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from model.compensate import FP16_BYTES, _largest_group
-from model.contract import NdpConfig, Opcode, QuantFormat, act_row_len, fp16_matrix_bytes, output_struct
+from ndpmoe.model.contract import (FP16_BYTES, NdpConfig, Opcode, QuantFormat, act_row_len, fp16_matrix_bytes,
+                                   largest_group, output_struct)
 
 MATRICES = ("w1", "w3", "w2")
 VARIANTS = ("lo", "hi", "fp16")      # store format, higher-precision copy, plain fp16
@@ -128,8 +128,8 @@ class ExpertSizes:
         """Formats of the int8 (A, B) factors as model.compensate.quantize_int8_symmetric makes them."""
         rows, n_in = self.shape(matrix)
         word_bits = self.ndp.word_bits if self.ndp is not None else (self.fmt.word_bits if self.fmt else 128)
-        a = QuantFormat(8, _largest_group(self.padded_rank), word_bits)
-        b = QuantFormat(8, _largest_group(n_in), word_bits)   # n_in is a multiple of 32
+        a = QuantFormat(8, largest_group(self.padded_rank), word_bits)
+        b = QuantFormat(8, largest_group(n_in), word_bits)   # n_in is a multiple of 32
         return a, b
 
     def int8_factor_bytes(self, matrix: str, rank: int | None = None) -> tuple[int, int]:

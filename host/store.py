@@ -26,11 +26,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.compensate import Int8LowRank, LowRank, quantize_int8_symmetric
-from model.contract import NdpConfig, QuantFormat
-from model.moe import MoEWeights, RouterConfig
-from model.moe_quant import MATRICES, QuantizedExpert, QuantizedMoE
-from model.qtensor import QuantizedMatrix
+from ndpmoe.model.compensate import Int8LowRank, LowRank, quantize_int8_symmetric
+from ndpmoe.model.contract import NdpConfig, QuantFormat
+from ndpmoe.model.moe import MoEWeights, RouterConfig
+from ndpmoe.model.moe_quant import MATRICES, QuantizedExpert, QuantizedMoE
+from ndpmoe.model.qtensor import QuantizedMatrix
 
 from .sensitivity import LayerSensitivity, measure_sensitivity
 from .sizes import ExpertSizes

@@ -20,17 +20,17 @@ from pathlib import Path
 
 import torch
 
-from model.block import FloatMoE, set_blocks
-from model.compensate import FP16_BYTES
-from model.contract import QuantFormat, fp16_matrix_bytes
-from model.moe import RouterConfig, route
-from model.moe_quant import (FULL_RANK, MATRICES, QuantizedExpert, QuantizedMoE, compensate_moe, expert_grams,
+from ndpmoe.model.block import FloatMoE, set_blocks
+from ndpmoe.model.contract import FP16_BYTES
+from ndpmoe.model.contract import QuantFormat, fp16_matrix_bytes
+from ndpmoe.model.moe import RouterConfig, route
+from ndpmoe.model.moe_quant import (FULL_RANK, MATRICES, QuantizedExpert, QuantizedMoE, compensate_moe, expert_grams,
                              quantize_moe)
-from model.moe_quant_masked import MaskedQuantMoE
-from model.perplexity import collect_mlp_inputs, perplexity
-from model.quantize import get_quantizer
-from model.rank_alloc import allocate_ranks
-from model.smollm import cache_dir
+from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
+from ndpmoe.model.perplexity import collect_mlp_inputs, perplexity
+from ndpmoe.model.quantize import get_quantizer
+from ndpmoe.model.rank_alloc import allocate_ranks
+from ndpmoe.model.paths import cache_dir
 
 from .policy import RestorationContext
 from .sensitivity import measure_sensitivity

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from model.compensate import LowRank
-from model.moe_quant import MATRICES
-from model.qtensor import QuantizedMatrix
+from ndpmoe.model.compensate import LowRank
+from ndpmoe.model.moe_quant import MATRICES
+from ndpmoe.model.qtensor import QuantizedMatrix
 
 # The code a cached part is computed by: an edit to any of these invalidates every entry.
 _CODE = ("model/quantize.py", "model/compensate.py", "model/moe_quant.py", "model/qtensor.py",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from model.moe_quant import FULL_RANK
+from ndpmoe.model.moe_quant import FULL_RANK
 
 from .policy import BudgetedPolicy
 from .study import (Study, Variant, hobbit_decider, layer_context, policy_decider, randomn_decider,

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import INT8_FACTOR_ZERO, ZERO_FRAC_BITS, QuantFormat
+from .contract import FP16_BYTES, INT8_FACTOR_ZERO, ZERO_FRAC_BITS, QuantFormat, largest_group
 from .qtensor import QuantizedMatrix, to_fixed
-
-FP16_BYTES = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,19 +125,12 @@ def fit_activation_aware(err: torch.Tensor, h: torch.Tensor, rank: int, damp: fl
 # ---------------------------------------------------------------------------------------------
 # int8 storage of the factors for the NDP (the same 8-bit format the unit streams)
 # ---------------------------------------------------------------------------------------------
-def _largest_group(in_features: int) -> int:
-    for g in (128, 64, 32):
-        if in_features % g == 0:
-            return g
-    raise ValueError(f"in_features {in_features} is not a multiple of 32")
-
-
 def quantize_int8_symmetric(w: torch.Tensor, word_bits: int = 128) -> QuantizedMatrix:
     """Symmetric int8 per group, as unsigned codes with zero 128 (so the NDP datapath runs it).
     Columns are zero-padded to a multiple of 32 first (A has only `rank` columns)."""
     pad = (-w.shape[1]) % 32
     w = torch.nn.functional.pad(w.double(), (0, pad))
-    fmt = QuantFormat(8, _largest_group(w.shape[1]), word_bits)
+    fmt = QuantFormat(8, largest_group(w.shape[1]), word_bits)
     wg = w.reshape(w.shape[0], -1, fmt.group_size)
     amax = wg.abs().amax(-1)
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))

@@ -213,8 +213,19 @@ def act_row_len(in_features: int, word_bits: int) -> int:
     return _roundup(in_features, word_bits)
 
 
+FP16_BYTES = 2                  # bytes of one fp16 value (experts and factors stored unquantized)
+
+
 def fp16_matrix_bytes(rows: int, in_features: int) -> int:
-    return 2 * rows * in_features
+    return FP16_BYTES * rows * in_features
+
+
+def largest_group(in_features: int) -> int:
+    """The largest supported group size that divides `in_features` (int8 factors use it)."""
+    for g in sorted(SUPPORTED_GROUPS, reverse=True):
+        if in_features % g == 0:
+            return g
+    raise ValueError(f"in_features {in_features} is not a multiple of {min(SUPPORTED_GROUPS)}")
 
 
 # ---------------------------------------------------------------------------------------------

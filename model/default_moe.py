@@ -17,7 +17,8 @@ import torch
 from .block import FloatMoE, set_blocks
 from .moe import MoEWeights, RouterConfig
 from .moefy import MoEfyConfig, moefy_model
-from .smollm import GGUF_NAME, cache_dir, load_smollm
+from .paths import cache_dir
+from .smollm import GGUF_NAME, load_smollm
 from .text import TextSplit, load_text, token_windows, tokenize
 
 DEFAULT_CONFIG = MoEfyConfig()

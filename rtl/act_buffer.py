@@ -27,7 +27,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from model.contract import ACT_BITS
+from ndpmoe.model.contract import ACT_BITS
 
 from .adder_tree import block_sums
 from .fanout import copy_tree, register_copies

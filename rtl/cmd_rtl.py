@@ -3,21 +3,23 @@ from __future__ import annotations
 
 import argparse
 
-from model.contract import CONFIGS
-
-from .export import LINT_WAIVERS, UNIT_TOP, lint, write_unit
+from ndpmoe.model.contract import CONFIGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="default", help=f"one of {sorted(CONFIGS)}")
-    parser.add_argument("--out", default="build/rtl", help="output folder (default build/rtl)")
+    parser.add_argument("--out", default=None, help="output folder (default: build/rtl under the build folder)")
     parser.add_argument("--no-lint", action="store_true", help="only write the Verilog")
     parser.add_argument("--wall", action="store_true",
                         help="lint with -Wall too (reports Yosys-generated unused nets, initial values)")
 
 
 def run(args) -> int:
-    path = write_unit(args.config, args.out)
+    from .export import LINT_WAIVERS, UNIT_TOP, lint, write_unit   # amaranth loads here, not for --help
+
+    from ndpmoe.model.paths import build_root
+
+    path = write_unit(args.config, args.out or build_root("rtl"))
     print(f"wrote {path} (top module {UNIT_TOP})")
     if args.no_lint:
         return 0

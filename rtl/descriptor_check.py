@@ -26,7 +26,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, Value
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from model.contract import DESCRIPTOR, GROUP_CODES, ErrorCode, Opcode
+from ndpmoe.model.contract import DESCRIPTOR, GROUP_CODES, ErrorCode, Opcode
 
 from .geometry import Geometry, bits_for, log2
 from .shapes import DescriptorLayout, ErrorShape

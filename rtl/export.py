@@ -13,7 +13,7 @@ from pathlib import Path
 
 from amaranth.back import verilog
 
-from model.contract import NdpConfig, get_config
+from ndpmoe.model.contract import NdpConfig, get_config
 
 from .hard_blocks import platform_for, simulation_models
 from .ndp_unit import NdpUnit

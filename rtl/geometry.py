@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from model.contract import (ACT_BITS, META_ENTRY_BITS, MAX_ROWS, SUPPORTED_GROUPS, NdpConfig, QuantFormat)
+from ndpmoe.model.contract import (ACT_BITS, META_ENTRY_BITS, MAX_ROWS, SUPPORTED_GROUPS, NdpConfig, QuantFormat)
 
 
 def log2(value: int) -> int:

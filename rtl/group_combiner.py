@@ -25,7 +25,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from model.contract import (GROUP_QX_BITS, GROUP_X_BITS, META_ENTRY_BITS, SCALE_BITS, ZERO_BITS)
+from ndpmoe.model.contract import (GROUP_QX_BITS, GROUP_X_BITS, META_ENTRY_BITS, SCALE_BITS, ZERO_BITS)
 
 from .act_buffer import xslots_layout
 from .fanout import register_copies

@@ -21,7 +21,7 @@ from amaranth.hdl import Module, Mux, Signal, Value, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from model.contract import ACT_BITS
+from ndpmoe.model.contract import ACT_BITS
 
 from .act_buffer import acts_layout
 from .adder_tree import block_sums

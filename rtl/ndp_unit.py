@@ -40,7 +40,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from model.contract import NdpConfig
+from ndpmoe.model.contract import NdpConfig
 
 from .act_buffer import READ_LATENCY, ActivationBuffer, xslots_layout
 from .descriptor_check import DescriptorCheck

@@ -22,7 +22,7 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from model.contract import COUNTERS
+from ndpmoe.model.contract import COUNTERS
 
 from .shapes import CountersLayout, ErrorShape, StateShape, StatusLayout
 

@@ -17,7 +17,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from model.contract import (ACC_BITS, GROUP_QX_BITS, GROUP_X_BITS, SCALE_BITS, ZERO_BITS,
+from ndpmoe.model.contract import (ACC_BITS, GROUP_QX_BITS, GROUP_X_BITS, SCALE_BITS, ZERO_BITS,
                             ZERO_FRAC_BITS)
 
 from .adder_tree import block_sums

@@ -10,7 +10,7 @@ import enum as py_enum
 from amaranth.hdl import Shape, unsigned
 from amaranth.lib import data, enum
 
-from model.contract import (ACC_BITS, COUNTER_BITS, COUNTERS, DESCRIPTOR, STATUS, BitStruct, ErrorCode,
+from ndpmoe.model.contract import (ACC_BITS, COUNTER_BITS, COUNTERS, DESCRIPTOR, STATUS, BitStruct, ErrorCode,
                             Opcode, State, output_struct)
 
 

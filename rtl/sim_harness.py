@@ -24,7 +24,7 @@ from amaranth.hdl import ClockSignal, Instance, Module, Mux, Signal, unsigned
 from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from model.contract import NdpConfig
+from ndpmoe.model.contract import NdpConfig
 
 from .geometry import bits_for, log2
 from .mem_reader import mem_request_layout

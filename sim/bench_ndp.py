@@ -1,6 +1,6 @@
 """Throughput benchmark of the NDP unit in cocotb + Verilator (prints figures; not a test).
 
-    python -m sim.bench_ndp [--config default] [--rows 1024] [--in 4096] [--bits 2,3,4]
+    ndpmoe sim --bench [--config default] [--rows 1024] [--in 4096] [--bits 2,3,4]
                             [--tokens 1] [--group 128] [--stalls 0,4]
 
 For each bit width and token count: port utilization (memory words per busy cycle; metadata
@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from model.contract import get_config
+from ndpmoe.model.contract import get_config
 
 from .runner import BenchOptions, build_dir, run
 
@@ -53,7 +53,7 @@ def bench(args) -> int:
     t0 = time.perf_counter()
     log = build_dir(opts) / "bench.log"
     print(f"building and simulating; log in {log}")
-    report = run(opts, test_module="sim.cocotb_bench", log_file=log)
+    report = run(opts, test_module="ndpmoe.sim.cocotb_bench", log_file=log)
     print(f"NDP unit '{args.config}' (P={cfg.word_bits}, tokens_parallel={cfg.tokens_parallel}), "
           f"{args.rows} x {args.in_features}, G={args.group}; {time.perf_counter() - t0:.0f} s incl. build")
     print(f"{'bits':>4} {'T':>3} {'stall':>5} {'words':>8} {'busy':>8} {'util':>6} {'overhead':>8} "

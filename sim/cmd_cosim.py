@@ -12,12 +12,9 @@ import json
 import sys
 import time
 
-import torch
+from ndpmoe.host.ndp_cost import CALIB_LAYERS, CALIB_TOKENS
+from ndpmoe.host.placement import PLACEMENTS
 
-from host.placement import PLACEMENTS
-
-from .cost_calibration import CALIB_LAYERS, CALIB_TOKENS, calibrate
-from .cosim import run_cosim
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,6 +122,11 @@ def print_calibration(r: dict) -> None:
 
 
 def run(args) -> int:
+    import torch   # torch, amaranth and cocotb load here, not for --help
+
+    from .cost_calibration import calibrate
+    from .cosim import run_cosim
+
     torch.set_num_threads(1)           # shared 2-core machines: oversubscribed torch is far slower
     t0 = time.perf_counter()
     if args.calibrate:

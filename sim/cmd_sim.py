@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from model.contract import CONFIGS
+from ndpmoe.model.contract import CONFIGS
 
-from . import bench_ndp
-from .runner import BenchOptions, build_dir, run as run_bench
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from . import bench_ndp   # amaranth and cocotb load here, not for --help
+    from .runner import BenchOptions, build_dir, run as run_bench
+
     if args.bench:
         return bench_ndp.bench(args)
     if args.count <= 0:

@@ -14,10 +14,10 @@ import cocotb
 import torch
 from cocotb.triggers import RisingEdge
 
-from model.contract import (DESCRIPTOR, SCALE_MAX, ZERO_MAX, ZERO_MIN, ErrorCode, Opcode, act_row_len,
+from ndpmoe.model.contract import (DESCRIPTOR, SCALE_MAX, ZERO_MAX, ZERO_MIN, ErrorCode, Opcode, act_row_len,
                             make_descriptor)
-from model.ndp_golden import NdpGoldenUnit
-from model.packing import pack_matrix
+from ndpmoe.model.ndp_golden import NdpGoldenUnit
+from ndpmoe.model.packing import pack_matrix
 
 from .runner import BenchOptions
 from .tb import NdpTB

@@ -17,8 +17,8 @@ import cocotb
 from cocotb.task import bridge
 import torch
 
-from host.ndp_cost import NdpCostModel
-from model.contract import get_config
+from ndpmoe.host.ndp_cost import NdpCostModel
+from ndpmoe.model.contract import get_config
 
 from .cosim_faults import fault_scenarios
 from .cosim_layer import (CosimCase, golden_output, measured_time, ndp_summary, output_report, plan_summary,

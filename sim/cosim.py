@@ -21,16 +21,17 @@ from dataclasses import asdict
 
 import torch
 
-from host.ndp_cost import RTL_COSIM, NdpCostModel
-from host.placement import PLACEMENTS
-from model.contract import get_config
-from rtl.export import HARNESS_TOP
+from ndpmoe.host.ndp_cost import RTL_COSIM, NdpCostModel
+from ndpmoe.host.placement import PLACEMENTS
+from ndpmoe.model.contract import get_config
+from ndpmoe.rtl.export import HARNESS_TOP
+
+from ndpmoe.model.paths import build_root
 
 from .cosim_layer import CosimCase, memory_needs
-from .cosim_prepare import REPO, QuantSettings, layer_inputs, load, stores
+from .cosim_prepare import QuantSettings, layer_inputs, load, stores
 from .runner import REWRITE_ASSERTIONS, BenchOptions, build, verilator_runner
 
-RUN_ROOT = REPO / "build" / "cosim" / "runs"
 STALL_MODES = (("no_stalls", None), ("stalls", "random"))
 KEEP_RUNS = 20               # run folders kept under build/cosim/runs
 WAVES_MAX_TOKENS = 2         # a trace takes ~13 kB per simulated cycle; a 16-token default layer is ~1.5e6 cycles
@@ -56,7 +57,7 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
     t0 = time.perf_counter()
     bdir = build(opts)
     build_s = time.perf_counter() - t0
-    run_dir = RUN_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir = build_root("cosim", "runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     _prune_runs(keep=KEEP_RUNS)
     job_path, report_path = run_dir / "job.pt", run_dir / "report.json"
@@ -65,11 +66,11 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
                "cost": asdict(cost)}
     torch.save({"cases": [c.to_dict() for c in cases], "options": options}, job_path)
     env = opts.env() | {"NDP_COSIM_JOB": str(job_path), "NDP_COSIM_REPORT": str(report_path),
-                        "PYTHONPATH": str(REPO), "COCOTB_REWRITE_ASSERTION_FILES": REWRITE_ASSERTIONS}
+                        "COCOTB_REWRITE_ASSERTION_FILES": REWRITE_ASSERTIONS}
     t1 = time.perf_counter()
     exit_code = 0
     try:
-        verilator_runner().test(test_module="sim.cocotb_cosim", hdl_toplevel=HARNESS_TOP,
+        verilator_runner().test(test_module="ndpmoe.sim.cocotb_cosim", hdl_toplevel=HARNESS_TOP,
                                 hdl_toplevel_lang="verilog", build_dir=bdir, test_dir=run_dir, extra_env=env,
                                 waves=opts.waves, log_file=run_dir / "sim.log",
                                 results_xml=str(run_dir / "results.xml"))
@@ -92,7 +93,7 @@ def _roundup(value: int, multiple: int) -> int:
 
 def _prune_runs(keep: int) -> None:
     """Drop all but the newest `keep` run folders (traces are large)."""
-    for old in sorted(p for p in RUN_ROOT.iterdir() if p.is_dir())[:-keep]:
+    for old in sorted(p for p in build_root("cosim", "runs").iterdir() if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 

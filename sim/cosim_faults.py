@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from host.ndp import NdpError
-from model.contract import Opcode
+from ndpmoe.host.ndp import NdpError
+from ndpmoe.model.contract import Opcode
 
 from .cosim_layer import LayerSetup
 from .rtl_backend import Fault, NdpReset, NdpTimeout, RtlNdpBackend

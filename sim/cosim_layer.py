@@ -14,20 +14,20 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from host.backends import TorchGpuBackend
-from host.cache import ExpertCache
-from host.execute import ExecutionRecord, LayerExecutor
-from host.ndp import GoldenNdpBackend, NdpDriver
-from host.ndp_cost import NdpCostModel
-from host.perf_model import layer_time
-from host.plan import LayerPlan, LayerPlanner, check_plan
-from host.policy import TopN
-from host.presets import NdpPreset, SystemPreset, get_system
-from host.sizes import MATRICES
-from host.store import ExpertStore, open_store
-from model.contract import NdpConfig
-from model.moe import MoEWeights, RouterConfig, moe_forward, route, shared_expert
-from model.moe_quant import moe_forward_quant
+from ndpmoe.host.backends import TorchGpuBackend
+from ndpmoe.host.cache import ExpertCache
+from ndpmoe.host.execute import ExecutionRecord, LayerExecutor
+from ndpmoe.host.ndp import GoldenNdpBackend, NdpDriver
+from ndpmoe.host.ndp_cost import NdpCostModel
+from ndpmoe.host.perf_model import layer_time
+from ndpmoe.host.plan import LayerPlan, LayerPlanner, check_plan
+from ndpmoe.host.policy import TopN
+from ndpmoe.host.presets import NdpPreset, SystemPreset, get_system
+from ndpmoe.host.sizes import MATRICES
+from ndpmoe.host.store import ExpertStore, open_store
+from ndpmoe.model.contract import NdpConfig
+from ndpmoe.model.moe import MoEWeights, RouterConfig, moe_forward, route, shared_expert
+from ndpmoe.model.moe_quant import moe_forward_quant
 
 GPU_CACHE_BYTES = 1 << 30       # plenty: the plan's cache starts cold, nothing is evicted in one layer
 

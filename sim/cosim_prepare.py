@@ -15,16 +15,15 @@ from pathlib import Path
 
 import torch
 
-from host.store import StoreError, open_store, write_store
-from model.contract import QuantFormat
-from model.moe import MoEWeights, RouterConfig
-from model.moe_quant import expert_grams, quantize_moe
-from model.perplexity import collect_mlp_inputs
-from model.quantize import get_quantizer
-from model.text import load_text, token_windows, tokenize
+from ndpmoe.host.store import StoreError, open_store, write_store
+from ndpmoe.model.contract import QuantFormat
+from ndpmoe.model.paths import build_root
+from ndpmoe.model.moe import MoEWeights, RouterConfig
+from ndpmoe.model.moe_quant import expert_grams, quantize_moe
+from ndpmoe.model.perplexity import collect_mlp_inputs
+from ndpmoe.model.quantize import get_quantizer
+from ndpmoe.model.text import load_text, token_windows, tokenize
 
-REPO = Path(__file__).resolve().parent.parent
-STORE_ROOT = REPO / "build" / "cosim" / "stores"
 SEQ_LEN = 512
 CALIB_ROWS = 2048            # calibration rows per layer for the compensator fits
 CALIB_TOKENS = 4 * SEQ_LEN
@@ -67,7 +66,7 @@ class LoadedModel:
 def load_default(layers: list[int]) -> LoadedModel:
     """The default MoE: the whole model (all layers MoEfied) when it is cached, else a reduced
     build that MoEfies only `layers` (earlier layers stay dense; built once, then cached)."""
-    from model.default_moe import DEFAULT_CONFIG, cache_paths, load_default_moe
+    from ndpmoe.model.default_moe import DEFAULT_CONFIG, cache_paths, load_default_moe
 
     text = load_text(None)
     whole = all(p.is_file() for p in cache_paths(DEFAULT_CONFIG, text, None))
@@ -82,7 +81,7 @@ def load_default(layers: list[int]) -> LoadedModel:
 
 
 def load_checkpoint(path: str, layers: list[int]) -> LoadedModel:
-    from model.checkpoint import load_model, load_tokenizer
+    from ndpmoe.model.checkpoint import load_model, load_tokenizer
 
     model, ckpt = load_model(path)
     blocks = {}
@@ -134,7 +133,7 @@ def layer_inputs(m: LoadedModel, layers: list[int], tokens: int, seed: int) -> d
 def layer_store(m: LoadedModel, layer: int, q: QuantSettings, calib: dict[int, torch.Tensor] | None = None) -> Path:
     """The store of `layer`'s quantized experts (built and cached on first use)."""
     w, rc = m.blocks[layer]
-    folder = STORE_ROOT / f"L{layer}-{q.tag()}-{block_digest(w, rc, q)}"
+    folder = build_root("cosim", "stores") / f"L{layer}-{q.tag()}-{block_digest(w, rc, q)}"
     source = f"{m.source} layer {layer} {q.tag()}"
     try:
         open_store(folder, expect_source=source)
@@ -160,7 +159,7 @@ def stores(m: LoadedModel, layers: list[int], q: QuantSettings) -> dict[int, Pat
     todo = []
     for l in layers:
         w, rc = m.blocks[l]
-        folder = STORE_ROOT / f"L{l}-{q.tag()}-{block_digest(w, rc, q)}"
+        folder = build_root("cosim", "stores") / f"L{l}-{q.tag()}-{block_digest(w, rc, q)}"
         try:
             open_store(folder, expect_source=f"{m.source} layer {l} {q.tag()}")
         except StoreError:

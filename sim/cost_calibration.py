@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import time
 
-from host.ndp_cost import RTL_TARGET, CycleSample, NdpCostModel, fit_ndp_cost, relative_error, sample_cycles
-from model.contract import get_config
+from ndpmoe.host.ndp_cost import CALIB_LAYERS, CALIB_TOKENS, RTL_TARGET, CycleSample, NdpCostModel, fit_ndp_cost, relative_error, sample_cycles
+from ndpmoe.model.contract import get_config
 
 from .cosim import simulate
 from .cosim_layer import CosimCase
 from .cosim_prepare import QuantSettings, layer_inputs, load, stores
 
-CALIB_LAYERS = (3, 12, 24)
-CALIB_TOKENS = (1, 4, 16, 32)
 
 
 def samples_of(case: dict, fields: list[str]) -> list[CycleSample]:

@@ -32,10 +32,10 @@ import numpy as np
 from cocotb.task import resume
 from cocotb.triggers import ClockCycles, FallingEdge, First, RisingEdge, Timer
 
-from host.ndp import NdpError, NdpResult
-from host.ndp_cost import matmul_once_words
-from model.contract import COUNTERS, DESCRIPTOR, ErrorCode, Opcode, QuantFormat, State
-from model.ndp_golden import NdpGoldenUnit
+from ndpmoe.host.ndp import NdpError, NdpResult
+from ndpmoe.host.ndp_cost import matmul_once_words
+from ndpmoe.model.contract import COUNTERS, DESCRIPTOR, ErrorCode, Opcode, QuantFormat, State
+from ndpmoe.model.ndp_golden import NdpGoldenUnit
 
 from .tb import PERIOD_NS, STALL_RATES, NdpTB
 

@@ -18,12 +18,11 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from model.contract import NdpConfig, get_config
-from rtl.export import HARNESS_TOP, write_harness
-from rtl.verilator_env import apply_verilator_env
+from ndpmoe.model.contract import NdpConfig, get_config
+from ndpmoe.model.paths import build_root
+from ndpmoe.rtl.export import HARNESS_TOP, write_harness
+from ndpmoe.rtl.verilator_env import apply_verilator_env
 
-REPO = Path(__file__).resolve().parent.parent
-BUILD_ROOT = REPO / "build" / "sim"
 # cocotb installs pytest's assert rewriting for every module imported into the simulator, with no
 # bytecode cache there: importing torch then takes ~15 s instead of ~3 s. Test modules only.
 REWRITE_ASSERTIONS = "cocotb_*.py"
@@ -91,7 +90,7 @@ def build_dir(opts: BenchOptions) -> Path:
     opts = _with_env_waves(opts)
     tag = (f"{opts.config}_tp{opts.ndp_config().tokens_parallel}_m{opts.mem_words}_r{opts.result_words}"
            + ("" if opts.primitives == "inferred" else f"_{opts.primitives}") + ("_waves" if opts.waves else ""))
-    return BUILD_ROOT / tag
+    return build_root("sim", tag)
 
 
 def build(opts: BenchOptions, *, log_file: Path | None = None) -> Path:
@@ -115,7 +114,7 @@ def build(opts: BenchOptions, *, log_file: Path | None = None) -> Path:
     return bdir
 
 
-def run(opts: BenchOptions, *, test_module: str = "sim.cocotb_ndp", testcase: str | None = None,
+def run(opts: BenchOptions, *, test_module: str = "ndpmoe.sim.cocotb_ndp", testcase: str | None = None,
         log_file: Path | None = None) -> dict:
     """Build if needed, run the cocotb test, return its tally (see sim/cocotb_ndp.py)."""
     opts = _with_env_waves(opts)
@@ -125,7 +124,7 @@ def run(opts: BenchOptions, *, test_module: str = "sim.cocotb_ndp", testcase: st
     report = bdir / f"report_{os.getpid()}.json"
     report.unlink(missing_ok=True)
     runner = verilator_runner()
-    env = opts.env() | {"NDP_REPORT": str(report), "PYTHONPATH": str(REPO),
+    env = opts.env() | {"NDP_REPORT": str(report),
                         "COCOTB_REWRITE_ASSERTION_FILES": REWRITE_ASSERTIONS}
     runner.test(test_module=test_module, hdl_toplevel=HARNESS_TOP, hdl_toplevel_lang="verilog",
                 build_dir=bdir, test_dir=bdir,

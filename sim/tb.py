@@ -28,7 +28,7 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge, Timer, with_timeout
 
-from model.contract import (ACC_BITS, COUNTER_BITS, COUNTERS, STATUS, ErrorCode, NdpConfig, State,
+from ndpmoe.model.contract import (ACC_BITS, COUNTER_BITS, COUNTERS, STATUS, ErrorCode, NdpConfig, State,
                             output_struct)
 
 from .workload import Step

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.contract import (ACC_BITS, DESCRIPTOR, SCALE_MAX, SUPPORTED_GROUPS, ZERO_MAX,
+from ndpmoe.model.contract import (ACC_BITS, DESCRIPTOR, SCALE_MAX, SUPPORTED_GROUPS, ZERO_MAX,
                             ZERO_MIN, ErrorCode, NdpConfig, Opcode, QuantFormat, act_row_len,
                             make_descriptor)
-from model.ndp_golden import NdpGoldenUnit, check_descriptor
-from model.packing import pack_matrix
+from ndpmoe.model.ndp_golden import NdpGoldenUnit, check_descriptor
+from ndpmoe.model.packing import pack_matrix
 
 
 @dataclass

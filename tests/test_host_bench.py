@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from host.cli import main
-from host.models import get_model
-from host.ndp_cost import RTL_TARGET, NdpCostModel, fit_ndp_cost, relative_error
-from host.presets import get_system
-from host.sizes import ExpertSizes
-from model.contract import QuantFormat, get_config
+from ndpmoe.host.cli import main
+from ndpmoe.host.models import get_model
+from ndpmoe.host.ndp_cost import RTL_TARGET, NdpCostModel, fit_ndp_cost, relative_error
+from ndpmoe.host.presets import get_system
+from ndpmoe.host.sizes import ExpertSizes
+from ndpmoe.model.contract import QuantFormat, get_config
 
 FAST = ["--trace", "synthetic", "--tokens", "8"]
 
@@ -64,7 +64,7 @@ def test_ndp_cost_fit_recovers_coefficients():
 def test_perf_model_orders_systems():
     """Sanity of the model on Mixtral shapes: a cold expert costs link time on GPU-only and NDP
     time on GPU-NDP, where the bandwidth-matched units stream it faster than the link."""
-    from host.perf_model import layer_time, task_usage
+    from ndpmoe.host.perf_model import layer_time, task_usage
     spec = get_model("mixtral-8x7b")
     only, ndp = get_system("gpu-only"), get_system("gpu-ndp")
     wide = get_config("wide")

@@ -1,7 +1,7 @@
 """GPU expert cache: counters on scripted access sequences, both eviction policies, factor ranks."""
 import pytest
 
-from host.cache import ExpertCache, LfuEviction
+from ndpmoe.host.cache import ExpertCache, LfuEviction
 
 
 def _run(cache, sequence, nbytes=10):

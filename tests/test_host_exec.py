@@ -10,16 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from host.backends import TorchGpuBackend
-from host.cache import ExpertCache
-from host.execute import LayerExecutor
-from host.ndp import GoldenNdpBackend, NdpDriver
-from host.plan import LayerPlanner, check_plan
-from host.policy import BudgetedPolicy, HobbitTopHi, TopN
-from host.presets import get_system
-from model.moe import route
-from model.moe_quant import moe_forward_quant
-from model.ndp_golden import quantize_activations
+from ndpmoe.host.backends import TorchGpuBackend
+from ndpmoe.host.cache import ExpertCache
+from ndpmoe.host.execute import LayerExecutor
+from ndpmoe.host.ndp import GoldenNdpBackend, NdpDriver
+from ndpmoe.host.plan import LayerPlanner, check_plan
+from ndpmoe.host.policy import BudgetedPolicy, HobbitTopHi, TopN
+from ndpmoe.host.presets import get_system
+from ndpmoe.model.moe import route
+from ndpmoe.model.moe_quant import moe_forward_quant
+from ndpmoe.model.ndp_golden import quantize_activations
 
 from host_block import NDP_CFG, make_store
 

@@ -7,19 +7,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from host.backends import TorchGpuBackend
-from host.cache import ExpertCache
-from host.execute import LayerExecutor
-from host.ndp import GoldenNdpBackend, NdpDriver
-from host.plan import LayerPlanner, check_plan
-from host.policy import BudgetedPolicy, HobbitTopHi, RandomN, TopN
-from host.presets import get_system
-from host.sensitivity import assumed_sensitivity
-from host.sizes import ExpertSizes
-from host.trace import RunTrace, layer_trace
-from model.compensate import factor_bytes_fp16
-from model.contract import QuantFormat, act_row_len, output_struct
-from model.moe import route
+from ndpmoe.host.backends import TorchGpuBackend
+from ndpmoe.host.cache import ExpertCache
+from ndpmoe.host.execute import LayerExecutor
+from ndpmoe.host.ndp import GoldenNdpBackend, NdpDriver
+from ndpmoe.host.plan import LayerPlanner, check_plan
+from ndpmoe.host.policy import BudgetedPolicy, HobbitTopHi, RandomN, TopN
+from ndpmoe.host.presets import get_system
+from ndpmoe.host.sensitivity import assumed_sensitivity
+from ndpmoe.host.sizes import ExpertSizes
+from ndpmoe.host.trace import RunTrace, layer_trace
+from ndpmoe.model.compensate import factor_bytes_fp16
+from ndpmoe.model.contract import QuantFormat, act_row_len, output_struct
+from ndpmoe.model.moe import route
 
 from host_block import D, E, FMT, HI_FMT, I, K, NDP_CFG, RANK, make_store
 

@@ -3,9 +3,9 @@ spreads rank where gains are concave, buys copies when they pay, and takes cache
 import pytest
 import torch
 
-from host.policy import BudgetedPolicy, HobbitTopHi, RandomN, RestorationContext, TopN, get_policy
-from host.sensitivity import LayerSensitivity, assumed_sensitivity
-from model.moe_quant import topn_restore
+from ndpmoe.host.policy import BudgetedPolicy, HobbitTopHi, RandomN, RestorationContext, TopN, get_policy
+from ndpmoe.host.sensitivity import LayerSensitivity, assumed_sensitivity
+from ndpmoe.model.moe_quant import topn_restore
 
 R, RANK_BYTES, HI_EXTRA = 32, 1000, 40_000
 

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from host.store import MANIFEST, TENSORS, StoreError, open_store, write_store
-from model.compensate import Int8LowRank
-from model.contract import QuantFormat
-from model.moe_quant import MATRICES
+from ndpmoe.host.store import MANIFEST, TENSORS, StoreError, open_store, write_store
+from ndpmoe.model.compensate import Int8LowRank
+from ndpmoe.model.contract import QuantFormat
+from ndpmoe.model.moe_quant import MATRICES
 
 from host_block import FMT, HI_FMT, RANK, make_store
 

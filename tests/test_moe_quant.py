@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from model.contract import QuantFormat
-from model.moe import MoEWeights, RouterConfig, moe_forward
-from model.moe_quant import FULL_RANK, moe_forward_quant, quantize_moe, topn_restore
+from ndpmoe.model.contract import QuantFormat
+from ndpmoe.model.moe import MoEWeights, RouterConfig, moe_forward
+from ndpmoe.model.moe_quant import FULL_RANK, moe_forward_quant, quantize_moe, topn_restore
 
 
 def _block(seed=0, e=6, d=128, i=64):
@@ -36,7 +36,7 @@ def test_n_equal_k_compensates_everything(block):
     everything = moe_forward_quant(x, qm, torch.full((32, 4), FULL_RANK))
     assert torch.equal(full, everything)
     # ... and it is what the compensated weights give, computed independently of the Top-n path.
-    from model.moe import expert_mlp, route, combine
+    from ndpmoe.model.moe import expert_mlp, route, combine
     ids, wts = route(x, w.router, cfg)
     def comp_expert(e, xs, tok, slot):
         ex = qm.experts[e]
@@ -68,8 +68,8 @@ def test_aware_compensation_needs_calibration():
 def test_masked_block_matches_the_per_expert_reference():
     """The study's all-experts-at-once block equals the reference loop for any mix of plain,
     restored (at several ranks, past the stored one too) and higher-precision slots."""
-    from model.moe_quant_masked import MaskedQuantMoE
-    from model.moe import route
+    from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
+    from ndpmoe.model.moe import route
 
     w, calib, _ = _block(seed=3, e=8)
     g = torch.Generator().manual_seed(4)

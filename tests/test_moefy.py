@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from model.moe import MoEWeights, RouterConfig, moe_forward, route
-from model.moefy import MoEfyConfig, balanced_assign, hidden_acts, moefy_mlp
+from ndpmoe.model.moe import MoEWeights, RouterConfig, moe_forward, route
+from ndpmoe.model.moefy import MoEfyConfig, balanced_assign, hidden_acts, moefy_mlp
 
 D, G = 48, 64
 

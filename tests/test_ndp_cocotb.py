@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from rtl.verilator_env import have_verilator
-from sim.runner import BenchOptions, run
+from ndpmoe.rtl.verilator_env import have_verilator
+from ndpmoe.sim.runner import BenchOptions, run
 
 HAVE_VERILATOR = have_verilator()
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from model.contract import ErrorCode, Opcode, QuantFormat, get_config, act_row_len, DESCRIPTOR, make_descriptor
-from model.ndp_golden import NdpGoldenUnit, acc_to_float, act_image, ndp_matmul, quantize_activations
-from model.quantize import quantize_rtn
+from ndpmoe.model.contract import ErrorCode, Opcode, QuantFormat, get_config, act_row_len, DESCRIPTOR, make_descriptor
+from ndpmoe.model.ndp_golden import NdpGoldenUnit, acc_to_float, act_image, ndp_matmul, quantize_activations
+from ndpmoe.model.quantize import quantize_rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -24,7 +24,7 @@ def test_integer_model_equals_dequantized_float(bits, group):
 
 def test_integer_model_is_exact_integers():
     # A hand-checked case: one row, one group of 32, codes 0..31 mod 4, zero 1.5, scale 3.
-    from model.qtensor import QuantizedMatrix
+    from ndpmoe.model.qtensor import QuantizedMatrix
     fmt = QuantFormat(2, 32)
     codes = (torch.arange(32) % 4).to(torch.uint8)[None]
     qm = QuantizedMatrix(fmt, codes, torch.tensor([[3]], dtype=torch.int32), torch.tensor([[24]], dtype=torch.int32), 0)

@@ -4,9 +4,9 @@ import itertools
 import pytest
 import torch
 
-from model.contract import (SCALE_MAX, SUPPORTED_BITS, SUPPORTED_GROUPS, SUPPORTED_WORD_BITS, ZERO_MAX,
+from ndpmoe.model.contract import (SCALE_MAX, SUPPORTED_BITS, SUPPORTED_GROUPS, SUPPORTED_WORD_BITS, ZERO_MAX,
                             ZERO_MIN, QuantFormat)
-from model.packing import pack_codes, pack_matrix, unpack_matrix
+from ndpmoe.model.packing import pack_codes, pack_matrix, unpack_matrix
 
 
 @pytest.mark.parametrize("bits,group,word", list(itertools.product(SUPPORTED_BITS, SUPPORTED_GROUPS, SUPPORTED_WORD_BITS)))

@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from model.compensate import (Int8LowRank, fit_activation_aware, fit_svd, gram, quantize_int8_symmetric)
-from model.contract import QuantFormat, NdpConfig
-from model.moe import RouterConfig
-from model.qtensor import QuantizedMatrix
-from model.quantize import get_quantizer, quantize_hqq, quantize_optimized, quantize_rtn, row_output_error
-from model.rank_alloc import allocate_ranks
+from ndpmoe.model.compensate import (Int8LowRank, fit_activation_aware, fit_svd, gram, quantize_int8_symmetric)
+from ndpmoe.model.contract import QuantFormat, NdpConfig
+from ndpmoe.model.moe import RouterConfig
+from ndpmoe.model.qtensor import QuantizedMatrix
+from ndpmoe.model.quantize import get_quantizer, quantize_hqq, quantize_optimized, quantize_rtn, row_output_error
+from ndpmoe.model.rank_alloc import allocate_ranks
 
 
 def _anisotropic(seed=0, d=256, n=2048, o=192):

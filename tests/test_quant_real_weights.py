@@ -2,7 +2,7 @@
 quantizer's layer-output error is at most round-to-nearest's at 2, 3 and 4 bits."""
 import pytest
 
-from model.quant_report import quantizer_table, smollm_mlp_cases
+from ndpmoe.model.quant_report import quantizer_table, smollm_mlp_cases
 
 
 @pytest.fixture(scope="module")

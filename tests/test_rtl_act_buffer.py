@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from model.contract import get_config
-from rtl.act_buffer import READ_LATENCY, ActivationBuffer
-from rtl.geometry import Geometry
+from ndpmoe.model.contract import get_config
+from ndpmoe.rtl.act_buffer import READ_LATENCY, ActivationBuffer
+from ndpmoe.rtl.geometry import Geometry
 
 from rtl_sim import run
 

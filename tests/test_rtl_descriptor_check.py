@@ -4,10 +4,10 @@ import random
 
 import pytest
 
-from model.contract import DESCRIPTOR, ErrorCode, Opcode, QuantFormat, get_config
-from model.ndp_golden import check_descriptor
-from rtl.descriptor_check import LATENCY, DescriptorCheck
-from rtl.geometry import Geometry
+from ndpmoe.model.contract import DESCRIPTOR, ErrorCode, Opcode, QuantFormat, get_config
+from ndpmoe.model.ndp_golden import check_descriptor
+from ndpmoe.rtl.descriptor_check import LATENCY, DescriptorCheck
+from ndpmoe.rtl.geometry import Geometry
 
 from rtl_sim import run
 

@@ -1,10 +1,10 @@
 """Verilog of every named configuration, lint-clean under Verilator with the written-down waivers."""
 import pytest
 
-from model.contract import CONFIGS, NdpConfig
-from rtl.export import LINT_WAIVERS, UNIT_TOP, lint, write_unit
-from rtl.geometry import Geometry
-from rtl.verilator_env import have_verilator
+from ndpmoe.model.contract import CONFIGS, NdpConfig
+from ndpmoe.rtl.export import LINT_WAIVERS, UNIT_TOP, lint, write_unit
+from ndpmoe.rtl.geometry import Geometry
+from ndpmoe.rtl.verilator_env import have_verilator
 
 HAVE_VERILATOR = have_verilator()
 

@@ -7,11 +7,11 @@ import pytest
 from amaranth.hdl import Module
 from amaranth.lib import wiring
 
-from model.contract import ACC_BITS, ZERO_FRAC_BITS, get_config
-from rtl.geometry import Geometry
-from rtl.group_combiner import GroupCombiner
-from rtl.scale_accumulator import ScaleAccumulator
-from rtl.sequencer import BeatKind
+from ndpmoe.model.contract import ACC_BITS, ZERO_FRAC_BITS, get_config
+from ndpmoe.rtl.geometry import Geometry
+from ndpmoe.rtl.group_combiner import GroupCombiner
+from ndpmoe.rtl.scale_accumulator import ScaleAccumulator
+from ndpmoe.rtl.sequencer import BeatKind
 
 from rtl_sim import run, to_signed
 

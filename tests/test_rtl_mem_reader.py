@@ -1,7 +1,7 @@
 """MemReader: one command -> bursts of at most max_burst words, responses passed through."""
 import random
 
-from rtl.mem_reader import MemReader
+from ndpmoe.rtl.mem_reader import MemReader
 
 from rtl_sim import run, stream_put
 

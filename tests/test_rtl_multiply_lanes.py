@@ -1,9 +1,9 @@
 """MultiplyLanes: per token lane and block, the sum of code x activation, pipelined."""
 import random
 
-from model.contract import get_config
-from rtl.geometry import Geometry
-from rtl.multiply_lanes import MultiplyLanes
+from ndpmoe.model.contract import get_config
+from ndpmoe.rtl.geometry import Geometry
+from ndpmoe.rtl.multiply_lanes import MultiplyLanes
 
 from rtl_sim import run
 

@@ -7,9 +7,9 @@ import random
 import pytest
 from amaranth.hdl import ClockDomain, Elaboratable, Module
 
-from model.contract import ACC_BITS, COUNTERS, ErrorCode, State, get_config, output_struct
-from rtl.ndp_unit import NdpUnit
-from sim.workload import Mix, WorkloadGenerator
+from ndpmoe.model.contract import ACC_BITS, COUNTERS, ErrorCode, State, get_config, output_struct
+from ndpmoe.rtl.ndp_unit import NdpUnit
+from ndpmoe.sim.workload import Mix, WorkloadGenerator
 
 from rtl_sim import run, to_signed
 

@@ -4,7 +4,7 @@ import random
 
 from amaranth.hdl import unsigned
 
-from rtl.register_slice import RegisterSlice
+from ndpmoe.rtl.register_slice import RegisterSlice
 
 from rtl_sim import run
 

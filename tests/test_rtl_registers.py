@@ -1,6 +1,6 @@
 """RegisterBlock: status mirrors the controller, counters count their events."""
-from model.contract import COUNTERS, ErrorCode, State
-from rtl.registers import RegisterBlock
+from ndpmoe.model.contract import COUNTERS, ErrorCode, State
+from ndpmoe.rtl.registers import RegisterBlock
 
 from rtl_sim import run
 
@@ -31,7 +31,7 @@ def test_split_counter_is_exact_in_every_cycle_across_the_halves():
 
     from amaranth.hdl import Module, Signal
 
-    from rtl.registers import split_counter
+    from ndpmoe.rtl.registers import split_counter
 
     m = Module()
     counter, event = Signal(8), Signal()

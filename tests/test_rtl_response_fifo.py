@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from rtl.response_fifo import ResponseFifo
+from ndpmoe.rtl.response_fifo import ResponseFifo
 
 from rtl_sim import run
 

@@ -2,9 +2,9 @@
 bound the FIFO."""
 import random
 
-from model.contract import ACC_BITS, get_config
-from rtl.geometry import Geometry
-from rtl.result_output import ResultOutput
+from ndpmoe.model.contract import ACC_BITS, get_config
+from ndpmoe.rtl.geometry import Geometry
+from ndpmoe.rtl.result_output import ResultOutput
 
 from rtl_sim import run, to_signed
 

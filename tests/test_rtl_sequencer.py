@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from model.contract import get_config
-from rtl.geometry import Geometry
-from rtl.sequencer import BeatKind, MatmulSequencer
+from ndpmoe.model.contract import get_config
+from ndpmoe.rtl.geometry import Geometry
+from ndpmoe.rtl.sequencer import BeatKind, MatmulSequencer
 
 from rtl_sim import run
 

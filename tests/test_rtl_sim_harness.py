@@ -1,9 +1,9 @@
 """SimHarness (amaranth.sim, Amaranth RAMs): the in-design memory model and result sink run
 descriptors under LFSR stalls, and the LFSR stall rate is what it says."""
 
-from model.contract import ACC_BITS, get_config, output_struct
-from rtl.sim_harness import Lfsr, SimHarness
-from sim.workload import Mix, WorkloadGenerator
+from ndpmoe.model.contract import ACC_BITS, get_config, output_struct
+from ndpmoe.rtl.sim_harness import Lfsr, SimHarness
+from ndpmoe.sim.workload import Mix, WorkloadGenerator
 
 from rtl_sim import run, to_signed
 

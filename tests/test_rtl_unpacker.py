@@ -5,11 +5,11 @@ import random
 import pytest
 import torch
 
-from model.contract import get_config
-from model.packing import pack_codes
-from rtl.geometry import Geometry
-from rtl.sequencer import BeatKind
-from rtl.unpacker import LATENCY, Unpacker
+from ndpmoe.model.contract import get_config
+from ndpmoe.model.packing import pack_codes
+from ndpmoe.rtl.geometry import Geometry
+from ndpmoe.rtl.sequencer import BeatKind
+from ndpmoe.rtl.unpacker import LATENCY, Unpacker
 
 from rtl_sim import run
 

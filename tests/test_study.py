@@ -3,13 +3,13 @@ the orderings that are robust at this size, measured on held-out layer outputs a
 import pytest
 import torch
 
-from host.cmd_eval import write_outputs
-from host.study import Study, Variant, topn_decider
-from host.study_plan import PlanOptions, verdicts
-from model.default_moe import load_default_moe
-from model.moe_quant import FULL_RANK
-from model.moefy import MoEfyConfig
-from model.text import token_windows, tokenize
+from ndpmoe.host.cmd_eval import write_outputs
+from ndpmoe.host.study import Study, Variant, topn_decider
+from ndpmoe.host.study_plan import PlanOptions, verdicts
+from ndpmoe.model.default_moe import load_default_moe
+from ndpmoe.model.moe_quant import FULL_RANK
+from ndpmoe.model.moefy import MoEfyConfig
+from ndpmoe.model.text import token_windows, tokenize
 
 LAYERS = [0, 1]                       # shares the reduced model of tests/test_default_moe.py
 CFG = MoEfyConfig(calib_tokens=1024)

@@ -3,11 +3,11 @@ model and calibration loads identical parts, other calibration or a torn file re
 import pytest
 import torch
 
-from host.study import Study, Variant
-from model.default_moe import load_default_moe
-from model.moe_quant import MATRICES
-from model.moefy import MoEfyConfig
-from model.text import token_windows, tokenize
+from ndpmoe.host.study import Study, Variant
+from ndpmoe.model.default_moe import load_default_moe
+from ndpmoe.model.moe_quant import MATRICES
+from ndpmoe.model.moefy import MoEfyConfig
+from ndpmoe.model.text import token_windows, tokenize
 
 LAYERS = [0, 1]                       # shares the reduced model of tests/test_default_moe.py
 CFG = MoEfyConfig(calib_tokens=1024)

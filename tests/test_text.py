@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model.text import file_text, paragraphs, reference_text, split_topics, token_windows
+from ndpmoe.model.text import file_text, paragraphs, reference_text, split_topics, token_windows
 
 
 def test_reference_split_is_disjoint_by_topic_and_paragraph():

@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.contract import CONFIGS, get_config
-from rtl.synth.constraints import TEMPLATES
-from rtl.synth.design import DESIGN_NAME, TOP_NAME, write_bare_verilog, write_wrapped_verilog
-from rtl.synth.run import check_freq
+from ndpmoe.model.contract import CONFIGS, get_config
+from ndpmoe.model.paths import build_root
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def export(config: str, out: Path, freq_mhz: float) -> list[Path]:
+    from ndpmoe.rtl.synth.design import DESIGN_NAME, TOP_NAME, write_bare_verilog, write_wrapped_verilog
+    from ndpmoe.rtl.synth.constraints import TEMPLATES
+    from ndpmoe.rtl.synth.run import check_freq
+
     cfg = get_config(config)
     freq_mhz = check_freq(freq_mhz)
     written = [out / f"{DESIGN_NAME}.v", out / f"{TOP_NAME}.v"]
@@ -32,7 +34,7 @@ def export(config: str, out: Path, freq_mhz: float) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or Path("build/fpga") / f"export-{args.config}"
+    out = args.out or build_root("fpga") / f"export-{args.config}"
     for path in export(args.config, out, args.freq):
         print(path)
     return 0

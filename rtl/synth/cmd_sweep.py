@@ -11,14 +11,14 @@ import json
 import time
 from pathlib import Path
 
-from model.contract import CONFIGS, get_config
-from rtl.synth.cmd_synth import attach_throughput
-from rtl.synth.report import over_capacity
-from rtl.synth.run import DEFAULT_BUILD_ROOT, run_synth
-from rtl.synth.sweep import (SweepAxes, markdown_table, parse_bits_sets, parse_ints, plot,
+from ndpmoe.model.contract import CONFIGS, get_config
+from ndpmoe.model.paths import build_root
+from ndpmoe.rtl.synth.cmd_synth import attach_throughput
+from ndpmoe.rtl.synth.report import over_capacity
+from ndpmoe.rtl.synth.sweep import (SweepAxes, markdown_table, parse_bits_sets, parse_ints, plot,
                              sweep_points)
-from rtl.synth.targets import TARGETS, get_target
-from rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, check_words_per_cycle
+from ndpmoe.rtl.synth.targets import TARGETS, get_target
+from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, check_words_per_cycle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ndpmoe.rtl.synth.run import run_synth   # amaranth loads here, not for --help
+
     base, target = get_config(args.base), get_target(args.target)
     speed = target.check_speed(args.speed)
     check_words_per_cycle(args.words_per_cycle)
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                      tokens_parallel=parse_ints(args.tokens_parallel, "--tokens-parallel")
                      if args.tokens_parallel else ())
     points = sweep_points(base, axes, grid=args.grid)
-    out = args.out or DEFAULT_BUILD_ROOT / f"sweep-{target.name}"
+    out = args.out or build_root("fpga") / f"sweep-{target.name}"
     print(f"{len(points)} points on {target.name}"
           + (f" speed grade {speed}" if speed is not None else "") + f" at {args.freq:g} MHz: "
           + ", ".join(c.name for c in points))

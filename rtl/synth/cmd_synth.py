@@ -5,12 +5,11 @@ import argparse
 import json
 from pathlib import Path
 
-from model.contract import CONFIGS
-from rtl.hard_blocks import PRIMITIVES
-from rtl.synth.report import SynthResult
-from rtl.synth.run import run_synth
-from rtl.synth.targets import TARGETS, get_target
-from rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, check_words_per_cycle, throughput
+from ndpmoe.model.contract import CONFIGS
+from ndpmoe.rtl.platforms import PRIMITIVES
+from ndpmoe.rtl.synth.report import SynthResult
+from ndpmoe.rtl.synth.targets import TARGETS, get_target
+from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, check_words_per_cycle, throughput
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,7 +91,8 @@ def attach_throughput(r: SynthResult, cfg, words_per_cycle: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.contract import get_config
+    from ndpmoe.model.contract import get_config
+    from ndpmoe.rtl.synth.run import run_synth   # amaranth loads here, not for --help
     cfg = get_config(args.config)
     target = get_target(args.target)
     check_words_per_cycle(args.words_per_cycle)   # before minutes of place and route

@@ -7,7 +7,7 @@ whatever clock drives the unit's `clk`).
 """
 from __future__ import annotations
 
-from rtl.synth.design import TOP_NAME
+from ndpmoe.rtl.synth.design import TOP_NAME
 
 PINS = ("clk", "rst", "si", "so")
 

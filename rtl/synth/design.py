@@ -7,11 +7,11 @@ from typing import Callable
 from amaranth.back import verilog
 from amaranth.lib import wiring
 
-from model.contract import NdpConfig, get_config
-from rtl.export import resolve_config  # noqa: F401  (re-exported: the synth modules import it from here)
-from rtl.hard_blocks import platform_for
-from rtl.synth.targets import FpgaTarget
-from rtl.synth.wrapper import PinWrapper
+from ndpmoe.model.contract import NdpConfig, get_config
+from ndpmoe.rtl.export import resolve_config  # noqa: F401  (re-exported: the synth modules import it from here)
+from ndpmoe.rtl.hard_blocks import platform_for
+from ndpmoe.rtl.synth.targets import FpgaTarget
+from ndpmoe.rtl.synth.wrapper import PinWrapper
 
 TOP_NAME = "ndp_fpga_top"        # module name of the wrapped design in the exported Verilog
 DESIGN_NAME = "ndp_unit"         # module name of the bare unit in the exported Verilog
@@ -22,7 +22,7 @@ DesignFactory = Callable[[NdpConfig], wiring.Component]
 def ndp_unit(cfg: NdpConfig) -> wiring.Component:
     """The RTL's top component for `cfg`."""
     try:
-        from rtl.ndp_unit import NdpUnit
+        from ndpmoe.rtl.ndp_unit import NdpUnit
     except ImportError as exc:
         raise ValueError(f"the NDP unit's top component is not importable from rtl.ndp_unit ({exc})") from exc
     return NdpUnit(cfg)

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rtl.synth.design import TOP_NAME
-from rtl.synth.targets import FpgaTarget
+from ndpmoe.rtl.synth.design import TOP_NAME
+from ndpmoe.rtl.synth.targets import FpgaTarget
 
 
 @dataclass(frozen=True)

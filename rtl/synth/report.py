@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rtl.synth.targets import FpgaTarget
+from ndpmoe.rtl.synth.targets import FpgaTarget
 
 _UTIL_LINE = re.compile(r"^Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%")
 # Yosys names mapped nets after the cells it hung on them: `design.acc_TRELLIS_FF_Q_DI_LUT4_Z`.

@@ -7,15 +7,15 @@ import subprocess
 import time
 from pathlib import Path
 
-from model.contract import NdpConfig
-from rtl.synth import flow
-from rtl.synth.design import (DesignFactory, check_primitives, default_primitives, ndp_unit, resolve_config,
+from ndpmoe.model.contract import NdpConfig
+from ndpmoe.model.paths import build_root
+from ndpmoe.rtl.synth import flow
+from ndpmoe.rtl.synth.design import (DesignFactory, check_primitives, default_primitives, ndp_unit, resolve_config,
                               write_wrapped_verilog)
-from rtl.synth.report import (SynthResult, log_tail, over_capacity, read_failing_endpoints, read_timing,
+from ndpmoe.rtl.synth.report import (SynthResult, log_tail, over_capacity, read_failing_endpoints, read_timing,
                               read_utilization, read_yosys_cells, resource_counts)
-from rtl.synth.targets import FpgaTarget, get_target
+from ndpmoe.rtl.synth.targets import FpgaTarget, get_target
 
-DEFAULT_BUILD_ROOT = Path("build/fpga")
 
 
 def default_build_dir(cfg: NdpConfig, target: FpgaTarget, freq_mhz: float, speed: int | None,
@@ -23,7 +23,7 @@ def default_build_dir(cfg: NdpConfig, target: FpgaTarget, freq_mhz: float, speed
     grade = f"-s{speed}" if speed is not None else ""
     dsp = f"-dsp{dsp_min_width}" if dsp_min_width is not None else ""
     prim = f"-{primitives}" if primitives not in (None, default_primitives(target)) else ""
-    return DEFAULT_BUILD_ROOT / f"{cfg.name}-{target.name}{grade}{dsp}{prim}-{freq_mhz:g}mhz"
+    return build_root("fpga") / f"{cfg.name}-{target.name}{grade}{dsp}{prim}-{freq_mhz:g}mhz"
 
 
 def rtl_revision() -> str:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from model.contract import SUPPORTED_BITS, NdpConfig
-from rtl.synth.report import SynthResult
+from ndpmoe.model.contract import SUPPORTED_BITS, NdpConfig
+from ndpmoe.rtl.synth.report import SynthResult
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from model.contract import NdpConfig
+from ndpmoe.model.contract import NdpConfig
 
 RTL_TARGET_WORDS_PER_CYCLE = 1.0
 DEFAULT_GROUP_SIZE = 64
