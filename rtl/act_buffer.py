@@ -37,6 +37,7 @@ from .hard_blocks import RAM_INPUT_STAGES, RAM_READ_LATENCY, RegisteredRam
 ADDR_STAGES = 1                     # registers between the sequencer's address and the RAMs'
 ROW_LATENCY = ADDR_STAGES + RAM_READ_LATENCY + 1    # the RAM's row in a fabric register
 READ_LATENCY = ROW_LATENCY + 2
+BITS_AT = ROW_LATENCY - 1   # cycle, relative to a read's address, whose `bits` picks its block sums
 LANE_GROUP = 2          # activation lanes sharing one copy of the read offset
 SEL_BRANCHING = 8       # copies one register of that tree drives
 LOAD_SLICE_BITS = 32    # row bits per copy of the load's enables
@@ -61,8 +62,10 @@ def xslots_layout(g: Geometry) -> data.ArrayLayout:
 
 
 class ActivationBuffer(wiring.Component):
-    """Ports: load side `load_start`, `load_tokens`, `load_in` (bytes per token row), `words`
-    (stream in), `load_busy`; read side `rd_addr`, `rd_offset` (i0 mod L), `bits`, and
+    """Ports: load side `load_start`, `load_in` (bytes per token row), `load_words` (the words
+    of the whole load, tokens x load_in / P * 8; both read with `load_start` only), `words`
+    (stream in), `load_busy`; read side `rd_addr`, `rd_offset`
+    (i0 mod L), `bits` (the read's format as of BITS_AT cycles after its address), and
     READ_LATENCY cycles later `acts` and `xslots` (per token lane: activations per code lane, block sums per
     beat slot, zero where the beat has no such block)."""
 
@@ -72,8 +75,8 @@ class ActivationBuffer(wiring.Component):
         self._geo = g = geometry
         super().__init__({
             "load_start": In(1),
-            "load_tokens": In(g.token_bits),
             "load_in": In(g.in_bits),
+            "load_words": In(g.length_bits),
             "words": In(stream.Signature(unsigned(g.word_bits))),
             "load_busy": Out(1),
             "rd_addr": In(g.pass_bits + g.act_row_addr_bits),
@@ -93,8 +96,9 @@ class ActivationBuffer(wiring.Component):
         })
         rams = []
         for lane in range(g.tokens_parallel):
-            # LOAD_ACT writes and MATMUL reads never overlap, so a read never meets a write to its
-            # address (RegisteredRam leaves that case undefined)
+            # a LOAD_ACT starts only after the MATMUL before it has issued its last read and a MATMUL
+            # only after the load before it has landed its last write, so a read never meets a
+            # write to its address (RegisteredRam leaves that case undefined)
             ram = RegisteredRam(row_shape.size, g.act_depth)
             m.submodules[f"ram{lane}"] = ram
             rams.append(ram)
@@ -112,30 +116,36 @@ class ActivationBuffer(wiring.Component):
         group = Signal(max(1, g.pass_bits))
         shift = Signal(act_bits)
         # Where the load is, as flags updated from compares against constants taken at the start
-        # (no multiply, no adder ahead of a compare): the row ends its token, the token is the last.
+        # (no multiply, no adder ahead of a compare): the row ends its token.
         rows_per_token = self.load_in >> log2(g.act_row_bytes)
-        token = Signal(g.token_bits)
         rows_m2 = Signal(g.in_bits)
-        tokens_m2 = Signal(g.token_bits)
         one_row = Signal()
         last_row = Signal()
-        last_token = Signal()
 
         # Words are taken at the FIFO's handshake and registered (word_a, take_a); the control
         # runs a cycle later from those registers, so nothing behind the FIFO's valid flag fans
-        # out. `loading` therefore falls a cycle after the last word is taken: no word follows
-        # a load's last one before the controller starts the next descriptor.
+        # out but a count of the words left: `loading` falls with the last word's handshake, as
+        # the next descriptor's words may follow it right away.
         last_word = Signal()                # word_idx == words_per_act_row - 1, registered
         m.d.comb += self.words.ready.eq(loading)
         word_a, take_a = Signal(g.word_bits), Signal()
-        m.d.sync += [word_a.eq(self.words.payload), take_a.eq(self.words.valid & loading)]
+        take = self.words.valid & loading
+        m.d.sync += [word_a.eq(self.words.payload), take_a.eq(take)]
+        words_left = Signal.like(self.load_words)
+        one_left = Signal()
+        with m.If(self.load_start):
+            m.d.sync += [loading.eq(self.load_words != 0), words_left.eq(self.load_words),
+                         one_left.eq(self.load_words == 1)]
+        with m.Elif(take):
+            m.d.sync += [words_left.eq(words_left - 1), one_left.eq(words_left == 2)]
+            with m.If(one_left):
+                m.d.sync += loading.eq(0)
         with m.If(self.load_start):
             m.d.sync += [
-                loading.eq(1), word_idx.eq(0), last_word.eq(g.words_per_act_row == 1),
-                row_idx.eq(0), lane.eq(0), group.eq(0), token.eq(0),
-                rows_m2.eq(rows_per_token - 2), tokens_m2.eq(self.load_tokens - 2),
+                word_idx.eq(0), last_word.eq(g.words_per_act_row == 1),
+                row_idx.eq(0), lane.eq(0), group.eq(0),
+                rows_m2.eq(rows_per_token - 2),
                 one_row.eq(rows_per_token == 1), last_row.eq(rows_per_token == 1),
-                last_token.eq(self.load_tokens == 1),
             ]
 
         row_done_a = take_a & last_word
@@ -147,10 +157,7 @@ class ActivationBuffer(wiring.Component):
                     row_idx.eq(row_idx + 1), last_row.eq(row_idx == rows_m2),
                 ]
                 with m.If(last_row):
-                    m.d.sync += [row_idx.eq(0), last_row.eq(one_row),
-                                 token.eq(token + 1), last_token.eq(token == tokens_m2)]
-                    with m.If(last_token):
-                        m.d.sync += loading.eq(0)
+                    m.d.sync += [row_idx.eq(0), last_row.eq(one_row)]
                     if g.tokens_parallel > 1:
                         with m.If(lane == g.tokens_parallel - 1):
                             m.d.sync += [lane.eq(0), group.eq(group + 1)]

@@ -45,6 +45,11 @@ def register_copies(m: Module, value, copies: int, name: str, platform=None, *, 
     return out
 
 
+def copy_tree_latency(leaves: int, branching: int = 8) -> int:
+    """Cycles through `copy_tree` for `leaves` copies: 1 up to `branching` leaves, else 2."""
+    return 1 if leaves <= branching else 2
+
+
 def copy_tree(m: Module, value, leaves: int, name: str, platform=None, *, branching: int = 8,
               distinct: bool = True) -> tuple[list[Signal], int]:
     """`leaves` registered copies of `value` through a tree of copies, each register driving at

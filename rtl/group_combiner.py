@@ -15,6 +15,11 @@ Four registered stages: (0) the inputs, and where the beat sits in its group (fr
 masked compare and a shift by log2(G), which would otherwise sit ahead of stage 1's logic),
 (1) parts at the group's granularity and the beat's flags, (2) running partials (carry-save),
 metadata lookup, (3) the running sum resolved, the outputs.
+
+The per-descriptor settings `bits`, `group` and `passes` are worked out over registered steps
+ahead of the beats that use them. A beat at the inputs in cycle t uses `bits` and `group` as
+they were in cycle t + BITS_AT (and `group` also a cycle later), `passes` as in t + PASSES_AT;
+so a unit that changes them between descriptors presents each one delayed to match its beats.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ from .multiply_lanes import sums_layout
 from .sequencer import BeatKind, codes_per_beat
 
 LATENCY = 4
+BITS_AT = -2            # cycle (relative to a beat's arrival) whose `bits` and `group` the beat uses
+PASSES_AT = 0           # ... whose `passes` it uses
 
 META_ENTRY = data.StructLayout({"scale": unsigned(SCALE_BITS), "zero": signed(ZERO_BITS)})
 assert META_ENTRY.size == META_ENTRY_BITS
@@ -50,11 +57,11 @@ def group_slots_layout(g: Geometry) -> data.StructLayout:
 
 
 class GroupCombiner(wiring.Component):
-    """Ports in: `valid`, `kind`, `pass_`, `i0`, `row_end`, `row`, `word` (a META beat's word),
-    `qx` (block sums of q x), `xs` (block sums of x), `bits`, `group`, `passes` (held per
-    descriptor).
+    """Ports in: `valid`, `kind`, `pass_`, `i0`, `row_end`, `row`, `last`, `word` (a META beat's
+    word), `qx` (block sums of q x), `xs` (block sums of x), `bits`, `group`, `passes` (per
+    descriptor, see BITS_AT and PASSES_AT).
     Out, LATENCY cycles later: `code_valid` (a CODE beat), `pass_out`, `row_end_out`, `row_out`,
-    `groups`."""
+    `last_out`, `groups`."""
 
     def __init__(self, geometry: Geometry):
         if not isinstance(geometry, Geometry):
@@ -67,6 +74,7 @@ class GroupCombiner(wiring.Component):
             "i0": In(g.in_bits),
             "row_end": In(1),
             "row": In(g.row_bits),
+            "last": In(1),
             "word": In(g.word_bits),
             "qx": In(sums_layout(g)),
             "xs": In(xslots_layout(g)),
@@ -77,6 +85,7 @@ class GroupCombiner(wiring.Component):
             "pass_out": Out(g.pass_bits),
             "row_end_out": Out(1),
             "row_out": Out(g.row_bits),
+            "last_out": Out(1),
             "groups": Out(group_slots_layout(g)),
         })
 
@@ -126,11 +135,11 @@ class GroupCombiner(wiring.Component):
 
         # -- stage 0: inputs registered ----------------------------------------------------------
         inp = {name: Signal.like(getattr(self, name), name=f"{name}_in")
-               for name in ("valid", "kind", "pass_", "row_end", "row", "word")}
+               for name in ("valid", "kind", "pass_", "row_end", "row", "last", "word")}
         m.d.sync += [inp[name].eq(getattr(self, name)) for name in inp]
 
         s1 = dict(valid=Signal(), kind=Signal(BeatKind), pass_=Signal(g.pass_bits),
-                  row_end=Signal(), row=Signal(g.row_bits), word=Signal(g.word_bits))
+                  row_end=Signal(), row=Signal(g.row_bits), last=Signal(), word=Signal(g.word_bits))
         for name, sig in s1.items():
             m.d.sync += sig.eq(inp[name])
         qx1 = [[Signal(signed(GROUP_QX_BITS), name=f"qx1_t{t}_{k}") for k in range(K)]
@@ -231,8 +240,9 @@ class GroupCombiner(wiring.Component):
                 self.groups.scale[k].eq(groups2.scale[k]),
                 self.groups.zero[k].eq(groups2.zero[k]),
             ]
-        beat2 = [Signal.like(v, name=f"{n}2") for n, v in (("code_valid", code), ("pass", s1["pass_"]),
-                                                            ("row_end", s1["row_end"]), ("row", s1["row"]))]
-        m.d.sync += [b.eq(v) for b, v in zip(beat2, (code, s1["pass_"], s1["row_end"], s1["row"]))]
-        m.d.sync += [o.eq(b) for o, b in zip((self.code_valid, self.pass_out, self.row_end_out, self.row_out), beat2)]
+        beat1 = (code, s1["pass_"], s1["row_end"], s1["row"], s1["last"])
+        beat2 = [Signal.like(v, name=f"{n}2") for n, v in zip(("code_valid", "pass", "row_end", "row", "last"), beat1)]
+        m.d.sync += [b.eq(v) for b, v in zip(beat2, beat1)]
+        m.d.sync += [o.eq(b) for o, b in zip((self.code_valid, self.pass_out, self.row_end_out, self.row_out,
+                                              self.last_out), beat2)]
         return m

@@ -1,17 +1,30 @@
 """NdpUnit: the near-data low-bit GEMM engine, top level.
 
-    cmd ──> controller ──> DescriptorCheck ──> MemReader ──> mem_req / mem_resp
-                                                  │ words
-                      LOAD_ACT ┌──────────────────┴──────────┐ MATMUL
-                               v                             v
+    cmd ──> CommandQueue ──> DescriptorCheck ──> DescriptorSlots ──> MemReader ──> mem_req / mem_resp
+                                                   │ start                │ words
+                      LOAD_ACT ┌───────────────────┴──────────┐ MATMUL   │
+                               v                              v          v
                     ActivationBuffer <── act_addr ── MatmulSequencer (credits)
-                               │ acts, sums(x)               │ beats
-                               v                             v
+                               │ acts, sums(x)                │ beats
+                               v                              v
                           MultiplyLanes <──── codes ──── Unpacker
                                │ block sums of q x
                                v
                          GroupCombiner ──> ScaleAccumulator ──> ResultOutput ──> out
-    RegisterBlock: status, counters
+    RegisterBlock: status, counters, done
+
+Descriptors overlap. The host hands over descriptors into a queue (`queue_depth` deep) while one
+runs; each is checked in turn and takes one of two slots (rtl/descriptor_slots.py), which issue
+its memory read as soon as the reader has sent the previous one's requests, and start it as soon
+as the sequencer (MATMUL) or the loader (LOAD_ACT) is free: a MATMUL's first beat follows the
+last beat of the MATMUL before by two cycles, while that one's results still drain. A MATMUL
+waits for the load before it to land, a LOAD_ACT for the MATMUL before it to have issued its last
+activation read. Descriptors end in order; `done` pulses once per descriptor (never in two
+cycles running), with STATUS and the counters exact for it (rtl/registers.py).
+
+The per-descriptor settings of a MATMUL (bits, group, passes, tokens) are taken when its first
+beat issues, and each pipeline stage sees them delayed by its distance from the sequencer, so
+the beats of two MATMULs can follow each other through the pipeline without a gap.
 
 Pipeline, counted in cycles from the sequencer issuing a beat (S0): the beat and the activation
 RAM address (S0), the address registers beside each block RAM (S1), the block-RAM read (S2), its
@@ -21,18 +34,16 @@ products' adder levels and the block adder tree, each registered; the group comb
 the zero and scale multiplies (registered DSPs, rtl/hard_blocks.py), the slot tree, the
 accumulator, the output FIFO, a register slice at the result port. Memory words reach the
 sequencer through a small FIFO with a registered ready (rtl/response_fifo.py). Nothing in it
-stalls; the sequencer holds back instead (see result_output.py). A descriptor is taken only when
-the unit is not BUSY; `done` pulses for one cycle a cycle after it ends (DONE or ERROR), and the
-next descriptor is taken from the cycle `done` is high.
+stalls; the sequencer holds back instead (see result_output.py).
 
 Tokens: `cfg.tokens_parallel` (TP) tokens are multiplied per beat. A MATMUL of T tokens gives
 each code word ceil(T / TP) beats (passes), so it runs at one word per cycle for T <= TP and at
 one word per ceil(T / TP) cycles above, while memory is read once either way.
 
-Cycles of a MATMUL with a memory that keeps up (measured by sim/bench_ndp.py):
-    busy ~= 56..60 + metadata words + 3-bit hi-plane words + ceil(T / TP) x code words,
-and never fewer than rows x T (the output stream carries one result per cycle). A LOAD_ACT
-reads one word per cycle.
+Cycles of a MATMUL with a memory that keeps up (measured by sim/bench_ndp.py): alone,
+    busy ~= 60 + metadata words + 3-bit hi-plane words + ceil(T / TP) x code words,
+and never fewer than rows x T (the output stream carries one result per cycle); behind another
+descriptor, a few cycles beyond its beats. A LOAD_ACT reads one word per cycle.
 """
 from __future__ import annotations
 
@@ -42,19 +53,25 @@ from amaranth.lib.wiring import In, Out
 
 from ndpmoe.model.contract import NdpConfig
 
+from .act_buffer import BITS_AT as ACT_BITS_AT
 from .act_buffer import READ_LATENCY, ActivationBuffer, xslots_layout
+from .command_queue import CommandQueue
 from .descriptor_check import DescriptorCheck
+from .descriptor_slots import SLOTS, DescriptorSlots, RunKind, checked_layout
 from .geometry import Geometry
+from .group_combiner import BITS_AT as GROUP_BITS_AT
+from .group_combiner import LATENCY as GROUP_LATENCY
+from .group_combiner import PASSES_AT as GROUP_PASSES_AT
 from .group_combiner import GroupCombiner
 from .mem_reader import MemReader, mem_request_layout
 from .multiply_lanes import MultiplyLanes
 from .register_slice import RegisterSlice
 from .registers import RegisterBlock
 from .response_fifo import ResponseFifo
-from .result_output import ResultOutput
+from .result_output import TOKENS_AT, ResultOutput, tagged_result_layout
 from .scale_accumulator import ScaleAccumulator
 from .sequencer import BeatKind, MatmulSequencer, mode_layout
-from .shapes import CountersLayout, DescriptorLayout, ErrorShape, OpcodeShape, StateShape, StatusLayout, result_layout
+from .shapes import CountersLayout, DescriptorLayout, ErrorShape, OpcodeShape, StatusLayout, result_layout
 from .unpacker import LATENCY as UNPACK_LATENCY
 from .unpacker import Unpacker
 
@@ -67,6 +84,7 @@ def beat_tag_layout(g: Geometry) -> data.StructLayout:
         "i0": unsigned(g.in_bits),
         "row_end": unsigned(1),
         "row": unsigned(g.row_bits),
+        "last": unsigned(1),
         "word": unsigned(g.word_bits),
     })
 
@@ -74,22 +92,25 @@ def beat_tag_layout(g: Geometry) -> data.StructLayout:
 class NdpUnit(wiring.Component):
     """The unit for one NdpConfig. Ports:
 
-    cmd       In  stream of DESCRIPTOR
+    cmd       In  stream of DESCRIPTOR (ready low for a cycle after each transfer)
     mem_req   Out stream of (addr: byte address, words: 1..max_burst)
     mem_resp  In  stream of P-bit words, in request order, any latency
     out       Out stream of output_struct(t_max) results, golden order
     status    Out STATUS
     counters  Out COUNTERS
-    done      Out one-cycle pulse when a descriptor ends
+    done      Out one-cycle pulse per descriptor, in order, when it has ended
     """
 
-    def __init__(self, cfg: NdpConfig, *, max_burst: int = 256, out_fifo_depth: int = 16):
+    def __init__(self, cfg: NdpConfig, *, max_burst: int = 256, out_fifo_depth: int = 16, queue_depth: int = 2):
         if not isinstance(cfg, NdpConfig):
             raise TypeError(f"cfg must be an NdpConfig, not {cfg!r}")
+        if not isinstance(queue_depth, int) or queue_depth < 1:
+            raise ValueError(f"queue_depth must be a positive integer, not {queue_depth!r}")
         self._cfg = cfg
         self._geo = g = Geometry(cfg)
         self._max_burst = max_burst
         self._out_fifo_depth = out_fifo_depth
+        self._queue_depth = queue_depth
         super().__init__({
             "cmd": In(stream.Signature(DescriptorLayout)),
             "mem_req": Out(stream.Signature(mem_request_layout(cfg.addr_bits, max_burst))),
@@ -112,11 +133,17 @@ class NdpUnit(wiring.Component):
     def max_burst(self) -> int:
         return self._max_burst
 
+    @property
+    def queue_depth(self) -> int:
+        return self._queue_depth
+
     def elaborate(self, platform):
         m = Module()
         g, cfg = self._geo, self._cfg
 
+        m.submodules.queue = queue = CommandQueue(DescriptorLayout, self._queue_depth)
         m.submodules.check = check = DescriptorCheck(g)
+        m.submodules.slots = slots = DescriptorSlots(g)
         m.submodules.reader = reader = MemReader(word_bits=cfg.word_bits, addr_bits=cfg.addr_bits,
                                                  length_bits=g.length_bits, max_burst=self._max_burst)
         m.submodules.act = act = ActivationBuffer(g)
@@ -129,101 +156,85 @@ class NdpUnit(wiring.Component):
         m.submodules.groups = groups = GroupCombiner(g)
         m.submodules.scale = scale = ScaleAccumulator(g)
         m.submodules.output = output = ResultOutput(g, self._out_fifo_depth)
-        m.submodules.regs = regs = RegisterBlock()
-        # the consumer's ready reaches only a register slice at the edge (rtl/register_slice.py)
-        m.submodules.out_slice = out_slice = RegisterSlice(result_layout(cfg.t_max))
+        m.submodules.regs = regs = RegisterBlock(g.length_bits)
+        # the consumer's ready reaches only a register slice at the edge (rtl/register_slice.py),
+        # which leaves a cycle free after each descriptor's last result
+        m.submodules.out_slice = out_slice = RegisterSlice(tagged_result_layout(cfg.t_max), gap_after="last")
 
+        wiring.connect(m, wiring.flipped(self.cmd), queue.i)
         wiring.connect(m, reader.mem_req, wiring.flipped(self.mem_req))
         wiring.connect(m, wiring.flipped(self.mem_resp), reader.mem_resp)
         wiring.connect(m, output.out, out_slice.i)
-        wiring.connect(m, out_slice.o, wiring.flipped(self.out))
+        m.d.comb += [self.out.valid.eq(out_slice.o.valid), self.out.payload.eq(out_slice.o.payload.result),
+                     out_slice.o.ready.eq(self.out.ready)]
         wiring.connect(m, reader.data, responses.i)
+        wiring.connect(m, slots.read, reader.cmd)
 
-        # -- controller ---------------------------------------------------------------------------
+        # -- check: the queue's descriptors one at a time -------------------------------------------
         desc = Signal(DescriptorLayout)
-        state = Signal(StateShape, init=StateShape.IDLE)
-        error = Signal(ErrorShape)
+        checking = Signal()
+        start_check = Signal()
+        checked = Signal(checked_layout(g))
+        checked_valid = Signal()
+        # what the last LOAD_ACT that passed its check loaded: it will run to its end, so the
+        # descriptors after it are checked against it while it still loads
         loaded_tokens = Signal(g.token_bits)
         loaded_in = Signal(g.in_bits)
-        mode = Signal(mode_layout(g))
-        is_load = Signal()
-        start_check = Signal()
-        start_read = Signal()           # the reader's command valid, a register (Check -> Start)
-        matmul_done = Signal()          # registered: sequencer through (and not just starting), output drained
-        done = Signal()                 # the state leaves BUSY (DONE or ERROR)
-        done_out = Signal()             # `done` a cycle later, when every counter has its count
-        m.d.sync += done_out.eq(done)
-
         m.d.comb += [
             check.desc.eq(desc), check.loaded_tokens.eq(loaded_tokens), check.loaded_in.eq(loaded_in),
             check.start.eq(start_check),
-            reader.cmd.payload.addr.eq(desc.addr),
-            reader.cmd.payload.words.eq(check.words),
-            reader.cmd.valid.eq(start_read),
-            seq.mode.eq(mode),
-            act.load_tokens.eq(desc.tokens),
-            act.load_in.eq(desc.in_features),
-            act.bits.eq(mode.bits),
-            output.tokens.eq(mode.tokens),
-            self.done.eq(done_out),
+            queue.o.ready.eq(~checking & ~checked_valid),
+            slots.fill.valid.eq(checked_valid), slots.fill.payload.eq(checked),
         ]
-        m.d.sync += [start_check.eq(0), start_read.eq(0), done.eq(0),
-                     matmul_done.eq(~seq.active & output.idle & out_slice.empty & ~seq.start)]
-
-        # The run's settings are taken whenever the check finishes, refused or not (a refused
-        # descriptor runs nothing), so their enable is the check's `done` register alone.
+        m.d.sync += start_check.eq(0)
+        with m.If(queue.o.valid & queue.o.ready):
+            m.d.sync += [desc.eq(queue.o.payload), checking.eq(1), start_check.eq(1)]
         with m.If(check.done):
+            refused = check.error != ErrorShape.NONE
+            is_load = desc.opcode == OpcodeShape.LOAD_ACT
+            kind = Mux(refused | (desc.opcode == OpcodeShape.NOP), RunKind.NONE,
+                       Mux(is_load, RunKind.LOAD, RunKind.MATMUL))
             m.d.sync += [
-                is_load.eq(desc.opcode == OpcodeShape.LOAD_ACT),
-                mode.bits.eq(desc.bits), mode.group.eq(desc.group),
-                mode.padded_in.eq(check.padded_in), mode.passes.eq(check.passes),
-                mode.rows.eq(desc.rows), mode.tokens.eq(desc.tokens),
+                checking.eq(0), checked_valid.eq(1),
+                checked.kind.eq(kind), checked.error.eq(check.error),
+                checked.addr.eq(desc.addr), checked.words.eq(check.words),
+                checked.mode.bits.eq(desc.bits), checked.mode.group.eq(desc.group),
+                checked.mode.padded_in.eq(check.padded_in), checked.mode.passes.eq(check.passes),
+                checked.mode.rows.eq(desc.rows), checked.mode.tokens.eq(desc.tokens),
+                checked.load_in.eq(desc.in_features),
             ]
+            with m.If(~refused & is_load):
+                m.d.sync += [loaded_tokens.eq(desc.tokens), loaded_in.eq(desc.in_features)]
+        with m.If(slots.fill.valid & slots.fill.ready):
+            m.d.sync += checked_valid.eq(0)
 
-        with m.FSM(name="control"):
-            with m.State("Idle"):
-                m.d.comb += self.cmd.ready.eq(1)
-                with m.If(self.cmd.valid):
-                    m.d.sync += [desc.eq(self.cmd.payload), state.eq(StateShape.BUSY),
-                                 error.eq(ErrorShape.NONE), start_check.eq(1)]
-                    m.next = "Check"
-            with m.State("Check"):
-                with m.If(check.done):
-                    with m.If(check.error != ErrorShape.NONE):
-                        m.d.sync += [state.eq(StateShape.ERROR), error.eq(check.error),
-                                     done.eq(1)]
-                        m.next = "Finish"
-                    with m.Elif(desc.opcode == OpcodeShape.NOP):
-                        m.d.sync += [state.eq(StateShape.DONE), done.eq(1)]
-                        m.next = "Finish"
-                    with m.Else():
-                        m.d.sync += start_read.eq(1)
-                        m.next = "Start"
-            with m.State("Start"):
-                with m.If(is_load):
-                    m.d.comb += act.load_start.eq(1)
-                    m.next = "Load"
-                with m.Else():
-                    m.d.comb += seq.start.eq(1)
-                    m.next = "Matmul"
-            with m.State("Load"):
-                with m.If(~reader.busy & responses.empty & ~act.load_busy):
-                    m.d.sync += [loaded_tokens.eq(desc.tokens), loaded_in.eq(desc.in_features),
-                                 state.eq(StateShape.DONE), done.eq(1)]
-                    m.next = "Finish"
-            with m.State("Finish"):
-                # a cycle between a descriptor's end and the next one's start, so that the
-                # counters, which count a cycle late, are complete when `done` is seen
-                m.next = "Idle"
-            with m.State("Matmul"):
-                with m.If(matmul_done):
-                    m.d.sync += [state.eq(StateShape.DONE), done.eq(1)]
-                    m.next = "Finish"
-
-        # Response words go to the activation loader or the sequencer.
+        # -- start: the sequencer or the loader, when free ------------------------------------------
+        ex = slots.exec_entry
+        seq_active_d = Signal()         # a LOAD_ACT waits a cycle more: the last beat's RAM read
+        m.d.sync += seq_active_d.eq(seq.active)
+        free = ~seq.active & ~act.load_busy
+        start_matmul = slots.exec_valid & (ex.kind == RunKind.MATMUL) & free
+        start_load = slots.exec_valid & (ex.kind == RunKind.LOAD) & free & ~seq_active_d
         m.d.comb += [
-            # the loader takes words only while loading, the sequencer only while active, and
-            # the two never overlap: neither needs the opcode in its handshake
+            slots.exec_start.eq(start_matmul | start_load),
+            seq.start.eq(start_matmul), seq.mode.eq(ex.mode),
+            act.load_start.eq(start_load), act.load_in.eq(ex.load_in),
+            act.load_words.eq(ex.words),
+        ]
+        # ends: a load when the loader has landed its last row, a MATMUL when its last result leaves
+        load_running = Signal()
+        load_finished = load_running & ~act.load_busy
+        with m.If(start_load):
+            m.d.sync += load_running.eq(1)
+        with m.Elif(load_finished):
+            m.d.sync += load_running.eq(0)
+        last_fire = Signal()            # registered: the port's handshake reaches one flip-flop more
+        m.d.sync += last_fire.eq(self.out.valid & self.out.ready & out_slice.o.payload.last)
+        m.d.comb += [slots.load_finished.eq(load_finished), slots.matmul_finished.eq(last_fire)]
+
+        # Response words go to the activation loader or the sequencer: the loader takes words only
+        # while loading, the sequencer only while active, and the two never overlap.
+        m.d.comb += [
             act.words.valid.eq(responses.o.valid),
             act.words.payload.eq(responses.o.payload),
             seq.words.valid.eq(responses.o.valid),
@@ -232,6 +243,38 @@ class NdpUnit(wiring.Component):
         ]
 
         # -- datapath -------------------------------------------------------------------------------
+        # The MATMUL settings of the beats the sequencer issues from now on, and copies of each
+        # delayed to where a stage uses it for a beat (every stage documents that offset).
+        run_mode = Signal(mode_layout(g))
+        with m.If(start_matmul):
+            m.d.sync += run_mode.eq(ex.mode)
+        chains: dict[str, list] = {}
+
+        def setting(name: str, at: int):
+            """run_mode.`name` as it was `at` cycles ago: what a stage `at` cycles behind the
+            sequencer uses for its beat."""
+            assert at >= 0, f"{name} needed {-at} cycles before its beat issues"
+            chain = chains.setdefault(name, [getattr(run_mode, name)])
+            while len(chain) <= at:
+                d = Signal.like(chain[-1], name=f"run_{name}_d{len(chain)}")
+                m.d.sync += d.eq(chain[-1])
+                chain.append(d)
+            return chain[at]
+
+        unpack_at = READ_LATENCY - UNPACK_LATENCY       # where a beat reaches each stage
+        groups_at = READ_LATENCY + lanes.latency
+        scale_at = groups_at + GROUP_LATENCY
+        output_at = scale_at + scale.latency
+        m.d.comb += [
+            act.bits.eq(setting("bits", ACT_BITS_AT)),
+            unpack.bits.eq(setting("bits", unpack_at + unpack.bits_at)),
+            groups.bits.eq(setting("bits", groups_at + GROUP_BITS_AT)),
+            groups.group.eq(setting("group", groups_at + GROUP_BITS_AT)),
+            groups.passes.eq(setting("passes", groups_at + GROUP_PASSES_AT)),
+            scale.passes.eq(setting("passes", scale_at + scale.passes_at)),
+            output.tokens.eq(setting("tokens", output_at + TOKENS_AT)),
+        ]
+
         beat = seq.beat.payload
         m.d.comb += [
             act.rd_addr.eq(seq.act_addr),
@@ -245,60 +288,60 @@ class NdpUnit(wiring.Component):
         s1_valid, s1_lo_half = seq.beat.valid, beat.lo_half
         s1 = Signal(tag)
         m.d.comb += [s1.kind.eq(beat.kind), s1.pass_.eq(beat.pass_), s1.i0.eq(beat.i0),
-                     s1.row_end.eq(beat.row_end), s1.row.eq(beat.row), s1.word.eq(beat.word)]
-        for i in range(READ_LATENCY - UNPACK_LATENCY):
+                     s1.row_end.eq(beat.row_end), s1.row.eq(beat.row), s1.last.eq(beat.last), s1.word.eq(beat.word)]
+        for i in range(unpack_at):
             d_valid, d, d_lo_half = Signal(name=f"beat_valid_d{i}"), Signal(tag, name=f"beat_d{i}"), \
                 Signal(name=f"beat_lo_half_d{i}")
             m.d.sync += [d_valid.eq(s1_valid), d.eq(s1), d_lo_half.eq(s1_lo_half)]
             s1_valid, s1, s1_lo_half = d_valid, d, d_lo_half
         m.d.comb += [
             unpack.valid.eq(s1_valid), unpack.kind.eq(s1.kind), unpack.lo_half.eq(s1_lo_half),
-            unpack.word.eq(s1.word), unpack.bits.eq(mode.bits), unpack.tag_in.eq(s1),
+            unpack.word.eq(s1.word), unpack.tag_in.eq(s1),
             lanes.valid.eq(unpack.valid_out), lanes.codes.eq(unpack.codes), lanes.acts.eq(act.acts),
             lanes.tag_in.beat.eq(unpack.tag_out), lanes.tag_in.xs.eq(act.xslots),
         ]
         bt = lanes.tag_out.beat
         m.d.comb += [
             groups.valid.eq(lanes.valid_out), groups.kind.eq(bt.kind), groups.pass_.eq(bt.pass_),
-            groups.i0.eq(bt.i0), groups.row_end.eq(bt.row_end), groups.row.eq(bt.row),
+            groups.i0.eq(bt.i0), groups.row_end.eq(bt.row_end), groups.row.eq(bt.row), groups.last.eq(bt.last),
             groups.word.eq(bt.word), groups.qx.eq(lanes.sums), groups.xs.eq(lanes.tag_out.xs),
-            groups.bits.eq(mode.bits), groups.group.eq(mode.group), groups.passes.eq(mode.passes),
-            scale.passes.eq(mode.passes),
             scale.valid.eq(groups.code_valid), scale.pass_.eq(groups.pass_out),
-            scale.row_end.eq(groups.row_end_out), scale.row.eq(groups.row_out),
+            scale.row_end.eq(groups.row_end_out), scale.row.eq(groups.row_out), scale.last.eq(groups.last_out),
             scale.groups.eq(groups.groups),
         ]
         wiring.connect(m, scale.entry, output.entry)
 
-        # -- registers --------------------------------------------------------------------------------
-        busy = state == StateShape.BUSY
-        wants_word = Mux(is_load, act.words.ready, seq.want_word)
-        # counted two cycles late (its terms registered where they come from, then their AND): a
-        # stall needs words in flight, and the last word is followed by more than two cycles of
-        # pipeline, so none falls in a descriptor's last cycles and the counts at `done` are exact
+        # -- registers ------------------------------------------------------------------------------
+        # Descriptors in the unit, from their handshake to their end: queued, in the check, checked,
+        # in a slot.
+        in_unit = Signal(range(self._queue_depth + 3 + SLOTS))
+        m.d.sync += in_unit.eq(in_unit + queue.taken - slots.complete)
+        busy = in_unit != 0
+        # Every event of cycle x reaches the register block registered, in cycle x + 1 (the memory
+        # stall from four registered terms: a stall needs words in flight and the datapath
+        # wanting one, and its terms come from four places).
+        wants_word = act.words.ready | seq.want_word
         stall_terms = Signal(4)
-        mem_stall = Signal()
-        m.d.sync += [stall_terms.eq(Cat(busy, reader.waiting, wants_word, ~responses.o.valid)),
-                     mem_stall.eq(stall_terms.all())]
-        # The BUSY cycles and the port handshakes are counted a cycle late too (the state and the
-        # readies fan out from elsewhere): `done` is seen a cycle after the state leaves BUSY
-        # (the Finish state keeps the next descriptor out meanwhile), four after the last
-        # result's handshake and many after the last memory word, so the counts are exact at
-        # `done`.
-        busy_event = Signal()
-        m.d.sync += busy_event.eq(busy)
-        port_events = Signal(3)
-        m.d.sync += port_events.eq(Cat(busy & self.out.valid & ~self.out.ready,
-                                       self.mem_resp.valid & self.mem_resp.ready,
-                                       self.out.valid & self.out.ready))
-        m.d.comb += [
-            regs.state.eq(state), regs.error.eq(error),
-            regs.ev_busy_cycles.eq(busy_event),
-            regs.ev_mem_stall_cycles.eq(mem_stall),
-            regs.ev_out_stall_cycles.eq(port_events[0]),
-            regs.ev_words_read.eq(port_events[1]),
-            regs.ev_results_written.eq(port_events[2]),
+        head_d = Signal()               # the oldest slot as of the word's cycle
+        m.d.sync += [
+            stall_terms.eq(Cat(busy, reader.waiting, wants_word, ~responses.o.valid)),
+            head_d.eq(slots.head),
         ]
-        m.d.comb += [self.status.eq(regs.status), self.counters.eq(regs.counters)]
+        for name, value in (("busy_cycles", busy),
+                            ("out_stall_cycles", busy & self.out.valid & ~self.out.ready),
+                            ("results_written", self.out.valid & self.out.ready),
+                            ("complete", slots.complete),
+                            ("outcome_state", slots.outcome_state),
+                            ("outcome_error", slots.outcome_error)):
+            port = getattr(regs, name)
+            r = Signal.like(port, name=f"{name}_event")
+            m.d.sync += r.eq(value)
+            m.d.comb += port.eq(r)
+        m.d.comb += [
+            regs.mem_stall_cycles.eq(stall_terms.all()),
+            # the reader says whose word it took, a cycle after the handshake
+            regs.word.eq(reader.word_fire), regs.word_early.eq(reader.word_slot != head_d),
+            regs.active.eq(busy),
+            self.status.eq(regs.status), self.counters.eq(regs.counters), self.done.eq(regs.done),
+        ]
         return m
-

@@ -4,7 +4,10 @@ The consumer's `ready` comes from outside the unit and reaches only this slice: 
 register's load enable and the skid select. Inside, `i.ready` is a register, so the unit's
 own decisions (the result FIFO's read pointer, the serializer) never wait on the outside.
 Full throughput (a transfer every cycle while `o.ready` stays high), one cycle of latency,
-order and payloads unchanged.
+order and payloads unchanged. With `gap_after` (the name of a 1-bit field of the payload) the
+output stays empty for the cycle after a word with that field set leaves: the unit's result port
+uses it after a descriptor's last result, so the next descriptor's first result never leaves in
+the cycle where the end of the one before is registered (its counts stay apart).
 """
 from __future__ import annotations
 
@@ -17,7 +20,11 @@ class RegisterSlice(wiring.Component):
     """Ports: `i` (In stream, `ready` registered), `o` (Out stream, `valid` and `payload`
     registered), `empty` (nothing held: neither the output register nor the skid)."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, *, gap_after: str | None = None):
+        if gap_after is not None and gap_after not in dict(shape):
+            self._MustUse__silence = True          # refused: not an unused design
+            raise ValueError(f"gap_after must name a field of the payload {shape!r}, not {gap_after!r}")
+        self._gap_after = gap_after
         super().__init__({
             "i": In(stream.Signature(shape)),
             "o": Out(stream.Signature(shape)),
@@ -30,10 +37,17 @@ class RegisterSlice(wiring.Component):
         skid_valid = Signal()
         m.d.comb += [self.i.ready.eq(~skid_valid), self.empty.eq(~self.o.valid & ~skid_valid)]
         taken = self.i.valid & ~skid_valid
-        with m.If(self.o.ready | ~self.o.valid):
+        gap = Signal()          # the word leaving now ends its run: the output empties for a cycle
+        if self._gap_after is not None:
+            m.d.comb += gap.eq(self.o.valid & self.o.ready & getattr(self.o.payload, self._gap_after))
+        with m.If(gap):
+            m.d.sync += self.o.valid.eq(0)
+            with m.If(taken):
+                m.d.sync += [skid.eq(self.i.payload), skid_valid.eq(1)]
+        with m.Elif(self.o.ready | ~self.o.valid):
             # the output register moves on: the skid's word first, else the incoming one
             with m.If(skid_valid):
-                m.d.sync += [self.o.payload.eq(skid), skid_valid.eq(0)]
+                m.d.sync += [self.o.payload.eq(skid), self.o.valid.eq(1), skid_valid.eq(0)]
             with m.Else():
                 m.d.sync += [self.o.payload.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
         with m.Elif(taken):

@@ -6,7 +6,11 @@ comes back when the serializer has sent the entry's last result, so the FIFO can
 Output back-pressure therefore stops the memory reads, a FIFO depth later.
 
 Results leave in the golden order: row by row, tokens 0..T-1 within a row (one entry per pass,
-passes in order), one per cycle when `out` is ready.
+passes in order), one per cycle when `out` is ready. Each carries `last`: the descriptor's last
+result, which is how the unit knows a MATMUL has ended while the next one's beats follow.
+
+`tokens` is per descriptor: an entry arriving in cycle t is serialized with T as it was in
+cycle t + TOKENS_AT.
 """
 from __future__ import annotations
 
@@ -20,11 +24,18 @@ from .scale_accumulator import entry_layout
 from .shapes import result_layout
 
 READ_SLICE_BITS = 32    # FIFO columns per copy of the read pointer
+TOKENS_AT = -1          # `tokens` is registered (as T - 1) ahead of the entries' write
+
+
+def tagged_result_layout(t_max: int) -> data.StructLayout:
+    """A result of the output stream and whether it is its descriptor's last."""
+    return data.StructLayout({"result": result_layout(t_max), "last": 1})
 
 
 class ResultOutput(wiring.Component):
-    """Ports: `entry` (always-ready stream in), `tokens` (T of the running descriptor),
-    `credit_take` / `credit_ok`, `out` (result stream), `idle` (no credit out, nothing to send)."""
+    """Ports: `entry` (always-ready stream in), `tokens` (T of the entries' descriptor, see
+    TOKENS_AT), `credit_take` / `credit_ok`, `out` (stream of results, each with `last`), `idle`
+    (no credit out, nothing to send)."""
 
     def __init__(self, geometry: Geometry, depth: int = 16):
         if not isinstance(geometry, Geometry):
@@ -38,7 +49,7 @@ class ResultOutput(wiring.Component):
             "tokens": In(g.token_bits),
             "credit_take": In(1),
             "credit_ok": Out(1),
-            "out": Out(stream.Signature(result_layout(g.cfg.t_max))),
+            "out": Out(stream.Signature(tagged_result_layout(g.cfg.t_max))),
             "idle": Out(1),
         })
 
@@ -111,9 +122,10 @@ class ResultOutput(wiring.Component):
         with m.If(load):
             m.d.sync += [
                 self.out.valid.eq(1),
-                self.out.payload.value.eq(head.values[j] if tp > 1 else head.values[0]),
-                self.out.payload.row.eq(head.row),
-                self.out.payload.token.eq(token),
+                self.out.payload.result.value.eq(head.values[j] if tp > 1 else head.values[0]),
+                self.out.payload.result.row.eq(head.row),
+                self.out.payload.result.token.eq(token),
+                self.out.payload.last.eq(head.last & last),
                 j.eq(j + 1),
             ]
             with m.If(last):

@@ -9,7 +9,11 @@ Registered stages: the zero multiply (2: a DSP with its operand and product regi
 rtl/hard_blocks.py), the term, the scale multiply split in two DSP-sized halves (2), their sum,
 the sum of the K slots (a tree with a register per level), the accumulator (carry-save, in ACC_PARTS parts),
 the resolved result. The accumulators are kept per pass and per token
-lane; a row's last beat of a pass emits that pass's results as one entry and clears them.
+lane; a row's last beat of a pass emits that pass's results as one entry and clears them. The
+descriptor's last beat marks its last entry (`last`).
+
+`passes` is per descriptor: a beat at the inputs in cycle t uses it as it was in cycle
+t + `passes_at`.
 """
 from __future__ import annotations
 
@@ -39,12 +43,13 @@ def entry_layout(g: Geometry) -> data.StructLayout:
         "values": data.ArrayLayout(signed(ACC_BITS), g.tokens_parallel),
         "row": g.row_bits,
         "pass_": g.pass_bits,
+        "last": 1,                      # the descriptor's last entry
     })
 
 
 class ScaleAccumulator(wiring.Component):
-    """Ports in: `valid` (a CODE beat), `pass_`, `row_end`, `row`, `groups`, `passes` (held per
-    descriptor).
+    """Ports in: `valid` (a CODE beat), `pass_`, `row_end`, `row`, `last`, `groups`, `passes`
+    (per descriptor, see `passes_at`).
     Out: `entry` (always-ready stream: a row's values for one pass)."""
 
     def __init__(self, geometry: Geometry):
@@ -56,6 +61,7 @@ class ScaleAccumulator(wiring.Component):
             "pass_": In(g.pass_bits),
             "row_end": In(1),
             "row": In(g.row_bits),
+            "last": In(1),
             "groups": In(group_slots_layout(g)),
             "passes": In(range(g.max_passes + 1)),
             "entry": Out(stream.Signature(entry_layout(g), always_ready=True)),
@@ -63,7 +69,19 @@ class ScaleAccumulator(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return 2 + 2 * PRODUCT_LATENCY + log2(self._geo.blocks) + 2
+        return self._stages + 2
+
+    @property
+    def _stages(self) -> int:
+        """Cycles from the inputs to the accumulators: the two products, the term, the two
+        halves' sum, the slot tree."""
+        return 2 * PRODUCT_LATENCY + 2 + log2(self._geo.blocks)
+
+    @property
+    def passes_at(self) -> int:
+        """Cycle, relative to a beat's arrival, whose `passes` steers its accumulators (decoded
+        and copied over two registers ahead of them)."""
+        return self._stages - 2
 
     def elaborate(self, platform):
         m = Module()
@@ -88,10 +106,12 @@ class ScaleAccumulator(wiring.Component):
         term_stage = zx_stage + 1
         prod_stage = term_stage + PRODUCT_LATENCY + 1
         stages = prod_stage + tree_latency
+        assert stages == self._stages
         valid = delay(self.valid, stages, "valid")
         pass_ = delay(self.pass_, stages, "pass")
         row_end = delay(self.row_end, stages, "row_end")
         row = delay(self.row, stages, "row")
+        ends_run = delay(self.last, stages, "last")
         # valid and row_end steer every accumulator bit: one copy per token lane (rtl/fanout.py)
         flags = register_copies(m, Cat(delay(self.valid, stages - 1, "valid_c"),
                                        delay(self.row_end, stages - 1, "row_end_c")), TP, "acc_flags", platform)
@@ -103,7 +123,7 @@ class ScaleAccumulator(wiring.Component):
         m.d.sync += is_last.eq(Cat(*(self.passes - 1 == p for p in range(g.max_passes))))
         last_copies = register_copies(m, is_last, TP, "is_last", platform)
         emit = Signal()
-        emit_row, emit_pass = Signal.like(self.row), Signal.like(self.pass_)
+        emit_row, emit_pass, emit_last = Signal.like(self.row), Signal.like(self.pass_), Signal()
         for t in range(TP):
             products = []
             for k in range(K):
@@ -162,7 +182,8 @@ class ScaleAccumulator(wiring.Component):
 
         m.d.sync += [emit.eq(valid & row_end), self.entry.valid.eq(emit)]
         with m.If(valid & row_end):
-            m.d.sync += [emit_row.eq(row), emit_pass.eq(pass_)]
+            m.d.sync += [emit_row.eq(row), emit_pass.eq(pass_), emit_last.eq(ends_run)]
         with m.If(emit):
-            m.d.sync += [self.entry.payload.row.eq(emit_row), self.entry.payload.pass_.eq(emit_pass)]
+            m.d.sync += [self.entry.payload.row.eq(emit_row), self.entry.payload.pass_.eq(emit_pass),
+                         self.entry.payload.last.eq(emit_last)]
         return m

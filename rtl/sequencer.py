@@ -15,7 +15,12 @@ per pass) reserves an entry in the output FIFO first (`credit_ok` / `credit_take
 credit the sequencer waits, and the memory response waits with it.
 
 Beat fields: kind, pass_, lo_half (3-bit: which lo word of the block), i0 (input position of
-the beat's first code within the row), row_end, row, word.
+the beat's first code within the row), row_end, row, last (the descriptor's last beat: the last
+pass of the last row's last code word), word.
+
+A new descriptor starts only when the sequencer is not active (`start` has priority over issue),
+so its beats follow the last one of the descriptor before by at least two cycles (the start
+cycle, then the first issue).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ def beat_layout(g: Geometry) -> data.StructLayout:
         "i0": unsigned(g.in_bits),
         "row_end": unsigned(1),
         "row": unsigned(g.row_bits),
+        "last": unsigned(1),
         "word": unsigned(g.word_bits),
     })
 
@@ -67,7 +73,7 @@ def codes_per_beat(m: Module, g: Geometry, bits) -> Signal:
 
 
 class MatmulSequencer(wiring.Component):
-    """Ports: `start` (pulse, with `mode` valid), `mode`, `words` (memory response stream),
+    """Ports: `start` (pulse, with `mode` valid; only while not `active`), `mode`, `words` (memory response stream),
     `beat` (always-ready stream into the pipeline), `act_addr` (activation RAM row of the
     current beat: {pass, i0 / L}, presented in the issue cycle), `credit_ok` / `credit_take`,
     `active` (words still to consume), `want_word` (ready for a word: counts memory stalls)."""
@@ -162,6 +168,7 @@ class MatmulSequencer(wiring.Component):
             self.beat.payload.i0.eq(i0),
             self.beat.payload.row_end.eq(row_end),
             self.beat.payload.row.eq(row),
+            self.beat.payload.last.eq(is_code & row_end & last_row & last_pass),
             self.beat.payload.word.eq(self.words.payload),
             self.credit_take.eq(issue & needs_credit),
             self.act_addr.eq(Cat((i0 >> log2(g.lanes))[:g.act_row_addr_bits], pass_)),

@@ -17,7 +17,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .fanout import copy_tree, register_copies
+from .fanout import copy_tree, copy_tree_latency, register_copies
 from .geometry import Geometry
 from .sequencer import BeatKind
 
@@ -31,9 +31,10 @@ def codes_layout(g: Geometry) -> data.ArrayLayout:
 
 
 class Unpacker(wiring.Component):
-    """Ports: `valid`, `kind`, `lo_half`, `word`, `bits` (held per descriptor, set at least a
-    cycle before the first beat: it reaches the lanes through a tree of copies), `tag_in`;
-    LATENCY cycles later `codes` (meaningful for CODE beats), `valid_out`, `tag_out`."""
+    """Ports: `valid`, `kind`, `lo_half`, `word`, `bits` (per descriptor: it reaches the lanes
+    through a tree of copies, so a beat at the input in cycle t is unpacked with `bits` as it
+    was in cycle t + `bits_at`, a negative offset), `tag_in`; LATENCY cycles later `codes`
+    (meaningful for CODE beats), `valid_out`, `tag_out`."""
 
     def __init__(self, geometry: Geometry, tag_shape):
         if not isinstance(geometry, Geometry):
@@ -50,6 +51,12 @@ class Unpacker(wiring.Component):
             "valid_out": Out(1),
             "tag_out": Out(tag_shape),
         })
+
+    @property
+    def bits_at(self) -> int:
+        """Cycle, relative to a beat's arrival, whose `bits` the beat is unpacked with: stage B
+        (a cycle after the input) reads `bits` through its tree of copies."""
+        return 1 - copy_tree_latency(-(-self._geo.lanes // LANE_GROUP))
 
     def elaborate(self, platform):
         m = Module()

@@ -6,27 +6,35 @@ Two ways to run a step, both with random stalls on every handshake:
 
 - "harness": the harness's memory and sink, stalled by LFSRs at rates the TB picks per step
   (request handshake, response handshake, read latency, output back-pressure); Python only sends
-  the descriptor, waits for `done` and reads the results RAM through VPI.
+  the descriptors, waits for `done` and reads the results RAM through VPI.
 - "python":  `ext_mem` / `ext_out` hand the unit's memory ports and output stream to this file's
   coroutine (`_python_port_models`): a queue of requests with a random latency each, responses
   with random gaps, random output back-pressure; slow (Python every cycle) but independent of
   the harness's own memory model.
 
-The command handshake is stalled too: a random gap before each descriptor, and sometimes the next
-descriptor is presented while the unit is still BUSY (valid held until it is taken).
+The command handshake is stalled too: a random gap before each descriptor. Descriptors are
+queued: a driver hands them over while earlier ones still run (up to a random number ahead,
+often back to back), or waits for the unit to drain first. A monitor takes each `done` in order
+and checks the oldest descriptor in flight. A step with a reset runs alone (the unit drained
+first), sometimes with the next descriptor queued behind it: the reset must cut both, and that
+next one is handed over again after it.
 
 The checker compares every step with its golden expectation (sim/workload.py): the results,
-bit-exact and in order (so none lost or duplicated), the status (state and error code) and the
-counters (words read, results written, and busy cycles at least the words read).
+bit-exact and in order (so none lost or duplicated: the output stream is cut into the steps'
+results by their expected counts, and nothing may be left over), the status (state and error
+code) at its `done`, and the counters between its `done` and the one before (words read, results
+written, each stall count at most the busy cycles; and, over a run of descriptors, busy cycles at
+least the words read). When nothing follows, the counters must not move after `done`.
 """
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 import cocotb
 from cocotb.clock import Clock
-from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge, Timer, with_timeout
+from cocotb.triggers import ClockCycles, Event, FallingEdge, RisingEdge, Timer, with_timeout
 
 from ndpmoe.model.contract import (ACC_BITS, COUNTER_BITS, COUNTERS, STATUS, ErrorCode, NdpConfig, State,
                             output_struct)
@@ -147,62 +155,154 @@ class NdpTB:
 
     # -- one run ------------------------------------------------------------------------------------
     async def run_steps(self, steps: list[Step], *, python_ports: bool) -> None:
-        presented = False
-        for i, step in enumerate(steps):
-            self.random_stalls()
-            if not presented:
-                gap = self.rng.choice((0, 0, 1, 2, 5))
+        """Hand `steps` to the unit, queued or one at a time, and check each at its `done`."""
+        self._python_ports = python_ports
+        self._inflight: deque[Step] = deque()
+        self._drained = Event()
+        self._drained.set()
+        self._checked = Event()
+        self._result_cursor = len(self.py_results) if python_ports else int(self.dut.result_count.value)
+        self._last_counters = self.counters()
+        self._run_busy = self._run_words = 0
+        self._checked_last: Step | None = None         # checked since the unit was last seen idle
+        monitor = cocotb.start_soon(self._monitor())
+        i = 0
+        try:
+            while i < len(steps):
+                step = steps[i]
+                if step.reset_after is not None:
+                    if not await self._drain():
+                        return
+                    # a step queued behind it is cut too, and handed over again next
+                    await self._reset_during(step, steps[i + 1] if i + 1 < len(steps) else None)
+                    i += 1
+                    continue
+                ahead = self.rng.choice((0, 1, 1, 2, 3, 4))      # descriptors in flight before this one
+                if ahead == 0:
+                    if not await self._drain():
+                        return
+                while len(self._inflight) > ahead:
+                    if not await self._wait_done():
+                        return
+                gap = self.rng.choice((0, 0, 0, 1, 2, 5))
                 if gap:
                     await Timer(gap * PERIOD_NS, unit="ns")
+                self.random_stalls()
                 self.present(step)
-            await self.handshake()
-            count0 = len(self.py_results) if python_ports else int(self.dut.result_count.value)
-            before = self.counters()
-            nxt = steps[i + 1] if i + 1 < len(steps) else None
-            presented = (nxt is not None and step.reset_after is None and nxt.reset_after is None
-                         and self.rng.random() < 0.25)
-            if presented:
-                self.present(nxt)                   # held while the unit is BUSY
-            if step.reset_after is not None:
-                await self._reset_during(step)
-                continue
-            try:
-                await with_timeout(RisingEdge(self.dut.done), self.step_timeout_ns(step), "ns")
-            except cocotb.triggers.SimTimeoutError:
-                self.fail(step, f"no `done` within {self.step_timeout_ns(step) // PERIOD_NS} cycles (hang)")
-                return
-            if python_ports:
-                got = list(self.py_results[count0:])
-            else:
-                got = self.read_results(count0, int(self.dut.result_count.value))
-            after = self.counters()
-            self.check(step, got, before, after)
-            if not presented:
-                # nothing runs now: every count must have been complete when `done` rose
-                await Timer(3 * PERIOD_NS, unit="ns")
-                if self.counters() != after:
-                    self.fail(step, f"counters still moving after done: {after} -> {self.counters()}")
+                await self.handshake()
+                self._inflight.append(step)
+                self._drained.clear()
+                i += 1
+            await self._drain()
+        finally:
+            monitor.cancel()
 
-    async def _reset_during(self, step: Step) -> None:
-        await Timer(step.reset_after * PERIOD_NS, unit="ns")
+    async def _wait_done(self) -> bool:
+        """Wait until the oldest descriptor in flight has been checked; False on a hang."""
+        oldest = self._inflight[0]
+        timeout = sum(self.step_timeout_ns(s) for s in self._inflight)
+        while self._inflight and self._inflight[0] is oldest:
+            self._checked.clear()
+            try:
+                await with_timeout(self._checked.wait(), timeout, "ns")
+            except cocotb.triggers.SimTimeoutError:
+                self.fail(oldest, f"no `done` within {timeout // PERIOD_NS} cycles (hang)")
+                return False
+        return True
+
+    async def _drain(self) -> bool:
+        """Wait until nothing is in flight; then the counters must stand still. False on a hang."""
+        if self._inflight:
+            timeout = sum(self.step_timeout_ns(s) for s in self._inflight)
+            try:
+                await with_timeout(self._drained.wait(), timeout, "ns")
+            except cocotb.triggers.SimTimeoutError:
+                self.fail(self._inflight[0], f"no `done` within {timeout // PERIOD_NS} cycles (hang)")
+                return False
+        if self._checked_last is not None:
+            # nothing runs now: every count must have been complete when the last `done` rose
+            await Timer(3 * PERIOD_NS, unit="ns")
+            if self.counters() != self._last_counters:
+                self.fail(self._checked_last, f"counters still moving after done: {self._last_counters} -> "
+                                              f"{self.counters()}")
+            if self._run_busy < self._run_words:
+                self.fail(self._checked_last, f"busy for {self._run_busy} cycles while reading {self._run_words} "
+                                              f"words since the unit was last idle")
+            self._run_busy = self._run_words = 0
+            made = len(self.py_results) if self._python_ports else int(self.dut.result_count.value)
+            if made != self._result_cursor:
+                self.fail(self._checked_last, f"{made - self._result_cursor} results beyond the expected ones")
+                self._result_cursor = made
+            self._checked_last = None
+        return True
+
+    async def _monitor(self) -> None:
+        while True:
+            await RisingEdge(self.dut.done)
+            if not self._inflight:
+                self.fail(Step({}, ErrorCode.NONE, [], 0), "`done` with no descriptor in flight")
+                continue
+            step = self._inflight.popleft()
+            self.check(step)
+            self._checked_last = step
+            self._checked.set()
+            if not self._inflight:
+                self._drained.set()
+
+    async def _reset_during(self, step: Step, nxt: Step | None) -> None:
+        """Run `step` alone and reset the unit `step.reset_after` cycles after its handshake;
+        sometimes with `nxt` queued behind it first (the reset cuts both)."""
+        queue_next = (nxt is not None and nxt.reset_after is None and self.rng.random() < 0.5)
+        self.random_stalls()
+        self.present(step)
+        await self.handshake()
+        waited = 0
+        if queue_next:
+            self.present(nxt)
+            taken = cocotb.start_soon(self.handshake())
+            await Timer(min(2, step.reset_after) * PERIOD_NS, unit="ns")
+            waited = min(2, step.reset_after)
+            if not taken.done():
+                taken.cancel()
+                self.dut.cmd__valid.value = 0
+                queue_next = False
+        if step.reset_after > waited:
+            await Timer((step.reset_after - waited) * PERIOD_NS, unit="ns")
         await self.reset()
         self.tally.resets += 1
         self.tally.steps += 1
+        self.on_reset(step, queued=queue_next)
         state, error = self.status()
         if (state, error) != (State.IDLE, ErrorCode.NONE):
             self.fail(step, f"after reset the status is {state.name}/{error.name}, not IDLE/NONE")
         if any(self.counters().values()) or int(self.dut.result_count.value):
             self.fail(step, f"after reset the counters are {self.counters()}")
+        self._last_counters = self.counters()
+        self._result_cursor = len(self.py_results) if self._python_ports else 0
+
+    def on_reset(self, step: Step, *, queued: bool) -> None:
+        """Hook for the coverage collector: a reset cut `step` (and one queued behind it)."""
 
     # -- checker --------------------------------------------------------------------------------------
     def fail(self, step: Step, message: str) -> None:
-        text = f"step {self.tally.steps} [{step.describe()}]: {message}"
+        text = f"step {self.tally.steps} [{step.describe() if step.fields else '-'}]: {message}"
         self.tally.mismatches.append(text)
         if len(self.tally.mismatches) <= 10:
             self.log.error(text)
 
-    def check(self, step: Step, got, before, after) -> None:
+    def _take_results(self, n: int) -> list[tuple[int, int, int]]:
+        first = self._result_cursor
+        if self._python_ports:
+            got = list(self.py_results[first:first + n])
+        else:
+            last = min(first + n, int(self.dut.result_count.value))
+            got = self.read_results(first, last)
+        self._result_cursor = first + len(got)
+        return got
+
+    def check(self, step: Step) -> None:
         self.tally.steps += 1
+        got = self._take_results(len(step.results))
         self.tally.results += len(got)
         state, error = self.status()
         expect_state = State.DONE if step.error == ErrorCode.NONE else State.ERROR
@@ -214,17 +314,25 @@ class NdpTB:
             bad = next((k for k, (a, b) in enumerate(zip(got, step.results)) if a != b), min(len(got), len(step.results)))
             self.fail(step, f"{len(got)} results, expected {len(step.results)}; first difference at {bad}: "
                             f"got {got[bad:bad + 2]}, expected {step.results[bad:bad + 2]}")
-        delta = {k: after[k] - before[k] for k in after}
+        after = self.counters()
+        delta = {k: after[k] - self._last_counters[k] for k in after}
+        self._last_counters = after
         self.tally.cycles += delta["busy_cycles"]
+        self._run_busy += delta["busy_cycles"]
+        self._run_words += delta["words_read"]
         if delta["words_read"] != step.words:
             self.fail(step, f"read {delta['words_read']} words, expected {step.words} (0 for a refused descriptor)")
         if delta["results_written"] != len(step.results):
             self.fail(step, f"counted {delta['results_written']} results, expected {len(step.results)}")
-        if delta["busy_cycles"] < step.words or delta["busy_cycles"] == 0:
-            self.fail(step, f"busy for {delta['busy_cycles']} cycles while reading {step.words} words")
+        if delta["busy_cycles"] == 0:
+            self.fail(step, "no busy cycle")
         for name in ("mem_stall_cycles", "out_stall_cycles"):
             if delta[name] > delta["busy_cycles"]:
                 self.fail(step, f"{name} {delta[name]} exceeds busy cycles {delta['busy_cycles']}")
+        self.on_checked(step, delta)
+
+    def on_checked(self, step: Step, delta: dict[str, int]) -> None:
+        """Hook for the coverage collector: `step` ended and was checked."""
 
     # -- Python memory model and output consumer (ext_mem / ext_out) ---------------------------------
     async def _python_port_models(self) -> None:

@@ -1,4 +1,5 @@
-"""ActivationBuffer: LOAD_ACT words land in the right RAM rows with the right block sums, and
+"""ActivationBuffer: LOAD_ACT words land in the right RAM rows with the right block sums, the
+loader takes no word beyond its load (the next descriptor's words follow right behind), and
 reads align activations and block sums to the beat's codes."""
 import dataclasses
 import random
@@ -24,7 +25,7 @@ def test_load_then_read_every_alignment(name, tp):
     words = [int.from_bytes(flat[i:i + g.word_bytes], "little") for i in range(0, len(flat), g.word_bytes)]
 
     async def tb(ctx):
-        ctx.set(dut.load_tokens, tokens)
+        ctx.set(dut.load_words, len(words))
         ctx.set(dut.load_in, n_in)
         ctx.set(dut.load_start, 1)
         await ctx.tick()
@@ -32,7 +33,10 @@ def test_load_then_read_every_alignment(name, tp):
         for w in words:
             ctx.set(dut.words.valid, 1)
             ctx.set(dut.words.payload, w)
+            assert ctx.get(dut.words.ready)
             await ctx.tick()
+        ctx.set(dut.words.payload, (1 << g.word_bits) - 1)     # a word of whatever comes next
+        assert not ctx.get(dut.words.ready)
         ctx.set(dut.words.valid, 0)
         while ctx.get(dut.load_busy):
             await ctx.tick()

@@ -51,3 +51,56 @@ def test_bursts_addresses_and_pass_through():
         assert received == list(range(40))
 
     run(dut, tb, consumer, processes=[memory])
+
+
+def test_next_command_overlaps_and_words_carry_their_slot():
+    """The second command is taken once the first's requests are out, while its words still
+    arrive; every word's `word_slot` (a cycle after its handshake) names its own command."""
+    dut = MemReader(word_bits=64, addr_bits=32, length_bits=16, max_burst=8)
+    rng = random.Random(8)
+    commands = [(0x100, 19, 0), (0x800, 5, 1), (0x1000, 12, 0)]
+    requests, slots = [], []
+    taken_at, first_word_at = [], []
+    cycle = [0]
+
+    async def memory(ctx):
+        pending = []
+        while True:
+            ctx.set(dut.mem_req.ready, rng.random() < 0.8)
+            resp_valid = bool(pending) and rng.random() < 0.6      # the memory is slower than the reader
+            ctx.set(dut.mem_resp.valid, resp_valid)
+            _, _, req_v, req_r, req, resp_r, fire, slot = await ctx.tick().sample(
+                dut.mem_req.valid, dut.mem_req.ready, dut.mem_req.payload, dut.mem_resp.ready,
+                dut.word_fire, dut.word_slot)
+            cycle[0] += 1
+            if fire:
+                slots.append(slot)
+            if req_v and req_r:
+                requests.append((req.addr, req.words))
+                pending.append(req.words)
+            if resp_valid and resp_r:
+                pending[0] -= 1
+                if pending[0] == 0:
+                    pending.pop(0)
+
+    async def tb(ctx):
+        ctx.set(dut.data.ready, 1)
+        for addr, words, slot in commands:
+            await stream_put(ctx, dut.cmd, {"addr": addr, "words": words, "slot": slot})
+            taken_at.append(cycle[0])
+        while len(slots) < sum(c[1] for c in commands):
+            await ctx.tick()
+        assert slots == [s for _, n, s in commands for _ in range(n)]
+        assert requests == [(0x100, 8), (0x140, 8), (0x180, 3), (0x800, 5), (0x1000, 8), (0x1040, 4)]
+        # the second command was taken before the first's last word arrived
+        assert taken_at[1] < cycle_of_word[19 - 1]
+
+    cycle_of_word = []
+
+    async def words_seen(ctx):
+        while True:
+            _, _, v, r = await ctx.tick().sample(dut.data.valid, dut.data.ready)
+            if v and r:
+                cycle_of_word.append(cycle[0])
+
+    run(dut, tb, processes=[memory, words_seen])

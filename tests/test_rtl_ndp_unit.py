@@ -1,13 +1,14 @@
 """NdpUnit end to end in amaranth.sim: random descriptors (sim/workload.py) against the golden
 model, with random stalls on the command, memory request, memory response and output handshakes,
-refused descriptors, and a reset in the middle of a descriptor. Small workloads: amaranth.sim is
-slow; the cocotb bench (tests/test_ndp_cocotb.py) runs the thousands."""
+refused descriptors, and a reset in the middle of a descriptor; then descriptors queued back to
+back (each checked at its `done`), and a reset with a descriptor queued. Small workloads:
+amaranth.sim is slow; the cocotb bench (tests/test_ndp_cocotb.py) runs the thousands."""
 import random
 
 import pytest
 from amaranth.hdl import ClockDomain, Elaboratable, Module
 
-from ndpmoe.model.contract import ACC_BITS, COUNTERS, ErrorCode, State, get_config, output_struct
+from ndpmoe.model.contract import ACC_BITS, COUNTERS, ErrorCode, State, get_config
 from ndpmoe.rtl.ndp_unit import NdpUnit
 from ndpmoe.sim.workload import Mix, WorkloadGenerator
 
@@ -27,17 +28,12 @@ class WithReset(Elaboratable):
         return m
 
 
-def run_unit(cfg, steps_wanted: int, seed: int, mix: Mix):
-    dut = NdpUnit(cfg, max_burst=16)
-    top = WithReset(dut)
-    rng = random.Random(seed)
-    gen = WorkloadGenerator(cfg, 1 << 16, seed, mix)
-    batches = list(gen.batches(steps_wanted))
-    state = {"image": b"", "queue": [], "results": []}
+def port_models(dut, cfg, state, rng, *, ready_rate: float = 0.7, out_rate: float = 0.6):
+    """A memory (requests queued with a random latency each, responses with random gaps) and an
+    output consumer with random back-pressure; results go to state["results"]."""
     wb = cfg.word_bytes
-    out_struct = output_struct(cfg.t_max)
 
-    async def memory_and_output(ctx):
+    async def process(ctx):
         req_ready = resp_valid = out_ready = 0
         while True:
             ctx.set(dut.mem_req.ready, req_ready)
@@ -60,15 +56,41 @@ def run_unit(cfg, steps_wanted: int, seed: int, mix: Mix):
                 resp_valid = 0
             if out_ready and out_v:
                 state["results"].append((out.token, out.row, to_signed(out.value, ACC_BITS)))
-            req_ready = int(rng.random() < 0.7)
+            req_ready = int(rng.random() < ready_rate)
             queue = state["queue"]
             if queue and queue[0][2] > 0:
                 queue[0][2] -= 1                          # this request's latency
-            elif not resp_valid and queue and rng.random() < 0.7:
+            elif not resp_valid and queue and rng.random() < ready_rate:
                 a = queue[0][0]
                 ctx.set(dut.mem_resp.payload, int.from_bytes(state["image"][a:a + wb].ljust(wb, b"\0"), "little"))
                 resp_valid = 1
-            out_ready = int(rng.random() < 0.6)
+            out_ready = int(rng.random() < out_rate)
+
+    return process
+
+
+async def hand_over(ctx, dut, step):
+    ctx.set(dut.cmd.payload.as_value(), step.raw)
+    ctx.set(dut.cmd.valid, 1)
+    await ctx.tick().until(dut.cmd.ready)
+    ctx.set(dut.cmd.valid, 0)
+
+
+async def reset(ctx, top):
+    ctx.set(top.domain.rst, 1)
+    for _ in range(2):
+        await ctx.tick()          # (repeat() would raise DomainReset)
+    ctx.set(top.domain.rst, 0)
+    await ctx.tick()
+
+
+def run_unit(cfg, steps_wanted: int, seed: int, mix: Mix):
+    dut = NdpUnit(cfg, max_burst=16)
+    top = WithReset(dut)
+    rng = random.Random(seed)
+    gen = WorkloadGenerator(cfg, 1 << 16, seed, mix)
+    batches = list(gen.batches(steps_wanted))
+    state = {"image": b"", "queue": [], "results": []}
 
     async def tb(ctx):
         checked = 0
@@ -76,19 +98,12 @@ def run_unit(cfg, steps_wanted: int, seed: int, mix: Mix):
             state["image"] = bytes(batch.image)
             for step in batch.steps:
                 await ctx.tick().repeat(rng.randint(1, 3))
-                ctx.set(dut.cmd.payload.as_value(), step.raw)
-                ctx.set(dut.cmd.valid, 1)
-                await ctx.tick().until(dut.cmd.ready)
-                ctx.set(dut.cmd.valid, 0)
+                await hand_over(ctx, dut, step)
                 before = ctx.get(dut.counters)
                 first = len(state["results"])
                 if step.reset_after is not None:
                     await ctx.tick().repeat(step.reset_after)
-                    ctx.set(top.domain.rst, 1)
-                    for _ in range(2):
-                        await ctx.tick()          # (repeat() would raise DomainReset)
-                    ctx.set(top.domain.rst, 0)
-                    await ctx.tick()
+                    await reset(ctx, top)
                     status = ctx.get(dut.status)
                     assert (status.state.value, status.error.value) == (State.IDLE, ErrorCode.NONE)
                     assert all(getattr(ctx.get(dut.counters), n) == 0 for n in COUNTERS)
@@ -104,7 +119,7 @@ def run_unit(cfg, steps_wanted: int, seed: int, mix: Mix):
                 checked += 1
         assert checked >= steps_wanted // 2
 
-    run(top, tb, processes=[memory_and_output])
+    run(top, tb, processes=[port_models(dut, cfg, state, rng)])
     return batches
 
 
@@ -117,3 +132,74 @@ def test_random_descriptors(name, tp):
     assert any(s.reset_after is not None for s in steps)                        # a reset mid-run
     assert sum(s.error == ErrorCode.NONE for s in steps) > 4                    # descriptors that run
     assert len({s.error for s in steps}) > 2                                     # and some refused
+
+
+def test_queued_descriptors_end_in_order_with_their_counts():
+    """Every descriptor handed over as soon as the unit takes it (two queued, one checked, two in
+    the slots): at each `done` the status is that descriptor's, the counters moved by exactly its
+    words and results, and the output stream is the descriptors' results one after another."""
+    cfg = get_config("default")
+    dut = NdpUnit(cfg, max_burst=16)
+    rng = random.Random(5)
+    gen = WorkloadGenerator(cfg, 1 << 16, 5, Mix(max_rows=3, max_in=256, bad=0.25, reset=0.0))
+    steps = next(gen.batches(16)).steps
+    state = {"image": bytes(gen.gold.mem[:1 << 16]), "queue": [], "results": []}
+    seen = []
+
+    async def driver(ctx):
+        for step in steps:
+            await hand_over(ctx, dut, step)
+
+    async def monitor(ctx):
+        last = ctx.get(dut.counters)
+        while len(seen) < len(steps):
+            # sampled in the cycle `done` is high: the next descriptor may be busy from the next
+            status, counters = await ctx.tick().sample(dut.status, dut.counters).until(dut.done)
+            step = steps[len(seen)]
+            expect_state = State.DONE if step.error == ErrorCode.NONE else State.ERROR
+            assert (status.state.value, status.error.value) == (expect_state, step.error), step.describe()
+            assert counters.words_read - last.words_read == step.words, step.describe()
+            assert counters.results_written - last.results_written == len(step.results), step.describe()
+            assert counters.busy_cycles > last.busy_cycles
+            seen.append(step)
+            last = counters
+
+    run(dut, driver, monitor, processes=[port_models(dut, cfg, state, rng, ready_rate=0.9, out_rate=0.8)])
+    assert state["results"] == [r for s in steps for r in s.results]
+    assert sum(bool(s.results) for s in steps) > 6 and any(s.error for s in steps)
+
+
+def test_a_reset_cuts_the_running_and_the_queued_descriptor():
+    cfg = get_config("small")
+    dut = NdpUnit(cfg, max_burst=16)
+    top = WithReset(dut)
+    rng = random.Random(6)
+    gen = WorkloadGenerator(cfg, 1 << 16, 6, Mix(max_rows=3, max_in=256, bad=0, reset=0, nop=0, load=0))
+    steps = next(gen.batches(4)).steps              # a LOAD_ACT, then MATMULs
+    state = {"image": bytes(gen.gold.mem[:1 << 16]), "queue": [], "results": []}
+    dones = []
+
+    async def tb(ctx):
+        await hand_over(ctx, dut, steps[0])
+        await ctx.tick().until(dut.done)
+        await hand_over(ctx, dut, steps[1])
+        await hand_over(ctx, dut, steps[2])         # queued behind a running MATMUL
+        await ctx.tick().repeat(4)
+        await reset(ctx, top)
+        status = ctx.get(dut.status)
+        assert (status.state.value, status.error.value) == (State.IDLE, ErrorCode.NONE)
+        assert all(getattr(ctx.get(dut.counters), n) == 0 for n in COUNTERS)
+        for _ in range(300):                       # neither ends after the reset
+            await ctx.tick()
+            dones.append(ctx.get(dut.done))
+        assert not any(dones) and state["results"] == []
+        # the activations went with the reset: the same MATMUL is refused now, a LOAD_ACT runs
+        await hand_over(ctx, dut, steps[1])
+        await ctx.tick().until(dut.done)
+        assert ctx.get(dut.status).error.value == ErrorCode.ACT_MISMATCH
+        await hand_over(ctx, dut, steps[0])
+        await ctx.tick().until(dut.done)
+        assert ctx.get(dut.status).state.value == State.DONE
+        assert ctx.get(dut.counters).words_read == steps[0].words
+
+    run(top, tb, processes=[port_models(dut, cfg, state, rng)])

@@ -1,12 +1,18 @@
 """RegisterSlice: every word through once, in order, under random stalls on both sides; a word
-per cycle when nothing stalls; `ready` inward depends only on registers."""
+per cycle when nothing stalls; `ready` inward depends only on registers; a free output cycle
+after each word marked last, when asked."""
 import random
 
+import pytest
+
 from amaranth.hdl import unsigned
+from amaranth.lib import data
 
 from ndpmoe.rtl.register_slice import RegisterSlice
 
 from rtl_sim import run
+
+LAST_LAYOUT = data.StructLayout({"value": 8, "last": 1})
 
 
 def _transfer(in_rate: float, out_rate: float, count: int, seed: int) -> tuple[list[int], int, list[int]]:
@@ -69,3 +75,40 @@ def test_inward_ready_is_a_register():
         assert ctx.get(dut.i.ready) == 1
 
     run(dut, tb)
+
+
+def test_a_free_cycle_after_each_last_word():
+    """With gap_after, the output is empty for the cycle after a word marked last leaves (and
+    for no other cycle when nothing stalls); every word still passes once, in order."""
+    dut = RegisterSlice(LAST_LAYOUT, gap_after="last")
+    rng = random.Random(11)
+    words = [(i, int(rng.random() < 0.2)) for i in range(120)]
+    trace = []
+
+    async def producer(ctx):
+        for value, last in words:
+            ctx.set(dut.i.payload, {"value": value, "last": last})
+            ctx.set(dut.i.valid, 1)
+            await ctx.tick().until(dut.i.ready)
+        ctx.set(dut.i.valid, 0)
+
+    async def consumer(ctx):
+        ctx.set(dut.o.ready, 1)
+        while sum(t is not None for t in trace) < len(words):
+            _, _, v, p = await ctx.tick().sample(dut.o.valid, dut.o.payload)
+            trace.append((p.value, p.last) if v else None)
+
+    run(dut, producer, consumer)
+    got = [t for t in trace if t is not None]
+    assert got == words
+    first = trace.index(words[0])
+    for k, t in enumerate(trace[first:-1], first):
+        if t is not None and t[1]:
+            assert trace[k + 1] is None, k          # the cycle after a last word is free
+        elif t is not None:
+            assert trace[k + 1] is not None, k      # and no other cycle is
+
+
+def test_gap_after_must_name_a_field():
+    with pytest.raises(ValueError, match="gap_after must name a field"):
+        RegisterSlice(LAST_LAYOUT, gap_after="end")
