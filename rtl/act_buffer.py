@@ -64,7 +64,8 @@ def xslots_layout(g: Geometry) -> data.ArrayLayout:
 class ActivationBuffer(wiring.Component):
     """Ports: load side `load_start`, `load_in` (bytes per token row), `load_words` (the words
     of the whole load, tokens x load_in / P * 8; both read with `load_start` only), `words`
-    (stream in), `load_busy`; read side `rd_addr`, `rd_offset`
+    (stream in), `load_busy` (until the last row has landed), `reads_safe` (a read issued from
+    the next cycle on reads the loaded rows); read side `rd_addr`, `rd_offset`
     (i0 mod L), `bits` (the read's format as of BITS_AT cycles after its address), and
     READ_LATENCY cycles later `acts` and `xslots` (per token lane: activations per code lane, block sums per
     beat slot, zero where the beat has no such block)."""
@@ -79,6 +80,7 @@ class ActivationBuffer(wiring.Component):
             "load_words": In(g.length_bits),
             "words": In(stream.Signature(unsigned(g.word_bits))),
             "load_busy": Out(1),
+            "reads_safe": Out(1),
             "rd_addr": In(g.pass_bits + g.act_row_addr_bits),
             "rd_offset": In(max(1, log2(g.lanes))),
             "bits": In(4),
@@ -234,7 +236,14 @@ class ActivationBuffer(wiring.Component):
         # rises again once all are clear, so it falls only after the last write has landed
         busy = Signal()
         m.d.sync += busy.eq(self.load_start | Cat(loading, *in_flight, *writing).any())
-        m.d.comb += self.load_busy.eq(busy)
+        # Reads may start before the last writes have landed: a write and a read address pass the
+        # same number of input registers (RegisteredRam), so every write presented before a read
+        # address lands before that read. Safe in cycle t when nothing was in the loader's
+        # pipeline ahead of the RAM in t - 1: the last write was presented in t - 2 or before,
+        # and a read issued from t + 1 reaches the RAM in t + 2 (ADDR_STAGES).
+        pending = Signal()
+        m.d.sync += pending.eq(self.load_start | Cat(loading, *in_flight).any())
+        m.d.comb += [self.load_busy.eq(busy), self.reads_safe.eq(~pending)]
 
     # -- MATMUL: RAM rows -> activations aligned to the beat's code lanes ------------------------
     def _elaborate_read(self, m, g: Geometry, rams, row_shape, platform):

@@ -18,8 +18,8 @@ runs; each is checked in turn and takes one of two slots (rtl/descriptor_slots.p
 its memory read as soon as the reader has sent the previous one's requests, and start it as soon
 as the sequencer (MATMUL) or the loader (LOAD_ACT) is free: a MATMUL's first beat follows the
 last beat of the MATMUL before by two cycles, while that one's results still drain. A MATMUL
-waits for the load before it to land, a LOAD_ACT for the MATMUL before it to have issued its last
-activation read. Descriptors end in order; `done` pulses once per descriptor (never in two
+waits until its reads of the activation RAM come after the load before it has presented its last
+row, a LOAD_ACT for the MATMUL before it to have issued its last activation read. Descriptors end in order; `done` pulses once per descriptor (never in two
 cycles running), with STATUS and the counters exact for it (rtl/registers.py).
 
 The per-descriptor settings of a MATMUL (bits, group, passes, tokens) are taken when its first
@@ -212,9 +212,8 @@ class NdpUnit(wiring.Component):
         ex = slots.exec_entry
         seq_active_d = Signal()         # a LOAD_ACT waits a cycle more: the last beat's RAM read
         m.d.sync += seq_active_d.eq(seq.active)
-        free = ~seq.active & ~act.load_busy
-        start_matmul = slots.exec_valid & (ex.kind == RunKind.MATMUL) & free
-        start_load = slots.exec_valid & (ex.kind == RunKind.LOAD) & free & ~seq_active_d
+        start_matmul = slots.exec_valid & (ex.kind == RunKind.MATMUL) & ~seq.active & act.reads_safe
+        start_load = slots.exec_valid & (ex.kind == RunKind.LOAD) & ~seq.active & ~seq_active_d & ~act.load_busy
         m.d.comb += [
             slots.exec_start.eq(start_matmul | start_load),
             seq.start.eq(start_matmul), seq.mode.eq(ex.mode),

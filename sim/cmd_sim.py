@@ -1,7 +1,7 @@
 """`ndpmoe sim`: the cocotb + Verilator bench of the NDP unit against the golden model.
 
     ndpmoe sim --config default --seed 1 --count 1000 [--waves]   random descriptors, checked
-    ndpmoe sim --bench [--rows 1024 --in 4096 --bits 2,3,4 ...]    throughput figures
+    ndpmoe sim --bench [--rows 1024 --in 4096 --bits 2,3,4 --b2b 8 ...]   throughput figures
 
 --waves builds with traces and writes dump.vcd in the build folder (open it in GTKWave or
 Surfer); keep --count small with it.
@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--group", type=int, default=128)
     bench.add_argument("--tokens", default="1")
     bench.add_argument("--stalls", default="0,4")
+    bench.add_argument("--b2b", type=int, default=8, help="MATMULs queued back to back per case")
 
 
 def run(args) -> int:

@@ -1,8 +1,11 @@
 """cocotb side of the throughput benchmark (sim/bench_ndp.py drives it; options from NDP_*).
 
-For each bit width: one random rows x in matrix in the harness memory, one LOAD_ACT, then
-MATMULs at several token counts and memory stall rates. Every result is checked against the
-golden model; the figures come from the unit's own counters. Writes JSON to NDP_REPORT.
+For each bit width: one random rows x in matrix in the harness memory, one LOAD_ACT, then, for
+several token counts and memory stall rates, the MATMUL alone (handed over when the unit is
+idle), NDP_BENCH_B2B copies of it queued back to back (and what each copy after the first adds
+beyond its beats), and a LOAD_ACT followed by as many copies (what the load costs beyond the
+MATMULs). Every result is checked against the golden
+model; the figures come from the unit's own counters. Writes JSON to NDP_REPORT.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ async def throughput(dut):
     bits_list = [b for b in _int_list("NDP_BENCH_BITS", "2,3,4") if b in cfg.bits]
     tokens_list = _int_list("NDP_BENCH_TOKENS", "1")
     stalls = _int_list("NDP_BENCH_STALLS", "0,4")        # memory response/latency stall rates /16
+    b2b_count = int(os.environ.get("NDP_BENCH_B2B", "8"))
 
     tb = NdpTB(dut, cfg, seed=opts.seed, mem_words=opts.mem_words, result_words=opts.result_words)
     await tb.start(python_ports=False)
@@ -51,24 +55,36 @@ async def throughput(dut):
     mat_addr = -(-x.numel() // 4096) * 4096
     rows_out = []
 
-    async def run(fields, stall: int, out_stall: int = 0):
-        words = 0
-        results = gold.execute(dict(fields))
-        assert gold.error == ErrorCode.NONE, gold.error
+    async def run(descriptors, stall: int, out_stall: int = 0):
+        """Hand `descriptors` over back to back (each as soon as the unit takes it); returns the
+        counter deltas from before the first to the last one's `done`, whether every result
+        matched, the simulation speed and the number of results."""
+        expect = []
+        for fields in descriptors:
+            expect += gold.execute(dict(fields))
+            assert gold.error == ErrorCode.NONE, gold.error
         tb.set_stalls(0, stall, stall, out_stall)
-        step = Step(fields, ErrorCode.NONE, results, words)
         before = tb.counters()
         count0 = int(dut.result_count.value)
         sim0, wall0, cpu0 = cocotb.utils.get_sim_time("ns"), time.perf_counter(), time.process_time()
-        tb.present(step)
-        await tb.handshake()
-        await RisingEdge(dut.done)
+        dones = [0]
+
+        async def count_dones():
+            while dones[0] < len(descriptors):
+                await RisingEdge(dut.done)
+                dones[0] += 1
+
+        counting = cocotb.start_soon(count_dones())
+        for fields in descriptors:
+            tb.present(Step(fields, ErrorCode.NONE, [], 0))
+            await tb.handshake()
+        await counting
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         sim_cycles = (cocotb.utils.get_sim_time("ns") - sim0) / 10
         after = tb.counters()
-        got = tb.read_results(count0, int(dut.result_count.value)) if results else []
+        got = tb.read_results(count0, int(dut.result_count.value)) if expect else []
         delta = {k: after[k] - before[k] for k in after}
-        return delta, got == results, (sim_cycles / wall, sim_cycles / cpu), len(results)
+        return delta, got == expect, (sim_cycles / wall, sim_cycles / cpu), len(expect)
 
     for bits in bits_list:
         fmt = cfg.fmt(bits, group)
@@ -84,25 +100,34 @@ async def throughput(dut):
         tb.load_memory(bytes(gold.mem[:mat_addr + image.numel()]))
         load_s = time.perf_counter() - l0
         load = DESCRIPTOR.unpack(make_descriptor(Opcode.LOAD_ACT, addr=0, in_features=act_len, tokens=t_max))
-        await run(load, 0)
+        await run([load], 0)
+        load_words = t_max * act_len // cfg.word_bytes
         for tokens in tokens_list:
             for stall in stalls:
                 mm = DESCRIPTOR.unpack(make_descriptor(Opcode.MATMUL, addr=mat_addr, in_features=n_in, tokens=tokens,
                                                        rows=rows, bits=bits, group_size=group))
-                delta, ok, speed, n_results = await run(mm, stall)
                 words = fmt.matrix_bytes(rows, n_in) // cfg.word_bytes
-                busy = delta["busy_cycles"]
                 # Beats: metadata and 3-bit hi-plane words take one, code words one per pass.
                 single = rows * (fmt.superblocks(n_in) + (fmt.padded_in(n_in) // cfg.word_bits if bits == 3 else 0))
                 beats = single + (words - single) * cfg.passes(tokens)
+                delta, ok, speed, n_results = await run([mm], stall)
+                b2b, ok_b2b, _, _ = await run([mm] * b2b_count, stall)
+                with_load, ok_load, _, _ = await run([load] + [mm] * b2b_count, stall)
+                busy, busy_b2b = delta["busy_cycles"], b2b["busy_cycles"]
                 rows_out.append(dict(
                     bits=bits, group=group, rows=rows, in_features=n_in, tokens=tokens, stall=stall,
                     words=words, words_read=delta["words_read"], busy_cycles=busy,
                     mem_stall_cycles=delta["mem_stall_cycles"], out_stall_cycles=delta["out_stall_cycles"],
                     utilization=delta["words_read"] / busy, passes=cfg.passes(tokens),
                     beats=beats, overhead_cycles=busy - beats,
-                    macs_per_cycle=rows * n_in * tokens / busy, results_ok=ok, results=n_results,
-                    sim_cycles_per_s=speed[0], sim_cycles_per_cpu_s=speed[1], image_load_s=load_s))
+                    b2b_count=b2b_count, b2b_busy_cycles=busy_b2b, b2b_words_read=b2b["words_read"],
+                    b2b_utilization=b2b["words_read"] / busy_b2b,
+                    # what one more descriptor in the stream costs beyond its beats
+                    b2b_overhead_cycles=(busy_b2b - busy) / (b2b_count - 1) - beats,
+                    load_words=load_words, load_cycles=with_load["busy_cycles"] - busy_b2b,
+                    macs_per_cycle=rows * n_in * tokens / busy, results_ok=ok and ok_b2b and ok_load,
+                    results=n_results, sim_cycles_per_s=speed[0], sim_cycles_per_cpu_s=speed[1],
+                    image_load_s=load_s))
                 dut._log.info(str(rows_out[-1]))
 
     if os.environ.get("NDP_REPORT"):
