@@ -3,6 +3,7 @@ of the smallest configuration (marked slow; under 3 minutes with the YoWASP firs
 """
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
@@ -15,7 +16,8 @@ from ndpmoe.model.contract import get_config
 from ndpmoe.rtl.synth import constraints, flow
 from ndpmoe.rtl.synth.design import TOP_NAME, ndp_unit
 from ndpmoe.rtl.synth.report import read_failing_endpoints
-from ndpmoe.rtl.synth.run import check_freq, run_synth
+from ndpmoe.rtl.synth.cmd_synth import parse_seeds
+from ndpmoe.rtl.synth.run import check_freq, run_seeds, run_synth
 from ndpmoe.rtl.synth.sweep import SweepAxes, derive, markdown_table, parse_bits_sets, sweep_points
 from ndpmoe.rtl.synth.targets import TARGETS, get_target
 from ndpmoe.rtl.synth.throughput import macs_per_cycle, throughput
@@ -161,3 +163,23 @@ def test_failing_endpoints_count_clocked_register_inputs_only(tmp_path):
     assert r["worst"] == [{"signal": "design.acc", "endpoints": 2, "arrival_ns": 7.5}]
     assert read_failing_endpoints(tmp_path, 100.0)["endpoints"] == 0
     assert read_failing_endpoints(tmp_path / "missing", 100.0) is None
+
+
+def test_seeds_option_parses_ranges_and_lists():
+    assert parse_seeds("1-5") == [1, 2, 3, 4, 5]
+    assert parse_seeds("1,3,7") == [1, 3, 7]
+    for bad in ("5-1", "1,1", "a", "-3", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="seeds must be"):
+            parse_seeds(bad)
+    with pytest.raises(ValueError, match="seeds must be a non-empty list"):
+        run_seeds("small", "ecp5-25k", [])
+
+
+def test_another_seed_places_only_the_netlist_of_the_same_verilog(tmp_path):
+    """run_seeds places the first seed's netlist again; a folder holding another design's netlist
+    is refused before any tool runs."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "top.v").write_text("module top(); endmodule\n")
+    with pytest.raises(ValueError, match="netlist of other Verilog"):
+        run_synth(CI_CONFIG, CI_TARGET, freq_mhz=CI_FREQ_MHZ, build=tmp_path / "run", netlist_from=other)

@@ -1,8 +1,13 @@
-"""`ndpmoe synth`: synthesize and place-and-route one NDP configuration on one FPGA target."""
+"""`ndpmoe synth`: synthesize and place-and-route one NDP configuration on one FPGA target.
+
+With --seeds (e.g. 1-5 or 1,3,7) the same netlist is placed and routed at each placer seed in
+turn, and the summary gives Fmax min / median / max with the failing endpoints of the worst seed:
+a timing result that one seed makes or breaks is not yet a design that closes timing."""
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from ndpmoe.model.contract import CONFIGS
@@ -19,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", type=int, default=None,
                    help="ECP5 speed grade 6/7/8 (default 6, nextpnr's default and the slowest)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
+    p.add_argument("--seeds", type=parse_seeds, default=None,
+                   help="place and route the same netlist at several seeds, one after the other: "
+                        "a range 1-5 or a list 1,3,7 (replaces --seed)")
     p.add_argument("--dsp-min-width", type=int, default=None,
                    help="ECP5: put only multiplies whose narrower operand has >= N bits in DSPs "
                         "(default: synth_ecp5's choice, which maps even 2x8-bit products)")
@@ -33,6 +41,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse", action="store_true",
                    help="return the stored result of an identical earlier run (same Verilog, target, speed, clock, "
                         "seed) from the build folder instead of running the tools again")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'1-5' -> [1, 2, 3, 4, 5]; '1,3,7' -> [1, 3, 7]."""
+    try:
+        if "-" in text:
+            lo, hi = (int(v) for v in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be a range like 1-5 or a list like 1,3,7 of distinct "
+                                         f"non-negative integers, not {text!r}")
+    return seeds
+
+
+def format_seeds(results: list[SynthResult], seeds: list[int]) -> str:
+    """One line per seed, then Fmax min / median / max and how many seeds meet the target."""
+    first = results[0]
+    lines = [f"config {first.config} on {first.target}, speed grade {first.speed}, target "
+             f"{first.freq_target_mhz:g} MHz, {len(seeds)} placer seeds"]
+    for seed, r in zip(seeds, results):
+        failing = (r.extra.get("failing") or {}).get("endpoints")
+        fmax = f"{r.fmax_mhz:6.1f} MHz" if r.fmax_mhz is not None else "   -      "
+        lines.append(f"  seed {seed:>3}  {fmax}  {'meets' if r.meets_target else 'fails'}"
+                     + (f"  ({failing} register inputs late)" if failing else "")
+                     + (f"  nextpnr {r.seconds.get('nextpnr', 0):.0f} s" if r.seconds else "")
+                     + (f"  error: {r.error.splitlines()[0]}" if r.error else ""))
+    fmaxes = sorted(r.fmax_mhz for r in results if r.fmax_mhz is not None)
+    if fmaxes:
+        lines.append(f"  Fmax         min {fmaxes[0]:.1f} / median {statistics.median(fmaxes):.1f} / max "
+                     f"{fmaxes[-1]:.1f} MHz; {sum(r.meets_target for r in results)} of {len(results)} seeds meet "
+                     f"{first.freq_target_mhz:g} MHz")
+    return "\n".join(lines)
 
 
 def _pct(used: int | None, avail: int | None) -> str:
@@ -92,12 +136,27 @@ def attach_throughput(r: SynthResult, cfg, words_per_cycle: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ndpmoe.model.contract import get_config
-    from ndpmoe.rtl.synth.run import run_synth   # amaranth loads here, not for --help
+    from ndpmoe.rtl.synth.run import run_seeds, run_synth   # amaranth loads here, not for --help
     cfg = get_config(args.config)
     target = get_target(args.target)
     check_words_per_cycle(args.words_per_cycle)   # before minutes of place and route
-    r = run_synth(cfg, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed,
-                  dsp_min_width=args.dsp_min_width, reuse=args.reuse, primitives=args.primitives)
+    options = dict(freq_mhz=args.freq, speed=args.speed, dsp_min_width=args.dsp_min_width, reuse=args.reuse,
+                   primitives=args.primitives)
+    if args.seeds:
+        results = run_seeds(cfg, target, args.seeds, build=args.out, **options)
+        for r in results:
+            attach_throughput(r, cfg, args.words_per_cycle)
+        placed = [r for r in results if r.fmax_mhz is not None]
+        worst = min(placed, key=lambda r: r.fmax_mhz) if placed else results[0]
+        print(format_seeds(results, args.seeds))
+        print(f"worst seed ({worst.extra.get('build')}):")
+        print(format_result(worst))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps([dict(r.to_json(), seed=s) for s, r in zip(args.seeds, results)],
+                                            indent=1) + "\n")
+        return 0 if all(r.fits for r in results) else 1
+    r = run_synth(cfg, target, build=args.out, seed=args.seed, **options)
     attach_throughput(r, cfg, args.words_per_cycle)
     print(format_result(r))
     if args.json:

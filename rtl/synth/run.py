@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
               speed: int | None = None, build: Path | None = None, seed: int = 1,
               factory: DesignFactory = ndp_unit, timeout_s: float | None = 3600,
               reuse: bool = False, dsp_min_width: int | None = None,
-              primitives: str | None = None) -> SynthResult:
+              primitives: str | None = None, netlist_from: Path | None = None) -> SynthResult:
     """Amaranth -> wrapped Verilog -> Yosys -> nextpnr; the result says whether the design fits,
     its resources, Fmax and critical path. Tool failures come back in `result.error`.
 
@@ -58,7 +59,9 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
     `dsp_min_width` (ECP5): only multiplies whose narrower operand has at least that many bits
     go to DSPs (see flow.synthesize); None leaves the choice to synth_ecp5. `primitives`:
     "ecp5" (the default on ECP5 targets) instantiates block RAMs and multipliers with their
-    registers on, "inferred" leaves them to Yosys (rtl/hard_blocks.py)."""
+    registers on, "inferred" leaves them to Yosys (rtl/hard_blocks.py). `netlist_from`: the build
+    folder of an earlier run of the same Verilog whose Yosys netlist to place again (another placer
+    seed) instead of synthesizing it anew."""
     cfg = resolve_config(config)
     target = get_target(target) if isinstance(target, str) else target
     freq_mhz = check_freq(freq_mhz)
@@ -101,7 +104,18 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
         cached.write_text(json.dumps(r.to_json(), indent=1) + "\n")
         return r
 
+    if netlist_from is not None:
+        source = Path(netlist_from)
+        if (source / "top.v").read_bytes() != (build / "top.v").read_bytes():
+            raise ValueError(f"{source} holds the netlist of other Verilog than this run's")
+        for name in ("netlist.json", "stat.json"):
+            shutil.copyfile(source / name, build / name)
+        notes.append(f"netlist from {source}")
     try:
+        if netlist_from is not None:
+            step = flow.place_and_route(target, build, freq_mhz, speed, seed, timeout_s)
+            seconds["nextpnr"] = round(step.seconds, 2)
+            return _finish(build, step, result, target, dsp_min_width)
         step = flow.synthesize(target, build / "top.v", build, timeout_s, dsp_min_width)
         seconds["yosys"] = round(step.seconds, 2)
         if step.returncode and target.family == "ecp5" and "Assert `" in log_tail(step.log, 1):
@@ -117,7 +131,11 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
         seconds["nextpnr"] = round(step.seconds, 2)
     except subprocess.TimeoutExpired as exc:
         return result(f"{Path(exc.cmd[0]).name} ran past {timeout_s} s", False)
+    return _finish(build, step, result, target, dsp_min_width)
 
+
+def _finish(build: Path, step, result, target: FpgaTarget, dsp_min_width: int | None) -> SynthResult:
+    """The result after place and route: does not fit, nextpnr failed, or fits."""
     over = over_capacity(read_utilization(build))
     if over:
         used = ", ".join(f"{k} {v['used']}/{v['available']} ({100 * v['used'] / v['available']:.0f} %)"
@@ -128,3 +146,22 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
     if step.returncode or not (build / "report.json").exists():
         return result(f"nextpnr failed (exit {step.returncode}):\n{log_tail(step.log)}", False)
     return result(None, True)
+
+
+def run_seeds(config: NdpConfig | str, target: FpgaTarget | str, seeds: list[int], *,
+              build: Path | None = None, **options) -> list[SynthResult]:
+    """The same netlist placed and routed at each of `seeds`, one after the other (Yosys runs
+    once, for the first): one result per seed, each in its own folder build/seed<N>."""
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of non-negative integers, not {seeds!r}")
+    cfg = resolve_config(config)
+    target = get_target(target) if isinstance(target, str) else target
+    if build is None:
+        build = default_build_dir(cfg, target, options.get("freq_mhz", 150.0), target.check_speed(options.get("speed")),
+                                  options.get("dsp_min_width"), options.get("primitives"))
+    results = []
+    for seed in seeds:
+        first = results[0] if results and results[0].error is None else None
+        results.append(run_synth(cfg, target, seed=seed, build=Path(build) / f"seed{seed}",
+                                 netlist_from=Path(first.extra["build"]) if first else None, **options))
+    return results
