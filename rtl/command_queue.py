@@ -4,11 +4,11 @@ A few registers deep, so the host can hand over the next descriptors while one r
 a register and falls for the cycle after every transfer (a descriptor is taken at most every
 other cycle, far faster than the unit checks them): a driver that waits for `ready` to fall
 after presenting a descriptor sees each transfer, as with a unit that takes one at a time.
-The head is a register (`o.payload`), so whatever the unit does with it starts from a flip-flop.
+The entries are a ring of registers; the head (`o.payload`) is the one at the read pointer.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Module, Mux, Signal, Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -34,19 +34,27 @@ class CommandQueue(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         depth = self._depth
+        # a ring: a transfer only writes the entry at `produce`, a pop only moves `consume`, so
+        # neither handshake reaches more than its own enables
         entries = [Signal.like(self.i.payload, name=f"entry{k}") for k in range(depth)]
+        produce = Signal(range(depth))
+        consume = Signal(range(depth))
         count = Signal(range(depth + 1))
         ready = Signal(init=1)
         push = self.i.valid & ready
         pop = self.o.valid & self.o.ready
+        head = Value.cast(entries[0])
+        for k in range(1, depth):
+            head = Mux(consume == k, Value.cast(entries[k]), head)
         m.d.comb += [self.i.ready.eq(ready), self.taken.eq(push),
-                     self.o.valid.eq(count != 0), self.o.payload.eq(entries[0])]
-        # a pop shifts every entry down; a push writes behind the last one left
-        with m.If(pop):
-            m.d.sync += [entries[k].eq(entries[k + 1]) for k in range(depth - 1)]
+                     self.o.valid.eq(count != 0), self.o.payload.eq(head)]
         for k in range(depth):
-            with m.If(push & (count - pop == k)):
+            with m.If(push & (produce == k)):
                 m.d.sync += entries[k].eq(self.i.payload)
+        with m.If(push):
+            m.d.sync += produce.eq(Mux(produce == depth - 1, 0, produce + 1))
+        with m.If(pop):
+            m.d.sync += consume.eq(Mux(consume == depth - 1, 0, consume + 1))
         m.d.sync += [
             count.eq(count + push - pop),
             ready.eq(~push & ((count < depth) | pop)),

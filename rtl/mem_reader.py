@@ -15,7 +15,7 @@ Each command carries a `slot` (which of the unit's descriptors it reads for); `w
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -38,7 +38,7 @@ class MemReader(wiring.Component):
     Ports: `cmd` (In stream: addr, words, slot; taken when the previous command's requests have
     all gone out and at most one command still receives), `mem_req` / `mem_resp` (the memory),
     `data` (Out stream: the response words, combinationally), `busy` (requests left to issue or
-    words still to arrive), `waiting` (words requested and not yet arrived, a cycle late),
+    words still to arrive), `waiting` (words requested and not yet arrived, three cycles late),
     `word_fire` (a response word was taken a cycle ago), `word_slot` (its command's slot).
     """
 
@@ -159,10 +159,13 @@ class MemReader(wiring.Component):
         # Responses are counted a cycle after their handshake (the memory's handshake sits at
         # the unit's edge, the counters beside the controller). A fired burst counts as
         # requested a cycle after its handshake too.
+        # (the change of `outstanding` is worked out a cycle ahead: one adder, not two, per cycle)
+        change = Signal(signed(len(burst) + 1))
         m.d.sync += [
             resp_fire.eq(self.mem_resp.valid & self.mem_resp.ready & cur_valid),
-            outstanding.eq(outstanding + Mux(req_fire, burst, 0) - resp_fire),
-            waiting.eq((outstanding != 0) | req_fire),
+            change.eq(Mux(req_fire, burst, 0) - resp_fire),
+            outstanding.eq(outstanding + change),
+            waiting.eq(outstanding != 0),
         ]
         with m.If(resp_fire):
             m.d.sync += [cur_left.eq(cur_left - 1), one_left.eq(cur_left == 2)]

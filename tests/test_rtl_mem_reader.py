@@ -45,7 +45,7 @@ def test_bursts_addresses_and_pass_through():
         assert ctx.get(dut.busy) and not ctx.get(dut.cmd.ready)
         while len(received) < 40:
             await ctx.tick()
-        await ctx.tick()
+        await ctx.tick().repeat(3)                  # `waiting` is three cycles late
         assert not ctx.get(dut.busy) and not ctx.get(dut.waiting)
         assert requests == [(0x1000, 16), (0x1000 + 16 * 8, 16), (0x1000 + 32 * 8, 8)]
         assert received == list(range(40))
