@@ -9,6 +9,10 @@ whole descriptors run without it:
 - a result sink: results land in a RAM (read back through VPI after the descriptor), with LFSR
   random back-pressure on the output stream.
 
+- handshake wait counters for the bench's coverage: cycles a descriptor waited on the command
+  port, a memory request waited on the memory, a response word waited on the unit (each valid
+  and not ready at the unit's own port, whichever model drives the other side).
+
 `ext_mem` / `ext_out` switch the unit's memory ports / output stream to the harness's own ports
 instead, so the same build also serves a bench whose memory model and output consumer are
 Python coroutines. Stall rates are n/16 per cycle (0: never, 15: almost always).
@@ -48,6 +52,8 @@ module ndp_sim_ram #(parameter WIDTH = 128, parameter ADDR_BITS = 16) (
     end
 endmodule
 """
+
+WAITS = ("cmd", "req", "resp")     # handshakes whose waits the harness counts
 
 # Galois LFSR taps (maximal length) per width.
 _LFSR_TAPS = {16: 0xB400, 20: 0x90000, 24: 0xE10000}
@@ -108,8 +114,9 @@ class SimHarness(wiring.Component):
 
     Ports: `cmd`; `ext_mem`, `mem_req`, `mem_resp`; `ext_out`, `out`; `req_stall`, `resp_stall`,
     `read_stall`, `out_stall` (rates n/16); `status`, `counters`, `done`; `result_count` (results
-    in the result RAM), `result_clear`. The memory is `mem_words` words at byte address
-    0 .. mem_words * P/8 (higher addresses wrap); the result RAM holds `result_words` results.
+    in the result RAM), `result_clear`; `cmd_waits`, `req_waits`, `resp_waits`. The memory is
+    `mem_words` words at byte address 0 .. mem_words * P/8 (higher addresses wrap); the result RAM
+    holds `result_words` results.
     """
 
     def __init__(self, cfg: NdpConfig, *, mem_words: int = 1 << 16, result_words: int = 1 << 14,
@@ -136,6 +143,7 @@ class SimHarness(wiring.Component):
             "done": Out(1),
             "result_count": Out(32),
             "result_clear": In(1),
+            **{f"{name}_waits": Out(32) for name in WAITS},
         })
 
     @property
@@ -214,6 +222,10 @@ class SimHarness(wiring.Component):
             results.wdata.eq(unit.out.payload),
             results.we.eq(unit.out.valid & sink_ready & ~self.ext_out),
         ]
+        for name, port in (("cmd", unit.cmd), ("req", unit.mem_req), ("resp", unit.mem_resp)):
+            counter = getattr(self, f"{name}_waits")
+            with m.If(port.valid & ~port.ready):
+                m.d.sync += counter.eq(counter + 1)
         with m.If(self.result_clear):
             m.d.sync += self.result_count.eq(0)
         with m.Elif(results.we):

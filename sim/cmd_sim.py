@@ -37,6 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--b2b", type=int, default=8, help="MATMULs queued back to back per case")
 
 
+def format_coverage(tally: dict) -> str:
+    """Functional coverage: per cover point, bins hit by the random descriptors, by all (with the
+    directed ones for what the random ones missed), and the bins still missed."""
+    lines = [f"functional coverage ({tally['closure_steps']} directed descriptors after the random ones):"]
+    for name, final in tally["coverage"].items():
+        random_hit = tally["coverage_random"][name]["hit"]
+        lines.append(f"  {name:<18} {random_hit:>4} random, {final['hit']:>4} in all of {final['bins']:>4} bins"
+                     + (f"; missed: {', '.join(final['missed'])}" if final["missed"] else ""))
+    missed = sum(len(g["missed"]) for g in tally["coverage"].values())
+    lines.append(f"  {missed} bins missed")
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     from . import bench_ndp   # amaranth and cocotb load here, not for --help
     from .runner import BenchOptions, build_dir, run as run_bench
@@ -52,11 +65,14 @@ def run(args) -> int:
     log = build_dir(opts) / "sim.log"
     print(f"building and simulating; log in {log}")
     tally = run_bench(opts, log_file=log)
-    print(f"{tally['steps']} descriptors ({tally['errors_checked']} refused, {tally['resets']} reset mid-run), "
+    print(f"{tally['steps']} descriptors ({tally['errors_checked']} refused, {tally['resets']} reset mid-run, "
+          f"{tally['closure_steps']} directed), "
           f"{tally['results']} results, {tally['sim_cycles']} cycles: {tally['mismatch_count']} mismatches "
           f"[{time.perf_counter() - t0:.0f} s incl. build, {tally['wall_s']:.0f} s simulating]")
     for message in tally["mismatches"]:
         print("  " + message)
+    print(format_coverage(tally))
     if args.waves:
         print(f"trace: {tally['build_dir']}/dump.vcd")
-    return 0 if tally["mismatch_count"] == 0 else 1
+    missed = sum(len(g["missed"]) for g in tally["coverage"].values())
+    return 0 if tally["mismatch_count"] == 0 and missed == 0 else 1

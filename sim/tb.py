@@ -36,8 +36,8 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, Event, FallingEdge, RisingEdge, Timer, with_timeout
 
-from ndpmoe.model.contract import (ACC_BITS, COUNTER_BITS, COUNTERS, STATUS, ErrorCode, NdpConfig, State,
-                            output_struct)
+from ndpmoe.model.contract import (ACC_BITS, COUNTER_BITS, COUNTERS, STATUS, ErrorCode, NdpConfig, Opcode, State,
+                                   output_struct)
 
 from .workload import Step
 
@@ -51,6 +51,7 @@ class Tally:
     results: int = 0
     errors_checked: int = 0
     resets: int = 0
+    closure_steps: int = 0          # directed steps for coverage bins the random ones missed
     cycles: int = 0
     mismatches: list[str] = field(default_factory=list)
 
@@ -66,6 +67,9 @@ class NdpTB:
         self.mem_words, self.result_words = mem_words, result_words
         self.result_struct = output_struct(cfg.t_max)
         self.tally = Tally()
+        self.coverage = None            # an NdpCoverage to sample (sim/ndp_coverage.py), if any
+        self._cmd_waits: dict[int, int] = {}
+        self._port_waits = (0, 0)
         self.log = dut._log
         # Python-mode port models (see _python_port_models).
         self.py_stall = (0.0, 0.0, 0.0, 0.0)
@@ -148,14 +152,25 @@ class NdpTB:
         await FallingEdge(self.dut.cmd__ready)
         self.dut.cmd__valid.value = 0
 
+    async def hand_over(self, step: Step) -> None:
+        """Present `step`, wait for its transfer; note how long the command port held it."""
+        waits0 = int(self.dut.cmd_waits.value)
+        self.present(step)
+        await self.handshake()
+        self._cmd_waits[id(step)] = int(self.dut.cmd_waits.value) - waits0
+        if self.coverage is not None:
+            self.coverage.handed_over(self._inflight[-1] if self._inflight else None, step)
+
     def step_timeout_ns(self, step: Step) -> int:
         f = step.fields
         beats = step.words * self.cfg.passes(max(1, min(f["tokens"], self.cfg.t_max)))
         return PERIOD_NS * (2000 + 64 * (beats + len(step.results)))
 
     # -- one run ------------------------------------------------------------------------------------
-    async def run_steps(self, steps: list[Step], *, python_ports: bool) -> None:
-        """Hand `steps` to the unit, queued or one at a time, and check each at its `done`."""
+    async def run_steps(self, steps: list[Step], *, python_ports: bool, queued: bool = False,
+                        stalls: tuple[int, int, int, int] | None = None) -> None:
+        """Hand `steps` to the unit, queued or one at a time (`queued`: each as soon as the unit
+        takes it), and check each at its `done`. Stall rates random per step, or `stalls`."""
         self._python_ports = python_ports
         self._inflight: deque[Step] = deque()
         self._drained = Event()
@@ -177,19 +192,21 @@ class NdpTB:
                     await self._reset_during(step, steps[i + 1] if i + 1 < len(steps) else None)
                     i += 1
                     continue
-                ahead = self.rng.choice((0, 1, 1, 2, 3, 4))      # descriptors in flight before this one
+                ahead = 4 if queued else self.rng.choice((0, 1, 1, 2, 3, 4))   # in flight before this one
                 if ahead == 0:
                     if not await self._drain():
                         return
                 while len(self._inflight) > ahead:
                     if not await self._wait_done():
                         return
-                gap = self.rng.choice((0, 0, 0, 1, 2, 5))
+                gap = 0 if queued else self.rng.choice((0, 0, 0, 1, 2, 5))
                 if gap:
                     await Timer(gap * PERIOD_NS, unit="ns")
-                self.random_stalls()
-                self.present(step)
-                await self.handshake()
+                if stalls is None:
+                    self.random_stalls()
+                else:
+                    self.set_stalls(*stalls)
+                await self.hand_over(step)
                 self._inflight.append(step)
                 self._drained.clear()
                 i += 1
@@ -254,8 +271,7 @@ class NdpTB:
         sometimes with `nxt` queued behind it first (the reset cuts both)."""
         queue_next = (nxt is not None and nxt.reset_after is None and self.rng.random() < 0.5)
         self.random_stalls()
-        self.present(step)
-        await self.handshake()
+        await self.hand_over(step)
         waited = 0
         if queue_next:
             self.present(nxt)
@@ -268,10 +284,17 @@ class NdpTB:
                 queue_next = False
         if step.reset_after > waited:
             await Timer((step.reset_after - waited) * PERIOD_NS, unit="ns")
+        await self._reset_and_check(step, queue_next)
+
+    async def _reset_and_check(self, step: Step | None, queued: bool) -> None:
+        """Reset now, with `step` (None: nothing) in the unit: sample the state the reset found,
+        then the unit must be IDLE with every count and result gone."""
+        if self.coverage is not None:
+            self.coverage.reset(*self._unit_state(step), queued)
         await self.reset()
         self.tally.resets += 1
         self.tally.steps += 1
-        self.on_reset(step, queued=queue_next)
+        step = step if step is not None else Step({}, ErrorCode.NONE, [], 0)
         state, error = self.status()
         if (state, error) != (State.IDLE, ErrorCode.NONE):
             self.fail(step, f"after reset the status is {state.name}/{error.name}, not IDLE/NONE")
@@ -279,9 +302,37 @@ class NdpTB:
             self.fail(step, f"after reset the counters are {self.counters()}")
         self._last_counters = self.counters()
         self._result_cursor = len(self.py_results) if self._python_ports else 0
+        self._port_waits = (int(self.dut.req_waits.value), int(self.dut.resp_waits.value))
 
-    def on_reset(self, step: Step, *, queued: bool) -> None:
-        """Hook for the coverage collector: a reset cut `step` (and one queued behind it)."""
+    def _unit_state(self, step: Step | None) -> tuple[str, str | None]:
+        """What `step` (the oldest in the unit) has done so far, from the live word count."""
+        if step is None:
+            return "idle", None
+        words = self.counters()["words_read"] - self._last_counters["words_read"]
+        phase = "before_first_word" if words == 0 else "reading" if words < step.words else "draining"
+        return Opcode(step.fields["opcode"]).name, phase
+
+    async def reset_in_phase(self, case) -> None:
+        """A directed reset (sim/coverage_closure.py): run `case.setup`, hand over `case.first`
+        (and `case.queued` behind it), reset once the unit is in `case.phase`."""
+        await self.run_steps([case.setup], python_ports=False)
+        if case.first is None:
+            await self._reset_and_check(None, False)
+            return
+        self.random_stalls()
+        await self.hand_over(case.first)
+        if case.queued is not None:
+            await self.hand_over(case.queued)
+        limit = self.step_timeout_ns(case.first) // PERIOD_NS
+        for _ in range(limit):
+            if self._unit_state(case.first)[1] == case.phase or (
+                    case.phase == "before_first_word"):
+                break
+            await RisingEdge(self.dut.clk)
+            if self.dut.done.value:
+                self.fail(case.first, f"ended before the unit was seen {case.phase}")
+                break
+        await self._reset_and_check(case.first, case.queued is not None)
 
     # -- checker --------------------------------------------------------------------------------------
     def fail(self, step: Step, message: str) -> None:
@@ -329,10 +380,13 @@ class NdpTB:
         for name in ("mem_stall_cycles", "out_stall_cycles"):
             if delta[name] > delta["busy_cycles"]:
                 self.fail(step, f"{name} {delta[name]} exceeds busy cycles {delta['busy_cycles']}")
-        self.on_checked(step, delta)
-
-    def on_checked(self, step: Step, delta: dict[str, int]) -> None:
-        """Hook for the coverage collector: `step` ended and was checked."""
+        if self.coverage is not None:
+            req, resp = int(self.dut.req_waits.value), int(self.dut.resp_waits.value)
+            waits = {"command": self._cmd_waits.pop(id(step), 0), "mem_request": req - self._port_waits[0],
+                     "mem_response_late": delta["mem_stall_cycles"], "mem_response_held": resp - self._port_waits[1],
+                     "result": delta["out_stall_cycles"]}
+            self._port_waits = (req, resp)
+            self.coverage.checked(step, waits)
 
     # -- Python memory model and output consumer (ext_mem / ext_out) ---------------------------------
     async def _python_port_models(self) -> None:

@@ -1,4 +1,6 @@
-"""The NDP unit's RTL against the golden model: cocotb + Verilator, random descriptors.
+"""The NDP unit's RTL against the golden model: cocotb + Verilator, random descriptors (queued
+back to back or one at a time), then directed ones for the coverage bins they missed; every bin
+of the functional coverage (sim/ndp_coverage.py) must be hit.
 
 Workload size from the environment: NDP_TEST_COUNT (default 1000 descriptors for the default
 configuration; the small one runs a quarter of it), NDP_TEST_SEED, NDP_TEST_CONFIGS (comma list,
@@ -40,5 +42,11 @@ def test_ecp5_primitives_match_golden():
 def _check(opts: BenchOptions):
     tally = run(opts)
     assert tally["mismatch_count"] == 0, "\n".join(tally["mismatches"])
-    assert tally["steps"] == opts.count
+    assert tally["steps"] == opts.count + tally["closure_steps"]
     assert tally["errors_checked"] > 0 and tally["resets"] > 0 or opts.count < 100
+    missed = {name: g["missed"] for name, g in tally["coverage"].items() if g["missed"]}
+    assert not missed, f"coverage bins missed: {missed}"
+    # the random descriptors themselves reach most of the MATMUL formats and pairs
+    for name in ("matmul.cross", "pair.kinds", "error.code"):
+        random_hit, bins = tally["coverage_random"][name]["hit"], tally["coverage"][name]["bins"]
+        assert random_hit >= 0.6 * bins or opts.count < 100, (name, random_hit, bins)
