@@ -96,12 +96,16 @@ class DescriptorSlots(wiring.Component):
 
         # -- fill ---------------------------------------------------------------------------------
         m.d.comb += self.fill.ready.eq(~at(occupied, fill_ptr))
+        for i in range(SLOTS):
+            # a free slot follows the offered descriptor (its enable is one flip-flop), and the
+            # fill only marks it taken
+            with m.If(~occupied[i]):
+                m.d.sync += entries[i].eq(self.fill.payload)
         with m.If(self.fill.valid & self.fill.ready):
             m.d.sync += fill_ptr.eq(~fill_ptr)
             for i in range(SLOTS):
                 with m.If(fill_ptr == i):
-                    m.d.sync += [entries[i].eq(self.fill.payload), occupied[i].eq(1), read_done[i].eq(0),
-                                 started[i].eq(0), finished[i].eq(0)]
+                    m.d.sync += [occupied[i].eq(1), read_done[i].eq(0), started[i].eq(0), finished[i].eq(0)]
 
         # -- read: a command per LOAD_ACT / MATMUL, in order --------------------------------------
         r_entry = entry_at(read_ptr)
@@ -120,8 +124,11 @@ class DescriptorSlots(wiring.Component):
                     with m.If(read_ptr == i):
                         m.d.sync += read_done[i].eq(1)
             with m.Else():
-                m.d.sync += [read_valid.eq(1), self.read.payload.addr.eq(r_entry.addr),
-                             self.read.payload.words.eq(r_entry.words), self.read.payload.slot.eq(read_ptr)]
+                m.d.sync += read_valid.eq(1)
+        # the command follows the read pointer's slot until it is offered, then holds
+        with m.If(~read_valid):
+            m.d.sync += [self.read.payload.addr.eq(r_entry.addr), self.read.payload.words.eq(r_entry.words),
+                         self.read.payload.slot.eq(read_ptr)]
 
         # -- exec: the next one to start, staged in registers -------------------------------------
         x_entry = entry_at(exec_ptr)

@@ -174,15 +174,19 @@ class MemReader(wiring.Component):
                              one_left.eq(nxt_one), nxt_valid.eq(0)]
         # A command enters the receive side in `pending` (no request goes out before pending2,
         # so no word of it arrives before it is there).
-        with m.If(pending & (words != 0)):
+        # (whether the command reads any word, or one, registered with it: no wide compare here)
+        words_any, words_one = Signal(), Signal()
+        with m.If(pending & words_any):
             with m.If(~cur_valid | (resp_fire & one_left & ~nxt_valid)):
-                m.d.sync += [cur_valid.eq(1), cur_left.eq(words), cur_slot.eq(slot), one_left.eq(words == 1)]
+                m.d.sync += [cur_valid.eq(1), cur_left.eq(words), cur_slot.eq(slot), one_left.eq(words_one)]
             with m.Else():
-                m.d.sync += [nxt_valid.eq(1), nxt_words.eq(words), nxt_slot.eq(slot), nxt_one.eq(words == 1)]
+                m.d.sync += [nxt_valid.eq(1), nxt_words.eq(words), nxt_slot.eq(slot), nxt_one.eq(words_one)]
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 addr.eq(self.cmd.payload.addr),
                 words.eq(self.cmd.payload.words),
+                words_any.eq(self.cmd.payload.words != 0),
+                words_one.eq(self.cmd.payload.words == 1),
                 slot.eq(self.cmd.payload.slot),
                 pending.eq(1),
                 # requesting from the command on; whether any word comes is settled in pending2
