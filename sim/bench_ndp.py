@@ -18,9 +18,11 @@ beats.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from ndpmoe.model.contract import get_config
 
@@ -36,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", default="1", help="comma-separated token counts")
     parser.add_argument("--stalls", default="0,4", help="memory stall rates n/16, comma-separated")
     parser.add_argument("--b2b", type=int, default=8, help="MATMULs queued back to back per case")
+    parser.add_argument("--replay", default=None,
+                        help="a co-simulation's report.json (build/cosim/runs/...): replay its layer's "
+                             "descriptors one at a time and queued instead")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--tokens-parallel", type=int, default=0,
                         help="a variant of the configuration with this many tokens per beat")
@@ -46,7 +51,36 @@ def mem_words_for(cfg, rows: int, in_features: int) -> int:
     return 1 << max(16, (need - 1).bit_length())
 
 
+def replay(args) -> int:
+    """The descriptor shapes of a co-simulated layer over fresh data, one at a time and queued."""
+    cfg = get_config(args.config)
+    report = json.loads(Path(args.replay).read_text())
+    records = [dict(zip(report["record_fields"], r)) for r in report["cases"][0]["runs"]["no_stalls"]["records"]]
+    words = sum(r["words"] for r in records)
+    results = sum(r["results"] for r in records)
+    opts = BenchOptions(config=args.config, seed=args.seed, mem_words=1 << max(16, (2 * words).bit_length()),
+                        result_words=1 << max(14, results.bit_length()), tokens_parallel=args.tokens_parallel)
+    cfg = opts.ndp_config()
+    os.environ["NDP_REPLAY"] = str(Path(args.replay).resolve())
+    t0 = time.perf_counter()
+    log = build_dir(opts) / "replay.log"
+    print(f"building and simulating; log in {log}")
+    out = run(opts, test_module="ndpmoe.sim.cocotb_bench", testcase="layer_replay", log_file=log)
+    print(f"{out['case']}: {out['descriptors']} descriptors of a co-simulated layer, memory always ready; NDP unit "
+          f"'{args.config}' (P={cfg.word_bits}, tokens_parallel={cfg.tokens_parallel}); "
+          f"{time.perf_counter() - t0:.0f} s incl. build")
+    print(f"  co-simulation (tokens_parallel {report.get('tokens_parallel', 'of its build')}): "
+          f"{out['cosim_busy_cycles']} busy cycles")
+    for mode in ("one_at_a_time", "queued"):
+        r = out[mode]
+        print(f"  {mode.replace('_', ' '):<14} {r['busy_cycles']:>8} busy cycles, {r['words_read']} words: "
+              f"{r['words_per_cycle']:.3f} port words per cycle, results {'ok' if r['results_ok'] else 'WRONG'}")
+    return 0 if out["one_at_a_time"]["results_ok"] and out["queued"]["results_ok"] else 1
+
+
 def bench(args) -> int:
+    if args.replay:
+        return replay(args)
     cfg = get_config(args.config)
     opts = BenchOptions(config=args.config, seed=args.seed, mem_words=mem_words_for(cfg, args.rows, args.in_features),
                         result_words=1 << max(14, (args.rows * cfg.t_max - 1).bit_length()),

@@ -2,6 +2,7 @@
 
     ndpmoe sim --config default --seed 1 --count 1000 [--waves]   random descriptors, checked
     ndpmoe sim --bench [--rows 1024 --in 4096 --bits 2,3,4 --b2b 8 ...]   throughput figures
+    ndpmoe sim --bench --replay build/cosim/runs/<run>/report.json       a co-simulated layer's descriptors
 
 --waves builds with traces and writes dump.vcd in the build folder (open it in GTKWave or
 Surfer); keep --count small with it.
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--tokens", default="1")
     bench.add_argument("--stalls", default="0,4")
     bench.add_argument("--b2b", type=int, default=8, help="MATMULs queued back to back per case")
+    bench.add_argument("--replay", default=None,
+                       help="a co-simulation's report.json (build/cosim/runs/...): replay its layer's "
+                            "descriptors one at a time and queued")
 
 
 def format_coverage(tally: dict) -> str:

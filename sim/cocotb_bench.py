@@ -134,3 +134,86 @@ async def throughput(dut):
         with open(os.environ["NDP_REPORT"], "w") as f:
             json.dump({"config": opts.config, "tokens_parallel": cfg.tokens_parallel, "cases": rows_out}, f, indent=1)
     assert all(r["results_ok"] for r in rows_out)
+
+
+def replay_descriptors(cfg, records: list[dict], gen: torch.Generator, gold: NdpGoldenUnit) -> list[dict]:
+    """A co-simulated layer's descriptor sequence (its shapes: sim/cocotb_cosim.py's records) over
+    fresh random data in `gold`'s memory; the group size of each MATMUL is the one whose image
+    has the recorded number of words."""
+    top, out = 0, []
+    wb = cfg.word_bytes
+
+    def place(data: torch.Tensor) -> int:
+        nonlocal top
+        addr = -(-top // wb) * wb
+        if addr + data.numel() > len(gold.mem):
+            raise ValueError(f"the layer needs more than the harness's {len(gold.mem)} bytes (raise NDP_MEM_WORDS)")
+        gold.write(addr, data)
+        top = addr + data.numel()
+        return addr
+
+    for r in records:
+        if r["opcode"] == "LOAD_ACT":
+            x = torch.randint(-128, 128, (r["tokens"], r["in_features"]), generator=gen, dtype=torch.int8)
+            out.append(DESCRIPTOR.unpack(make_descriptor(Opcode.LOAD_ACT, addr=place(x.view(torch.uint8).reshape(-1)),
+                                                         in_features=r["in_features"], tokens=r["tokens"])))
+            continue
+        rows, n_in, bits = r["rows"], r["in_features"], r["bits"]
+        group = next(g for g in (32, 64, 128)
+                     if n_in % g == 0 and cfg.fmt(bits, g).matrix_bytes(rows, n_in) // wb == r["words"])
+        fmt = cfg.fmt(bits, group)
+        codes = torch.randint(0, fmt.qmax + 1, (rows, n_in), generator=gen, dtype=torch.uint8)
+        scale = torch.randint(0, SCALE_MAX + 1, (rows, n_in // group), generator=gen)
+        zero = torch.randint(ZERO_MIN, ZERO_MAX + 1, (rows, n_in // group), generator=gen)
+        addr = place(pack_matrix(codes, scale, zero, fmt))
+        out.append(DESCRIPTOR.unpack(make_descriptor(Opcode.MATMUL, addr=addr, in_features=n_in, tokens=r["tokens"],
+                                                     rows=rows, bits=bits, group_size=group)))
+    return out
+
+
+@cocotb.test()
+async def layer_replay(dut):
+    """The descriptors of a co-simulated layer (NDP_REPLAY: its report.json), memory always
+    ready: one at a time (each handed over after the one before is done, as the co-simulation's
+    backend does) and queued back to back. Results checked against the golden model."""
+    opts = BenchOptions.from_env()
+    cfg = opts.ndp_config()
+    report = json.loads(open(os.environ["NDP_REPLAY"]).read())
+    fields = report["record_fields"]
+    case = report["cases"][int(os.environ.get("NDP_REPLAY_CASE", "0"))]
+    records = [dict(zip(fields, r)) for r in case["runs"]["no_stalls"]["records"]]
+    tb = NdpTB(dut, cfg, seed=opts.seed, mem_words=opts.mem_words, result_words=opts.result_words)
+    await tb.start(python_ports=False)
+    gold = NdpGoldenUnit(cfg, mem=bytearray(opts.mem_words * cfg.word_bytes))
+    descriptors = replay_descriptors(cfg, records, torch.Generator().manual_seed(opts.seed), gold)
+    tb.load_memory(bytes(gold.mem))
+    tb.set_stalls(0, 0, 0, 0)
+    out = {"config": opts.config, "tokens_parallel": cfg.tokens_parallel, "case": case["name"],
+           "descriptors": len(descriptors), "cosim_busy_cycles": sum(r["busy_cycles"] for r in records)}
+    for mode in ("one_at_a_time", "queued"):
+        expect = []
+        for d in descriptors:
+            expect += gold.execute(dict(d))
+        before, count0 = tb.counters(), int(dut.result_count.value)
+
+        async def count_dones():
+            for _ in descriptors:
+                await RisingEdge(dut.done)
+
+        counting = cocotb.start_soon(count_dones())
+        for d in descriptors:
+            tb.present(Step(d, ErrorCode.NONE, [], 0))
+            await tb.handshake()
+            if mode == "one_at_a_time":
+                await RisingEdge(dut.done)
+        await counting
+        after = tb.counters()
+        got = tb.read_results(count0, int(dut.result_count.value))
+        delta = {k: after[k] - before[k] for k in after}
+        out[mode] = dict(delta, results_ok=got == expect,
+                         words_per_cycle=delta["words_read"] / delta["busy_cycles"])
+        dut._log.info(f"{mode}: {out[mode]}")
+    if os.environ.get("NDP_REPORT"):
+        with open(os.environ["NDP_REPORT"], "w") as f:
+            json.dump(out, f, indent=1)
+    assert out["one_at_a_time"]["results_ok"] and out["queued"]["results_ok"]
