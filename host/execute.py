@@ -29,7 +29,7 @@ from .cache import ExpertCache
 from .ndp import IssuedDescriptor, NdpDriver
 from .perf_model import weight_link_kind
 from .plan import ExpertTask, LayerPlan
-from .sizes import NdpStep, result_bytes
+from .sizes import STEP_KINDS, NdpStep, result_bytes
 from .store import ExpertStore
 
 
@@ -191,7 +191,7 @@ class LayerExecutor:
             elif step.kind == "A":
                 add(m, self._ndp_product(layer, task, m, "A8", step, x_scale))
             else:
-                raise ValueError(f"unknown NDP step kind {step.kind!r}")
+                raise ValueError(f"unknown NDP step kind {step.kind!r}; expected one of {STEP_KINDS}")
         if h is None:
             hidden()
         return y["w2"]

@@ -132,11 +132,11 @@ class NdpGoldenUnit:
             self.state, self.error = State.ERROR, err
             return []
         self.state, self.error = State.DONE, ErrorCode.NONE
+        if d.opcode == Opcode.NOP:
+            return []
         image = self._read(d.addr, d.read_bytes(self.cfg))
         if d.opcode == Opcode.LOAD_ACT:
             self.act = image.view(torch.int8).reshape(d.tokens, d.in_features).clone()
-            return []
-        if d.opcode == Opcode.NOP:
             return []
         qm = QuantizedMatrix.from_image(image, d.fmt(self.cfg.word_bits), d.rows, d.in_features, scale_exp=0)
         acc = ndp_matmul(qm, self.act[:d.tokens, :d.in_features].contiguous())

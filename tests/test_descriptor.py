@@ -121,6 +121,14 @@ def test_load_act_in_features_is_a_multiple_of_the_port_width():
     assert unit.error == ErrorCode.NONE and unit.loaded == (2, 128)
 
 
+def test_nop_reads_nothing_and_emits_nothing():
+    cfg = get_config("small")
+    unit = NdpGoldenUnit(cfg)
+    nop = Descriptor(Opcode.NOP, addr=12345)
+    assert (nop.words(cfg), nop.read_bytes(cfg), nop.beats(cfg), nop.results, nop.output_order()) == (0, 0, 0, 0, [])
+    assert unit.execute(nop) == [] and unit.error == ErrorCode.NONE
+
+
 def test_golden_takes_only_descriptors():
     with pytest.raises(TypeError, match="expected a contract.Descriptor"):
         NdpGoldenUnit(get_config("small")).execute({"opcode": 1})
