@@ -71,13 +71,12 @@ CALIB_TOKENS = (1, 4, 16, 32)
 
 RTL_TARGET = NdpCostModel()
 
-# `ndpmoe cosim --calibrate`: fitted on every descriptor of layer 3 of the default model at 1, 4,
-# 16 and 32 tokens (NDP 'default', 128-bit port, tokens_parallel 2, memory always ready), on the
-# RTL pipelined for 140 MHz on an ECP5 (registered block RAMs and DSPs, response FIFO, two-level
-# address copies, registered lane products, carry-save accumulators: MATMUL overhead 42.6 -> 55.0
-# cycles, LOAD_ACT 27.0 -> 33.0); on the held-out layers 12 and 24 the layer totals were within
-# 0.18 % and every descriptor within 1.51 % (the earlier form, every word once per pass and one
-# overhead, refitted: 12.8 % off).
+# `ndpmoe cosim --calibrate` (sim/cost_calibration.py): fitted on every descriptor of layer 3 of the
+# default model at 1, 4, 16 and 32 tokens (NDP 'default', 128-bit port, tokens_parallel 2, memory
+# always ready); that command prints its error on the held-out layers 12 and 24 (the README's
+# co-simulation figures). The MATMUL overhead here is a fit's intercept over those small experts;
+# the overhead of one long descriptor is what `ndpmoe sim --bench` measures (the README's NDP unit
+# figures), and the one figure the docstrings refer to.
 RTL_COSIM = NdpCostModel(cycles_per_word=1.0059, overhead_cycles=53.90, load_overhead_cycles=34.51,
                          source="fit to the co-simulated RTL ('default' configuration, default model, "
                                 "sim/cost_calibration.py)")
