@@ -53,8 +53,8 @@ Words are little-endian in byte memory: byte k of a word holds its bits [8k, 8k 
 Dequantization: w = (code - zero / 2^ZERO_FRAC_BITS) * scale * 2^-scale_exp, with one signed
 integer `scale_exp` per matrix (host-side metadata, int32 in the expert store; the hardware never
 sees it). model/qtensor.scale_exponent picks floor(log2(SCALE_MAX / largest group scale)), which
-puts the largest mantissa in [2^15, 2^16): positive for every scale below 2^15 (22 for a largest
-scale of 0.01), negative only for larger ones.
+puts the largest mantissa in [2^15, 2^16): positive while the largest scale is below SCALE_MAX / 2
+(22 for 0.01; real weights always), 0 up to SCALE_MAX, negative above.
 
 Activations
 ===========
@@ -66,9 +66,9 @@ writes -128, but the unit computes it exactly (the widths below allow |x| <= 128
 
 Descriptors
 ===========
-The host drives the unit with descriptors (Descriptor: fields, operations, output order, and
-the sizes every consumer derives from it), one at a time: a descriptor is taken when the unit is
-not BUSY, and the unit reports State and ErrorCode (STATUS) and the COUNTERS.
+The host drives the unit with descriptors (Descriptor: fields, operations, output order, and the
+sizes every consumer derives from it); the unit reports State and ErrorCode (STATUS), refusing a
+descriptor without reading memory, and the COUNTERS.
 
 NDP arithmetic (bit-exact, see model/ndp_golden.py)
 ====================================================
@@ -76,8 +76,9 @@ NDP arithmetic (bit-exact, see model/ndp_golden.py)
                                       - zero[r, g] * sum_{i in g} x[t, i])
     y[t, r]   = acc[t, r] * 2^-(scale_exp + ZERO_FRAC_BITS) * x_scale[t]
 Every intermediate is a two's-complement integer, exact; the widths are derived below from the
-extremes (G <= 128, code <= 255, |x| <= 128, zero in [-2^15, 2^15), scale < 2^16), and these are
-the least that hold every value (an implementation may carry them wider)::
+largest magnitude each can reach (G <= 128, code <= 255, |x| <= 128, |zero| <= 2^15, scale < 2^16),
+so they hold every value; the term and the scaled term (31 and 47 bits) need every one of their
+bits. An implementation may carry them wider::
 
     width            bits   holds
     GROUP_QX_BITS      23   sum_{i in g} code * x, one group
@@ -404,9 +405,10 @@ class Descriptor:
     def __post_init__(self):
         for name, limit in _DESCRIPTOR_LIMITS:
             v = getattr(self, name)
-            if type(v) is not int and (isinstance(v, bool) or not isinstance(v, int)) or not 0 <= v < limit:
-                raise ValueError(f"descriptor field {name} must be an integer in [0, 2^{limit.bit_length() - 1}), "
-                                 f"not {v!r}")
+            if type(v) is not int and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(f"descriptor field {name} must be an integer, not {v!r}")
+            if not 0 <= v < limit:
+                raise ValueError(f"descriptor field {name} must be in [0, 2^{limit.bit_length() - 1}), not {v}")
         op = _OPCODES.get(self.opcode)
         if op is not None:
             object.__setattr__(self, "opcode", op)

@@ -41,10 +41,12 @@ def test_constructors_name_format_and_group():
         Descriptor(Opcode.MATMUL, group=3).group_size
 
 
-@pytest.mark.parametrize("name,value", [("tokens", 256), ("rows", 1 << 16), ("addr", -1), ("opcode", 4),
-                                        ("bits", 1.0)])
-def test_fields_that_do_not_fit_are_refused(name, value):
-    with pytest.raises(ValueError, match=f"field {name} must be an integer"):
+@pytest.mark.parametrize("name,value,error,expected", [
+    ("tokens", 256, ValueError, r"in \[0, 2\^8\), not 256"), ("rows", 1 << 16, ValueError, r"in \[0, 2\^16\)"),
+    ("addr", -1, ValueError, r"in \[0, 2\^32\), not -1"), ("opcode", 4, ValueError, r"in \[0, 2\^2\), not 4"),
+    ("bits", 1.0, TypeError, "an integer, not 1.0"), ("group", True, TypeError, "an integer, not True")])
+def test_fields_that_do_not_fit_are_refused(name, value, error, expected):
+    with pytest.raises(error, match=f"descriptor field {name} must be {expected}"):
         Descriptor(**{"opcode": 1, name: value})
     with pytest.raises(ValueError, match="a packed descriptor is an integer"):
         Descriptor.decode(1 << DESCRIPTOR.width)
@@ -132,3 +134,20 @@ def test_nop_reads_nothing_and_emits_nothing():
 def test_golden_takes_only_descriptors():
     with pytest.raises(TypeError, match="expected a contract.Descriptor"):
         NdpGoldenUnit(get_config("small")).execute({"opcode": 1})
+
+
+def test_contract_width_table_is_the_constants():
+    """The contract's text states the internal widths; they are the derived constants, each holds
+    its extreme, and the term and the scaled term would not hold it with one bit fewer."""
+    from ndpmoe.model import contract as c
+    rows = dict(re.findall(r"^\s+([A-Z_]+_BITS)\s+(\d+)\s", c.__doc__, re.M))
+    assert set(rows) == {"GROUP_QX_BITS", "GROUP_X_BITS", "TERM_BITS", "SCALED_TERM_BITS", "ACC_BITS"}
+    for name, bits in rows.items():
+        assert getattr(c, name) == int(bits), name
+    g, x, code, zero = max(SUPPORTED_GROUPS), c.ACT_MAX + 1, 255, 1 << (c.ZERO_BITS - 1)
+    term = g * x * ((1 << c.ZERO_FRAC_BITS) * code + zero)        # x = -128, codes 255, zero -2^15
+    for bits, extreme in ((c.GROUP_QX_BITS, g * code * x), (c.GROUP_X_BITS, g * x), (c.TERM_BITS, term),
+                          (c.SCALED_TERM_BITS, term * c.SCALE_MAX)):
+        assert -extreme >= -(1 << (bits - 1)), (bits, extreme)
+    assert (c.TERM_BITS, c.SCALED_TERM_BITS) == (31, 47)
+    assert term > 1 << (c.TERM_BITS - 2) and term * c.SCALE_MAX > 1 << (c.SCALED_TERM_BITS - 2)
