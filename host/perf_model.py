@@ -16,9 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ndpmoe.model.contract import Opcode
-
-from .ndp_cost import descriptor_once_words
 from .presets import SystemPreset
 from .sizes import MATRICES, ExpertSizes
 
@@ -89,12 +86,7 @@ def task_usage(sizes: ExpertSizes, system: SystemPreset | None, variant: str, to
         for step in sizes.ndp_steps(variant, tokens, ndp_gemm, ndp_rank):
             u.ndp_descriptors += 1
             u.ndp_words += step.words
-            if step.opcode == Opcode.MATMUL:
-                once = descriptor_once_words(step.bits, step.group_size, cfg.word_bits, step.rows, step.in_features)
-                u.ndp_wall_cycles += cost.descriptor_cycles(-(-step.words // units), cfg.passes(step.tokens),
-                                                            -(-once // units))
-            else:
-                u.ndp_wall_cycles += cost.load_cycles(step.words)
+            u.ndp_wall_cycles += cost.cycles(step.descriptor, cfg, units)
             u.link["act_to_ndp"] += step.link_down
             u.link["results_from_ndp"] += step.link_up
         u.round_trips = 4 if ndp_rank else 2

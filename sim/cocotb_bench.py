@@ -14,8 +14,7 @@ import cocotb
 import torch
 from cocotb.triggers import RisingEdge
 
-from ndpmoe.model.contract import (DESCRIPTOR, SCALE_MAX, ZERO_MAX, ZERO_MIN, ErrorCode, Opcode, act_row_len,
-                            make_descriptor)
+from ndpmoe.model.contract import SCALE_MAX, ZERO_MAX, ZERO_MIN, Descriptor, ErrorCode, act_row_len
 from ndpmoe.model.ndp_golden import NdpGoldenUnit
 from ndpmoe.model.packing import pack_matrix
 
@@ -51,12 +50,11 @@ async def throughput(dut):
     mat_addr = -(-x.numel() // 4096) * 4096
     rows_out = []
 
-    async def run(fields, stall: int, out_stall: int = 0):
-        words = 0
-        results = gold.execute(dict(fields))
+    async def run(d: Descriptor, stall: int, out_stall: int = 0):
+        results = gold.execute(d)
         assert gold.error == ErrorCode.NONE, gold.error
         tb.set_stalls(0, stall, stall, out_stall)
-        step = Step(fields, ErrorCode.NONE, results, words)
+        step = Step(d, ErrorCode.NONE, results, d.words(cfg))
         before = tb.counters()
         count0 = int(dut.result_count.value)
         sim0, wall0, cpu0 = cocotb.utils.get_sim_time("ns"), time.perf_counter(), time.process_time()
@@ -83,18 +81,13 @@ async def throughput(dut):
         l0 = time.perf_counter()
         tb.load_memory(bytes(gold.mem[:mat_addr + image.numel()]))
         load_s = time.perf_counter() - l0
-        load = DESCRIPTOR.unpack(make_descriptor(Opcode.LOAD_ACT, addr=0, in_features=act_len, tokens=t_max))
-        await run(load, 0)
+        await run(Descriptor.load_act(tokens=t_max, in_features=act_len), 0)
         for tokens in tokens_list:
             for stall in stalls:
-                mm = DESCRIPTOR.unpack(make_descriptor(Opcode.MATMUL, addr=mat_addr, in_features=n_in, tokens=tokens,
-                                                       rows=rows, bits=bits, group_size=group))
+                mm = Descriptor.matmul(fmt, tokens=tokens, rows=rows, in_features=n_in, addr=mat_addr)
                 delta, ok, speed, n_results = await run(mm, stall)
-                words = fmt.matrix_bytes(rows, n_in) // cfg.word_bytes
+                words, beats = mm.words(cfg), mm.beats(cfg)
                 busy = delta["busy_cycles"]
-                # Beats: metadata and 3-bit hi-plane words take one, code words one per pass.
-                single = rows * (fmt.superblocks(n_in) + (fmt.padded_in(n_in) // cfg.word_bits if bits == 3 else 0))
-                beats = single + (words - single) * cfg.passes(tokens)
                 rows_out.append(dict(
                     bits=bits, group=group, rows=rows, in_features=n_in, tokens=tokens, stall=stall,
                     words=words, words_read=delta["words_read"], busy_cycles=busy,

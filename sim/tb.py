@@ -141,8 +141,7 @@ class NdpTB:
         self.dut.cmd__valid.value = 0
 
     def step_timeout_ns(self, step: Step) -> int:
-        f = step.fields
-        beats = step.words * self.cfg.passes(max(1, min(f["tokens"], self.cfg.t_max)))
+        beats = step.words * self.cfg.passes(max(1, min(step.descriptor.tokens, self.cfg.t_max)))
         return PERIOD_NS * (2000 + 64 * (beats + len(step.results)))
 
     # -- one run ------------------------------------------------------------------------------------

@@ -119,8 +119,7 @@ def test_trace_bytes_equal_contract_sizes_and_what_moved(stored, placement, poli
     steps = [s for t in plan.tasks for s in store.sizes(NDP_CFG).ndp_steps(
         t.variant, len(t.tokens), t.gemm_unit == "ndp", t.comp_rank if t.comp_unit == "ndp" else 0)]
     issued = rec.ndp_descriptors
-    assert [(s.opcode, s.tokens, s.rows, s.in_features, s.words) for s in steps] == \
-           [(d.opcode, d.tokens, d.rows, d.in_features, d.words) for d in issued]
+    assert [(s.descriptor, s.words) for s in steps] == [(d.descriptor.at(0), d.words) for d in issued]
     assert trace.ndp["words"] == sum(d.words for d in issued) == ndp.backend.counters()["words_read"]
     if placement != "all-gpu":
         assert issued
