@@ -14,6 +14,7 @@ KIND_STYLE = {  # kind -> (marker, colour, label)
     "alloc": ("D", "tab:purple", "Top-n, allocated ranks"),
     "hobbit": ("^", "tab:orange", "HOBBIT-style hi-precision copies"),
     "budgeted": ("P", "tab:green", "budgeted policy"),
+    "policy": ("v", "tab:brown", "--policy rows"),
 }
 
 
@@ -27,7 +28,10 @@ def add_arguments(p):
     p.add_argument("--quantizers", default="rtn,optimized", help="uniform quantizers (the last one is used for restoration)")
     p.add_argument("--hi-bits", type=int, default=8, help="bits of the HOBBIT-style higher-precision copies (0: none)")
     p.add_argument("--budgets", default="0.5,1,2", help="budgeted policy: multiples of the Top-1 top-rank factor bytes")
-    p.add_argument("--policy", action="append", default=[], help="extra runtime policy spec (repeatable)")
+    p.add_argument("--policy", action="append", default=[], help="one more row, restored by this runtime policy "
+                   "on the base-bits experts (repeatable): none, top-N[@rR], random-N[@rR], hobbit, or budgeted:BYTES "
+                   "(bytes per token and layer)")
+    p.add_argument("--group", type=int, default=64, help="quantization group size of every configuration")
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=512)
@@ -62,13 +66,17 @@ def load_study_model(name: str, text: str | None, layers: list[int] | None, prog
 
 
 def run(args) -> int:
-    from .study_plan import PlanOptions   # torch loads here, not for --help
+    from ndpmoe.model.contract import QuantFormat
+
+    from .study_plan import PlanOptions, extra_policies   # torch loads here, not for --help
 
     opt = PlanOptions(bits=_ints(args.bits), base_bits=args.base_bits, ranks=_ints(args.rank), topn=_ints(args.topn),
                       quantizers=tuple(q for q in args.quantizers.split(",") if q), hi_bits=args.hi_bits,
                       budgets=tuple(float(b) for b in args.budgets.split(",") if b),
                       compare_fits=not args.no_compare, compare_random=not args.no_compare,
-                      compare_alloc=not args.no_compare, policies=tuple(args.policy))
+                      compare_alloc=not args.no_compare, policies=tuple(args.policy), group=args.group)
+    QuantFormat(opt.base_bits, opt.group)    # a bad --group or --base-bits is refused before the model loads
+    extra_policies(opt)                      # so is a bad --policy
     layers = None if args.layers is None else list(_ints(args.layers))
     rows, info = run_study(args.model, opt, text=args.text, layers=layers, eval_tokens=args.eval_tokens,
                            calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet)
@@ -78,9 +86,10 @@ def run(args) -> int:
 
 def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_tokens=4096, calib_tokens=4096,
               seq_len=512, progress=True, log=print):
+    from ndpmoe.model.moe_quant import check_block_fits
     from ndpmoe.model.text import token_windows, tokenize
 
-    from .study import Study
+    from .study import Study, Variant
     from .study_plan import run_plan
 
     t0 = time.time()
@@ -90,11 +99,14 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
     log(f"model {model}: {len(dm.blocks)} MoE layers; evaluation {ev.numel()} tokens ({dm.text.source}), "
         f"calibration {ca.numel()} tokens")
     quant = None if layers is None else [l for l in layers if l in dm.blocks]
+    fmt = Variant(opt.base_bits, group=opt.group).fmt
+    for l in sorted(dm.blocks) if quant is None else quant:
+        check_block_fits(dm.blocks[l][0], fmt, l)    # before the calibration pass, not after it
     study = Study(dm, ev, ca, progress=progress, quant_layers=quant)
     log(f"calibration statistics in {study.calib_seconds:.0f} s")
     run_plan(study, opt, log=log)
     info = {"model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
-            "seq_len": seq_len, "layers": len(study.layers), "text_source": dm.text.source,
+            "seq_len": seq_len, "layers": len(study.layers), "group": opt.group, "text_source": dm.text.source,
             "seconds": round(time.time() - t0, 1),
             "note": "bytes per token: k experts' low-bit images (weights + metadata) + fp16 factors of restored "
                     "slots, summed over MoE layers; shared expert, attention and embeddings not counted (same "

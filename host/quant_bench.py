@@ -6,9 +6,9 @@ import time
 
 import torch
 
-from model.compensate import Int8LowRank, fit_activation_aware, fit_svd, gram
-from model.contract import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantFormat
-from model.quantize import QUANTIZERS, groups_of, minmax_params, quantize_rtn
+from ndpmoe.model.compensate import Int8LowRank, fit_activation_aware, fit_svd, gram
+from ndpmoe.model.contract import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantFormat
+from ndpmoe.model.quantize import QUANTIZERS, groups_of, minmax_params, quantize_rtn
 
 
 def _timed(fn):

@@ -11,12 +11,11 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from ndpmoe.model.contract import (FP16_BYTES, Descriptor, NdpConfig, QuantFormat, act_row_len, fp16_matrix_bytes,
-                                   largest_group, output_struct)
+from ndpmoe.model.contract import (Descriptor, NdpConfig, QuantFormat, act_row_len, fp16_factor_bytes,
+                                   fp16_matrix_bytes, int8_factor_columns, int8_factor_format, output_struct)
 
 MATRICES = ("w1", "w3", "w2")
 VARIANTS = ("lo", "hi", "fp16")      # store format, higher-precision copy, plain fp16
-FACTOR_COLUMN_ALIGN = 32             # int8 A factors are zero-padded to whole 32-column groups
 
 
 def result_bytes(cfg: NdpConfig) -> int:
@@ -121,10 +120,15 @@ class ExpertSizes:
         return self.weight_bytes("hi") - self.weight_bytes("lo")
 
     # -- compensation factors --------------------------------------------------------------------
+    def matrix_factor_bytes_fp16(self, matrix: str, rank: int) -> int:
+        """Bytes of one matrix's fp16 factors A [rows, r] and B [r, in] at rank `rank`."""
+        self.check_rank(rank)
+        return fp16_factor_bytes(*self.shape(matrix), rank)
+
     @cached_property
     def fp16_bytes_per_rank(self) -> int:
         """Bytes of one rank component of A and B (fp16), all three matrices."""
-        return sum(FP16_BYTES * (rows + n_in) for rows, n_in in map(self.shape, MATRICES))
+        return sum(fp16_factor_bytes(*self.shape(m), 1) for m in MATRICES)
 
     def factor_bytes_fp16(self, rank: int) -> int:
         self.check_rank(rank)
@@ -137,15 +141,19 @@ class ExpertSizes:
     @property
     def padded_rank(self) -> int:
         """Columns of the int8 A factor (the stored rank, zero-padded to whole groups)."""
-        return -(-self.stored_rank // FACTOR_COLUMN_ALIGN) * FACTOR_COLUMN_ALIGN
+        return int8_factor_columns(self.stored_rank)
 
     def int8_factor_fmts(self, matrix: str) -> tuple[QuantFormat, QuantFormat]:
         """Formats of the int8 (A, B) factors as model.compensate.quantize_int8_symmetric makes them."""
-        rows, n_in = self.shape(matrix)
+        n_in = self.shape(matrix)[1]
         word_bits = self.ndp.word_bits if self.ndp is not None else (self.fmt.word_bits if self.fmt else 128)
-        a = QuantFormat(8, largest_group(self.padded_rank), word_bits)
-        b = QuantFormat(8, largest_group(n_in), word_bits)   # n_in is a multiple of 32
-        return a, b
+        return int8_factor_format(self.stored_rank, word_bits), int8_factor_format(n_in, word_bits)
+
+    @cached_property
+    def int8_bytes_per_rank(self) -> int:
+        """Bytes one more rank adds to the int8 factors the NDP reads: a row of each B (A is read
+        whole, padded to the stored rank, whatever rank is used)."""
+        return sum(self.int8_factor_bytes(m, 1)[1] for m in MATRICES)
 
     def int8_factor_bytes(self, matrix: str, rank: int | None = None) -> tuple[int, int]:
         """(A bytes, B bytes) of the int8 factors; B's first `rank` rows are a prefix of its image."""

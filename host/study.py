@@ -1,6 +1,9 @@
 """The accuracy-against-bandwidth study: perplexity of a whole model whose MoE blocks are
 quantized, compensated and restored by a policy, against the bytes each token moves.
 
+The study decides through the runtime's own policy objects (host/policy.py), token by token as
+batch-1 decode does, and prices through the contract's sizes (host/sizes.py).
+
 Bytes per token (the paper's metric, batch-1 decode with nothing cached): summed over MoE layers,
 for each of the token's k experts its low-bit memory image (weights + metadata; the
 higher-precision image where the policy chose that copy), plus the fp16 factors of the rank it
@@ -15,25 +18,26 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ndpmoe.model.block import FloatMoE, set_blocks
-from ndpmoe.model.contract import FP16_BYTES
-from ndpmoe.model.contract import QuantFormat, fp16_matrix_bytes
+from ndpmoe.model.contract import QuantFormat
 from ndpmoe.model.moe import RouterConfig, route
-from ndpmoe.model.moe_quant import (FULL_RANK, MATRICES, QuantizedExpert, QuantizedMoE, compensate_moe, expert_grams,
-                             quantize_moe)
+from ndpmoe.model.moe_quant import (MATRICES, QuantizedExpert, QuantizedMoE, check_block_fits, compensate_moe,
+                                    expert_grams, quantize_moe)
 from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
 from ndpmoe.model.perplexity import collect_mlp_inputs, perplexity
 from ndpmoe.model.quantize import get_quantizer
 from ndpmoe.model.rank_alloc import allocate_ranks
 from ndpmoe.model.paths import cache_dir
 
-from .policy import RestorationContext
+from .policy import RestorationContext, RestorationPolicy, TopN, decode_restoration, restoration_context
 from .sensitivity import measure_sensitivity
+from .sizes import ExpertSizes
 from .study_cache import StudyCache, model_fingerprint, tensor_hash
 
 
@@ -58,28 +62,43 @@ class Variant:
             s += f"+{self.fit}" + (f"-alloc{self.alloc_budget / 1e3:.0f}kB" if self.alloc_budget else f"-r{self.rank}")
         return s + (f"+hi{self.hi_bits}" if self.hi_bits else "")
 
+    @property
+    def fmt(self) -> QuantFormat:
+        return QuantFormat(self.bits, self.group, self.word_bits)
 
-def slot_bytes(qm: QuantizedMoE, e: int, rank: int, hi: bool) -> int:
-    """Bytes one (token, expert) slot moves: the expert's image, plus its restored fp16 factors."""
-    ex = qm.hi_experts[e] if hi else qm.experts[e]
-    total = ex.nbytes
-    if not hi and rank:
-        for m in MATRICES:
-            r = min(rank, ex.stored_rank(m))
-            if r:
-                rows, n_in = ex.q[m].shape
-                total += FP16_BYTES * r * (rows + n_in)
-    return total
+
+def block_sizes(qm: QuantizedMoE) -> ExpertSizes:
+    """The contract's sizes of a quantized block's experts; stored rank: the largest any matrix holds."""
+    w1 = qm.experts[0].q["w1"]
+    hi_fmt = None if qm.hi_experts is None else qm.hi_experts[0].q["w1"].fmt
+    stored = max(ex.stored_rank(m) for ex in qm.experts for m in MATRICES)
+    return ExpertSizes(w1.in_features, w1.rows, qm.fmt, hi_fmt, stored)
+
+
+def slot_bytes(qm: QuantizedMoE, sizes: ExpertSizes, e: int, rank: int, hi: bool) -> int:
+    """Bytes one (token, expert) slot moves: the expert's image (the higher-precision one where
+    chosen), plus the fp16 factors it was restored with, each matrix up to its own stored rank."""
+    if hi:
+        return sizes.weight_bytes("hi")
+    ex = qm.experts[e]
+    return sizes.weight_bytes("lo") + sum(sizes.matrix_factor_bytes_fp16(m, min(rank, ex.stored_rank(m)))
+                                          for m in MATRICES)
 
 
 class LayerRunner:
     """The block function of one layer under a policy; tallies bytes and slots as it runs."""
 
-    def __init__(self, qm: QuantizedMoE, decide, cfg: RouterConfig):
-        self.qm, self.decide, self.cfg = qm, decide, cfg
+    def __init__(self, qm: QuantizedMoE, policy: RestorationPolicy, ctx: RestorationContext, cfg: RouterConfig):
+        self.qm, self.policy, self.ctx, self.cfg = qm, policy, ctx, cfg
+        self.sizes = block_sizes(qm)
         self.block = MaskedQuantMoE(qm)        # moe_forward_quant's result, all experts at once
         self.bytes = 0
         self.tokens = 0
+
+    def decide(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """restore [T, K] ranks and hi [T, K] flags, each token decided as batch-1 decode would."""
+        res = decode_restoration(self.policy, ids, weights, self.ctx)
+        return res.restore_tensor(), res.hi_tensor()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = route(x, self.qm.router, self.cfg)
@@ -88,10 +107,13 @@ class LayerRunner:
         for e, r, h in zip(ids.flatten().tolist(), restore.flatten().tolist(), hi.flatten().tolist()):
             key = (e, r, h)
             if key not in price:
-                price[key] = slot_bytes(self.qm, e, r, h)
+                price[key] = slot_bytes(self.qm, self.sizes, e, r, h)
             self.bytes += price[key]
         self.tokens += x.shape[0]
         return self.block(x, restore, hi, (ids, weights))
+
+
+PolicyChoice = RestorationPolicy | Callable[[int], RestorationPolicy]
 
 
 class Study:
@@ -155,7 +177,8 @@ class Study:
         if plain in self._variants:
             return self._variants[plain][layer]
         w, rc = self.dm.blocks[layer]
-        fmt = QuantFormat(v.bits, v.group, v.word_bits)
+        fmt = v.fmt
+        check_block_fits(w, fmt, layer)
         key = self.cache.key(layer, f"q|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}")
         qs = self.cache.quantized(key, fmt, lambda: [ex.q for ex in quantize_moe(
             w, rc, fmt, quantizer=get_quantizer(v.quantizer), grams=self.grams[layer]).experts])
@@ -175,19 +198,32 @@ class Study:
         return self._sens[v]
 
     # -- evaluating ----------------------------------------------------------------------------
-    def run(self, name: str, v: Variant | None, decide_for_layer=None, **meta) -> dict:
-        """Perplexity and bytes/token of one configuration. v None: the float (fp16) model."""
+    def context(self, layer: int, v: Variant, with_sensitivity: bool) -> RestorationContext:
+        """What a policy knows of one layer of a variant: the contract's prices (fp16 factors,
+        nothing cached, batch-1 decode) and, if asked, the measured sensitivity."""
+        sens = self.sensitivity(v)[layer] if with_sensitivity else None
+        return restoration_context(block_sizes(self.variant(v)[layer]), sens)
+
+    def run(self, name: str, v: Variant | None, policy: PolicyChoice | None = None, **meta) -> dict:
+        """Perplexity and bytes/token of one configuration. v None: the float (fp16) model.
+        policy: one RestorationPolicy for every layer, or a function of the layer returning one
+        (called once per layer and run); None restores nothing."""
         t0 = time.time()
         if v is None:
             set_blocks(self.dm.model, self.float_blocks)
             ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
-            w0, rc0 = self.dm.blocks[self.layers[0]]
-            per_expert = sum(fp16_matrix_bytes(*getattr(w0, m)[0].shape) for m in MATRICES)
-            bpt = per_expert * rc0.top_k * len(self.layers)
+            bpt = 0
+            for l in self.layers:
+                w, rc = self.dm.blocks[l]
+                intermediate, hidden = w.w1.shape[1:]
+                bpt += ExpertSizes(hidden, intermediate, None).weight_bytes("fp16") * rc.top_k
         else:
+            policy = TopN(0) if policy is None else policy
+            policy_of = policy if callable(policy) else (lambda l: policy)
             runners = {}
             for l, qm in self.variant(v).items():
-                runners[l] = LayerRunner(qm, decide_for_layer(l) if decide_for_layer else _plain, qm.cfg)
+                p = policy_of(l)
+                runners[l] = LayerRunner(qm, p, self.context(l, v, p.needs_sensitivity), qm.cfg)
             set_blocks(self.dm.model, {**self.float_blocks, **runners})
             ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
             bpt = sum(r.bytes / max(r.tokens, 1) for r in runners.values())
@@ -210,70 +246,18 @@ class Study:
         return math.sqrt(sum(sq) / len(sq))
 
 
-def _plain(ids, weights):
-    z = torch.zeros(ids.shape, dtype=torch.long)
-    return z, torch.zeros(ids.shape, dtype=torch.bool)
-
-
-def topn_decider(n: int, rank: int = FULL_RANK):
-    def decide(ids, weights):
-        r = torch.zeros(ids.shape, dtype=torch.long)
-        r[:, :n] = rank
-        return r, torch.zeros(ids.shape, dtype=torch.bool)
-    return decide
-
-
-def randomn_decider(n: int, seed: int = 0, rank: int = FULL_RANK):
-    g = torch.Generator().manual_seed(seed)
-
-    def decide(ids, weights):
-        pick = torch.rand(ids.shape, generator=g).argsort(dim=1)[:, :n]
-        r = torch.zeros(ids.shape, dtype=torch.long)
-        r.scatter_(1, pick, rank)
-        return r, torch.zeros(ids.shape, dtype=torch.bool)
-    return decide
-
-
-def hobbit_decider(n: int):
-    def decide(ids, weights):
-        hi = torch.zeros(ids.shape, dtype=torch.bool)
-        hi[:, :n] = True
-        return torch.zeros(ids.shape, dtype=torch.long), hi
-    return decide
-
-
-def policy_decider(policy, ctx: RestorationContext):
-    """A runtime policy (host/policy.py) applied token by token: batch-1 decode, as bytes count."""
-    def decide(ids, weights):
-        ranks, his = [], []
-        for i in range(ids.shape[0]):
-            res = policy.decide(ids[i:i + 1], weights[i:i + 1], ctx)
-            ranks.append(res.ranks[0])
-            his.append(res.hi[0])
-        return torch.tensor(ranks, dtype=torch.long), torch.tensor(his, dtype=torch.bool)
-    return decide
-
-
-def layer_context(qm: QuantizedMoE, sens, with_hi: bool) -> RestorationContext:
-    """Prices of one layer for a runtime policy, from the block's own matrices."""
-    ex = qm.experts[0]
-    stored = max(ex.stored_rank(m) for m in MATRICES)
-    rank_bytes = sum(FP16_BYTES * (ex.q[m].rows + ex.q[m].in_features) for m in MATRICES)
-    hi_extra = (qm.hi_experts[0].nbytes - ex.nbytes) if with_hi else None
-    return RestorationContext(stored, rank_bytes, hi_extra, sens)
-
-
 def _with_allocated_ranks(qm: QuantizedMoE, budget: float) -> QuantizedMoE:
     """Truncate a block's stored compensators to ranks allocated greedily under `budget` bytes of
     fp16 factors for the whole layer (gains: each component's calibration output-error
     reduction, from the activation-aware fit's spectrum)."""
 
+    sizes = block_sizes(qm)
     gains, cost = {}, {}
     for e, ex in enumerate(qm.experts):
         for m in MATRICES:
             if m in ex.comp:
                 gains[(e, m)] = ex.comp[m].spectrum
-                cost[(e, m)] = FP16_BYTES * (ex.q[m].rows + ex.q[m].in_features)
+                cost[(e, m)] = sizes.matrix_factor_bytes_fp16(m, 1)
     ranks = allocate_ranks(gains, cost, budget)
     experts = []
     for e, ex in enumerate(qm.experts):

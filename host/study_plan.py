@@ -8,11 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ndpmoe.model.moe_quant import FULL_RANK
-
-from .policy import BudgetedPolicy
-from .study import (Study, Variant, hobbit_decider, layer_context, policy_decider, randomn_decider,
-                    topn_decider)
+from .policy import BudgetedPolicy, HobbitTopHi, RandomN, TopN, get_policy
+from .study import Study, Variant, block_sizes
 
 
 @dataclass(frozen=True)
@@ -27,82 +24,85 @@ class PlanOptions:
     compare_fits: bool = True
     compare_random: bool = True
     compare_alloc: bool = True
-    policies: tuple[str, ...] = ()                   # extra runtime policy specs (--policy)
+    policies: tuple[str, ...] = ()                   # extra runtime policy specs (--policy), one row each
     other_bits_topn: bool = True                     # Top-n rows on the other base widths too
+    group: int = 64                                  # quantization group size of every variant
+
+
+def extra_policies(opt: PlanOptions, top_k: int | None = None) -> list:
+    """The --policy specs as policy objects, refused with a clear error before anything runs."""
+    out = []
+    for spec in opt.policies:
+        policy = get_policy(spec, top_k)
+        if isinstance(policy, HobbitTopHi) and not opt.hi_bits:
+            raise ValueError(f"restoration policy {spec!r} needs higher-precision copies; set --hi-bits above 0")
+        out.append(policy)
+    return out
 
 
 def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
     k = study.dm.blocks[study.layers[0]][1].top_k
+    extra = extra_policies(opt, k)
     r_top = max(opt.ranks)
     topn = [n for n in opt.topn if 0 < n <= k]
     q_best = opt.quantizers[-1]
+    g = opt.group
     say = lambda row: log(f"  {row['name']:<44} ppl {row['ppl']:10.3f}   {row['bytes_per_token'] / 1e6:8.3f} MB/token"
                           f"   layer err {row['layer_err']:.4f}   ({row['seconds']:.0f} s)")
 
     say(study.run("fp16", None, kind="fp16"))
     for b in opt.bits:
         for qn in opt.quantizers:
-            say(study.run(f"uniform int{b} {qn}", Variant(b, qn), kind="uniform", bits=b, quantizer=qn))
+            say(study.run(f"uniform int{b} {qn}", Variant(b, qn, group=g), kind="uniform", bits=b, quantizer=qn))
 
-    base = Variant(opt.base_bits, q_best, "aware", r_top)
+    base = Variant(opt.base_bits, q_best, "aware", r_top, group=g)
     for r in sorted(opt.ranks):
         for n in topn:
-            say(study.run(f"int{opt.base_bits} top-{n} aware r{r}", base, _layers(study, lambda l: topn_decider(n, r)),
+            say(study.run(f"int{opt.base_bits} top-{n} aware r{r}", base, TopN(n, r),
                           kind="topn", bits=opt.base_bits, n=n, rank=r, fit="aware"))
     if k not in topn:
-        say(study.run(f"int{opt.base_bits} top-{k} (all) aware r{r_top}", base, _layers(study, lambda l: topn_decider(k, r_top)),
+        say(study.run(f"int{opt.base_bits} top-{k} (all) aware r{r_top}", base, TopN(k, r_top),
                       kind="topn", bits=opt.base_bits, n=k, rank=r_top, fit="aware"))
     n_mid = topn[len(topn) // 2] if topn else 1
     if opt.compare_fits:
-        svd = Variant(opt.base_bits, q_best, "svd", r_top)
+        svd = Variant(opt.base_bits, q_best, "svd", r_top, group=g)
         for r in sorted(opt.ranks):
-            say(study.run(f"int{opt.base_bits} top-{n_mid} svd r{r}", svd, _layers(study, lambda l: topn_decider(n_mid, r)),
+            say(study.run(f"int{opt.base_bits} top-{n_mid} svd r{r}", svd, TopN(n_mid, r),
                           kind="topn", bits=opt.base_bits, n=n_mid, rank=r, fit="svd"))
     if opt.compare_random:
         say(study.run(f"int{opt.base_bits} random-{n_mid} aware r{r_top}", base,
-                      _layers(study, lambda l: randomn_decider(n_mid, seed=l, rank=r_top)),
+                      lambda l: RandomN(n_mid, seed=l, rank=r_top),
                       kind="randomn", bits=opt.base_bits, n=n_mid, rank=r_top, fit="aware"))
     if opt.compare_alloc:
         # The same fp16 factor bytes as storing rank r_min for every matrix, spread by gain per byte.
         r_min = min(opt.ranks)
         qm0 = study.variant(base)[study.layers[0]]
-        ex = qm0.experts[0]
-        per_rank = sum(2 * (ex.q[m].rows + ex.q[m].in_features) for m in ("w1", "w3", "w2"))
-        budget = r_min * per_rank * qm0.num_experts
-        alloc = Variant(opt.base_bits, q_best, "aware", r_top, alloc_budget=budget)
-        say(study.run(f"int{opt.base_bits} top-{n_mid} aware alloc(=r{r_min} bytes)", alloc,
-                      _layers(study, lambda l: topn_decider(n_mid, FULL_RANK)),
+        budget = r_min * block_sizes(qm0).fp16_bytes_per_rank * qm0.num_experts
+        alloc = Variant(opt.base_bits, q_best, "aware", r_top, alloc_budget=budget, group=g)
+        say(study.run(f"int{opt.base_bits} top-{n_mid} aware alloc(=r{r_min} bytes)", alloc, TopN(n_mid),
                       kind="alloc", bits=opt.base_bits, n=n_mid, rank=r_min, fit="aware"))
-    if opt.hi_bits:
-        hv = Variant(opt.base_bits, q_best, "aware", r_top, hi_bits=opt.hi_bits)
+    hv = Variant(opt.base_bits, q_best, "aware", r_top, hi_bits=opt.hi_bits, group=g) if opt.hi_bits else None
+    if hv is not None:
         for n in topn[:2]:
-            say(study.run(f"int{opt.base_bits} hobbit top-{n} int{opt.hi_bits}", hv, _layers(study, lambda l: hobbit_decider(n)),
+            say(study.run(f"int{opt.base_bits} hobbit top-{n} int{opt.hi_bits}", hv, HobbitTopHi(n),
                           kind="hobbit", bits=opt.base_bits, n=n, hi_bits=opt.hi_bits))
-        sens = study.sensitivity(hv)
-        unit = layer_context(study.variant(hv)[study.layers[0]], sens[study.layers[0]], True).rank_bytes * r_top
+        unit = block_sizes(study.variant(hv)[study.layers[0]]).fp16_bytes_per_rank * r_top
         for mult in opt.budgets:
             policy = BudgetedPolicy(mult * unit, rank_step=min(opt.ranks))   # every rank the study studies
-            say(study.run(f"int{opt.base_bits} budgeted {mult:g}x", hv,
-                          _layers(study, lambda l: policy_decider(policy, layer_context(study.variant(hv)[l], sens[l], True))),
+            say(study.run(f"int{opt.base_bits} budgeted {mult:g}x", hv, policy,
                           kind="budgeted", bits=opt.base_bits, budget_bytes=mult * unit * len(study.layers)))
+    for spec, policy in zip(opt.policies, extra):
+        # On the higher-precision variant where there is one: the same low-bit experts and
+        # factors, plus the copies a hobbit or budgeted policy may buy.
+        say(study.run(f"int{opt.base_bits} --policy {spec}", hv or base, policy,
+                      kind="policy", bits=opt.base_bits, spec=spec))
     for b in opt.bits if opt.other_bits_topn else ():
         if b == opt.base_bits:
             continue
-        v = Variant(b, q_best, "aware", r_top)
+        v = Variant(b, q_best, "aware", r_top, group=g)
         for n in (n_mid, k):
-            say(study.run(f"int{b} top-{n} aware r{r_top}", v, _layers(study, lambda l: topn_decider(n, r_top)),
+            say(study.run(f"int{b} top-{n} aware r{r_top}", v, TopN(n, r_top),
                           kind="topn", bits=b, n=n, rank=r_top, fit="aware"))
-
-
-def _layers(study: Study, make):
-    """A per-layer decider factory, with `make` bound now (the lambdas above close over loop vars)."""
-    cache = {}
-
-    def for_layer(l):
-        if l not in cache:
-            cache[l] = make(l)
-        return cache[l]
-    return for_layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def verdicts(rows: list[dict], quantizer: str) -> list[str]:
         if a is None or b is None:
             continue
         b0, b1 = a["bytes_per_token"], b["bytes_per_token"]
-        inside = [r for r in rows if r.get("kind") in ("topn", "alloc", "budgeted", "hobbit") and r.get("bits") == lo
+        inside = [r for r in rows if r.get("kind") in ("topn", "alloc", "budgeted", "hobbit", "policy") and r.get("bits") == lo
                   and b0 < r["bytes_per_token"] < b1]
         t = lambda r: (r["bytes_per_token"] - b0) / (b1 - b0)
         # The chord in perplexity (mixing lo- and hi-bit experts moves bytes linearly); the

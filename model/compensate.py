@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import FP16_BYTES, INT8_FACTOR_ZERO, ZERO_FRAC_BITS, QuantFormat, largest_group
+from .contract import INT8_FACTOR_ZERO, ZERO_FRAC_BITS, fp16_factor_bytes, int8_factor_columns, int8_factor_format
 from .qtensor import QuantizedMatrix, to_fixed
 
 
@@ -50,11 +50,7 @@ class LowRank:
         return (x @ self.B.t()) @ self.A.t()
 
     def nbytes_fp16(self, rank: int | None = None) -> int:
-        return factor_bytes_fp16(self.out_features, self.in_features, self.rank if rank is None else rank)
-
-
-def factor_bytes_fp16(out_features: int, in_features: int, rank: int) -> int:
-    return FP16_BYTES * rank * (out_features + in_features)
+        return fp16_factor_bytes(self.out_features, self.in_features, self.rank if rank is None else rank)
 
 
 def _check_rank(err: torch.Tensor, rank: int) -> None:
@@ -127,10 +123,9 @@ def fit_activation_aware(err: torch.Tensor, h: torch.Tensor, rank: int, damp: fl
 # ---------------------------------------------------------------------------------------------
 def quantize_int8_symmetric(w: torch.Tensor, word_bits: int = 128) -> QuantizedMatrix:
     """Symmetric int8 per group, as unsigned codes with zero 128 (so the NDP datapath runs it).
-    Columns are zero-padded to a multiple of 32 first (A has only `rank` columns)."""
-    pad = (-w.shape[1]) % 32
-    w = torch.nn.functional.pad(w.double(), (0, pad))
-    fmt = QuantFormat(8, largest_group(w.shape[1]), word_bits)
+    Columns are zero-padded to whole groups first (A has only `rank` columns)."""
+    fmt = int8_factor_format(w.shape[1], word_bits)
+    w = torch.nn.functional.pad(w.double(), (0, int8_factor_columns(w.shape[1]) - w.shape[1]))
     wg = w.reshape(w.shape[0], -1, fmt.group_size)
     amax = wg.abs().amax(-1)
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))

@@ -254,6 +254,26 @@ def largest_group(in_features: int) -> int:
     raise ValueError(f"in_features {in_features} is not a multiple of {min(SUPPORTED_GROUPS)}")
 
 
+# Compensation factors of a matrix W [rows, in]: A [rows, r] and B [r, in], each just another matrix.
+FACTOR_COLUMN_ALIGN = min(SUPPORTED_GROUPS)   # int8 factors are zero-padded to whole groups
+
+
+def fp16_factor_bytes(rows: int, in_features: int, rank: int) -> int:
+    """Bytes of rank `rank` of W's factors stored fp16 (A [rows, r] and B [r, in])."""
+    return fp16_matrix_bytes(rows, rank) + fp16_matrix_bytes(rank, in_features)
+
+
+def int8_factor_columns(in_features: int) -> int:
+    """Columns of an int8 factor matrix in memory: its inputs zero-padded to whole groups."""
+    return _roundup(in_features, FACTOR_COLUMN_ALIGN)
+
+
+def int8_factor_format(in_features: int, word_bits: int) -> QuantFormat:
+    """Format of an int8 factor matrix with `in_features` inputs: symmetric codes around
+    INT8_FACTOR_ZERO, the largest supported group dividing its padded width."""
+    return QuantFormat(8, largest_group(int8_factor_columns(in_features)), word_bits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bit-field structures shared by the host and the gateware
 # ---------------------------------------------------------------------------------------------

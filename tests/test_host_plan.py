@@ -17,8 +17,7 @@ from ndpmoe.host.presets import get_system
 from ndpmoe.host.sensitivity import assumed_sensitivity
 from ndpmoe.host.sizes import ExpertSizes
 from ndpmoe.host.trace import RunTrace, layer_trace
-from ndpmoe.model.compensate import factor_bytes_fp16
-from ndpmoe.model.contract import QuantFormat, act_row_len, output_struct
+from ndpmoe.model.contract import QuantFormat, act_row_len, fp16_factor_bytes, output_struct
 from ndpmoe.model.moe import route
 
 from host_block import D, E, FMT, HI_FMT, I, K, NDP_CFG, RANK, make_store
@@ -84,7 +83,7 @@ def _contract_link_bytes(plan) -> dict[str, int]:
         if task.fetch_weights:
             out["hi_weights" if task.variant == "hi" else "weights"] += sum(fmt.matrix_bytes(*s) for s in SHAPES.values())
         if task.comp_unit == "gpu":
-            out["factors"] += sum(factor_bytes_fp16(o, i, task.fetch_factor_ranks) for o, i in SHAPES.values())
+            out["factors"] += sum(fp16_factor_bytes(o, i, task.fetch_factor_ranks) for o, i in SHAPES.values())
         n, r = len(task.tokens), task.comp_rank if task.comp_unit == "ndp" else 0
         if task.gemm_unit == "ndp" or r:
             # per token: x and h down; w1, w3, w2 rows up (GEMM); B rows, B x down, A rows up (comp)

@@ -3,9 +3,12 @@ the orderings that are robust at this size, measured on held-out layer outputs a
 import pytest
 import torch
 
+from ndpmoe.host.cli import main
 from ndpmoe.host.cmd_eval import write_outputs
-from ndpmoe.host.study import Study, Variant, topn_decider
-from ndpmoe.host.study_plan import PlanOptions, verdicts
+from ndpmoe.host.policy import Restoration, TopN
+from ndpmoe.host.sizes import ExpertSizes
+from ndpmoe.host.study import Study, Variant
+from ndpmoe.host.study_plan import PlanOptions, run_plan, verdicts
 from ndpmoe.model.default_moe import load_default_moe
 from ndpmoe.model.moe_quant import FULL_RANK
 from ndpmoe.model.moefy import MoEfyConfig
@@ -13,6 +16,15 @@ from ndpmoe.model.text import token_windows, tokenize
 
 LAYERS = [0, 1]                       # shares the reduced model of tests/test_default_moe.py
 CFG = MoEfyConfig(calib_tokens=1024)
+
+
+class EverySlot:
+    """A policy from outside host/policy.py: every slot at all the rank that is stored."""
+    name, row_wise, needs_sensitivity = "every slot", True, False
+
+    def decide(self, ids, weights, ctx):
+        t, k = ids.shape
+        return Restoration(((FULL_RANK,) * k,) * t, ((False,) * k,) * t)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +42,10 @@ def test_orderings(study, tmp_path):
     k = study.dm.blocks[0][1].top_k
     aware, svd = Variant(3, "optimized", "aware", 8), Variant(3, "optimized", "svd", 8)
     plain = study.run("plain", Variant(3, "optimized"), kind="uniform", bits=3, quantizer="optimized")
-    top2 = study.run("top2 aware", aware, lambda l: topn_decider(2), kind="topn", bits=3, n=2, rank=8, fit="aware")
-    top2_svd = study.run("top2 svd", svd, lambda l: topn_decider(2), kind="topn", bits=3, n=2, rank=8, fit="svd")
-    topk = study.run("topk", aware, lambda l: topn_decider(k), kind="topn", bits=3, n=k, rank=8, fit="aware")
-    every = study.run("every slot", aware, lambda l: (lambda ids, w: (torch.full(ids.shape, FULL_RANK),
-                                                                     torch.zeros(ids.shape, dtype=torch.bool))))
+    top2 = study.run("top2 aware", aware, TopN(2), kind="topn", bits=3, n=2, rank=8, fit="aware")
+    top2_svd = study.run("top2 svd", svd, TopN(2), kind="topn", bits=3, n=2, rank=8, fit="svd")
+    topk = study.run("topk", aware, TopN(k), kind="topn", bits=3, n=k, rank=8, fit="aware")
+    every = study.run("every slot", aware, EverySlot())
     # Activation-aware below plain SVD at equal rank and bytes; compensated below uncompensated.
     assert top2["bytes_per_token"] == top2_svd["bytes_per_token"] > plain["bytes_per_token"]
     assert top2["layer_err"] < top2_svd["layer_err"]
@@ -51,3 +62,38 @@ def test_orderings(study, tmp_path):
                   PlanOptions(quantizers=("optimized",)), log=lambda s: None)
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
     assert "top2 aware" in (tmp_path / "table.md").read_text()
+
+
+def test_policy_option_adds_its_row_at_the_group_asked(study):
+    """`--policy` rows go through the plan's own decision path and prices: a spec equal to one of
+    the plan's rules reproduces its row exactly, a budgeted spec keeps within its budget; and
+    every variant is stored at the plan's group."""
+    blocks = {l: study.dm.blocks[l] for l in study.layers}
+    intermediate, hidden = blocks[0][0].w1.shape[1:]
+    per_rank = ExpertSizes(hidden, intermediate, Variant(3).fmt).fp16_bytes_per_rank
+    budget = 10 * per_rank                    # one expert at rank 8 (the policy's step) fits
+    opt = PlanOptions(bits=(3,), quantizers=("optimized",), ranks=(8,), topn=(2,), hi_bits=0, budgets=(),
+                      compare_fits=False, compare_random=False, compare_alloc=False, other_bits_topn=False,
+                      group=32, policies=("top-2@r8", f"budgeted:{budget}"))
+    first = len(study.rows)
+    run_plan(study, opt, log=lambda s: None)
+    rows = {r["name"]: r for r in study.rows[first:]}
+    fixed, again = rows["int3 top-2 aware r8"], rows["int3 --policy top-2@r8"]
+    assert again["kind"] == "policy" and again["spec"] == "top-2@r8"
+    assert [again[f] for f in ("ppl", "bytes_per_token", "layer_err")] == [fixed[f] for f in ("ppl", "bytes_per_token", "layer_err")]
+    uniform, budgeted = rows["uniform int3 optimized"], rows[f"int3 --policy budgeted:{budget}"]
+    assert 0 < budgeted["bytes_per_token"] - uniform["bytes_per_token"] <= budget * len(blocks)
+    g32 = sum(ExpertSizes(hidden, intermediate, Variant(3, group=32).fmt).weight_bytes() * rc.top_k
+              for w, rc in blocks.values())
+    assert uniform["bytes_per_token"] == g32 > sum(ExpertSizes(hidden, intermediate, Variant(3).fmt).weight_bytes()
+                                                   * rc.top_k for w, rc in blocks.values())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--policy", "best"], "unknown restoration policy 'best'; expected none, top-N"),
+    (["--policy", "budgeted:lots"], "policy 'budgeted:lots': the budget must be a non-negative number"),
+    (["--policy", "hobbit", "--hi-bits", "0"], "policy 'hobbit' needs higher-precision copies; set --hi-bits"),
+    (["--group", "96"], "group_size must be one of (32, 64, 128), not 96")])
+def test_eval_refuses_bad_options_before_loading(argv, message, capsys):
+    assert main(["eval", *argv, "--out", "/nonexistent/never-written"]) == 2
+    assert message in capsys.readouterr().err
