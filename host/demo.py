@@ -113,15 +113,14 @@ def step_cosim(opt: DemoOptions, log) -> StepResult:
     from ndpmoe.sim.cmd_cosim import cosim_passed, format_cosim
     from ndpmoe.sim.cosim import run_cosim
 
-    res = run_cosim(model="default", layer=opt.cosim_layer, tokens=opt.cosim_tokens, topn=2, bits=3,
-                    placement="all-ndp")
+    settings = {"layer": opt.cosim_layer, "tokens": opt.cosim_tokens, "topn": 2, "bits": 3, "placement": "all-ndp"}
+    res = run_cosim(model="default", **settings)
     text = format_cosim(res)
     log("   " + text.replace("\n", "\n   "))
     runs = res["runs"].values()
     diffs = [run["ndp"]["max_abs_diff"] for run in runs]
     ok = cosim_passed(res)
-    lines = [f"`ndpmoe cosim --layer {opt.cosim_layer} --tokens {opt.cosim_tokens} --topn 2 --bits 3 --placement all-ndp`",
-             "", "```", text, "```", "",
+    lines = ["`ndpmoe cosim " + " ".join(f"--{k} {v}" for k, v in settings.items()) + "`", "", "```", text, "```", "",
              f"Bit-exact check: {'passed' if ok else 'FAILED'} (largest |RTL - golden| over every NDP op: "
              f"{max(d if d is not None else -1 for d in diffs)}; layer output identical to the golden backend: "
              f"{all(run['output']['equal_to_golden_backend'] for run in runs)})"]
