@@ -6,9 +6,10 @@ from ndpmoe.host.demo import DemoOptions, run_demo
 
 def test_quick_demo_report(tmp_path):
     report = run_demo(DemoOptions(out=tmp_path, quick=True), log=lambda s: None)
-    text = report.read_text()
+    text = report.path.read_text()
     steps = json.loads((tmp_path / "report.json").read_text())["steps"]
     assert [s["ok"] for s in steps] == [True] * 5, [(s["title"], s["ok"]) for s in steps]
+    assert report.ok
     for part in ("Default MoE model", "Accuracy against bandwidth", "Co-simulation of one MoE layer",
                  "Throughput model", "FPGA"):
         assert part in text

@@ -13,12 +13,11 @@ from pathlib import Path
 
 from ndpmoe.model.contract import CONFIGS, get_config
 from ndpmoe.model.paths import build_root
-from ndpmoe.rtl.synth.cmd_synth import attach_throughput
 from ndpmoe.rtl.synth.report import over_capacity
 from ndpmoe.rtl.synth.sweep import (SweepAxes, markdown_table, parse_bits_sets, parse_ints, plot,
                              sweep_points)
 from ndpmoe.rtl.synth.targets import TARGETS, get_target
-from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, check_words_per_cycle
+from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, attach_throughput, check_words_per_cycle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,6 @@
-"""`ndpmoe synth`: synthesize and place-and-route one NDP configuration on one FPGA target."""
+"""`ndpmoe synth`: synthesize and place-and-route one NDP configuration on one FPGA target. The
+run is the library's `run_synth` (rtl/synth/run.py) plus `attach_throughput`; this module parses
+the options and prints the result (`format_result`, which the demo uses too)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +11,7 @@ from ndpmoe.model.contract import CONFIGS
 from ndpmoe.rtl.platforms import PRIMITIVES
 from ndpmoe.rtl.synth.report import SynthResult
 from ndpmoe.rtl.synth.targets import TARGETS, get_target
-from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, check_words_per_cycle, throughput
+from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, attach_throughput, check_words_per_cycle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,20 +87,15 @@ def format_result(r: SynthResult) -> str:
     return "\n".join(lines)
 
 
-def attach_throughput(r: SynthResult, cfg, words_per_cycle: float) -> None:
-    if r.fits and r.fmax_mhz:
-        r.extra["throughput"] = throughput(cfg, r.fmax_mhz, words_per_cycle).to_json()
-
-
 def run(args: argparse.Namespace) -> int:
     from ndpmoe.model.contract import get_config
     from ndpmoe.rtl.synth.run import run_synth   # amaranth loads here, not for --help
-    cfg = get_config(args.config)
+    ndp_config = get_config(args.config)
     target = get_target(args.target)
     check_words_per_cycle(args.words_per_cycle)   # before minutes of place and route
-    r = run_synth(cfg, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed,
+    r = run_synth(ndp_config, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed,
                   dsp_min_width=args.dsp_min_width, reuse=args.reuse, primitives=args.primitives)
-    attach_throughput(r, cfg, args.words_per_cycle)
+    attach_throughput(r, ndp_config, args.words_per_cycle)
     print(format_result(r))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
