@@ -57,6 +57,8 @@ def check_arguments(args) -> None:
             input_file(args.trace)
         except argparse.ArgumentTypeError as exc:
             raise NdpmoeError(f"--trace: expected auto, text, synthetic or a saved trace file; {exc}") from None
+        from .routing_trace import RoutingTrace   # a file that is no trace fails here, in a second
+        RoutingTrace.load(args.trace)
     spec = get_model(args.model)
     top = min(spec.hidden, spec.intermediate)
     if args.rank > top:

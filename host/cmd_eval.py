@@ -8,6 +8,8 @@ from pathlib import Path
 from ndpmoe.model.errors import NdpmoeError
 
 
+DEFAULT_TOPN = (1, 2, 4)
+DEFAULT_SEQ_LEN = 512
 KIND_STYLE = {  # kind -> (marker, colour, label)
     "fp16": ("*", "black", "fp16"),
     "uniform": ("s", "tab:gray", "uniform low-bit"),
@@ -28,7 +30,8 @@ def add_arguments(p):
     p.add_argument("--base-bits", type=BITS, default=3, help="bit width the restoration sweep runs on")
     p.add_argument("--rank", type=int_list(lo=1), default="4,16",
                    help="compensator ranks (the largest is stored, the rest are prefixes)")
-    p.add_argument("--topn", type=int_list(lo=1), default="1,2,4", help="n of the Top-n rule (1..top-k)")
+    p.add_argument("--topn", type=int_list(lo=1), default=None,
+                   help=f"n of the Top-n rule, 1..top-k (default: those of {DEFAULT_TOPN} the model allows)")
     p.add_argument("--quantizers", default="rtn,optimized", help="uniform quantizers (the last one is used for restoration)")
     p.add_argument("--hi-bits", type=hi_bits, default=8, help="bits of the HOBBIT-style higher-precision copies (0: none)")
     p.add_argument("--budgets", type=float_list(), default="0.5,1,2",
@@ -36,7 +39,8 @@ def add_arguments(p):
     p.add_argument("--policy", action="append", default=[], help="extra runtime policy spec (repeatable)")
     p.add_argument("--eval-tokens", type=int_in(2), default=2048)
     p.add_argument("--calib-tokens", type=int_in(2), default=4096)
-    p.add_argument("--seq-len", type=int_in(2), default=512)
+    p.add_argument("--seq-len", type=int_in(2), default=None,
+                   help=f"tokens per evaluation window (default: {DEFAULT_SEQ_LEN}, or the model's context if shorter)")
     p.add_argument("--layers", type=int_list(lo=0), default=None, help="comma list of layers to make MoE and study (a "
                    "reduced run; the default model keeps the others dense, a checkpoint keeps them float); default: all")
     p.add_argument("--text", type=input_file, default=None,
@@ -48,10 +52,15 @@ def add_arguments(p):
 
 
 def check_against_model(args, outline) -> None:
-    """The values that depend on the model, checked on its configuration before it loads."""
+    """The values that depend on the model, checked on its configuration before it loads;
+    --topn and --seq-len left out take the model's own limits."""
     from .outline import layer_list
 
     k = outline.top_k
+    if args.topn is None:
+        args.topn = tuple(n for n in DEFAULT_TOPN if n <= k)
+    if args.seq_len is None:
+        args.seq_len = min(DEFAULT_SEQ_LEN, outline.max_positions)
     bad = [n for n in args.topn if n > k]
     if bad:
         raise NdpmoeError(f"--topn {','.join(map(str, args.topn))}: n must be in 1..{k} (the model routes top-{k}), "
@@ -67,6 +76,9 @@ def check_against_model(args, outline) -> None:
                           f"min(hidden, expert intermediate) = {top}, not {max(args.rank)}")
     if args.seq_len > outline.max_positions:
         raise NdpmoeError(f"--seq-len {args.seq_len}: the model's context is {outline.max_positions} tokens")
+    for name, v in (("--eval-tokens", args.eval_tokens), ("--calib-tokens", args.calib_tokens)):
+        if v < args.seq_len:
+            raise NdpmoeError(f"{name} {v} is less than one window of --seq-len {args.seq_len}")
 
 
 def load_study_model(name: str, text: str | None, layers: list[int] | None, progress: bool):
@@ -86,15 +98,13 @@ def load_study_model(name: str, text: str | None, layers: list[int] | None, prog
 
 
 def run(args) -> int:
-    # Everything is checked before the model loads: outputs first, then values, text and model shape.
+    # Everything is checked before the model loads: the values, the text, the model's shape, and
+    # the output folder is created (a study of hours must not fail at its last step).
     from ndpmoe.model.cli_args import prepare_output_dir
-    from .outline import model_outline
-
-    for name, v in (("--eval-tokens", args.eval_tokens), ("--calib-tokens", args.calib_tokens)):
-        if v < args.seq_len:
-            raise NdpmoeError(f"{name} {v} is less than one window of --seq-len {args.seq_len}")
     from ndpmoe.model.quantize import get_quantizer   # torch loads here, not for --help
     from ndpmoe.model.text import load_text
+
+    from .outline import model_outline
 
     quantizers = tuple(q.strip() for q in args.quantizers.split(",") if q.strip())
     if not quantizers:
@@ -104,7 +114,7 @@ def run(args) -> int:
             get_quantizer(q)
         except ValueError as exc:
             raise NdpmoeError(f"--quantizers {args.quantizers!r}: {exc}") from None
-    text = load_text(args.text, args.encoding) if args.text is not None or args.encoding is not None else None
+    text = None if args.text is None else load_text(args.text, args.encoding)
     check_against_model(args, model_outline(args.model))
     out = prepare_output_dir(args.out, "--out")
 

@@ -193,7 +193,9 @@ def write_store(path: str | os.PathLike, layers: list[QuantizedMoE], *, source: 
     clean_stale_temps(folder)
     tmp, tmp_manifest = temp_path(folder / TENSORS), temp_path(folder / MANIFEST)
     try:
-        save_file(tensors, str(tmp), metadata={"kind": STORE_KIND, "format_version": str(STORE_FORMAT_VERSION)})
+        # one header entry: the same tensors give the same bytes (and SHA-256) on every write
+        save_file(tensors, str(tmp), metadata={"ndpmoe": json.dumps({"kind": STORE_KIND,
+                                                                      "format_version": STORE_FORMAT_VERSION})})
         manifest = StoreManifest(STORE_FORMAT_VERSION, fmt, hi_fmt, len(layers), layers[0].num_experts,
                                  layers[0].experts[0].q["w1"].in_features, intermediate, rank, source,
                                  tmp.stat().st_size, _sha256(tmp))
@@ -355,9 +357,9 @@ def open_store(path: str | os.PathLike, *, expect_source: str | None = None,
     or not what the caller expects: `expect_shape` is (experts, hidden, intermediate)."""
     folder = Path(path)
     manifest_path, tensors_path = folder / MANIFEST, folder / TENSORS
+    clean_stale_temps(folder)
     if not manifest_path.is_file():
         raise StoreError(f"no expert store at {folder}: {MANIFEST} is missing")
-    clean_stale_temps(folder)
     try:
         raw = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

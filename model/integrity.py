@@ -29,7 +29,9 @@ from .errors import CacheEntryError
 TEMP_TAG = ".ndpmoe-tmp-"
 STALE_AGE_S = 12 * 3600          # no single write of a cache entry takes this long
 _TEMP_RE = re.compile(re.escape(TEMP_TAG) + r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]+$")
-KIND_KEY, META_KEY, SEAL_KEY = "ndpmoe.kind", "ndpmoe.meta", "ndpmoe.sha256"
+# One header entry holds kind, metadata and seal: safetensors writes several entries in an order
+# that changes from run to run, one entry gives the same bytes for the same content.
+HEADER_KEY = "ndpmoe"
 
 
 def notice(message: str) -> None:
@@ -175,9 +177,9 @@ def write_sealed(path: str | os.PathLike, tensors: dict, kind: str, meta: dict) 
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    header = {KIND_KEY: kind, META_KEY: canonical_json(meta).decode(), SEAL_KEY: content_hash(kind, meta, tensors)}
+    header = {"kind": kind, "meta": meta, "sha256": content_hash(kind, meta, tensors)}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: canonical_json(header).decode()})
 
 
 def read_sealed(path: str | os.PathLike, kind: str, expect: dict | None = None) -> tuple[dict, dict]:
@@ -193,17 +195,18 @@ def read_sealed(path: str | os.PathLike, kind: str, expect: dict | None = None) 
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CacheEntryError(f"{path}: unreadable, truncated or not a safetensors file "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if header.get(KIND_KEY) != kind or SEAL_KEY not in header:
-        raise CacheEntryError(f"{path}: not a sealed {kind!r} file (no content hash: written by another "
-                              f"version or another program)")
     try:
-        meta = json.loads(header.get(META_KEY, ""))
-    except json.JSONDecodeError as exc:
-        raise CacheEntryError(f"{path}: its metadata is not valid JSON ({exc})") from None
+        sealed = json.loads(header[HEADER_KEY])
+        meta, seal = sealed["meta"], sealed["sha256"]
+        if sealed["kind"] != kind:
+            raise CacheEntryError(f"{path}: holds a {sealed['kind']!r}, not a {kind!r}")
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise CacheEntryError(f"{path}: not a sealed {kind!r} file (no readable seal: written by another "
+                              f"version or another program, or its header was damaged)") from None
     digest = content_hash(kind, meta, tensors)
-    if digest != header[SEAL_KEY]:
+    if digest != seal:
         raise CacheEntryError(f"{path}: corrupted: its content hash {digest[:16]}... differs from its seal "
-                              f"{header[SEAL_KEY][:16]}...")
+                              f"{str(seal)[:16]}...")
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise CacheEntryError(f"{path}: holds {key} = {meta.get(key)!r}, expected {want!r}")
