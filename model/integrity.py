@@ -90,6 +90,7 @@ def temp_path(final: str | os.PathLike) -> Path:
 
 
 def _remove(path: Path) -> None:
+    """A file, a link (not what it points to) or a folder with its contents."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -106,8 +107,8 @@ def atomic_path(final: str | os.PathLike):
     tmp = temp_path(final)
     try:
         yield tmp
-        if tmp.is_dir() and final.is_dir():
-            shutil.rmtree(final)
+        if tmp.is_dir() and (final.is_dir() or final.is_symlink()):
+            _remove(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists() or tmp.is_symlink():
