@@ -13,9 +13,13 @@ import json
 
 # bench.ROWS, spelled out here so that --help imports no torch (a test holds them equal)
 ALL_ROWS = "fp16-lru,uniform,hobbit,topn,adaptive"
+# Routing traces are recorded as one sequence through SmolLM2 (or the default model): its context.
+MAX_TOKENS = 8192
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ndpmoe.model.cli_args import BITS, GROUP, float_in, int_in, output_file
+
     p.add_argument("--model", default="mixtral-8x7b",
                    help="mixtral-8x7b, qwen1.5-moe-a2.7b, deepseek-v2-lite, olmoe-1b-7b, or default (the offline "
                         "SmolLM2 MoE, replayed on its real routers)")
@@ -23,21 +27,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", help="GPU preset (rtx4090, a100-80gb, h100-sxm)")
     p.add_argument("--link", help="link preset (pcie4-x16, pcie5-x16, cxl-x16)")
     p.add_argument("--ndp", help="NDP preset (cxl-ndp, cxl-ndp-fpga)")
-    p.add_argument("--cache-gb", type=float, default=8.0, help="GPU expert cache capacity in GB (1e9 bytes)")
+    p.add_argument("--cache-gb", type=float_in(0, lo_open=True), default=8.0, help="GPU expert cache capacity in GB (1e9 bytes)")
     p.add_argument("--cache-policy", default="lfu", help="eviction of the low-bit rows: lru or lfu")
-    p.add_argument("--factor-share", type=float, default=0.0,
+    p.add_argument("--factor-share", type=float_in(0, 0.5, hi_open=True), default=0.0,
                    help="share of the cache kept as a separate factor pool for restoring rows (0: one shared pool)")
     p.add_argument("--policy", default=ALL_ROWS, help=f"rows to run, comma separated from {ALL_ROWS}")
     p.add_argument("--topn", default="all", help="n values for Top-n and its equal-bytes rows ('all': 1..k-1)")
-    p.add_argument("--bits", type=int, default=3, help="low-bit expert width")
-    p.add_argument("--group", type=int, default=64, help="quantization group size")
-    p.add_argument("--hi-bits", type=int, default=4, help="width of the higher-precision copies (HOBBIT)")
-    p.add_argument("--rank", type=int, default=32, help="stored compensation rank")
-    p.add_argument("--tokens", type=int, default=256, help="decode steps x batch replayed from the trace")
-    p.add_argument("--batch", type=int, default=1, help="tokens per decode step")
+    p.add_argument("--bits", type=BITS, default=3, help="low-bit expert width")
+    p.add_argument("--group", type=GROUP, default=64, help="quantization group size")
+    p.add_argument("--hi-bits", type=BITS, default=4, help="width of the higher-precision copies (HOBBIT)")
+    p.add_argument("--rank", type=int_in(1), default=32, help="stored compensation rank")
+    p.add_argument("--tokens", type=int_in(1, MAX_TOKENS), default=256,
+                   help=f"decode steps x batch replayed from the trace (at most {MAX_TOKENS})")
+    p.add_argument("--batch", type=int_in(1), default=1, help="tokens per decode step")
     p.add_argument("--placement", default="auto", help="auto, all-gpu, all-ndp, ndp-gemm, ndp-comp")
     p.add_argument("--trace", default="auto", help="auto, text, synthetic, or a saved trace file")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=output_file, help="write the results here")
+
+
+def check_arguments(args) -> None:
+    """What argparse cannot check alone, before the routing trace is recorded."""
+    from ndpmoe.model.errors import NdpmoeError
+
+    from ndpmoe.model.cli_args import input_file, prepare_output_file
+    from .models import get_model
+    from .placement import PLACEMENTS
+
+    if args.placement not in PLACEMENTS:
+        raise NdpmoeError(f"--placement {args.placement!r}: expected one of {', '.join(PLACEMENTS)}")
+    if args.batch > args.tokens:
+        raise NdpmoeError(f"--batch {args.batch} is more than --tokens {args.tokens}")
+    if args.trace not in ("auto", "text", "synthetic"):
+        try:
+            input_file(args.trace)
+        except argparse.ArgumentTypeError as exc:
+            raise NdpmoeError(f"--trace: expected auto, text, synthetic or a saved trace file; {exc}") from None
+        from .routing_trace import RoutingTrace   # a file that is no trace fails here, in a second
+        RoutingTrace.load(args.trace)
+    spec = get_model(args.model)
+    top = min(spec.hidden, spec.intermediate)
+    if args.rank > top:
+        raise NdpmoeError(f"--rank {args.rank}: a compensator rank must be at most min(hidden, expert "
+                          f"intermediate) = {top} for {spec.name}")
+    prepare_output_file(args.json, "--json")
 
 
 def parse_topn(spec: str) -> tuple[int, ...] | None:
@@ -114,6 +146,7 @@ def format_bench(result) -> str:
 
 
 def run(args) -> int:
+    check_arguments(args)
     from .bench import bench_rows, finish_bench, prepare_bench   # torch loads here, not for --help
 
     setup = prepare_bench(options_from_args(args))

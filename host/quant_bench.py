@@ -53,7 +53,7 @@ def run(args) -> int:
         print(f"{bits:>6}" + "".join(f"{v:10.4f}" for v in row))
     print(f"{'fp16':>6}{2.0:10.4f}")
     if args.real:
-        _real_table([int(v) for v in args.real_layers.split(",")])
+        _real_table(list(args.real_layers))
     return 0
 
 
@@ -72,7 +72,7 @@ def _fixed_point_cost(w: torch.Tensor, fmt: QuantFormat) -> None:
 
 
 def _real_table(layers: list[int]) -> None:
-    from model.quant_report import quantizer_table, smollm_mlp_cases
+    from ndpmoe.model.quant_report import quantizer_table, smollm_mlp_cases
     print(f"\nSmolLM2 MLP matrices, group 64, relative errors (output error = ||(W - Q(W)) X^T|| / ||W X^T||):")
     print(f"{'layer':>5} {'matrix':<6}{'bits':>5} {'quantizer':<11}{'weight':>9}{'out calib':>11}{'out held-out':>14}")
     for r in quantizer_table(smollm_mlp_cases(layers)):

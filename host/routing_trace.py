@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ndpmoe.model.errors import CacheEntryError, NdpmoeError
+from ndpmoe.model.integrity import atomic_path, clean_stale_temps, notice, read_sealed, write_sealed
 from ndpmoe.model.moe import RouterConfig, route
 
+MLP_INPUTS_KIND = "ndpmoe-smollm2-mlp-inputs"
 ROUTER_LOGIT_STD = 1.5      # assumed per-token spread of router logits (a temperature), see text_trace
 
 
@@ -60,21 +63,26 @@ class RoutingTrace:
     def save(self, path: str | Path) -> None:
         tensors = {f"ids.{l}": i.contiguous() for l, i in enumerate(self.ids)}
         tensors |= {f"weights.{l}": w.float().contiguous() for l, w in enumerate(self.weights)}
-        tmp = Path(f"{path}.tmp")
-        save_file(tensors, str(tmp), metadata={"source": self.source, "num_experts": str(self.num_experts)})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"source": self.source, "num_experts": str(self.num_experts)})
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise NdpmoeError(f"{path} is not a routing trace: not a readable safetensors file ({exc})") from None
         if "num_experts" not in meta:
-            raise ValueError(f"{path} is not a routing trace (no num_experts in its metadata)")
-        t = load_file(str(path))
+            raise NdpmoeError(f"{path} is not a routing trace (no num_experts in its metadata)")
         n = len([k for k in t if k.startswith("ids.")])
-        return cls(tuple(t[f"ids.{l}"] for l in range(n)), tuple(t[f"weights.{l}"] for l in range(n)),
-                   int(meta["num_experts"]), meta.get("source", str(path)))
+        try:
+            return cls(tuple(t[f"ids.{l}"] for l in range(n)), tuple(t[f"weights.{l}"] for l in range(n)),
+                       int(meta["num_experts"]), meta.get("source", str(path)))
+        except (KeyError, ValueError) as exc:
+            raise NdpmoeError(f"{path} is not a whole routing trace ({exc})") from None
 
 
 def record_routing(hidden: list[torch.Tensor], routers: list[torch.Tensor], router_config: RouterConfig,
@@ -118,9 +126,14 @@ def smollm_mlp_inputs(tokens: int, log: Callable[[str], None] = print
     key = hashlib.sha256(f"{text.digest}-{tokens}".encode()).hexdigest()[:12]
     path = _trace_cache_dir() / f"smollm2-mlp-inputs-{key}.safetensors"
     desc = f"SmolLM2-135M MLP inputs on {text.source} ({tokens} eval tokens, text {text.digest})"
+    clean_stale_temps(path.parent)
+    t = None
     if path.is_file():
-        t = load_file(str(path))
-    else:
+        try:
+            t, _ = read_sealed(path, MLP_INPUTS_KIND, {"text_digest": text.digest, "tokens": tokens})
+        except CacheEntryError as exc:
+            notice(f"cached MLP inputs failed their check, recording them again: {exc}")
+    if t is None:
         from ndpmoe.model.perplexity import collect_mlp_inputs
         from ndpmoe.model.smollm import load_smollm
         log(f"recording SmolLM2 MLP inputs on {2 * tokens} tokens of real text (once, cached) ...")
@@ -132,9 +145,10 @@ def smollm_mlp_inputs(tokens: int, log: Callable[[str], None] = print
         for l, v in h.items():
             v = v.reshape(2, tokens, -1)
             t[f"calib.{l}"], t[f"eval.{l}"] = v[0].half().contiguous(), v[1].half().contiguous()
-        tmp = path.with_suffix(".tmp")
-        save_file(t, str(tmp))
-        tmp.replace(path)
+        try:
+            write_sealed(path, t, MLP_INPUTS_KIND, {"text_digest": text.digest, "tokens": tokens})
+        except OSError as exc:
+            notice(f"could not store MLP inputs in {path.parent} ({exc}); they are recorded again next time")
     n = len([k for k in t if k.startswith("eval.")])
     return ({l: t[f"calib.{l}"].float() for l in range(n)}, {l: t[f"eval.{l}"].float() for l in range(n)}, desc)
 

@@ -11,36 +11,54 @@ import argparse
 import json
 import time
 
+from ndpmoe.model.cli_args import BITS, GROUP, int_in, int_list, output_file
 from ndpmoe.host.ndp_cost import CALIB_LAYERS, CALIB_TOKENS
 from ndpmoe.host.placement import PLACEMENTS
+from ndpmoe.model.errors import NdpmoeError
 
+# Each token is ~1e5 simulated cycles of the default model's layer (both stall modes): the bound
+# keeps one run to minutes; more tokens: several runs with other --seed values.
+MAX_TOKENS = 256
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (the offline MoEfied SmolLM2) or a checkpoint folder")
-    p.add_argument("--layer", type=int, default=3, help="MoE layer to co-simulate")
-    p.add_argument("--tokens", type=int, default=16, help="held-out text tokens through the layer")
-    p.add_argument("--topn", type=int, default=2, help="restore the n highest-weighted of the top-k experts per token")
-    p.add_argument("--bits", type=int, default=3, help="low-bit expert width (2, 3, 4, 8)")
-    p.add_argument("--group", type=int, default=64, help="quantization group size")
-    p.add_argument("--rank", type=int, default=16, help="stored compensation rank")
-    p.add_argument("--quantizer", default="optimized", help="rtn, hqq or optimized")
-    p.add_argument("--placement", default="all-ndp", help=f"one of {', '.join(PLACEMENTS)}")
+    p.add_argument("--layer", type=int_in(0), default=3, help="MoE layer to co-simulate")
+    p.add_argument("--tokens", type=int_in(1, MAX_TOKENS), default=16,
+                   help=f"held-out text tokens through the layer (at most {MAX_TOKENS})")
+    p.add_argument("--topn", type=int_in(1), default=2, help="restore the n highest-weighted of the top-k experts per token")
+    p.add_argument("--bits", type=BITS, default=3, help="low-bit expert width (2, 3, 4, 8)")
+    p.add_argument("--group", type=GROUP, default=64, help="quantization group size")
+    p.add_argument("--rank", type=int_in(0), default=16, help="stored compensation rank")
+    p.add_argument("--quantizer", choices=("rtn", "hqq", "optimized"), default="optimized", help="rtn, hqq or optimized")
+    p.add_argument("--placement", choices=PLACEMENTS, default="all-ndp", help=f"one of {', '.join(PLACEMENTS)}")
     p.add_argument("--seed", type=int, default=1, help="token positions and per-descriptor stall rates")
     p.add_argument("--faults", action="store_true", help="also run the fault scenarios (hang, reset mid-layer)")
     p.add_argument("--waves", action="store_true",
                    help="write a VCD waveform (separate Verilator build; ~13 kB per cycle, so --tokens 2 at most)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=output_file, help="write the results here")
     c = p.add_argument_group("cost-model calibration (--calibrate)")
     c.add_argument("--calibrate", action="store_true", help="fit the NDP cost model to co-simulated cycles")
-    c.add_argument("--calib-layers", default=",".join(map(str, CALIB_LAYERS)))
-    c.add_argument("--calib-tokens", default=",".join(map(str, CALIB_TOKENS)))
+    c.add_argument("--calib-layers", type=int_list(lo=0), default=",".join(map(str, CALIB_LAYERS)))
+    c.add_argument("--calib-tokens", type=int_list(lo=1, hi=MAX_TOKENS), default=",".join(map(str, CALIB_TOKENS)))
 
 
-def _ints(name: str, spec: str) -> list[int]:
-    try:
-        return [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated integers, not {spec!r}") from None
+def check_arguments(args) -> None:
+    """The values that depend on the model, checked on its configuration before it loads."""
+    from ndpmoe.model.cli_args import prepare_output_file
+    from ndpmoe.host.outline import layer_list, model_outline
+
+    o = model_outline(args.model)
+    for layer in list(args.calib_layers if args.calibrate else ()) + [args.layer]:
+        if layer not in o.moe_layers:
+            raise NdpmoeError(f"layer {layer} is not an MoE layer of {args.model} (MoE layers: "
+                              f"{layer_list(o.moe_layers)})")
+    if not args.topn < o.top_k:
+        raise NdpmoeError(f"--topn {args.topn}: n must be in 1..{o.top_k - 1} (the model routes top-{o.top_k})")
+    top = min(o.hidden, o.intermediate)
+    if args.rank > top:
+        raise NdpmoeError(f"--rank {args.rank}: a compensator rank must be at most min(hidden, expert "
+                          f"intermediate) = {top}")
+    prepare_output_file(args.json, "--json")
 
 
 def _ms(seconds: float) -> str:
@@ -134,6 +152,7 @@ def format_calibration(r: dict) -> str:
 
 
 def run(args) -> int:
+    check_arguments(args)
     import torch   # torch, amaranth and cocotb load here, not for --help
 
     from .cost_calibration import calibrate
@@ -142,7 +161,7 @@ def run(args) -> int:
     torch.set_num_threads(1)           # shared 2-core machines: oversubscribed torch is far slower
     t0 = time.perf_counter()
     if args.calibrate:
-        result = calibrate(args.model, _ints("--calib-layers", args.calib_layers), _ints("--calib-tokens", args.calib_tokens),
+        result = calibrate(args.model, list(args.calib_layers), list(args.calib_tokens),
                            args.topn, args.bits, args.placement, group=args.group, rank=args.rank,
                            quantizer=args.quantizer, seed=args.seed)
         print(format_calibration(result))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from ndpmoe.model.cli_args import float_in, int_in, output_dir, output_file, prepare_output_dir, prepare_output_file
 from ndpmoe.model.contract import CONFIGS
 from ndpmoe.rtl.platforms import PRIMITIVES
 from ndpmoe.rtl.synth.report import SynthResult
@@ -15,23 +15,24 @@ from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, attach_throu
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="default", help=f"NDP configuration, one of {sorted(CONFIGS)}")
-    p.add_argument("--target", default="ecp5-85k", help=f"FPGA, one of {sorted(TARGETS)}")
-    p.add_argument("--freq", type=float, default=150.0, help="target clock in MHz (default 150)")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="default",
+                   help=f"NDP configuration, one of {sorted(CONFIGS)}")
+    p.add_argument("--target", choices=sorted(TARGETS), default="ecp5-85k", help=f"FPGA, one of {sorted(TARGETS)}")
+    p.add_argument("--freq", type=float_in(0, 1000, lo_open=True), default=150.0, help="target clock in MHz (default 150)")
     p.add_argument("--speed", type=int, default=None,
                    help="ECP5 speed grade 6/7/8 (default 6, nextpnr's default and the slowest)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
-    p.add_argument("--dsp-min-width", type=int, default=None,
+    p.add_argument("--dsp-min-width", type=int_in(1), default=None,
                    help="ECP5: put only multiplies whose narrower operand has >= N bits in DSPs "
                         "(default: synth_ecp5's choice, which maps even 2x8-bit products)")
     p.add_argument("--primitives", choices=PRIMITIVES, default=None,
                    help="block RAMs and multipliers: 'ecp5' instantiates DP16KD / MULT18X18D with their "
                         "registers on (the default on ECP5), 'inferred' leaves them to Yosys")
-    p.add_argument("--words-per-cycle", type=float, default=RTL_TARGET_WORDS_PER_CYCLE,
+    p.add_argument("--words-per-cycle", type=float_in(0, 1, lo_open=True), default=RTL_TARGET_WORDS_PER_CYCLE,
                    help="memory port utilization while streaming (default 1.0 = the RTL's design "
                         "target, not a measurement)")
-    p.add_argument("--out", type=Path, default=None, help="build folder (default build/fpga/<run>)")
-    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
+    p.add_argument("--out", type=output_dir, default=None, help="build folder (default build/fpga/<run>)")
+    p.add_argument("--json", type=output_file, default=None, help="also write the result as JSON here")
     p.add_argument("--reuse", action="store_true",
                    help="return the stored result of an identical earlier run (same Verilog, target, speed, clock, "
                         "seed) from the build folder instead of running the tools again")
@@ -93,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     ndp_config = get_config(args.config)
     target = get_target(args.target)
     check_words_per_cycle(args.words_per_cycle)   # before minutes of place and route
+    target.check_speed(args.speed)
+    prepare_output_dir(args.out, "--out")
+    prepare_output_file(args.json, "--json")
     r = run_synth(ndp_config, target, freq_mhz=args.freq, speed=args.speed, build=args.out, seed=args.seed,
                   dsp_min_width=args.dsp_min_width, reuse=args.reuse, primitives=args.primitives)
     attach_throughput(r, ndp_config, args.words_per_cycle)
