@@ -1,0 +1,464 @@
+"""Text generation with every MoE layer through the runtime (`ndpmoe generate`).
+
+    result = generate(GenerateOptions(prompt="...", max_new_tokens=32, bits=3, policy="top-2"))
+    print(result.text); print(format_report(result))
+
+The prompt runs in one forward pass (prefill), then one token per pass, greedy. Each MoE block
+routes, plans and executes through host/runtime.py over a whole-model expert store on disk
+(host/generate_store.py: the study's quantization, built once and cached), an expert cache of
+the given capacity, the restoration policy, the placement and the NDP backend:
+
+- ndp "none": GPU-only (the gpu-only system: all experts fetched over the link to the GPU backend);
+- ndp "golden": GPU-NDP with the bit-exact functional NDP model (cycles from the cost model
+  RTL_COSIM, fitted on co-simulated cycles);
+- ndp "rtl": sim/generate_rtl.py runs the first tokens with the NDP on the Verilator-simulated
+  unit and checks them against this module's golden run.
+
+The system the planner prices plans with is gpu-only (ndp "none") or gpu-ndp with one unit of the
+chosen NDP configuration at its clock (as the co-simulation does), so modeled and run NDP work
+describe the same unit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+NDP_MODES = ("none", "golden", "rtl")
+DEVICES = ("cpu", "cuda", "auto")
+MB = 1_000_000            # --cache-mb is in decimal megabytes, like the study's MB per token
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model: "default" (the MoEfied SmolLM2) or a local checkpoint folder / .gguf file.
+    layers: the MoE layers run through the runtime (None: all); on the default model the others
+    stay dense (a reduced build, as the tests use), on a checkpoint they stay float MoE blocks.
+    moefy_calib_tokens: the default model's MoEfication calibration size (None: its default)."""
+    name: str = "default"
+    layers: tuple[int, ...] | None = None
+    moefy_calib_tokens: int | None = None
+
+    def describe(self) -> str:
+        which = "all MoE layers" if self.layers is None else f"MoE layers {list(self.layers)}"
+        return f"{self.name} ({which})"
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    prompt: str
+    max_new_tokens: int = 32
+    model: ModelSpec = ModelSpec()
+    bits: int = 3
+    rank: int = 16
+    hi_bits: int = 8
+    policy: str = "none"
+    placement: str = "auto"
+    ndp: str = "golden"
+    ndp_config: str = "default"
+    cache_mb: float = 4.0
+    eviction: str = "lru"
+    device: str = "cpu"
+    rtl_tokens: int = 4
+    calib_tokens: int = 4096                 # the store's calibration (as `ndpmoe eval`'s default)
+    stop_at_eos: bool = True
+    verify_plans: bool = False
+
+    def check(self) -> None:
+        """Every argument checked before anything loads (the model, the store, the simulator)."""
+        from ndpmoe.model.contract import get_config
+
+        from .cache import EVICTIONS
+        from .placement import PLACEMENTS
+        from .policy import get_policy
+
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("the prompt is empty: give some text to continue")
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, not {n!r}")
+        if isinstance(self.cache_mb, bool) or not isinstance(self.cache_mb, (int, float)) or not self.cache_mb > 0:
+            raise ValueError(f"cache_mb must be a positive number of megabytes, not {self.cache_mb!r}")
+        if self.ndp not in NDP_MODES:
+            raise ValueError(f"ndp must be one of {NDP_MODES}, not {self.ndp!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, not {self.placement!r}")
+        if self.ndp == "none" and self.placement not in ("auto", "all-gpu"):
+            raise ValueError(f"placement {self.placement!r} puts work on the NDP, but ndp is 'none'; "
+                             f"use --ndp golden or rtl, or placement auto / all-gpu")
+        if self.eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {sorted(EVICTIONS)}, not {self.eviction!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, not {self.device!r}")
+        r = self.rtl_tokens
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"rtl_tokens must be a positive integer, not {r!r}")
+        cfg = get_config(self.ndp_config)
+        if self.ndp != "none" and self.bits not in cfg.bits:
+            raise ValueError(f"NDP configuration {cfg.name!r} decodes {cfg.bits}-bit weights, not --bits {self.bits}; "
+                             f"pick one of those or another --ndp-config")
+        self.store_settings()                    # bits, rank and hi_bits make a valid format
+        get_policy(self.policy, 1 << 30)         # the spec's syntax; its n is checked against top-k later
+
+    def store_settings(self):
+        from ndpmoe.model.contract import get_config
+
+        from .generate_store import StoreSettings
+
+        return StoreSettings(bits=self.bits, rank=self.rank, hi_bits=self.hi_bits,
+                             word_bits=get_config(self.ndp_config).word_bits, calib_tokens=self.calib_tokens,
+                             calib_rows=self.calib_tokens, seq_len=min(512, self.calib_tokens))
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available (use --device cpu or auto)")
+        return self.device
+
+
+@dataclass
+class GenerateResult:
+    options: GenerateOptions
+    model: str
+    prompt_tokens: int
+    tokens: list[int]                          # generated token ids
+    text: str                                  # their decoded text
+    steps: list                                # runtime.StepStats per forward pass (0: prefill)
+    logits: list                               # [V] tensors per pass (kept when asked)
+    cache: dict                                # capacity, hit rates, counters
+    store: dict                                # folder, built or reused, seconds
+    setup_s: dict                              # model load, store, NDP image placement
+    system: str
+    ndp_clock_mhz: float | None
+    device: str
+    interrupted: str | None = None             # where a Ctrl-C stopped the run
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_steps(self) -> list:
+        return self.steps[1:]
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode rate: tokens after the first over their passes' wall time (None before one)."""
+        d = self.decode_steps
+        total = sum(s.wall_s for s in d)
+        return len(d) / total if d and total > 0 else None
+
+    def link_equal(self) -> bool:
+        return all(s.link_planned == s.link_executed for s in self.steps)
+
+    def to_json(self) -> dict:
+        return {"options": asdict(self.options), "model": self.model, "prompt_tokens": self.prompt_tokens,
+                "tokens": self.tokens, "text": self.text, "steps": [s.to_json() for s in self.steps],
+                "tokens_per_s": self.tokens_per_s, "link_executed_equals_planned": self.link_equal(),
+                "cache": self.cache, "store": self.store, "setup_s": self.setup_s, "system": self.system,
+                "ndp_clock_mhz": self.ndp_clock_mhz, "device": self.device, "interrupted": self.interrupted,
+                **{k: v for k, v in self.extra.items() if k != "decisions"}}
+
+
+def job_options(d: dict) -> GenerateOptions:
+    """GenerateOptions back from `asdict` (the RTL run passes them to the simulator process)."""
+    d = dict(d)
+    m = dict(d.pop("model"))
+    if m.get("layers") is not None:
+        m["layers"] = tuple(m["layers"])
+    return GenerateOptions(model=ModelSpec(**m), **d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces (also used by the RTL run inside the simulator and by the tests)
+# ---------------------------------------------------------------------------------------------
+def load_model(spec: ModelSpec, progress: bool = False):
+    """A DefaultMoE-like object: .model, .tokenizer, .blocks {layer: (MoEWeights, RouterConfig)}, .text."""
+    if spec.name == "default":
+        from ndpmoe.model.default_moe import DEFAULT_CONFIG, load_default_moe
+
+        cfg = DEFAULT_CONFIG if spec.moefy_calib_tokens is None else replace(DEFAULT_CONFIG, calib_tokens=spec.moefy_calib_tokens)
+        return load_default_moe(cfg, layers=None if spec.layers is None else list(spec.layers), progress=progress)
+    from pathlib import Path
+
+    if not (Path(spec.name).is_dir() or (spec.name.endswith(".gguf") and Path(spec.name).is_file())):
+        raise ValueError(f"model must be 'default', a checkpoint folder or a .gguf file, not {spec.name!r}")
+    from .cmd_eval import load_study_model
+
+    return load_study_model(spec.name, None, None, progress)
+
+
+def runtime_layers(dm, spec: ModelSpec) -> list[int]:
+    layers = sorted(dm.blocks) if spec.layers is None else sorted(spec.layers)
+    missing = [l for l in layers if l not in dm.blocks]
+    if missing:
+        raise ValueError(f"layers {missing} are not MoE layers of {spec.name} (it has {sorted(dm.blocks)})")
+    return layers
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    return list(tokenizer.encode(prompt))
+
+
+def make_system(ndp: str, ndp_config: str):
+    """gpu-only without an NDP; gpu-ndp with one unit of `ndp_config` at its clock otherwise."""
+    from ndpmoe.model.contract import get_config
+
+    from .ndp_cost import RTL_COSIM
+    from .presets import NdpPreset, get_system
+
+    if ndp == "none":
+        return get_system("gpu-only")
+    cfg = get_config(ndp_config)
+    base = get_system("gpu-ndp")
+    return replace(base, name=f"gpu-ndp+{cfg.name}x1",
+                   ndp=NdpPreset(f"{cfg.name}x1", config=cfg.name, units=1, clock_mhz=cfg.clock_mhz, cost=RTL_COSIM))
+
+
+def check_fit(opts: GenerateOptions, dm, layers: list[int]) -> int:
+    """Before the store is built: the cache holds at least one expert, and the NDP configuration
+    can run the model's experts and hold every layer's images. Returns the NDP memory needed."""
+    from ndpmoe.model.contract import get_config
+
+    from .runtime import ndp_memory_bytes
+
+    w, _ = dm.blocks[layers[0]]
+    s = opts.store_settings()
+    plain = s.sizes(w.hidden, w.intermediate)
+    cache_bytes = int(opts.cache_mb * MB)
+    if cache_bytes < plain.weight_bytes("lo"):
+        raise ValueError(f"--cache-mb {opts.cache_mb:g} ({cache_bytes} bytes) is smaller than one expert of this "
+                         f"model ({plain.weight_bytes('lo')} bytes: w1, w3, w2 at {s.bits} bits, "
+                         f"{w.intermediate} x {w.hidden}); give at least {plain.weight_bytes('lo') / MB:.3f}")
+    if opts.ndp == "none":
+        return 0
+    cfg = get_config(opts.ndp_config)
+    try:
+        sizes = s.sizes(w.hidden, w.intermediate, cfg)
+        sizes.ndp_steps("lo", 1, True, sizes.stored_rank)
+    except ValueError as exc:
+        raise ValueError(f"NDP configuration {cfg.name!r} does not fit this model's experts "
+                         f"({w.intermediate} x {w.hidden}, rank {s.rank}): {exc}") from None
+    need = ndp_memory_bytes(sizes, w.num_experts, len(layers))
+    if need > cfg.mem_bytes:
+        raise ValueError(f"NDP configuration {cfg.name!r} addresses {cfg.mem_bytes} bytes, but the {len(layers)} "
+                         f"MoE layers' images need {need} bytes; use a configuration with more memory or fewer layers")
+    return need
+
+
+def ndp_backend(opts: GenerateOptions, mem_bytes: int):
+    from ndpmoe.model.contract import get_config
+
+    from .ndp import GoldenNdpBackend
+    from .ndp_cost import RTL_COSIM
+
+    cfg = get_config(opts.ndp_config)
+    return GoldenNdpBackend(cfg, round_memory(mem_bytes, cfg), cost=RTL_COSIM)
+
+
+def round_memory(mem_bytes: int, cfg) -> int:
+    """Whole MiB (a multiple of every port width), capped at what the configuration addresses."""
+    return min(cfg.mem_bytes, -(-mem_bytes // (1 << 20)) * (1 << 20))
+
+
+class TextStream:
+    """Turns token ids into text pieces as they come (a piece may wait for the next token when
+    the tokenizer has not finished a character)."""
+
+    def __init__(self, tokenizer, emit: Callable[[str], None] | None):
+        self.tokenizer, self.emit = tokenizer, emit
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if self.emit is not None and text.startswith(self.text):
+            self.emit(text[len(self.text):])
+        self.text = text
+
+
+def cache_report(cache) -> dict:
+    st = cache.stats
+    kinds = sorted(set(st.hits) | set(st.misses))
+    return {"capacity_bytes": cache.capacity_bytes, "used_bytes": cache.used_bytes, "entries": len(cache),
+            "eviction": cache.eviction.name, "hit_rate": {k: st.hit_rate(k) for k in kinds}, **st.to_json()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+def prepare(opts: GenerateOptions, dm=None, *, log=print, progress: bool = False):
+    """Check the options, load the model (unless given), check the prompt and the fits, open or
+    build the store. Returns (dm, layers, prompt ids, ModelStore, NDP memory bytes, seconds)."""
+    from .generate_store import model_store
+    from .policy import get_policy
+    from .decode import check_lengths, context_length
+
+    opts.check()
+    setup = {}
+    t0 = time.perf_counter()
+    if dm is None:
+        dm = load_model(opts.model, progress=progress)
+    setup["model_load_s"] = time.perf_counter() - t0
+    layers = runtime_layers(dm, opts.model)
+    prompt_ids = encode_prompt(dm.tokenizer, opts.prompt)
+    check_lengths(len(prompt_ids), opts.max_new_tokens, context_length(dm.model))
+    get_policy(opts.policy, dm.blocks[layers[0]][1].top_k)
+    mem = check_fit(opts, dm, layers)
+    ms = model_store(dm, opts.store_settings(), layers=layers, name=opts.model.describe(), progress=progress, log=log)
+    setup["store_s"] = ms.seconds
+    return dm, layers, prompt_ids, ms, mem, setup
+
+
+def make_runtime(opts: GenerateOptions, dm, ms, mem: int, ndp=None, *, record: bool = False):
+    """The runtime over `ms` for `opts` (ndp: an NdpBackend to use instead of the golden one)."""
+    from .policy import get_policy
+    from .runtime import ModelRuntime
+
+    layers = sorted(ms.layer_index)
+    policy = get_policy(opts.policy, dm.blocks[layers[0]][1].top_k)
+    if opts.ndp != "none" and ndp is None:
+        ndp = ndp_backend(opts, mem)
+    return ModelRuntime(ms, dm.blocks, policy=policy, placement=opts.placement, cache_bytes=int(opts.cache_mb * MB),
+                        eviction=opts.eviction, ndp=None if opts.ndp == "none" else ndp,
+                        system=make_system(opts.ndp, opts.ndp_config), device=opts.resolved_device(),
+                        prefetch=opts.placement == "auto",      # a forced placement never uses prefetched copies
+                        record=record, verify=opts.verify_plans)
+
+
+def run_decode(opts: GenerateOptions, dm, rt, prompt_ids: list[int], *, max_new_tokens: int | None = None,
+               on_text: Callable[[str], None] | None = None, keep_logits: bool = False):
+    """Decode through an installed runtime. Returns (tokens, text, logits, interrupted)."""
+    from .decode import greedy_steps
+
+    device = opts.resolved_device()
+    n = opts.max_new_tokens if max_new_tokens is None else max_new_tokens
+    stream = TextStream(dm.tokenizer, on_text)
+    eos = getattr(dm.tokenizer, "eos_token_id", None) if opts.stop_at_eos else None
+    tokens, logits, interrupted = [], [], None
+    try:
+        for step in greedy_steps(dm.model, prompt_ids, n, before_step=lambda i, t: rt.begin_step(t),
+                                 device=device, eos_id=eos):
+            rt.end_step(step.seconds)
+            tokens.append(step.token)
+            if keep_logits:
+                logits.append(step.logits)
+            stream.add(step.token)
+    except KeyboardInterrupt:
+        where = rt.position
+        layer = f", in MoE layer {where[1]}" if where is not None and len(rt.steps) == where[0] else ""
+        interrupted = (f"interrupted after {len(tokens)} of {n} new tokens "
+                       f"(during forward pass {len(rt.steps)}{layer})")
+    return tokens, stream.text, logits, interrupted
+
+
+def generate(opts: GenerateOptions, dm=None, *, on_text: Callable[[str], None] | None = None, log=print,
+             keep_logits: bool = False, record: bool = False, progress: bool = False) -> GenerateResult:
+    """Generate with the NDP (if any) on the golden backend. A Ctrl-C during decoding returns
+    the tokens so far with `interrupted` saying where it stopped; one during the store build
+    leaves no store behind and propagates."""
+    if opts.ndp == "rtl":
+        raise ValueError("ndp 'rtl' runs inside the simulator: call ndpmoe.sim.generate_rtl.generate_rtl")
+    import torch
+
+    dm, layers, prompt_ids, ms, mem, setup = prepare(opts, dm, log=log, progress=progress)
+    device = opts.resolved_device()
+    if device != "cpu":
+        dm.model.to(device)
+    t0 = time.perf_counter()
+    rt = make_runtime(opts, dm, ms, mem, record=record)
+    setup["runtime_s"] = time.perf_counter() - t0
+    setup["ndp_placement_s"] = rt.setup_s
+    rt.install(dm.model)
+    with torch.inference_mode():
+        tokens, text, logits, interrupted = run_decode(opts, dm, rt, prompt_ids, on_text=on_text,
+                                                       keep_logits=keep_logits)
+    result = GenerateResult(opts, opts.model.describe(), len(prompt_ids), tokens, text, rt.steps, logits,
+                            cache_report(rt.cache), {"folder": str(ms.store.folder), "built": ms.built,
+                                                     "bytes": ms.store.manifest.tensors_bytes},
+                            setup, rt.system.name, rt.system.ndp.clock_mhz if rt.system.ndp else None, device,
+                            interrupted)
+    result.extra.update(prompt_ids=prompt_ids, layer_index=dict(ms.layer_index), ndp_memory_bytes=mem)
+    if record:
+        result.extra["decisions"] = rt.decisions          # tensors: left out of to_json
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+_ROWS = (("planning", "planning_s"), ("routing (router matmul, top-k)", "routing_s"),
+         ("expert compute (GPU backend, combine, shared expert)", "expert_compute_s"),
+         ("fetch (store reads + unpacking fetched experts)", "fetch_s"),
+         ("upload (host -> device copies)", "upload_s"),
+         ("NDP backend (host time running the unit's model)", "ndp_backend_s"),
+         ("rest of the model (attention, dense layers, LM head)", "other_model_s"))
+
+
+def _mean(steps, attr: str) -> float:
+    return sum(getattr(s, attr) for s in steps) / len(steps) if steps else 0.0
+
+
+def format_report(r: GenerateResult) -> str:
+    """The end-of-run report: time per token and its split, NDP cycles, bytes per link, cache."""
+    o = r.options
+    lines = [f"model {r.model}; {o.bits}-bit experts, policy {o.policy}, placement {o.placement}, NDP {o.ndp}"
+             f" ({o.ndp_config}), cache {o.cache_mb:g} MB {o.eviction}, device {r.device}; system {r.system}"]
+    if r.interrupted:
+        lines.append(r.interrupted)
+    pre = r.steps[0] if r.steps else None
+    dec = r.decode_steps
+    if pre is not None:
+        lines.append(f"prompt {r.prompt_tokens} tokens: prefill {pre.wall_s * 1e3:.0f} ms; "
+                     f"{len(r.tokens)} tokens generated")
+    if dec:
+        lines.append(f"decode: {r.tokens_per_s:.2f} tokens/s ({_mean(dec, 'wall_s') * 1e3:.1f} ms per token, "
+                     f"mean of {len(dec)} tokens after the first), measured wall time on this machine")
+    lines.append("")
+    head = f"  {'per forward pass, ms':<58}{'prefill':>10}{'decode mean':>13}{'share':>8}"
+    lines.append(head)
+    total = _mean(dec, "wall_s")
+    for label, attr in _ROWS:
+        p = getattr(pre, attr) * 1e3 if pre else 0.0
+        d = _mean(dec, attr) * 1e3
+        share = f"{d / (total * 1e3):7.0%}" if total else ""
+        lines.append(f"  {label:<58}{p:>10.2f}{d:>13.2f}{share:>8}")
+    lines.append(f"  {'total (wall)':<58}{(pre.wall_s * 1e3 if pre else 0):>10.2f}{total * 1e3:>13.2f}")
+    moe = max((s.moe_layers for s in r.steps), default=0)
+    if dec and moe:
+        lines.append(f"  planning per token-layer: {_mean(dec, 'planning_s') / moe * 1e6:.0f} us ({moe} MoE layers)")
+    if o.ndp != "none" and r.steps:
+        measured = all(s.ndp_cycles_measured for s in r.steps)
+        src = "measured on the RTL" if measured else "cost model RTL_COSIM (golden backend)"
+        clock = r.ndp_clock_mhz or 0
+        lines.append("")
+        lines.append(f"NDP unit ({src}), at {clock:g} MHz:")
+        if pre is not None:
+            lines.append(f"  prefill: {pre.ndp_descriptors} descriptors, {pre.ndp_cycles:.0f} cycles = "
+                         f"{pre.ndp_cycles / clock:.1f} us")
+        if dec:
+            lines.append(f"  decode: {_mean(dec, 'ndp_descriptors'):.0f} descriptors, {_mean(dec, 'ndp_cycles'):.0f} "
+                         f"cycles per token = {_mean(dec, 'ndp_cycles') / clock:.1f} us")
+    lines.append("")
+    lines.append("bytes moved per token (decode mean), by link and kind: planned / executed")
+    kinds = sorted({k for s in r.steps for k in (*s.link_planned, *s.link_executed)})
+    for k in kinds:
+        p = sum(s.link_planned[k] for s in dec) / len(dec) if dec else 0
+        e = sum(s.link_executed[k] for s in dec) / len(dec) if dec else 0
+        pp = pre.link_planned[k] if pre else 0
+        lines.append(f"  {k:<18} {p:>12,.0f} / {e:>12,.0f}   (prefill {pp:,})")
+    lines.append(f"  executed equal to planned in every pass: {'yes' if r.link_equal() else 'NO'}; "
+                 f"unplanned uploads: {sum(s.unplanned_uploads for s in r.steps)}")
+    c = r.cache
+    rates = ", ".join(f"{k} {v:.1%}" for k, v in c["hit_rate"].items())
+    lines.append(f"expert cache: {c['capacity_bytes'] / MB:g} MB ({c['eviction']}), {c['entries']} entries, "
+                 f"{c['used_bytes'] / MB:.2f} MB used; hit rate {rates or 'n/a'}; evictions "
+                 f"{sum(c['evictions'].values())}")
+    s = r.setup_s
+    lines.append(f"setup: model {s.get('model_load_s', 0):.1f} s, store {s.get('store_s', 0):.1f} s "
+                 f"({'built' if r.store['built'] else 'reused'}: {r.store['folder']}), NDP image placement "
+                 f"{s.get('ndp_placement_s', 0):.1f} s")
+    return "\n".join(lines)
