@@ -348,6 +348,7 @@ def run_decode(opts: GenerateOptions, dm, rt, prompt_ids: list[int], *, max_new_
                 logits.append(step.logits)
             stream.add(step.token)
     except KeyboardInterrupt:
+        del rt.steps[len(tokens):]            # a pass whose token was not delivered is not counted
         where = rt.position
         layer = f", in MoE layer {where[1]}" if where is not None and len(rt.steps) == where[0] else ""
         interrupted = (f"interrupted after {len(tokens)} of {n} new tokens "

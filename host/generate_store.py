@@ -119,9 +119,10 @@ def store_folder(key: str, s: StoreSettings) -> Path:
 
 
 def model_store(dm, s: StoreSettings, *, layers: list[int] | None = None, name: str = "model",
-                progress: bool = False, log=print) -> ModelStore:
+                progress: bool = False, log=print, study=None) -> ModelStore:
     """The store of `dm`'s MoE layers under settings `s`: opened (and verified) if built before,
-    else built with the study's quantization and written atomically."""
+    else built with the study's quantization and written atomically (`study`: a `store_study`
+    of the same model, settings and layers, to reuse its calibration pass)."""
     import time
 
     t0 = time.perf_counter()
@@ -139,7 +140,7 @@ def model_store(dm, s: StoreSettings, *, layers: list[int] | None = None, name: 
     except StoreError:
         pass
     log(f"building the expert store of {len(layers)} MoE layers ({s.variant().label}) in {folder}")
-    build_store(dm, s, layers, calib, folder, source, progress=progress, log=log)
+    build_store(dm, s, layers, calib, folder, source, progress=progress, log=log, study=study)
     return ModelStore(open_store(folder, expect_source=source), index, True, time.perf_counter() - t0)
 
 
@@ -153,12 +154,14 @@ def store_study(dm, s: StoreSettings, layers: list[int], calib: torch.Tensor | N
     calib = calibration_windows(dm, s) if calib is None else calib
     # The study also measures layer errors on held-out inputs: one short window is enough here.
     eval_windows = token_windows(tokenize(dm.text.eval, dm.tokenizer), 64, 64)
-    return Study(dm, eval_windows, calib, calib_rows=s.calib_rows, progress=progress, quant_layers=layers,
-                 block_rows=64)
+    study = Study(dm, eval_windows, calib, calib_rows=s.calib_rows, progress=progress, quant_layers=layers,
+                  block_rows=64)
+    study.cache_calib = calib             # what build_store checks a given study against
+    return study
 
 
 def build_store(dm, s: StoreSettings, layers: list[int], calib: torch.Tensor, folder: Path, source: str, *,
-                progress: bool = False, log=print) -> None:
+                progress: bool = False, log=print, study=None) -> None:
     """Quantize with the study (its cache reused where the study ran the same settings) and write
     the store under a temporary folder, renamed into place only when complete."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -166,8 +169,11 @@ def build_store(dm, s: StoreSettings, layers: list[int], calib: torch.Tensor, fo
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        study = store_study(dm, s, layers, calib, progress=progress)
-        log(f"  calibration pass: {study.calib_seconds:.0f} s")
+        if study is None:
+            study = store_study(dm, s, layers, calib, progress=progress)
+            log(f"  calibration pass: {study.calib_seconds:.0f} s")
+        elif study.layers != layers or not torch.equal(study.cache_calib, calib):
+            raise ValueError("the study given was not made by store_study for these layers and settings")
         quantized = study.variant(s.variant())
         log(f"  {len(layers)} layers quantized and compensated (study cache: {study.cache.hits} parts reused, "
             f"{study.cache.misses} computed)")

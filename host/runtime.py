@@ -54,6 +54,7 @@ class StepStats:
     upload_s: float = 0.0             # host -> device copies (and activations to / from the device)
     ndp_backend_s: float = 0.0        # host time inside the NDP backend (functional model or simulator)
     ndp_cycles: float = 0.0           # the unit's busy cycles (counter deltas)
+    ndp_cycles_planned: float = 0.0   # what the plans modeled for the same descriptors
     ndp_descriptors: int = 0
     ndp_cycles_measured: bool = False  # True: every descriptor of the step ran on a clocked unit (RTL)
     moe_layers: int = 0
@@ -312,6 +313,7 @@ class ModelRuntime:
         step.moe_layers += 1
         if self.ndp is not None:
             step.ndp_cycles += self.ndp.counters()["busy_cycles"] - cyc0
+            step.ndp_cycles_planned += plan.usage.ndp_wall_cycles
             step.ndp_descriptors += len(rec.ndp_descriptors)
             step.ndp_cycles_measured = step.ndp_cycles_measured and measured
         for kind, v in plan.usage.link.items():
