@@ -184,7 +184,9 @@ def step_synth(opt: DemoOptions, log, proc: subprocess.Popen | None = None) -> S
                       ok=bool(r.fits))
 
 
-STEPS = (step_model, step_study, step_cosim, step_throughput, step_synth)
+from .demo_generate import step_generate  # noqa: E402  (its own module: whole-model generation)
+
+STEPS = (step_model, step_study, step_cosim, step_throughput, step_synth, step_generate)
 
 
 def run_demo(opt: DemoOptions, log=print) -> Path:

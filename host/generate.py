@@ -356,6 +356,29 @@ def run_decode(opts: GenerateOptions, dm, rt, prompt_ids: list[int], *, max_new_
     return tokens, stream.text, logits, interrupted
 
 
+def reference_generate(dm, prompt: str, max_new_tokens: int, *, layers: list[int] | None = None,
+                       stop_at_eos: bool = True) -> dict:
+    """The same greedy decode with the float MoE blocks (the study's "fp16 experts" row: every
+    expert unquantized, computed in float32), not through the runtime: the continuation the
+    low-bit runs are read against."""
+    import torch
+
+    from ndpmoe.model.block import FloatMoE, set_blocks
+
+    from .decode import greedy_steps
+
+    layers = sorted(dm.blocks) if layers is None else layers
+    set_blocks(dm.model, {l: FloatMoE(*dm.blocks[l]) for l in layers})
+    ids = encode_prompt(dm.tokenizer, prompt)
+    eos = getattr(dm.tokenizer, "eos_token_id", None) if stop_at_eos else None
+    with torch.inference_mode():
+        steps = list(greedy_steps(dm.model, ids, max_new_tokens, eos_id=eos))
+    tokens = [s.token for s in steps]
+    decode = [s.seconds for s in steps[1:]]
+    return {"tokens": tokens, "text": dm.tokenizer.decode(tokens, skip_special_tokens=True),
+            "prefill_s": steps[0].seconds, "tokens_per_s": len(decode) / sum(decode) if decode else None}
+
+
 def generate(opts: GenerateOptions, dm=None, *, on_text: Callable[[str], None] | None = None, log=print,
              keep_logits: bool = False, record: bool = False, progress: bool = False) -> GenerateResult:
     """Generate with the NDP (if any) on the golden backend. A Ctrl-C during decoding returns
