@@ -26,7 +26,7 @@ from ndpmoe.model.contract import get_config
 from ndpmoe.model.paths import build_root
 from ndpmoe.rtl.export import HARNESS_TOP
 
-from .runner import REWRITE_ASSERTIONS, BenchOptions, build, verilator_runner
+from .runner import REWRITE_ASSERTIONS, BenchOptions, build_logged, verilator_runner
 
 KEEP_RUNS = 10
 STALLS = {"none": None, "random": "random"}
@@ -87,7 +87,7 @@ def simulate(opts: GenerateOptions, golden: GenerateResult, k: int, *, stalls: s
     run_dir.mkdir(parents=True, exist_ok=True)
     _prune_runs(KEEP_RUNS)
     t0 = time.perf_counter()
-    bdir = build(hopts, log_file=run_dir / "build.log")
+    bdir = build_logged(hopts, run_dir / "build.log")
     build_s = time.perf_counter() - t0
     mem = golden.extra.get("ndp_memory_bytes") or cfg.mem_bytes
     job = {"options": asdict(opts), "store": golden.store["folder"], "layer_index": golden.extra["layer_index"],

@@ -232,3 +232,21 @@ def test_rtl_in_the_loop_gives_the_golden_tokens(model):
     for measured, modeled in zip(rtl["ndp_cycles_measured"], rtl["ndp_cycles_cost_model"]):
         assert abs(measured / modeled - 1) < 0.05      # the cost model was fitted on co-simulated cycles
     assert "tokens identical to the golden backend's: yes" in format_rtl(rtl, r.ndp_clock_mhz)
+
+
+# -- the CUDA path ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generation_matches_cpu(model):
+    """The model on the GPU, the executor's expert GEMMs on the CUDA backend (pinned uploads on a
+    side stream): the same tokens as the CPU run. Logits differ by GPU float32 kernels' summation
+    order (no TF32: torch's default for matmul); bound 1e-2 on logits of magnitude ~32."""
+    dm, _, _ = model
+    opts = replace(BASE, policy="top-2", ndp="golden", placement="auto")
+    cpu = generate(opts, dm, keep_logits=True, log=lambda m: None)
+    try:
+        gpu = generate(replace(opts, device="cuda"), dm, keep_logits=True, log=lambda m: None)
+    finally:
+        dm.model.to("cpu")
+    assert gpu.device == "cuda" and gpu.tokens == cpu.tokens and gpu.link_equal()
+    assert max(float((a - b).abs().max()) for a, b in zip(gpu.logits, cpu.logits)) < 1e-2
