@@ -185,6 +185,7 @@ def step_synth(opt: DemoOptions, log, proc: subprocess.Popen | None = None) -> S
 
 
 from .demo_generate import step_generate  # noqa: E402  (its own module: whole-model generation)
+from .demo_plots import add_plots  # noqa: E402
 
 STEPS = (step_model, step_study, step_cosim, step_throughput, step_synth, step_generate)
 
@@ -205,6 +206,7 @@ def run_demo(opt: DemoOptions, log=print) -> Path:
     finally:
         if synth.poll() is None:                       # interrupted: no orphaned place and route
             synth.kill()
+    add_plots(opt, results)      # throughput and FPGA plots beside the Pareto plot (host/demo_plots.py)
     return write_report(opt, results, time.time() - t0, log)
 
 

@@ -14,5 +14,7 @@ def test_quick_demo_report(tmp_path):
         assert part in text
     assert "Bit-exact check: passed" in text and "RTL check: passed" in text
     assert (tmp_path / "accuracy" / "pareto.png").stat().st_size > 10_000
+    for png in ("throughput.png", "fpga.png"):
+        assert (tmp_path / png).stat().st_size > 10_000 and f"]({png})" in text
     cosim = next(s for s in steps if s["title"].startswith("Co-simulation"))["data"]
     assert all(run["ndp"]["max_abs_diff"] == 0 for run in cosim["runs"].values())
