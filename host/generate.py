@@ -101,13 +101,18 @@ class GenerateOptions:
         get_policy(self.policy, 1 << 30)         # the spec's syntax; its n is checked against top-k later
 
     def store_settings(self):
+        """The store's format: packed for the NDP port when there is a unit; without one, the
+        study's own word (64 bits: a 128-bit word pads the default model's 64-input w2 rows to
+        twice their bytes), so GPU-only bytes per token are the study's."""
         from ndpmoe.model.contract import get_config
 
         from .generate_store import StoreSettings
+        from .study import Variant
 
-        return StoreSettings(bits=self.bits, rank=self.rank, hi_bits=self.hi_bits,
-                             word_bits=get_config(self.ndp_config).word_bits, calib_tokens=self.calib_tokens,
-                             calib_rows=self.calib_tokens, seq_len=min(512, self.calib_tokens))
+        word_bits = Variant(self.bits).word_bits if self.ndp == "none" else get_config(self.ndp_config).word_bits
+        return StoreSettings(bits=self.bits, rank=self.rank, hi_bits=self.hi_bits, word_bits=word_bits,
+                             calib_tokens=self.calib_tokens, calib_rows=self.calib_tokens,
+                             seq_len=min(512, self.calib_tokens))
 
     def resolved_device(self) -> str:
         import torch

@@ -43,6 +43,9 @@ def model():
     s = BASE.store_settings()
     study = store_study(dm, s, [0, 1])
     ms = model_store(dm, s, layers=[0, 1], name=SPEC.describe(), study=study, log=lambda m: None)
+    # The NDP's store (packed for its 128-bit port) from the same calibration pass.
+    model_store(dm, replace(BASE, ndp="golden").store_settings(), layers=[0, 1], name=SPEC.describe(), study=study,
+                log=lambda m: None)
     yield dm, study, ms
     torch.set_num_threads(before)
 
@@ -137,6 +140,11 @@ def test_reused_store_and_settings_key(model, tmp_path, monkeypatch):
     dm, _, ms = model
     again = model_store(dm, BASE.store_settings(), layers=[0, 1], name=SPEC.describe(), log=lambda m: None)
     assert not again.built and again.store.folder == ms.store.folder
+    # Without an NDP the store is the study's own format: an expert costs the bytes the study counts.
+    variant = model[1].variant(BASE.store_settings().variant())
+    sizes = again.store.sizes()
+    assert sizes.weight_bytes("lo") == variant[0].experts[0].nbytes
+    assert sizes.weight_bytes("hi") == variant[0].hi_experts[0].nbytes
     other = replace(BASE.store_settings(), rank=8)
     assert store_folder("k", other) != store_folder("k", BASE.store_settings())
 
