@@ -47,7 +47,8 @@ def _layers(spec: str | None):
 
 
 def run(args) -> int:
-    from .generate import GenerateOptions, ModelSpec, format_report
+    from .generate import GenerateOptions, ModelSpec
+    from .generate_report import format_report
 
     opts = GenerateOptions(prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                            model=ModelSpec(args.model, _layers(args.layers)), bits=args.bits, rank=args.rank,

@@ -27,7 +27,8 @@ def step_generate(opt, log):
     from ndpmoe.sim.generate_rtl import format_rtl, generate_rtl
 
     from .demo import StepResult
-    from .generate import GenerateOptions, ModelSpec, format_report, generate, load_model, reference_generate
+    from .generate import GenerateOptions, ModelSpec, generate, load_model, reference_generate
+    from .generate_report import format_report
 
     quick = opt.quick
     layers = opt.study_layers

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from ndpmoe.host.decode import greedy_steps
-from ndpmoe.host.generate import GenerateOptions, ModelSpec, encode_prompt, format_report, generate, load_model
+from ndpmoe.host.generate import GenerateOptions, ModelSpec, encode_prompt, generate, load_model
+from ndpmoe.host.generate_report import format_report
 from ndpmoe.host.generate_store import StoreSettings, model_store, store_folder, store_study
 from ndpmoe.host.store import open_store
 from ndpmoe.host.study import LayerRunner, hobbit_decider, topn_decider
