@@ -49,7 +49,8 @@ class StepStats:
     wall_s: float = 0.0
     planning_s: float = 0.0           # LayerPlanner.plan: policy, placement, cache actions
     routing_s: float = 0.0            # router matmul and top-k
-    expert_compute_s: float = 0.0     # executor time not spent in the seams below
+    expert_compute_s: float = 0.0     # executor time not spent in the seams below (with the NDP, this
+                                      # includes quantizing its activations and converting its results)
     fetch_s: float = 0.0              # store reads + unpacking of fetched experts and factors
     upload_s: float = 0.0             # host -> device copies (and activations to / from the device)
     ndp_backend_s: float = 0.0        # host time inside the NDP backend (functional model or simulator)
