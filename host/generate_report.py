@@ -5,7 +5,7 @@ from __future__ import annotations
 from .generate import MB, GenerateResult
 
 _ROWS = (("planning", "planning_s"), ("routing (router matmul, top-k)", "routing_s"),
-         ("expert compute (GPU backend, combine, shared expert, NDP operand packing)", "expert_compute_s"),
+         ("expert compute (GPU backend, combine, NDP operand packing)", "expert_compute_s"),
          ("fetch (store reads + unpacking fetched experts)", "fetch_s"),
          ("upload (host -> device copies)", "upload_s"),
          ("NDP backend (host time running the unit's model)", "ndp_backend_s"),
