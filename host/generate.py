@@ -355,9 +355,9 @@ def run_decode(opts: GenerateOptions, dm, rt, prompt_ids: list[int], *, max_new_
     except KeyboardInterrupt:
         del rt.steps[len(tokens):]            # a pass whose token was not delivered is not counted
         where = rt.position
-        layer = f", in MoE layer {where[1]}" if where is not None and len(rt.steps) == where[0] else ""
+        layer = f", in MoE layer {where[1]}" if where is not None else ""
         interrupted = (f"interrupted after {len(tokens)} of {n} new tokens "
-                       f"(during forward pass {len(rt.steps)}{layer})")
+                       f"(while computing token {len(tokens) + 1}{layer})")
     return tokens, stream.text, logits, interrupted
 
 

@@ -238,7 +238,7 @@ class ModelRuntime:
         self.system, self.policy, self.placement = system, policy, placement
         self.record, self.verify = record, verify
         self.decisions: list[dict] = []          # with record=True: per block call, in call order
-        self.position: tuple[int, int] | None = None     # (step, model layer) running now
+        self.position: tuple[int, int] | None = None     # (pass, model layer) while inside an MoE block
         self.steps: list[StepStats] = []
         self._step: StepStats | None = None
         self.setup_s = 0.0
@@ -277,10 +277,15 @@ class ModelRuntime:
         set_blocks(model, {l: self.block_fn(l) for l in self.layer_index})
 
     def _run_layer(self, model_layer, sl, weights, cfg, shared, x):
-        step = self._step
-        if step is None:
+        if self._step is None:
             raise RuntimeError("ModelRuntime.begin_step must be called before the model runs")
         self.position = (len(self.steps), model_layer)
+        y = self._layer(model_layer, sl, weights, cfg, shared, x)
+        self.position = None          # left as it was when an interrupt stops the layer
+        return y
+
+    def _layer(self, model_layer, sl, weights, cfg, shared, x):
+        step = self._step
         device = x.device
         xh = x.detach().float()
         t0 = _now()
