@@ -235,7 +235,10 @@ def step_synth(opt: DemoOptions, log, job: SynthJob | None = None) -> StepResult
                       ok=bool(r.fits))
 
 
-STEPS = (step_model, step_study, step_cosim, step_throughput, step_synth)
+from .demo_generate import step_generate  # noqa: E402  (its own module: whole-model generation)
+from .demo_plots import add_plots  # noqa: E402
+
+STEPS = (step_model, step_study, step_cosim, step_throughput, step_synth, step_generate)
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,7 @@ def run_demo(opt: DemoOptions, log=print) -> DemoReport:
                 results.append(StepResult(step.__name__, 0, [f"**failed**: `{type(exc).__name__}: {exc}`"], ok=False))
     finally:
         synth.stop()                                   # interrupted: no orphaned place and route
+    add_plots(opt, results)      # throughput and FPGA plots beside the Pareto plot (host/demo_plots.py)
     return write_report(opt, results, time.time() - t0, log)
 
 

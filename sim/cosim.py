@@ -30,7 +30,7 @@ from ndpmoe.model.paths import build_root
 
 from .cosim_layer import CosimCase, memory_needs
 from .cosim_prepare import QuantSettings, layer_inputs, load, stores
-from .runner import REWRITE_ASSERTIONS, BenchOptions, build, verilator_runner
+from .runner import REWRITE_ASSERTIONS, BenchOptions, build_logged, verilator_runner
 
 STALL_MODES = (("no_stalls", None), ("stalls", "random"))
 KEEP_RUNS = 20               # run folders kept under build/cosim/runs
@@ -54,12 +54,12 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
         opts = BenchOptions(config=config, seed=seed, waves=waves,
                             mem_words=max(BenchOptions().mem_words, 1 << (words - 1).bit_length()),
                             result_words=max(BenchOptions().result_words, 1 << (results - 1).bit_length()))
-    t0 = time.perf_counter()
-    bdir = build(opts)
-    build_s = time.perf_counter() - t0
     run_dir = build_root("cosim", "runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     _prune_runs(keep=KEEP_RUNS)
+    t0 = time.perf_counter()
+    bdir = build_logged(opts, run_dir / "build.log")       # Verilator's output to the log, not the terminal
+    build_s = time.perf_counter() - t0
     job_path, report_path = run_dir / "job.pt", run_dir / "report.json"
     options = {"config": opts.config, "seed": seed, "mem_words": opts.mem_words, "result_words": opts.result_words,
                "mem_bytes": mem_bytes, "faults": faults, "stall_modes": [list(m) for m in stall_modes],
