@@ -42,8 +42,8 @@ SUBCOMMANDS = {
 
 
 EXPECTED = (NdpmoeError, ValueError, TypeError, OSError)     # their message is the whole story
-INTERRUPTED = ("interrupted; every cache entry and store written so far is complete (unfinished ones "
-               "were removed), so a rerun continues from them; no results were written")
+INTERRUPTED = ("interrupted; cache entries and stores written so far are complete and a rerun reuses them "
+               "(unfinished ones were removed); this run's results are incomplete")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -47,9 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args) -> None:
     """What argparse cannot check alone, before the routing trace is recorded."""
+    from ndpmoe.model.cli_args import input_file, prepare_output_file
     from ndpmoe.model.errors import NdpmoeError
 
-    from ndpmoe.model.cli_args import input_file, prepare_output_file
     from .models import get_model
     from .placement import PLACEMENTS
 

@@ -57,7 +57,7 @@ def tensor_hash(h, *tensors) -> None:
         t = t.detach().cpu()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         flat = t.new_empty(t.numel()).copy_(t.reshape(-1))      # packed, whatever the view's strides
-        h.update(flat.view(torch.uint8).numpy().tobytes())
+        h.update(flat.view(torch.uint8).numpy())
 
 
 def sha256_file(path: str | os.PathLike) -> str:

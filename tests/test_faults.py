@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -357,10 +358,12 @@ WRITER = textwrap.dedent("""
     import sys, threading, time
     import safetensors.torch as st
     real = st.save_file
+    lock = threading.Lock()
 
     def stalled(tensors, filename, metadata=None):      # written, not yet renamed: then killed
         real(tensors, filename, metadata=metadata)
-        print("WRITTEN", filename, flush=True)
+        with lock:                                       # one whole line per writer
+            print("WRITTEN", filename, flush=True)
         time.sleep(600)
 
     st.save_file = stalled                               # before any module binds the name
@@ -417,9 +420,12 @@ def test_killed_writers_leave_nothing_and_the_rerun_is_identical(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", WRITER.format(tests=str(REPO / "tests")), *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    watchdog = threading.Timer(120, proc.kill)          # a writer that dies or hangs fails the test
+    watchdog.start()
     try:
         written = [proc.stdout.readline() for _ in kinds]
     finally:
+        watchdog.cancel()
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=30)
     assert all(line.startswith("WRITTEN") for line in written), (written, err)
@@ -614,11 +620,14 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ndpmoe.host.cli", "bench", "--model", "mixtral-8x7b",
                              "--trace", "synthetic", "--tokens", "8192"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
     for line in proc.stdout:                     # the work has started
         if line.startswith("configuration"):
             break
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
+    watchdog.cancel()
     assert proc.returncode == 130, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0] and "complete" in lines[0], err
