@@ -23,7 +23,8 @@ from ndpmoe.host.generate import GenerateOptions, ModelSpec, encode_prompt, gene
 from ndpmoe.host.generate_report import format_report
 from ndpmoe.host.generate_store import StoreSettings, model_store, store_folder, store_study
 from ndpmoe.host.store import open_store
-from ndpmoe.host.study import LayerRunner, hobbit_decider, topn_decider
+from ndpmoe.host.policy import HobbitTopHi, Restoration, TopN, restoration_context
+from ndpmoe.host.study import LayerRunner, block_sizes
 from ndpmoe.model.block import set_blocks
 from ndpmoe.rtl.verilator_env import have_verilator
 
@@ -57,15 +58,24 @@ def _study_logits(dm, blocks, prompt_ids, n):
     return [s.token for s in steps], [s.logits for s in steps]
 
 
-def _replay(decisions, layer):
-    """The study's decider that makes the runtime's recorded decisions, checking the routing."""
-    queue = [d for d in decisions if d["layer"] == layer]
+class _Replay:
+    """A policy that makes the runtime's recorded decisions of one layer, checking the routing."""
+    row_wise = True                 # one call per block call, in the runtime's order
+    needs_sensitivity = False
+    name = "replay"
 
-    def decide(ids, weights):
-        d = queue.pop(0)
+    def __init__(self, decisions, layer):
+        self.queue = [d for d in decisions if d["layer"] == layer]
+
+    def decide(self, ids, weights, ctx):
+        d = self.queue.pop(0)
         assert torch.equal(d["ids"], ids), "the study routed differently from the runtime"
-        return d["restore"], d["hi"]
-    return decide
+        return Restoration(tuple(map(tuple, d["restore"].tolist())), tuple(map(tuple, d["hi"].tolist())))
+
+
+def _runner(qm, policy, cfg):
+    """The study's block under `policy` (its context priced from the block's own sizes)."""
+    return LayerRunner(qm, policy, restoration_context(block_sizes(qm)), cfg)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -78,21 +88,22 @@ def test_runtime_logits_equal_study_masked_forward(model, policy):
         assert len(r.tokens) == NEW_TOKENS and r.link_equal()
         decisions = r.extra["decisions"]
         if policy == "top-2":
-            deciders = {l: topn_decider(2) for l in (0, 1)}
+            deciders = {l: TopN(2) for l in (0, 1)}
         elif policy == "hobbit":
-            deciders = {l: hobbit_decider(1) for l in (0, 1)}
+            deciders = {l: HobbitTopHi(1) for l in (0, 1)}
         else:
             # The budgeted policy prices what the runtime's cache holds (cached factors and copies
             # are free), which the cache-less study cannot know: the study replays its decisions.
-            deciders = {l: _replay(decisions, l) for l in (0, 1)}
+            deciders = {l: _Replay(decisions, l) for l in (0, 1)}
             assert any(bool((d["restore"] > 0).any()) for d in decisions)
             assert any(bool(d["hi"].any()) for d in decisions)
         if policy in ("top-2", "hobbit"):       # the study's own rule decided exactly what the runtime did
             for d in decisions:
-                restore, hi = deciders[d["layer"]](d["ids"], d["weights"])
-                assert torch.equal(restore > 0, d["restore"] > 0) and torch.equal(hi, d["hi"])
+                ctx = restoration_context(block_sizes(variant[d["layer"]]))
+                res = deciders[d["layer"]].decide(d["ids"], d["weights"], ctx)
+                assert torch.equal(res.restore_tensor() > 0, d["restore"] > 0) and torch.equal(res.hi_tensor(), d["hi"])
         ids = encode_prompt(dm.tokenizer, prompt)
-        blocks = {l: LayerRunner(variant[l], deciders[l], variant[l].cfg) for l in (0, 1)}
+        blocks = {l: _runner(variant[l], deciders[l], variant[l].cfg) for l in (0, 1)}
         tokens, logits = _study_logits(dm, blocks, ids, NEW_TOKENS)
         assert tokens == r.tokens
         # Tolerance: the store holds the compensators as fp16 (what the GPU path fetches), the
@@ -104,8 +115,8 @@ def test_runtime_logits_equal_study_masked_forward(model, policy):
             # The same study forward over the store's own bytes (fp16 factors): only the float32
             # summation order differs (all experts in one matmul vs one per expert); measured 2.7e-5.
             store = open_store(r.store["folder"])
-            stored = {l: LayerRunner(store.quantized_moe(ms.layer_index[l], *dm.blocks[l]), topn_decider(2),
-                                     dm.blocks[l][1]) for l in (0, 1)}
+            stored = {l: _runner(store.quantized_moe(ms.layer_index[l], *dm.blocks[l]), TopN(2), dm.blocks[l][1])
+                      for l in (0, 1)}
             tokens2, logits2 = _study_logits(dm, stored, ids, NEW_TOKENS)
             assert tokens2 == r.tokens
             worst2 = max(float((a - b).abs().max()) for a, b in zip(logits2, r.logits))
