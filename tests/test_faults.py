@@ -509,7 +509,7 @@ def tripwires(monkeypatch, tmp_path):
             raise AssertionError(f"{name} ran before the bad argument was refused")
         return tripped
     for obj, attr in ((study.Study, "__init__"), (cmd_eval, "load_study_model"), (default_moe, "load_default_moe"),
-                      (checkpoint, "load_model"), (bench, "run"), (quant_bench, "run"), (cosim, "run_cosim"),
+                      (checkpoint, "load_model"), (bench, "prepare_bench"), (quant_bench, "run"), (cosim, "run_cosim"),
                       (cost_calibration, "calibrate"), (runner, "run"), (runner, "build"),
                       (synth_run, "run_synth")):
         monkeypatch.setattr(obj, attr, wire(f"{getattr(obj, '__name__', obj)}.{attr}"))
