@@ -246,7 +246,9 @@ def test_rtl_in_the_loop_gives_the_golden_tokens(model):
     rtl = r.extra["rtl"]
     assert rtl["passes"] == 2 and rtl["tokens"] == r.tokens[:2]
     assert rtl["tokens_equal_golden"] and rtl["max_abs_diff"] == 0
-    assert rtl["max_abs_logit_diff"] == 0.0        # the same host math around bit-exact NDP results
+    # Every NDP result is bit-exact; the host's float32 math around them runs in another process
+    # (the simulator's), where PyTorch's kernels may sum in another order: measured 0 to 3.4e-5.
+    assert rtl["max_abs_logit_diff"] < 1e-3
     assert all(d > 0 for d in rtl["descriptors_per_pass"])
     assert rtl["link_equal"] and rtl["unplanned_uploads"] == 0
     for measured, modeled in zip(rtl["ndp_cycles_measured"], rtl["ndp_cycles_cost_model"]):
