@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "rtl": ("ndpmoe.rtl.cmd_rtl", "Verilog of a named NDP configuration, linted by Verilator"),
     "eval": ("ndpmoe.host.cmd_eval", "accuracy against bandwidth: perplexity vs bytes per token, Pareto plot (JSON, PNG)"),
     "cosim": ("ndpmoe.sim.cmd_cosim", "one MoE layer of a real model with its NDP ops on the Verilator-simulated RTL: bit-exactness, errors, cycles"),
+    "make-checkpoint": ("ndpmoe.host.cmd_make_checkpoint", "a random checkpoint shaped like Mixtral-8x7B, OLMoE, DeepSeek-V2-Lite or Qwen3-30B-A3B (real names and sizes, sharded)"),
     "demo": ("ndpmoe.host.cmd_demo", "the whole system end to end on the embedded default; writes results/demo/report.md"),
 }
 
