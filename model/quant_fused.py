@@ -26,13 +26,13 @@ fx_config.use_duck_shape = False
 COMPILE_MIN_ELEMENTS = 1 << 22
 
 
-def hqq_step(t: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, qmax: int):
-    """One HQQ iteration where the l_p shrinkage is zero (t = w / scale [M, G], z [M, 1]):
-    (next zero [M, 1], mean |error| / scale [M], largest |error| over all groups)."""
-    u = t + z
-    q = torch.round(u).clamp(0, qmax)
-    r = (u - q).abs()
-    return (q - t).mean(-1, keepdim=True), r.mean(-1), (r.amax(-1) * scale[:, 0]).amax()
+def hqq_step(w: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, z: torch.Tensor, qmax: int):
+    """One HQQ iteration where the l_p shrinkage is zero (w [M, G], inv = 1 / scale [M, 1],
+    t = w * inv, z [M, 1]), with the reference's arithmetic: (next zero [M, 1], mean |error| [M],
+    largest |error| over all groups)."""
+    q = torch.round(t + z).clamp(0, qmax)
+    d = (w - (q - z) / inv).abs()
+    return (q - t).mean(-1, keepdim=True), d.mean(-1), d.amax()
 
 
 def clip_search(wg: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, qmax: int):

@@ -237,30 +237,27 @@ def hqq_params(wg: torch.Tensor, qmax: int, iters: int = 20, p: float = 0.7, bet
 
 def hqq_zero_fused(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, k,
                    iters: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01) -> torch.Tensor:
-    """hqq_params' zero in float32 with fused iterations (scale, zero: the min-max start). The
-    error compared across iterations is mean |w - w_r| / scale, the same ranking per group."""
+    """hqq_params' zero with fused iterations (scale, zero: the min-max start, float32)."""
     g = wg.shape[-1]
     w = wg.reshape(-1, g)
-    sc = scale.reshape(-1, 1)
-    t = w * (1.0 / sc)
+    inv = (1.0 / scale).reshape(-1, 1)
+    t = w * inv
     best_z = zero.reshape(-1, 1).clone()
     best_err = torch.full((w.shape[0],), float("inf"), dtype=w.dtype, device=w.device)
     quiet = 0.5 * (beta * kappa ** max(iters - 1, 0)) ** (-1.0 / (2.0 - p))
     rows = None
-    ta, za, sa, bz, be = t, best_z.clone(), sc, best_z.clone(), best_err
+    wa, ta, inva, za, bz, be = w, t, inv, best_z.clone(), best_z.clone(), best_err
     for _ in range(iters):
         if ta.shape[0] == 0:
             break
-        z_new, err, worst = quant_fused.run(k, "hqq_step", ta, za, sa, qmax)
+        z_new, err, worst = quant_fused.run(k, "hqq_step", wa, ta, inva, za, qmax)
         better = err < be
         bz = torch.where(better[:, None], za, bz)
         be = torch.where(better, err, be)
         moving = None
         if float(worst) >= quiet:          # shrinkage active somewhere: the full step, eagerly
-            wa = w if rows is None else w[rows]
-            inva = 1.0 / sa
             q = torch.round(ta + za).clamp(0, qmax)
-            d = wa - (q - za) * sa
+            d = wa - (q - za) / inva
             z_new = (q - (wa - _shrink_lp(d, beta, p)) * inva).mean(-1, keepdim=True)
         else:
             moving = (z_new != za)[:, 0]
@@ -271,7 +268,7 @@ def hqq_zero_fused(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qm
             best_z[idx], best_err[idx] = bz, be
             keep = moving.nonzero()[:, 0]
             rows = idx[keep]
-            ta, za, sa, bz, be = ta[keep], za[keep], sa[keep], bz[keep], be[keep]
+            wa, ta, inva, za, bz, be = wa[keep], ta[keep], inva[keep], za[keep], bz[keep], be[keep]
     idx = torch.arange(w.shape[0], device=w.device) if rows is None else rows
     best_z[idx] = bz
     return best_z.reshape(zero.shape)
