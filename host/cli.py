@@ -37,6 +37,7 @@ SUBCOMMANDS = {
     "eval": ("ndpmoe.host.cmd_eval", "accuracy against bandwidth: perplexity vs bytes per token, Pareto plot (JSON, PNG)"),
     "cosim": ("ndpmoe.sim.cmd_cosim", "one MoE layer of a real model with its NDP ops on the Verilator-simulated RTL: bit-exactness, errors, cycles"),
     "generate": ("ndpmoe.host.cmd_generate", "text from the whole model through the runtime (store, cache, policy, placement, NDP golden or RTL) with measured time per token"),
+    "make-checkpoint": ("ndpmoe.host.cmd_make_checkpoint", "a random checkpoint shaped like Mixtral-8x7B, OLMoE, DeepSeek-V2-Lite or Qwen3-30B-A3B (real names and sizes, sharded)"),
     "demo": ("ndpmoe.host.cmd_demo", "the whole system end to end on the embedded default; writes results/demo/report.md"),
 }
 

@@ -54,6 +54,8 @@ def add_arguments(p):
     p.add_argument("--no-compare", action="store_true", help="skip the SVD / random / allocation comparisons")
     p.add_argument("--out", type=output_dir, default="results/eval", help="folder for study.json, pareto.png and table.md")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .study_workers import add_arguments as add_scale_arguments
+    add_scale_arguments(p)
 
 
 def check_against_model(args, outline) -> None:
@@ -133,14 +135,16 @@ def run(args) -> int:
     QuantFormat(opt.base_bits, opt.group)    # a bad --group or --base-bits is refused before the model loads
     extra_policies(opt)                      # so is a bad --policy
     layers = None if args.layers is None else list(args.layers)
+    from .study_workers import ScaleOptions
+    scale = ScaleOptions.from_args(args)           # device, Ray address: checked before any work
     rows, info = run_study(args.model, opt, text=text, layers=layers, eval_tokens=args.eval_tokens,
-                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet)
+                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet, scale=scale)
     write_outputs(out, rows, info, opt)
     return 0
 
 
 def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_tokens=4096, calib_tokens=4096,
-              seq_len=512, progress=True, log=print):
+              seq_len=512, progress=True, log=print, scale=None):
     from ndpmoe.model.moe_quant import check_block_fits
     from ndpmoe.model.text import token_windows, tokenize
 
@@ -148,6 +152,9 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
     from .study_plan import run_plan
 
     t0 = time.time()
+    if scale is not None and scale.active and model != "default" and not str(model).endswith(".gguf"):
+        from .devices import check_fits
+        check_fits(model)                                # fits in memory (even offloaded), before loading
     dm = load_study_model(model, text, layers, progress)
     ev = token_windows(tokenize(dm.text.eval, dm.tokenizer), seq_len, eval_tokens)
     ca = token_windows(tokenize(dm.text.calib, dm.tokenizer), seq_len, calib_tokens)
@@ -159,7 +166,9 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
         check_block_fits(dm.blocks[l][0], fmt, l)    # before the calibration pass, not after it
     study = Study(dm, ev, ca, progress=progress, quant_layers=quant)
     log(f"calibration statistics in {study.calib_seconds:.0f} s")
-    run_plan(study, opt, log=log)
+    from .study_workers import scale_out
+    with scale_out(study, scale, log):                   # device, float32, Ray workers (host/study_workers.py)
+        run_plan(study, opt, log=log)
     info = {"model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
             "seq_len": seq_len, "layers": len(study.layers), "group": opt.group, "text_source": dm.text.source,
             "seconds": round(time.time() - t0, 1),

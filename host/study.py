@@ -119,6 +119,8 @@ PolicyChoice = RestorationPolicy | Callable[[int], RestorationPolicy]
 class Study:
     """Holds the model, its calibration statistics and the quantized variants built so far."""
 
+    scale = None        # host/study_workers.ScaleOut: computes each variant's parts ahead (device, Ray)
+
     def __init__(self, dm, eval_windows: torch.Tensor, calib_windows: torch.Tensor, calib_rows: int = 4096,
                  progress: bool = True, quant_layers: list[int] | None = None, block_rows: int = 1024,
                  cache_root: Path | None | str = "default"):
@@ -157,6 +159,8 @@ class Study:
     # -- building variants ---------------------------------------------------------------------
     def variant(self, v: Variant) -> dict[int, QuantizedMoE]:
         if v not in self._variants:
+            if self.scale is not None:
+                self.scale.prefetch(self, v)
             if v.alloc_budget:
                 base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group, v.word_bits))
                 out = {l: _with_allocated_ranks(qm, v.alloc_budget) for l, qm in base.items()}

@@ -96,11 +96,15 @@ def block_krylov(apply, apply_t, rows: int, cols: int, rank: int, *, extra: int 
             y = y - basis @ (basis.mT @ y)
         last = torch.linalg.qr(y)[0]
         basis = torch.cat([basis, last], -1)
-    # Q^T M = (M^T Q)^T, small: its SVD gives the triplets within the Krylov space.
+    # Q^T M = (M^T Q)^T = U~ S V~^T is small (K x cols): U~ and S^2 from the eigenvectors of its
+    # K x K Gram matrix in float64 (only the leading, well separated, components are kept), then
+    # V~ = (Q^T M)^T U~ S^-1.
     bt = apply_t(basis).double()                                     # [E, cols, K]
-    ub, s, vhb = torch.linalg.svd(bt, full_matrices=False)           # bt = ub s vhb
-    u = basis.double() @ vhb.mT[..., :rank]
-    return u, s[..., :rank], ub[..., :rank].mT
+    lam, vecs = torch.linalg.eigh(bt.mT @ bt)                        # ascending
+    top = vecs[..., -rank:].flip(-1) if rank else vecs[..., :0]
+    s = lam[..., -rank:].flip(-1).clamp_min(0).sqrt() if rank else lam[..., :0]
+    v = (bt @ top) / s.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
+    return basis.double() @ top, s, v.mT
 
 
 def _krylov_is_cheaper(rows: int, cols: int, rank: int) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from . import quant_fused
 from .contract import QuantFormat
 from .qtensor import QuantizedMatrix, scale_exponent, to_fixed
 
@@ -70,9 +71,19 @@ def groups_of(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 
 def minmax_params(wg: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float (scale, zero) per group from its min and max; constant groups stay exact."""
-    wmin, wmax = wg.amin(-1), wg.amax(-1)
+    return range_params(wg.amin(-1), wg.amax(-1), wg.abs().amax(-1), qmax)
+
+
+def minmax_params64(wg: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """minmax_params(wg.double()) bit for bit, from float32 wg: a group's min, max and largest
+    magnitude are elements of it, so only the per-group arithmetic needs float64."""
+    return range_params(wg.amin(-1).double(), wg.amax(-1).double(), wg.abs().amax(-1).double(), qmax)
+
+
+def range_params(wmin, wmax, absmax, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per group from its min, max and largest magnitude."""
     span = wmax - wmin
-    const = span <= 1e-12 * wg.abs().amax(-1).clamp_min(1e-30)
+    const = span <= 1e-12 * absmax.clamp_min(1e-30)
     mag = torch.maximum(wmax.abs(), wmin.abs())
     scale = torch.where(const, torch.where(mag > 0, mag / qmax, torch.ones_like(mag)), span / qmax)
     zero = torch.where(const & (mag == 0), torch.zeros_like(mag), -wmin / scale)
@@ -116,9 +127,7 @@ def encode_stack(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: 
                  precision: str, exps: list[int] | None = None) -> Encoded:
     """Fix the float (scale, zero) [E, R, n] to the contract's fixed point, round codes against it."""
     exps = scale_exponents(scale) if exps is None else exps
-    fixed = [to_fixed(scale[e], zero[e], x) for e, x in enumerate(exps)]
-    mant = torch.stack([m for m, _, _ in fixed])
-    zfx = torch.stack([z for _, z, _ in fixed])
+    mant, zfx = _fixed_stack(scale, zero, exps)
     dt = torch.float64 if precision == "float64" else torch.float32
     s = mant.to(dt) * _pow2(exps, -1, dt, w.device)
     z = zfx.to(dt) / 16.0
@@ -137,9 +146,36 @@ def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: QuantF
 # Round-to-nearest
 # ---------------------------------------------------------------------------------------------
 def _rtn(w: torch.Tensor, fmt: QuantFormat, precision: str) -> Encoded:
-    dt = torch.float64 if precision == "float64" else torch.float32
-    scale, zero = minmax_params(groups_of(w.to(dt), fmt), fmt.qmax)
-    return encode_stack(w, scale, zero, fmt, precision)
+    if precision == "float64":
+        scale, zero = minmax_params(groups_of(w.double(), fmt), fmt.qmax)
+        return encode_stack(w, scale, zero, fmt, precision)
+    wg = groups_of(w.float(), fmt)
+    scale, zero = minmax_params64(wg, fmt.qmax)
+    return _encode32(quant_fused.kernels(w.numel()), wg, scale, zero, fmt)
+
+
+def _fixed_stack(scale, zero, exps):
+    fixed = [to_fixed(scale[e], zero[e], x) for e, x in enumerate(exps)]
+    return torch.stack([m for m, _, _ in fixed]), torch.stack([z for _, z, _ in fixed])
+
+
+def _encode32(k, wg: torch.Tensor, scale, zero, fmt: QuantFormat, exps: list[int] | None = None) -> Encoded:
+    """encode_stack in float32 with the fused kernel (wg [E, R, n, G] float32)."""
+    exps = scale_exponents(scale) if exps is None else exps
+    mant, zfx = _fixed_stack(scale, zero, exps)
+    s, z = _float_params(mant, zfx, exps)
+    codes, margin = quant_fused.run(k, "encode_codes", wg, s, z, fmt.qmax)
+    near = margin < 0
+    if bool(near.any()):        # groups with a near-tie: coded in float64, so the same codes
+        at = near.nonzero(as_tuple=True)
+        u = wg[at].double() / s[at].double()[:, None] + z[at].double()[:, None]
+        codes[at] = torch.round(u).clamp(0, fmt.qmax).to(torch.uint8)
+    return Encoded(codes.reshape(*wg.shape[:2], -1), mant, zfx, exps)
+
+
+def _float_params(mant, zfx, exps):
+    """Fixed-point scales and zeros as float32 (exact: 16-bit mantissas, Q11.4 zeros)."""
+    return mant.float() * _pow2(exps, -1, torch.float32, mant.device), zfx.float() / 16.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,11 +235,55 @@ def hqq_params(wg: torch.Tensor, qmax: int, iters: int = 20, p: float = 0.7, bet
     return scale, best_z.reshape(zero.shape)
 
 
+def hqq_zero_fused(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, k,
+                   iters: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01) -> torch.Tensor:
+    """hqq_params' zero with fused iterations (scale, zero: the min-max start, float32)."""
+    g = wg.shape[-1]
+    w = wg.reshape(-1, g)
+    inv = (1.0 / scale).reshape(-1, 1)
+    t = w * inv
+    best_z = zero.reshape(-1, 1).clone()
+    best_err = torch.full((w.shape[0],), float("inf"), dtype=w.dtype, device=w.device)
+    quiet = 0.5 * (beta * kappa ** max(iters - 1, 0)) ** (-1.0 / (2.0 - p))
+    rows = None
+    wa, ta, inva, za, bz, be = w, t, inv, best_z.clone(), best_z.clone(), best_err
+    for _ in range(iters):
+        if ta.shape[0] == 0:
+            break
+        z_new, err, worst = quant_fused.run(k, "hqq_step", wa, ta, inva, za, qmax)
+        better = err < be
+        bz = torch.where(better[:, None], za, bz)
+        be = torch.where(better, err, be)
+        moving = None
+        if float(worst) >= quiet:          # shrinkage active somewhere: the full step, eagerly
+            q = torch.round(ta + za).clamp(0, qmax)
+            d = wa - (q - za) / inva
+            z_new = (q - (wa - _shrink_lp(d, beta, p)) * inva).mean(-1, keepdim=True)
+        else:
+            moving = (z_new != za)[:, 0]
+        za = z_new
+        beta *= kappa
+        if moving is not None and int(moving.sum()) * 2 < ta.shape[0]:
+            idx = torch.arange(w.shape[0], device=w.device) if rows is None else rows
+            best_z[idx], best_err[idx] = bz, be
+            keep = moving.nonzero()[:, 0]
+            rows = idx[keep]
+            wa, ta, inva, za, bz, be = wa[keep], ta[keep], inva[keep], za[keep], bz[keep], be[keep]
+    idx = torch.arange(w.shape[0], device=w.device) if rows is None else rows
+    best_z[idx] = bz
+    return best_z.reshape(zero.shape)
+
+
 def _hqq(w: torch.Tensor, fmt: QuantFormat, precision: str, iters: int = 20) -> Encoded:
-    dt = torch.float64 if precision == "float64" else torch.float32
-    scale, _ = minmax_params(groups_of(w.to(dt), fmt), fmt.qmax)   # the exact min-max scale
-    _, zero = hqq_params(groups_of(w.float(), fmt), fmt.qmax, iters)
-    return encode_stack(w, scale, zero.to(dt), fmt, precision)
+    if precision == "float64":
+        scale, _ = minmax_params(groups_of(w.double(), fmt), fmt.qmax)   # the exact min-max scale
+        _, zero = hqq_params(groups_of(w.float(), fmt), fmt.qmax, iters)
+        return encode_stack(w, scale, zero.double(), fmt, precision)
+    k = quant_fused.kernels(w.numel())
+    wg = groups_of(w.float(), fmt)
+    scale, zero = minmax_params(wg, fmt.qmax)
+    zero = hqq_zero_fused(wg, scale, zero, fmt.qmax, k, iters)
+    return _encode32(k, wg, minmax_params64(wg, fmt.qmax)[0], zero.double(), fmt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,12 +306,46 @@ def row_output_error(w: torch.Tensor, qm: QuantizedMatrix, h: torch.Tensor) -> t
     return ((e @ h.double()) * e).sum(-1)
 
 
-def _optimized(w: torch.Tensor, fmt: QuantFormat, h: torch.Tensor, precision: str) -> Encoded:
-    exact = precision == "float64"
+def _optimized32(w: torch.Tensor, fmt: QuantFormat, h: torch.Tensor) -> Encoded:
+    """_optimized in float32: the same candidates and fallback, fused."""
+    k = quant_fused.kernels(w.numel())
     e_, g = w.shape[0], fmt.group_size
     wg = groups_of(w.float(), fmt)                                                   # [E, R, n, G]
     weight = h.diagonal(dim1=-2, dim2=-1).float().reshape(e_, 1, -1, g).clamp_min(0)  # [E, 1, n, G]
-    rtn_scale, rtn_zero = minmax_params(wg.double() if exact else wg, fmt.qmax)
+    wmin, wmax = wg.amin(-1), wg.amax(-1)
+    rtn_scale, rtn_zero = range_params(wmin.double(), wmax.double(), wg.abs().amax(-1).double(), fmt.qmax)
+    s32, z32 = minmax_params(wg, fmt.qmax)             # HQQ starts from the float32 ones, as in float64
+    scales, zeros = [rtn_scale.float(), s32], [rtn_zero.float(), hqq_zero_fused(wg, s32, z32, fmt.qmax, k)]
+    for ratio in CLIP_RATIOS[1:]:
+        lo, hi = wmin * ratio, wmax * ratio
+        s = ((hi - lo) / fmt.qmax).clamp_min(1e-12)
+        scales.append(s)
+        zeros.append(-lo / s)
+    best_s, best_z = quant_fused.run(k, "clip_search", wg, weight, torch.stack(scales), torch.stack(zeros), fmt.qmax)
+    del scales, zeros, weight
+    exps = scale_exponents(rtn_scale)
+    rtn = _encode32(k, wg, rtn_scale, rtn_zero, fmt, exps)
+    opt = _encode32(k, wg, best_s.double(), best_z.double(), fmt, exps)
+    shape = wg.shape
+    d, s = quant_fused.run(k, "row_check_operands", wg, rtn.codes.reshape(shape), *_float_params(rtn.mant, rtn.zfx, exps),
+                           opt.codes.reshape(shape), *_float_params(opt.mant, opt.zfx, exps))
+    del wg
+    # e_o H e_o^T - e_r H e_r^T = (e_o - e_r) H (e_o + e_r)^T with H symmetric: one product, and
+    # no cancellation between two large numbers.
+    dh = d.reshape(w.shape) @ h.float()
+    del d
+    worse = quant_fused.run(k, "row_check_reduce", dh, s.reshape(w.shape))
+    pick = lambda a, b: torch.where(worse[..., None], b, a)
+    return Encoded(pick(opt.codes, rtn.codes), pick(opt.mant, rtn.mant), pick(opt.zfx, rtn.zfx), exps)
+
+
+def _optimized(w: torch.Tensor, fmt: QuantFormat, h: torch.Tensor, precision: str) -> Encoded:
+    if precision == "float32":
+        return _optimized32(w, fmt, h)
+    e_, g = w.shape[0], fmt.group_size
+    wg = groups_of(w.float(), fmt)                                                   # [E, R, n, G]
+    weight = h.diagonal(dim1=-2, dim2=-1).float().reshape(e_, 1, -1, g).clamp_min(0)  # [E, 1, n, G]
+    rtn_scale, rtn_zero = minmax_params(wg.double(), fmt.qmax)
     best_s, best_z = rtn_scale.float(), rtn_zero.float()
     best_err = _candidate_error(wg, best_s, best_z, fmt.qmax, weight)
     wmin, wmax = wg.amin(-1), wg.amax(-1)
@@ -247,18 +361,10 @@ def _optimized(w: torch.Tensor, fmt: QuantFormat, h: torch.Tensor, precision: st
                                     torch.where(better, err, best_err))
     del wg, weight, best_err, candidates
     exps = scale_exponents(rtn_scale)
-    dt = torch.float64 if exact else torch.float32
     rtn = encode_stack(w, rtn_scale, rtn_zero, fmt, precision, exps)
-    opt = encode_stack(w, best_s.to(dt), best_z.to(dt), fmt, precision, exps)
-    if exact:
-        worse = torch.stack([_row_error(w[e], opt, e, fmt, h[e]) > _row_error(w[e], rtn, e, fmt, h[e])
-                             for e in range(e_)])
-    else:
-        # e_o H e_o^T - e_r H e_r^T = (e_o - e_r) H (e_o + e_r)^T with H symmetric: one product,
-        # and no cancellation between two large numbers.
-        w_r, w_o = rtn.dequantize(fmt, dt), opt.dequantize(fmt, dt)
-        worse = (((w_r - w_o) @ h.to(dt)) * (2 * w.to(dt) - w_r - w_o)).sum(-1) > 0
-        del w_r, w_o
+    opt = encode_stack(w, best_s.double(), best_z.double(), fmt, precision, exps)
+    worse = torch.stack([_row_error(w[e], opt, e, fmt, h[e]) > _row_error(w[e], rtn, e, fmt, h[e])
+                         for e in range(e_)])
     pick = lambda a, b: torch.where(worse[..., None], b, a)
     return Encoded(pick(opt.codes, rtn.codes), pick(opt.mant, rtn.mant), pick(opt.zfx, rtn.zfx), exps)
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from ndpmoe.model.cli_args import float_in, int_in, output_dir, prepare_output_dir
 from ndpmoe.model.contract import CONFIGS, get_config
 from ndpmoe.model.paths import build_root
-from ndpmoe.rtl.synth.report import over_capacity
 from ndpmoe.rtl.synth.sweep import (SweepAxes, markdown_table, parse_bits_sets, parse_ints, plot,
                              sweep_points)
 from ndpmoe.rtl.synth.targets import TARGETS, get_target
@@ -48,10 +46,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=output_dir, default=None, help="output folder (default build/fpga/sweep-<target>)")
     p.add_argument("--fresh", action="store_true", help="rerun points that have a stored result")
     p.add_argument("--dry-run", action="store_true", help="only list the points")
+    p.add_argument("--workers", type=int, default=0, help="run the points as Ray tasks on N local workers (0: one after another)")
+    p.add_argument("--ray-address", default=None, help="run them on an existing Ray cluster at HOST:PORT")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ndpmoe.rtl.synth.run import run_synth   # amaranth loads here, not for --help
+    from ndpmoe.model.ray_runtime import check_address, check_workers
+    from ndpmoe.rtl.synth.sweep_workers import PointJob, run_points
+
+    if args.workers:
+        check_workers(args.workers)
+    if args.ray_address:
+        check_address(args.ray_address)          # before any work
 
     base, target = get_config(args.base), get_target(args.target)
     speed = target.check_speed(args.speed)
@@ -70,23 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
 
-    results = []
-    for i, cfg in enumerate(points, 1):
-        start = time.monotonic()
-        r = run_synth(cfg, target, freq_mhz=args.freq, speed=speed, build=out / cfg.name,
-                      seed=args.seed, reuse=not args.fresh, dsp_min_width=args.dsp_min_width)
-        if (not r.fits and args.dsp_fallback and args.dsp_min_width is None and target.dsp_bel
-                and target.dsp_bel in over_capacity(r.utilization)):
-            # Yosys maps every multiply to a DSP whatever the device holds: keep the point in
-            # the table with the low-bit products in LUTs (the DSP map column says so)
-            r = run_synth(cfg, target, freq_mhz=args.freq, speed=speed,
-                          build=out / f"{cfg.name}-dsp{args.dsp_fallback}", seed=args.seed,
-                          reuse=not args.fresh, dsp_min_width=args.dsp_fallback)
-        attach_throughput(r, cfg, args.words_per_cycle)
-        results.append((cfg, r))
-        status = f"Fmax {r.fmax_mhz} MHz" if r.fits else (r.error or "failed").splitlines()[0]
-        print(f"[{i}/{len(points)}] {cfg.name}: LUT {r.luts} FF {r.ffs} DSP {r.dsps} BRAM {r.brams}, "
-              f"{status} ({time.monotonic() - start:.0f} s)", flush=True)
+    job = PointJob(target.name, args.freq, speed, out, args.seed, args.fresh, args.dsp_min_width, args.dsp_fallback,
+                   args.words_per_cycle)
+    results = run_points(points, job, args.workers, args.ray_address)
 
     table = markdown_table(results)
     title = (f"NDP unit sweep on {target.name}" + (f" (speed {speed})" if speed is not None else "")
