@@ -133,9 +133,9 @@ def run(args) -> int:
     QuantFormat(opt.base_bits, opt.group)    # a bad --group or --base-bits is refused before the model loads
     extra_policies(opt)                      # so is a bad --policy
     layers = None if args.layers is None else list(args.layers)
-    rows, info = run_study(args.model, opt, text=text, layers=layers, eval_tokens=args.eval_tokens,
-                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet)
-    write_outputs(out, rows, info, opt)
+    rows, info, nlls = run_study(args.model, opt, text=text, layers=layers, eval_tokens=args.eval_tokens,
+                                 calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet)
+    write_outputs(out, rows, info, opt, nlls=nlls)
     return 0
 
 
@@ -166,17 +166,23 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
             "note": "bytes per token: k experts' low-bit images (weights + metadata) + fp16 factors of restored "
                     "slots, summed over MoE layers; shared expert, attention and embeddings not counted (same "
                     "everywhere). The default model's weights were Q4_1 (groups of 32) upstream, which may flatter "
-                    "4-bit requantization."}
-    return study.rows, info
+                    "4-bit requantization.",
+            "intervals": "paired 95% intervals of perplexity differences: moving-block bootstrap over 64 contiguous "
+                         "blocks of the evaluation's per-token NLLs, the same blocks for every configuration "
+                         "(host/paired_stats.py); a verdict is wins / loses only when the interval excludes zero"}
+    return study.rows, info, study.token_nlls
 
 
-def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log=print) -> dict:
+def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log=print, nlls: list | None = None) -> dict:
+    """nlls: each row's per-token NLLs (Study.token_nlls), for the verdicts' paired intervals."""
     from .study_plan import verdicts
 
     out.mkdir(parents=True, exist_ok=True)
     q = opt.quantizers[-1]
-    found = verdicts(rows, q)
-    (out / "study.json").write_text(json.dumps({"info": info, "rows": rows, "verdicts": found}, indent=1))
+    intervals: list[dict] = []
+    found = verdicts(rows, q, nlls, record=intervals)
+    (out / "study.json").write_text(json.dumps({"info": info, "rows": rows, "verdicts": found, "intervals": intervals},
+                                               indent=1))
     table = ["| configuration | perplexity | MB / token | layer-output error |", "| --- | ---: | ---: | ---: |"]
     table += [f"| {r['name']} | {r['ppl']:.3f} | {r['bytes_per_token'] / 1e6:.3f} | {r['layer_err']:.4f} |" for r in rows]
     (out / "table.md").write_text("\n".join(table) + "\n\n" + "\n".join(f"- {v}" for v in found) + "\n")
@@ -184,7 +190,7 @@ def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log
     log("\n" + "\n".join(table))
     log("\nagainst the targets:\n" + "\n".join(f"  - {v}" for v in found))
     log(f"\nwrote {out / 'study.json'}, {out / 'table.md'}, {out / 'pareto.png'} ({info['seconds']:.0f} s in all)")
-    return {"verdicts": found}
+    return {"verdicts": found, "intervals": intervals}
 
 
 def plot_pareto(rows: list[dict], path: Path, title: str = "") -> None:

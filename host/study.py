@@ -153,6 +153,9 @@ class Study:
         self._variants: dict[Variant, dict[int, QuantizedMoE]] = {}
         self._sens: dict[Variant, dict] = {}
         self.rows: list[dict] = []
+        # Each row's per-prediction NLLs (aligned with `rows`), kept in memory for the paired
+        # intervals of the verdicts; study.json stores the intervals, not these.
+        self.token_nlls: list[torch.Tensor] = []
 
     # -- building variants ---------------------------------------------------------------------
     def variant(self, v: Variant) -> dict[int, QuantizedMoE]:
@@ -209,9 +212,10 @@ class Study:
         policy: one RestorationPolicy for every layer, or a function of the layer returning one
         (called once per layer and run); None restores nothing."""
         t0 = time.time()
+        nll: list[torch.Tensor] = []
         if v is None:
             set_blocks(self.dm.model, self.float_blocks)
-            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
+            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
             bpt = 0
             for l in self.layers:
                 w, rc = self.dm.blocks[l]
@@ -225,12 +229,13 @@ class Study:
                 p = policy_of(l)
                 runners[l] = LayerRunner(qm, p, self.context(l, v, p.needs_sensitivity), qm.cfg)
             set_blocks(self.dm.model, {**self.float_blocks, **runners})
-            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
+            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
             bpt = sum(r.bytes / max(r.tokens, 1) for r in runners.values())
             layer_err = self.layer_error(runners)
         row = dict(name=name, variant=None if v is None else v.label, ppl=ppl, bytes_per_token=bpt,
                    layer_err=0.0 if v is None else layer_err, seconds=round(time.time() - t0, 1), **meta)
         self.rows.append(row)
+        self.token_nlls.append(torch.cat([t.reshape(-1).double() for t in nll]))
         return row
 
 

@@ -1,5 +1,7 @@
 """The accuracy study end to end on a reduced default model (two MoEfied layers, short text):
 the orderings that are robust at this size, measured on held-out layer outputs and perplexity."""
+import json
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from ndpmoe.host.cmd_eval import write_outputs
 from ndpmoe.host.policy import Restoration, TopN
 from ndpmoe.host.sizes import ExpertSizes
 from ndpmoe.host.study import Study, Variant
-from ndpmoe.host.study_plan import PlanOptions, run_plan, verdicts
+from ndpmoe.host.study_plan import PairedVerdicts, PlanOptions, run_plan, verdicts
 from ndpmoe.model.default_moe import load_default_moe
 from ndpmoe.model.moe_quant import FULL_RANK
 from ndpmoe.model.moefy import MoEfyConfig
@@ -58,10 +60,29 @@ def test_orderings(study, tmp_path):
     for r in (plain, top2, top2_svd, topk):
         assert abs(r["ppl"] / fp["ppl"] - 1) < 0.05
     # The outputs a user gets: JSON, table and a Pareto plot.
-    write_outputs(tmp_path, study.rows, {"model": "default", "layers": 2, "eval_tokens": 512, "seconds": 0},
-                  PlanOptions(quantizers=("optimized",)), log=lambda s: None)
+    found = write_outputs(tmp_path, study.rows, {"model": "default", "layers": 2, "eval_tokens": 512, "seconds": 0},
+                          PlanOptions(quantizers=("optimized",)), log=lambda s: None, nlls=study.token_nlls)
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
-    assert "top2 aware" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "top2 aware" in table
+    # The aware-vs-SVD verdict carries its paired interval; study.json keeps intervals, not NLLs.
+    svd_line = next(v for v in found["verdicts"] if v.startswith("activation-aware vs plain SVD"))
+    assert "95% CI" in svd_line and svd_line in table
+    saved = json.loads((tmp_path / "study.json").read_text())
+    ci = next(i for i in saved["intervals"] if i["rows"] == ["top2 aware", "top2 svd"])
+    assert ci["low"] <= ci["diff"] <= ci["high"] and ci["verdict"] in ("wins", "loses", "tie")
+    assert (tmp_path / "study.json").stat().st_size < 100_000
+
+
+def test_configuration_against_itself_is_a_tie_at_zero(study):
+    """The same configuration evaluated twice: the same per-token NLLs, so the paired interval of
+    its perplexity difference is exactly [0, 0] and the verdict a tie."""
+    v = Variant(3, "optimized", "aware", 8)
+    a = study.run("top1 aware", v, TopN(1), kind="topn", bits=3, n=1, rank=8, fit="aware")
+    b = study.run("top1 aware again", v, TopN(1), kind="topn", bits=3, n=1, rank=8, fit="aware")
+    ci = PairedVerdicts(study.rows, study.token_nlls).against("self", a, b)
+    assert (ci.diff, ci.low, ci.high, ci.verdict) == (0.0, 0.0, 0.0, "tie")
+    assert ci.units == 64 and ci.unit_tokens * 64 <= study.token_nlls[-1].numel()
 
 
 def test_policy_option_adds_its_row_at_the_group_asked(study):
