@@ -22,6 +22,18 @@ KIND_STYLE = {  # kind -> (marker, colour, label)
 }
 
 
+def factor_list(text: str) -> tuple[str, ...]:
+    """--factors: a comma list of factor precisions."""
+    import argparse
+
+    from ndpmoe.model.factor_quant import FACTOR_PRECISIONS
+    out = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in out if p not in FACTOR_PRECISIONS]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(FACTOR_PRECISIONS)}, not {text!r}")
+    return out
+
+
 def add_arguments(p):
     from ndpmoe.model.cli_args import (BITS, BITS_LIST, GROUP, float_list, hi_bits, input_file, int_in, int_list,
                                        output_dir)
@@ -30,7 +42,7 @@ def add_arguments(p):
                    "Hugging Face MoE checkpoint folder (Mixtral, OLMoE, Qwen2/3-MoE, DeepSeek-V2/V3), or a Qwen2/3-MoE .gguf file")
     p.add_argument("--bits", type=BITS_LIST, default="2,3,4", help="uniform bit widths")
     p.add_argument("--base-bits", type=BITS, default=3, help="bit width the restoration sweep runs on")
-    p.add_argument("--rank", type=int_list(lo=1), default="4,16",
+    p.add_argument("--rank", type=int_list(lo=1), default="1,2,4,16",
                    help="compensator ranks (the largest is stored, the rest are prefixes)")
     p.add_argument("--topn", type=int_list(lo=1), default=None,
                    help=f"n of the Top-n rule, 1..top-k (default: those of {DEFAULT_TOPN} the model allows)")
@@ -41,6 +53,8 @@ def add_arguments(p):
     p.add_argument("--policy", action="append", default=[], help="one more row, restored by this runtime policy "
                    "on the base-bits experts (repeatable): none, top-N[@rR], random-N[@rR], hobbit, or budgeted:BYTES "
                    "(bytes per token and layer)")
+    p.add_argument("--factors", type=factor_list, default="fp16,int8,int4,int3",
+                   help="factor precisions of the compensated Top-n rows (fp16, int8, int4, int3: packed rows)")
     p.add_argument("--group", type=GROUP, default=64, help="quantization group size of every configuration")
     p.add_argument("--eval-tokens", type=int_in(2), default=2048)
     p.add_argument("--calib-tokens", type=int_in(2), default=4096)
@@ -129,7 +143,8 @@ def run(args) -> int:
     opt = PlanOptions(bits=args.bits, base_bits=args.base_bits, ranks=args.rank, topn=args.topn,
                       quantizers=quantizers, hi_bits=args.hi_bits, budgets=args.budgets,
                       compare_fits=not args.no_compare, compare_random=not args.no_compare,
-                      compare_alloc=not args.no_compare, policies=tuple(args.policy), group=args.group)
+                      compare_alloc=not args.no_compare, policies=tuple(args.policy), group=args.group,
+                      factors=args.factors)
     QuantFormat(opt.base_bits, opt.group)    # a bad --group or --base-bits is refused before the model loads
     extra_policies(opt)                      # so is a bad --policy
     layers = None if args.layers is None else list(args.layers)
@@ -159,12 +174,12 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
         check_block_fits(dm.blocks[l][0], fmt, l)    # before the calibration pass, not after it
     study = Study(dm, ev, ca, progress=progress, quant_layers=quant)
     log(f"calibration statistics in {study.calib_seconds:.0f} s")
-    run_plan(study, opt, log=log)
-    info = {"model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
+    regime = run_plan(study, opt, log=log)
+    info = {"regime": regime, "model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
             "seq_len": seq_len, "layers": len(study.layers), "group": opt.group, "text_source": dm.text.source,
             "seconds": round(time.time() - t0, 1),
-            "note": "bytes per token: k experts' low-bit images (weights + metadata) + fp16 factors of restored "
-                    "slots, summed over MoE layers; shared expert, attention and embeddings not counted (same "
+            "note": "bytes per token: k experts' low-bit images (weights + metadata) + factors of restored "
+                    "slots (fp16, or packed int8/int4/int3 rows as the row says), summed over MoE layers; shared expert, attention and embeddings not counted (same "
                     "everywhere). The default model's weights were Q4_1 (groups of 32) upstream, which may flatter "
                     "4-bit requantization.",
             "intervals": "paired 95% intervals of perplexity differences: moving-block bootstrap over 64 contiguous "

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ndpmoe.model.factor_quant import FACTOR_PRECISIONS, factor_bits, rank_share
+
 from .paired_stats import DEFAULT_UNITS, MIN_UNITS, PairedInterval, paired_contrast
 from .policy import BudgetedPolicy, HobbitTopHi, RandomN, TopN, get_policy
 from .study import Study, Variant, block_sizes
@@ -28,6 +30,31 @@ class PlanOptions:
     policies: tuple[str, ...] = ()                   # extra runtime policy specs (--policy), one row each
     other_bits_topn: bool = True                     # Top-n rows on the other base widths too
     group: int = 64                                  # quantization group size of every variant
+    # Factor precisions of the compensated Top-n rows (fp16, and packed int8 / int4 / int3 rows).
+    factors: tuple[str, ...] = ("fp16", "int8", "int4", "int3")
+
+
+REGIME_MODELS = ("mixtral-8x7b", "olmoe-1b-7b", "deepseek-v2-lite")
+
+
+def regime_line(hidden: int, intermediate: int, bits: int, group: int, word_bits: int = 64,
+                model: str = "this model", factors=FACTOR_PRECISIONS) -> str:
+    """Bytes of one rank (w1, w3, w2) at each factor precision over one `bits`-bit expert: small is
+    the paper's regime, where ranks are cheap."""
+    from ndpmoe.model.contract import QuantFormat
+    fmt = QuantFormat(bits, group, word_bits)
+    return (f"{model} ({hidden} x {intermediate}, int{bits} experts): one rank = "
+            + ", ".join(f"{p} {rank_share(hidden, intermediate, fmt, p):.2%}" for p in factors) + " of an expert")
+
+
+def regime_lines(hidden: int, intermediate: int, bits: int, group: int, word_bits: int = 64) -> list[str]:
+    """The regime line for the model under study and, for scale, the presets' shapes."""
+    from .models import get_model
+    out = [regime_line(hidden, intermediate, bits, group, word_bits)]
+    for name in REGIME_MODELS:
+        spec = get_model(name)
+        out.append(regime_line(spec.hidden, spec.intermediate, bits, group, word_bits, name))
+    return out
 
 
 def extra_policies(opt: PlanOptions, top_k: int | None = None) -> list:
@@ -41,9 +68,15 @@ def extra_policies(opt: PlanOptions, top_k: int | None = None) -> list:
     return out
 
 
-def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
+def run_plan(study: Study, opt: PlanOptions, log=print) -> list[str]:
+    """Runs the plan's rows on the study; returns the regime lines it printed."""
     k = study.dm.blocks[study.layers[0]][1].top_k
     extra = extra_policies(opt, k)
+    for p in opt.factors:
+        factor_bits(p)                                  # an unknown precision, before anything runs
+    w0 = study.dm.blocks[study.layers[0]][0]
+    regime = regime_lines(w0.w1.shape[2], w0.w1.shape[1], opt.base_bits, opt.group)
+    log("regime (one rank of factors over one expert):\n" + "\n".join(f"  {line}" for line in regime))
     r_top = max(opt.ranks)
     topn = [n for n in opt.topn if 0 < n <= k]
     q_best = opt.quantizers[-1]
@@ -64,6 +97,14 @@ def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
     if k not in topn:
         say(study.run(f"int{opt.base_bits} top-{k} (all) aware r{r_top}", base, TopN(k, r_top),
                       kind="topn", bits=opt.base_bits, n=k, rank=r_top, fit="aware"))
+    for p in opt.factors:
+        if p == "fp16":
+            continue
+        qv = Variant(opt.base_bits, q_best, "aware", r_top, group=g, factor=p)
+        for r in sorted(opt.ranks):
+            for n in topn:
+                say(study.run(f"int{opt.base_bits} top-{n} aware r{r} {p} factors", qv, TopN(n, r),
+                              kind="topn", bits=opt.base_bits, n=n, rank=r, fit="aware", factor=p))
     n_mid = topn[len(topn) // 2] if topn else 1
     if opt.compare_fits:
         svd = Variant(opt.base_bits, q_best, "svd", r_top, group=g)
@@ -104,6 +145,7 @@ def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
         for n in (n_mid, k):
             say(study.run(f"int{b} top-{n} aware r{r_top}", v, TopN(n, r_top),
                           kind="topn", bits=b, n=n, rank=r_top, fit="aware"))
+    return regime
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +154,10 @@ def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
 def _uniform(rows, bits, quantizer):
     return next((r for r in rows if r.get("kind") == "uniform" and r.get("bits") == bits
                  and r.get("quantizer") == quantizer), None)
+
+
+def _fp16_factors(row: dict) -> bool:
+    return row.get("factor", "fp16") == "fp16"
 
 
 class PairedVerdicts:
@@ -178,7 +224,7 @@ def verdicts(rows: list[dict], quantizer: str, nlls: list | None = None,
     for r in rows:
         if r.get("kind") == "randomn":
             twin = next((t for t in rows if t.get("kind") == "topn" and t.get("n") == r["n"] and t.get("rank") == r["rank"]
-                         and t.get("fit") == "aware" and t.get("bits") == r["bits"]), None)
+                         and t.get("fit") == "aware" and t.get("bits") == r["bits"] and _fp16_factors(t)), None)
             if twin:
                 ci = pv.against(f"top-{r['n']} vs random-{r['n']}", twin, r)
                 out.append(f"router-guided top-{r['n']} ppl {twin['ppl']:.3f} vs random-{r['n']} {r['ppl']:.3f} at "
@@ -186,7 +232,7 @@ def verdicts(rows: list[dict], quantizer: str, nlls: list | None = None,
                            + pv.text(ci, "top-n wins", "random wins"))
         if r.get("kind") == "topn" and r.get("fit") == "svd":
             twin = next((t for t in rows if t.get("kind") == "topn" and t.get("fit") == "aware" and t.get("n") == r["n"]
-                         and t.get("rank") == r["rank"] and t.get("bits") == r["bits"]), None)
+                         and t.get("rank") == r["rank"] and t.get("bits") == r["bits"] and _fp16_factors(t)), None)
             if twin:
                 ci = pv.against(f"aware vs svd top-{r['n']} r{r['rank']}", twin, r)
                 out.append(f"activation-aware vs plain SVD (top-{r['n']}, r{r['rank']}, equal bytes): ppl {twin['ppl']:.3f} vs "
@@ -209,7 +255,7 @@ def verdicts(rows: list[dict], quantizer: str, nlls: list | None = None,
                 gap = u["ppl"] - fp["ppl"]
                 if gap > 0:
                     ci = pv.against(f"{r['name']} vs uniform int{r['bits']}", r, u)
-                    out.append(f"int{r['bits']} top-{r['n']} r{r['rank']}: recovers {(u['ppl'] - r['ppl']) / gap:6.1%} of the "
+                    out.append(f"int{r['bits']} top-{r['n']} r{r['rank']} {r.get('factor', 'fp16')} factors: recovers {(u['ppl'] - r['ppl']) / gap:6.1%} of the "
                                f"int{r['bits']}->fp16 gap for +{(r['bytes_per_token'] - u['bytes_per_token']) / 1e6:.3f} MB/token; "
                                f"against uniform int{r['bits']}: " + pv.text(ci, "wins", "loses"))
     for r in rows:

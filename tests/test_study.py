@@ -12,6 +12,7 @@ from ndpmoe.host.sizes import ExpertSizes
 from ndpmoe.host.study import Study, Variant
 from ndpmoe.host.study_plan import PairedVerdicts, PlanOptions, run_plan, verdicts
 from ndpmoe.model.default_moe import load_default_moe
+from ndpmoe.model.factor_quant import bytes_per_rank
 from ndpmoe.model.moe_quant import FULL_RANK
 from ndpmoe.model.moefy import MoEfyConfig
 from ndpmoe.model.text import token_windows, tokenize
@@ -95,7 +96,7 @@ def test_policy_option_adds_its_row_at_the_group_asked(study):
     budget = 10 * per_rank                    # one expert at rank 8 (the policy's step) fits
     opt = PlanOptions(bits=(3,), quantizers=("optimized",), ranks=(8,), topn=(2,), hi_bits=0, budgets=(),
                       compare_fits=False, compare_random=False, compare_alloc=False, other_bits_topn=False,
-                      group=32, policies=("top-2@r8", f"budgeted:{budget}"))
+                      group=32, policies=("top-2@r8", f"budgeted:{budget}"), factors=("fp16",))
     first = len(study.rows)
     run_plan(study, opt, log=lambda s: None)
     rows = {r["name"]: r for r in study.rows[first:]}
@@ -108,6 +109,33 @@ def test_policy_option_adds_its_row_at_the_group_asked(study):
               for w, rc in blocks.values())
     assert uniform["bytes_per_token"] == g32 > sum(ExpertSizes(hidden, intermediate, Variant(3).fmt).weight_bytes()
                                                    * rc.top_k for w, rc in blocks.values())
+
+
+def test_int4_factors_cost_less_and_keep_most_of_the_reduction(study):
+    """A Top-k row with int4 factors against its fp16 twin: exact packed bytes (every slot restored
+    at rank 8), below the twin's, and most of the twin's layer-error reduction kept."""
+    k = study.dm.blocks[0][1].top_k
+    plain = study.run("plain", Variant(3, "optimized"), kind="uniform", bits=3, quantizer="optimized")
+    fp16 = study.run("topk fp16 f", Variant(3, "optimized", "aware", 8), TopN(k), kind="topn", bits=3, n=k, rank=8)
+    int4 = study.run("topk int4 f", Variant(3, "optimized", "aware", 8, factor="int4"), TopN(k),
+                     kind="topn", bits=3, n=k, rank=8, factor="int4")
+    intermediate, hidden = study.dm.blocks[0][0].w1.shape[1:]
+    rank_bytes = sum(bytes_per_rank(o, i, 4, 64, 64) for o, i in ((intermediate, hidden),) * 2 + ((hidden, intermediate),))
+    assert int4["bytes_per_token"] - plain["bytes_per_token"] == len(LAYERS) * k * 8 * rank_bytes
+    assert plain["bytes_per_token"] < int4["bytes_per_token"] < fp16["bytes_per_token"]
+    kept = (plain["layer_err"] - int4["layer_err"]) / (plain["layer_err"] - fp16["layer_err"])
+    assert kept > 0.8, kept
+
+
+def test_unknown_factor_precision_is_refused(capsys):
+    with pytest.raises(ValueError, match="factor precision must be one of .*'fp16', 'int8', 'int4', 'int3'.*'int5'"):
+        Variant(3, rank=4, factor="int5")
+    with pytest.raises(ValueError, match="fit 'svd'"):
+        Variant(3, fit="svd", rank=4, factor="int4")
+    with pytest.raises(SystemExit) as exc:       # argparse refuses it before the model loads
+        main(["eval", "--factors", "fp16,int5", "--out", "/nonexistent/never-written"])
+    assert exc.value.code == 2
+    assert "--factors: must be a comma list of fp16, int8, int4, int3, not 'fp16,int5'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
