@@ -22,6 +22,18 @@ KIND_STYLE = {  # kind -> (marker, colour, label)
 }
 
 
+def factor_list(text: str) -> tuple[str, ...]:
+    """--factors: a comma list of factor precisions."""
+    import argparse
+
+    from ndpmoe.model.factor_quant import FACTOR_PRECISIONS
+    out = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in out if p not in FACTOR_PRECISIONS]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(FACTOR_PRECISIONS)}, not {text!r}")
+    return out
+
+
 def add_arguments(p):
     from ndpmoe.model.cli_args import (BITS, BITS_LIST, GROUP, float_list, hi_bits, input_file, int_in, int_list,
                                        output_dir)
@@ -31,7 +43,8 @@ def add_arguments(p):
     p.add_argument("--bits", type=BITS_LIST, default="2,3,4", help="uniform bit widths")
     p.add_argument("--base-bits", type=BITS, default=3, help="bit width the restoration sweep runs on")
     p.add_argument("--rank", type=int_list(lo=1), default="4,16",
-                   help="compensator ranks (the largest is stored, the rest are prefixes)")
+                   help="compensator ranks (the largest is stored, the rest are prefixes; 1,2,4,16 covers the "
+                        "thin-expert regime at more rows)")
     p.add_argument("--topn", type=int_list(lo=1), default=None,
                    help=f"n of the Top-n rule, 1..top-k (default: those of {DEFAULT_TOPN} the model allows)")
     p.add_argument("--quantizers", default="rtn,optimized", help="uniform quantizers (the last one is used for restoration)")
@@ -41,6 +54,9 @@ def add_arguments(p):
     p.add_argument("--policy", action="append", default=[], help="one more row, restored by this runtime policy "
                    "on the base-bits experts (repeatable): none, top-N[@rR], random-N[@rR], hobbit, or budgeted:BYTES "
                    "(bytes per token and layer)")
+    p.add_argument("--factors", type=factor_list, default="fp16,int4",
+                   help="factor precisions of the compensated Top-n rows (fp16, int8, int4, int3: packed rows; "
+                        "each adds a Top-n x rank grid of rows)")
     p.add_argument("--group", type=GROUP, default=64, help="quantization group size of every configuration")
     p.add_argument("--eval-tokens", type=int_in(2), default=2048)
     p.add_argument("--calib-tokens", type=int_in(2), default=4096)
@@ -131,15 +147,17 @@ def run(args) -> int:
     opt = PlanOptions(bits=args.bits, base_bits=args.base_bits, ranks=args.rank, topn=args.topn,
                       quantizers=quantizers, hi_bits=args.hi_bits, budgets=args.budgets,
                       compare_fits=not args.no_compare, compare_random=not args.no_compare,
-                      compare_alloc=not args.no_compare, policies=tuple(args.policy), group=args.group)
+                      compare_alloc=not args.no_compare, policies=tuple(args.policy), group=args.group,
+                      factors=args.factors)
     QuantFormat(opt.base_bits, opt.group)    # a bad --group or --base-bits is refused before the model loads
     extra_policies(opt)                      # so is a bad --policy
     layers = None if args.layers is None else list(args.layers)
     from .study_workers import ScaleOptions
     scale = ScaleOptions.from_args(args)           # device, Ray address: checked before any work
-    rows, info = run_study(args.model, opt, text=text, layers=layers, eval_tokens=args.eval_tokens,
-                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet, scale=scale)
-    write_outputs(out, rows, info, opt)
+    rows, info, nlls = run_study(args.model, opt, text=text, layers=layers, eval_tokens=args.eval_tokens,
+                                 calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet,
+                                 scale=scale)
+    write_outputs(out, rows, info, opt, nlls=nlls)
     return 0
 
 
@@ -168,24 +186,30 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
     log(f"calibration statistics in {study.calib_seconds:.0f} s")
     from .study_workers import scale_out
     with scale_out(study, scale, log):                   # device, float32, Ray workers (host/study_workers.py)
-        run_plan(study, opt, log=log)
-    info = {"model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
+        regime = run_plan(study, opt, log=log)
+    info = {"regime": regime, "model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
             "seq_len": seq_len, "layers": len(study.layers), "group": opt.group, "text_source": dm.text.source,
             "seconds": round(time.time() - t0, 1),
-            "note": "bytes per token: k experts' low-bit images (weights + metadata) + fp16 factors of restored "
-                    "slots, summed over MoE layers; shared expert, attention and embeddings not counted (same "
+            "note": "bytes per token: k experts' low-bit images (weights + metadata) + factors of restored "
+                    "slots (fp16, or packed int8/int4/int3 rows as the row says), summed over MoE layers; shared expert, attention and embeddings not counted (same "
                     "everywhere). The default model's weights were Q4_1 (groups of 32) upstream, which may flatter "
-                    "4-bit requantization."}
-    return study.rows, info
+                    "4-bit requantization.",
+            "intervals": "paired 95% intervals of perplexity differences: moving-block bootstrap over 64 contiguous "
+                         "blocks of the evaluation's per-token NLLs, the same blocks for every configuration "
+                         "(host/paired_stats.py); a verdict is wins / loses only when the interval excludes zero"}
+    return study.rows, info, study.token_nlls
 
 
-def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log=print) -> dict:
+def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log=print, nlls: list | None = None) -> dict:
+    """nlls: each row's per-token NLLs (Study.token_nlls), for the verdicts' paired intervals."""
     from .study_plan import verdicts
 
     out.mkdir(parents=True, exist_ok=True)
     q = opt.quantizers[-1]
-    found = verdicts(rows, q)
-    (out / "study.json").write_text(json.dumps({"info": info, "rows": rows, "verdicts": found}, indent=1))
+    intervals: list[dict] = []
+    found = verdicts(rows, q, nlls, record=intervals)
+    (out / "study.json").write_text(json.dumps({"info": info, "rows": rows, "verdicts": found, "intervals": intervals},
+                                               indent=1))
     table = ["| configuration | perplexity | MB / token | layer-output error |", "| --- | ---: | ---: | ---: |"]
     table += [f"| {r['name']} | {r['ppl']:.3f} | {r['bytes_per_token'] / 1e6:.3f} | {r['layer_err']:.4f} |" for r in rows]
     (out / "table.md").write_text("\n".join(table) + "\n\n" + "\n".join(f"- {v}" for v in found) + "\n")
@@ -193,7 +217,7 @@ def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log
     log("\n" + "\n".join(table))
     log("\nagainst the targets:\n" + "\n".join(f"  - {v}" for v in found))
     log(f"\nwrote {out / 'study.json'}, {out / 'table.md'}, {out / 'pareto.png'} ({info['seconds']:.0f} s in all)")
-    return {"verdicts": found}
+    return {"verdicts": found, "intervals": intervals}
 
 
 def plot_pareto(rows: list[dict], path: Path, title: str = "") -> None:

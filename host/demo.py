@@ -90,17 +90,17 @@ def step_study(opt: DemoOptions, log) -> StepResult:
 
     if opt.quick:       # the test suite's: fp16, uniform 3/4-bit, one Top-n point
         plan = PlanOptions(bits=(3, 4), base_bits=3, ranks=(4,), topn=(2,), quantizers=("optimized",), hi_bits=0,
-                           budgets=(), compare_fits=False, compare_random=False, compare_alloc=False)
+                           budgets=(), compare_fits=False, compare_random=False, compare_alloc=False, factors=("fp16",))
     else:
-        # The full study is `ndpmoe eval`; this keeps the rows a reader checks first (15 of its 27).
+        # The full study is `ndpmoe eval`; this keeps the rows a reader checks first (plus Top-n with int4 factors).
         plan = PlanOptions(bits=(2, 3, 4), base_bits=3, ranks=(4, 16), topn=(1, 2, 4), quantizers=("optimized",),
                            hi_bits=8, budgets=(1.0,), compare_fits=False, compare_random=True, compare_alloc=False,
-                           other_bits_topn=False)
-    rows, info = run_study("default", plan, layers=opt.study_layers, eval_tokens=opt.eval_tokens,
+                           other_bits_topn=False, factors=("fp16", "int4"))
+    rows, info, nlls = run_study("default", plan, layers=opt.study_layers, eval_tokens=opt.eval_tokens,
                            calib_tokens=2048, seq_len=256 if opt.quick else 512, progress=True,
                            log=lambda s: log("   " + s))
     out = opt.out / "accuracy"
-    found = write_outputs(out, rows, info, plan, log=lambda s: None)["verdicts"]
+    found = write_outputs(out, rows, info, plan, log=lambda s: None, nlls=nlls)["verdicts"]   # with 95% intervals
     lines = ["| configuration | perplexity | MB / token | layer-output error |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {r['name']} | {r['ppl']:.3f} | {r['bytes_per_token'] / 1e6:.3f} | {r['layer_err']:.4f} |" for r in rows]
     lines += [""] + [f"- {v}" for v in found]

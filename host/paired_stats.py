@@ -62,9 +62,22 @@ def flat_nll(token_nll) -> torch.Tensor:
 def paired_bootstrap(nll_a, nll_b, *, units: int = DEFAULT_UNITS, resamples: int = DEFAULT_RESAMPLES,
                      level: float = 0.95, seed: int = 0) -> PairedInterval:
     """Interval of ppl_a - ppl_b from per-prediction NLLs of the same tokens (see the module text)."""
-    a, b = flat_nll(nll_a), flat_nll(nll_b)
-    if a.shape != b.shape:
-        raise ValueError(f"paired NLLs must cover the same tokens: {a.numel()} against {b.numel()} predictions")
+    return paired_contrast([nll_a, nll_b], [1.0, -1.0], units=units, resamples=resamples, level=level, seed=seed)
+
+
+def paired_contrast(nlls: list, coeffs: list[float], *, units: int = DEFAULT_UNITS,
+                    resamples: int = DEFAULT_RESAMPLES, level: float = 0.95, seed: int = 0) -> PairedInterval:
+    """Interval of sum_i coeffs[i] * ppl_i over configurations evaluated on the same tokens, with the
+    same resampled blocks for all of them (e.g. a point against a chord between two others:
+    coeffs (1, -(1 - t), -t)). Negative: the first term is below the rest."""
+    if len(nlls) != len(coeffs) or len(nlls) < 2:
+        raise ValueError(f"a contrast needs at least two configurations with one coefficient each, "
+                         f"not {len(nlls)} NLL sets and {len(coeffs)} coefficients")
+    flat = [flat_nll(n) for n in nlls]
+    a = flat[0]
+    for b in flat[1:]:
+        if a.shape != b.shape:
+            raise ValueError(f"paired NLLs must cover the same tokens: {a.numel()} against {b.numel()} predictions")
     if isinstance(units, bool) or not isinstance(units, int) or units < MIN_UNITS:
         raise ValueError(f"units must be an integer >= {MIN_UNITS}, not {units!r}")
     if a.numel() < units:
@@ -74,16 +87,14 @@ def paired_bootstrap(nll_a, nll_b, *, units: int = DEFAULT_UNITS, resamples: int
         raise ValueError(f"resamples must be an integer >= 100, not {resamples!r}")
     if not 0.5 <= level < 1:
         raise ValueError(f"level must be in [0.5, 1), not {level!r}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    if not all(torch.isfinite(f).all() for f in flat):
         raise ValueError("per-token NLLs contain NaN or Inf")
-    diff = math.exp(float(a.mean())) - math.exp(float(b.mean()))
+    diff = sum(c * math.exp(float(f.mean())) for c, f in zip(coeffs, flat))
     unit_tokens = a.numel() // units
     used = units * unit_tokens
-    block_a = a[:used].reshape(units, unit_tokens).mean(1)
-    block_b = b[:used].reshape(units, unit_tokens).mean(1)
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randint(units, (resamples, units), generator=gen)
-    star = block_a[pick].mean(1).exp() - block_b[pick].mean(1).exp()
+    star = sum(c * f[:used].reshape(units, unit_tokens).mean(1)[pick].mean(1).exp() for c, f in zip(coeffs, flat))
     tail = (1 - level) / 2
     low, high = torch.quantile(star, torch.tensor([tail, 1 - tail], dtype=star.dtype)).tolist()
     return PairedInterval(diff, low, high, level, units, unit_tokens, resamples)

@@ -130,6 +130,21 @@ class ExpertSizes:
         """Bytes of one rank component of A and B (fp16), all three matrices."""
         return sum(fp16_factor_bytes(*self.shape(m), 1) for m in MATRICES)
 
+    def matrix_factor_bytes(self, matrix: str, rank: int, precision: str = "fp16") -> int:
+        """Bytes of one matrix's rank-`rank` compensator stored at `precision` (fp16, or packed
+        low-bit rows B [r, in] and A^T [r, out] at the experts' group and word, model/factor_quant.py)."""
+        self.check_rank(rank)
+        return rank * self._packed_rank_bytes(matrix, precision)
+
+    def factor_bytes_per_rank(self, precision: str = "fp16") -> int:
+        """Bytes of one rank component at `precision`, all three matrices."""
+        return sum(self._packed_rank_bytes(m, precision) for m in MATRICES)
+
+    def _packed_rank_bytes(self, matrix: str, precision: str) -> int:
+        from ndpmoe.model.factor_quant import bytes_per_rank, factor_bits
+        group, word = (64, 64) if self.fmt is None else (self.fmt.group_size, self.fmt.word_bits)
+        return bytes_per_rank(*self.shape(matrix), factor_bits(precision), group, word)
+
     def factor_bytes_fp16(self, rank: int) -> int:
         self.check_rank(rank)
         return rank * self.fp16_bytes_per_rank

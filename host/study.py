@@ -6,9 +6,9 @@ batch-1 decode does, and prices through the contract's sizes (host/sizes.py).
 
 Bytes per token (the paper's metric, batch-1 decode with nothing cached): summed over MoE layers,
 for each of the token's k experts its low-bit memory image (weights + metadata; the
-higher-precision image where the policy chose that copy), plus the fp16 factors of the rank it
-was restored with. Attention, embeddings and the always-on shared expert are the same in every
-configuration and are not counted.
+higher-precision image where the policy chose that copy), plus the factors of the rank it
+was restored with (fp16, or packed low-bit rows at the variant's factor precision). Attention,
+embeddings and the always-on shared expert are the same in every configuration and are not counted.
 
 One calibration pass gives each layer's block inputs; every configuration then reuses the
 quantized experts of its (bits, quantizer, fit) and only re-runs the model with a new policy.
@@ -19,13 +19,14 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ndpmoe.model.block import FloatMoE, set_blocks
 from ndpmoe.model.contract import QuantFormat
+from ndpmoe.model.factor_quant import factor_bits, fit_quantized
 from ndpmoe.model.moe import RouterConfig, route
 from ndpmoe.model.moe_quant import (MATRICES, QuantizedExpert, QuantizedMoE, check_block_fits, compensate_moe,
                                     expert_grams, quantize_moe)
@@ -54,12 +55,22 @@ class Variant:
     # Memory word of the packed images. 64-bit words suit the default model's small experts: a
     # 3-bit block holds `word_bits` codes, so 128-bit words would pad a 64-wide w2 row to 128.
     word_bits: int = 64
+    # How the compensators are stored: fp16, or packed low-bit rows (model/factor_quant.py),
+    # fitted against their own quantization.
+    factor: str = "fp16"
+
+    def __post_init__(self):
+        factor_bits(self.factor)                    # refuses an unknown precision, naming the allowed ones
+        if self.factor != "fp16" and (self.fit != "aware" or self.alloc_budget):
+            raise ValueError(f"factor precision {self.factor!r} is fitted activation-aware with a uniform rank; "
+                             f"fit {self.fit!r} with alloc_budget {self.alloc_budget!r} is not supported")
 
     @property
     def label(self) -> str:
         s = f"int{self.bits}-{self.quantizer}"
         if self.rank or self.alloc_budget:
             s += f"+{self.fit}" + (f"-alloc{self.alloc_budget / 1e3:.0f}kB" if self.alloc_budget else f"-r{self.rank}")
+            s += "" if self.factor == "fp16" else f"-{self.factor}f"
         return s + (f"+hi{self.hi_bits}" if self.hi_bits else "")
 
     @property
@@ -75,21 +86,23 @@ def block_sizes(qm: QuantizedMoE) -> ExpertSizes:
     return ExpertSizes(w1.in_features, w1.rows, qm.fmt, hi_fmt, stored)
 
 
-def slot_bytes(qm: QuantizedMoE, sizes: ExpertSizes, e: int, rank: int, hi: bool) -> int:
+def slot_bytes(qm: QuantizedMoE, sizes: ExpertSizes, e: int, rank: int, hi: bool, factor: str = "fp16") -> int:
     """Bytes one (token, expert) slot moves: the expert's image (the higher-precision one where
-    chosen), plus the fp16 factors it was restored with, each matrix up to its own stored rank."""
+    chosen), plus the factors (stored at `factor` precision) it was restored with, each matrix up
+    to its own stored rank."""
     if hi:
         return sizes.weight_bytes("hi")
     ex = qm.experts[e]
-    return sizes.weight_bytes("lo") + sum(sizes.matrix_factor_bytes_fp16(m, min(rank, ex.stored_rank(m)))
+    return sizes.weight_bytes("lo") + sum(sizes.matrix_factor_bytes(m, min(rank, ex.stored_rank(m)), factor)
                                           for m in MATRICES)
 
 
 class LayerRunner:
     """The block function of one layer under a policy; tallies bytes and slots as it runs."""
 
-    def __init__(self, qm: QuantizedMoE, policy: RestorationPolicy, ctx: RestorationContext, cfg: RouterConfig):
-        self.qm, self.policy, self.ctx, self.cfg = qm, policy, ctx, cfg
+    def __init__(self, qm: QuantizedMoE, policy: RestorationPolicy, ctx: RestorationContext, cfg: RouterConfig,
+                 factor: str = "fp16"):
+        self.qm, self.policy, self.ctx, self.cfg, self.factor = qm, policy, ctx, cfg, factor
         self.sizes = block_sizes(qm)
         self.block = MaskedQuantMoE(qm)        # moe_forward_quant's result, all experts at once
         self.bytes = 0
@@ -107,7 +120,7 @@ class LayerRunner:
         for e, r, h in zip(ids.flatten().tolist(), restore.flatten().tolist(), hi.flatten().tolist()):
             key = (e, r, h)
             if key not in price:
-                price[key] = slot_bytes(self.qm, self.sizes, e, r, h)
+                price[key] = slot_bytes(self.qm, self.sizes, e, r, h, self.factor)
             self.bytes += price[key]
         self.tokens += x.shape[0]
         return self.block(x, restore, hi, (ids, weights))
@@ -155,6 +168,9 @@ class Study:
         self._variants: dict[Variant, dict[int, QuantizedMoE]] = {}
         self._sens: dict[Variant, dict] = {}
         self.rows: list[dict] = []
+        # Each row's per-prediction NLLs (aligned with `rows`), kept in memory for the paired
+        # intervals of the verdicts; study.json stores the intervals, not these.
+        self.token_nlls: list[torch.Tensor] = []
 
     # -- building variants ---------------------------------------------------------------------
     def variant(self, v: Variant) -> dict[int, QuantizedMoE]:
@@ -162,7 +178,7 @@ class Study:
             if self.scale is not None:
                 self.scale.prefetch(self, v)
             if v.alloc_budget:
-                base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group, v.word_bits))
+                base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group, v.word_bits, v.factor))
                 out = {l: _with_allocated_ranks(qm, v.alloc_budget) for l, qm in base.items()}
             elif v.rank:
                 out = {l: self._compensated(l, v) for l in self.layers}
@@ -190,11 +206,24 @@ class Study:
 
     def _compensated(self, layer: int, v: Variant) -> QuantizedMoE:
         base = self.variant(Variant(v.bits, v.quantizer, group=v.group, word_bits=v.word_bits))[layer]
-        key = self.cache.key(layer, f"c|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}|{v.fit}|{v.rank}")
-        comps = self.cache.compensators(key, lambda: [ex.comp for ex in compensate_moe(
-            base, v.rank, v.fit, self.grams[layer]).experts])
+        key = self.cache.key(layer, f"c|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}|{v.fit}|{v.rank}"
+                             + ("" if v.factor == "fp16" else f"|{v.factor}"))
+        if v.factor == "fp16":
+            make = lambda: [ex.comp for ex in compensate_moe(base, v.rank, v.fit, self.grams[layer]).experts]
+        else:
+            make = lambda: self._quantized_factors(layer, base, v)
+        comps = self.cache.compensators(key, make)
         experts = [QuantizedExpert(ex.q, comps[e], ex._deq) for e, ex in enumerate(base.experts)]
         return QuantizedMoE(base.fmt, experts, base.router, base.cfg, base.float_weights)
+
+    def _quantized_factors(self, layer: int, base: QuantizedMoE, v: Variant) -> list[dict]:
+        """Per expert {matrix: LowRank}: the dequantized factors of a compensator fitted against
+        its own quantization at v.factor (what the GPU applies; the bytes are the packed rows')."""
+        w = base.float_weights
+        bits = factor_bits(v.factor)
+        return [{m: fit_quantized(getattr(w, m)[e].float() - ex.weight(m), self.grams[layer][e][m], v.rank, bits,
+                                  group=v.group, word_bits=v.word_bits).lowrank()
+                 for m in MATRICES} for e, ex in enumerate(base.experts)]
 
     def sensitivity(self, v: Variant) -> dict:
         if v not in self._sens:
@@ -206,16 +235,18 @@ class Study:
         """What a policy knows of one layer of a variant: the contract's prices (fp16 factors,
         nothing cached, batch-1 decode) and, if asked, the measured sensitivity."""
         sens = self.sensitivity(v)[layer] if with_sensitivity else None
-        return restoration_context(block_sizes(self.variant(v)[layer]), sens)
+        sizes = block_sizes(self.variant(v)[layer])
+        return replace(restoration_context(sizes, sens), rank_bytes=sizes.factor_bytes_per_rank(v.factor))
 
     def run(self, name: str, v: Variant | None, policy: PolicyChoice | None = None, **meta) -> dict:
         """Perplexity and bytes/token of one configuration. v None: the float (fp16) model.
         policy: one RestorationPolicy for every layer, or a function of the layer returning one
         (called once per layer and run); None restores nothing."""
         t0 = time.time()
+        nll: list[torch.Tensor] = []
         if v is None:
             set_blocks(self.dm.model, self.float_blocks)
-            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
+            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
             bpt = 0
             for l in self.layers:
                 w, rc = self.dm.blocks[l]
@@ -227,14 +258,15 @@ class Study:
             runners = {}
             for l, qm in self.variant(v).items():
                 p = policy_of(l)
-                runners[l] = LayerRunner(qm, p, self.context(l, v, p.needs_sensitivity), qm.cfg)
+                runners[l] = LayerRunner(qm, p, self.context(l, v, p.needs_sensitivity), qm.cfg, v.factor)
             set_blocks(self.dm.model, {**self.float_blocks, **runners})
-            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
+            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
             bpt = sum(r.bytes / max(r.tokens, 1) for r in runners.values())
             layer_err = self.layer_error(runners)
         row = dict(name=name, variant=None if v is None else v.label, ppl=ppl, bytes_per_token=bpt,
                    layer_err=0.0 if v is None else layer_err, seconds=round(time.time() - t0, 1), **meta)
         self.rows.append(row)
+        self.token_nlls.append(torch.cat([t.reshape(-1).double() for t in nll]))
         return row
 
 
