@@ -140,6 +140,8 @@ def run(args) -> int:
             raise NdpmoeError(f"--quantizers {args.quantizers!r}: {exc}") from None
     text = None if args.text is None else load_text(args.text, args.encoding)
     check_against_model(args, model_outline(args.model))
+    from .study_workers import ScaleOptions
+    scale = ScaleOptions.from_args(args)           # device, Ray address: checked before any work
     out = prepare_output_dir(args.out, "--out")
 
     from .study_plan import PlanOptions, extra_policies
@@ -152,8 +154,6 @@ def run(args) -> int:
     QuantFormat(opt.base_bits, opt.group)    # a bad --group or --base-bits is refused before the model loads
     extra_policies(opt)                      # so is a bad --policy
     layers = None if args.layers is None else list(args.layers)
-    from .study_workers import ScaleOptions
-    scale = ScaleOptions.from_args(args)           # device, Ray address: checked before any work
     rows, info, nlls = run_study(args.model, opt, text=text, layers=layers, eval_tokens=args.eval_tokens,
                                  calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet,
                                  scale=scale)

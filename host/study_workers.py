@@ -111,7 +111,7 @@ class ScaleOut:
         for kind, part in part_keys(v):
             for layer in study.layers:
                 key = study.cache.key(layer, part)
-                if not (study.cache.root / f"{key}.pt").exists():
+                if not study.cache.path(key).exists():
                     jobs.append((kind, layer, part))
         if not jobs:
             return

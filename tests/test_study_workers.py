@@ -85,7 +85,7 @@ def test_one_and_two_workers_give_the_same_table(tiny_checkpoint, tmp_path, monk
         assert main(["eval", "--model", str(tiny_checkpoint), "--out", str(out), "--workers", str(n)] + EVAL) == 0
         rows = json.loads((out / "study.json").read_text())["rows"]
         tables.append([(r["name"], r["ppl"], r["bytes_per_token"], r["layer_err"]) for r in rows])
-        assert list((tmp_path / f"cache{n}" / "study").glob("*.pt"))        # written through the cache
+        assert list((tmp_path / f"cache{n}" / "study").glob("*.safetensors"))        # written through the cache
     assert tables[0] == tables[1]
 
 
