@@ -49,8 +49,8 @@ def add_arguments(p):
                    help=f"n of the Top-n rule, 1..top-k (default: those of {DEFAULT_TOPN} the model allows)")
     p.add_argument("--quantizers", default="rtn,optimized", help="uniform quantizers (the last one is used for restoration)")
     p.add_argument("--hi-bits", type=hi_bits, default=8, help="bits of the HOBBIT-style higher-precision copies (0: none)")
-    p.add_argument("--budgets", type=float_list(), default="0.5,1,2",
-                   help="budgeted policy: multiples of the Top-1 top-rank factor bytes")
+    p.add_argument("--budgets", type=float_list(allow_empty=True), default="0.5,1,2",
+                   help="budgeted policy: multiples of the Top-1 top-rank factor bytes ('' for none)")
     p.add_argument("--policy", action="append", default=[], help="one more row, restored by this runtime policy "
                    "on the base-bits experts (repeatable): none, top-N[@rR], random-N[@rR], hobbit, or budgeted:BYTES "
                    "(bytes per token and layer)")

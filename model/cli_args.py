@@ -99,12 +99,14 @@ def int_list(lo: int | None = None, hi: int | None = None, choices=None):
     return _named(parse, "list")
 
 
-def float_list(lo: float = 0.0, lo_open: bool = True):
-    """A comma-separated, non-empty list of finite numbers above (or from) lo."""
+def float_list(lo: float = 0.0, lo_open: bool = True, allow_empty: bool = False):
+    """A comma-separated list of finite numbers above (or from) lo; empty only if `allow_empty`."""
     one = float_in(lo, lo_open=lo_open)
 
     def parse(text):
         parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        if not parts and allow_empty:
+            return ()
         if not parts:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, not {text!r}")
         try:
