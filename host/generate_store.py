@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ndpmoe.model.contract import QuantFormat
+from ndpmoe.model.integrity import code_digest
 from ndpmoe.model.paths import build_root
 
 from .sizes import ExpertSizes
@@ -91,11 +92,7 @@ class ModelStore:
 
 
 def _code_hash() -> str:
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for rel in _CODE:
-        h.update((root / rel).read_bytes())
-    return h.hexdigest()[:16]
+    return code_digest(_CODE)
 
 
 def calibration_windows(dm, s: StoreSettings) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch
 
 from ndpmoe.model.compensate import LowRank
 from ndpmoe.model.errors import CacheEntryError
-from ndpmoe.model.integrity import (clean_stale_temps, notice, read_sealed, tensor_hash, writable_folder,
-                                    write_sealed)
+from ndpmoe.model.integrity import (clean_stale_temps, code_digest, notice, read_sealed, tensor_hash,
+                                    writable_folder, write_sealed)
 from ndpmoe.model.moe_quant import MATRICES
 from ndpmoe.model.qtensor import QuantizedMatrix
 
@@ -28,11 +28,7 @@ _CODE = ("model/quantize.py", "model/compensate.py", "model/moe_quant.py", "mode
 
 
 def _code_hash() -> str:
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for rel in _CODE:
-        h.update((root / rel).read_bytes())
-    return h.hexdigest()[:16]
+    return code_digest(_CODE)
 
 
 def _fmt_meta(fmt) -> dict:

@@ -222,3 +222,13 @@ def check_shapes(path: str | os.PathLike, tensors: dict, expected: dict) -> None
             raise CacheEntryError(f"{path}: tensor {name!r} is missing")
         if tuple(t.shape) != tuple(shape):
             raise CacheEntryError(f"{path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+
+
+def code_digest(files: tuple[str, ...]) -> str:
+    """16 hex digits of SHA-256 over the project's source files `files` (paths like
+    'model/quantize.py', relative to the package root), so a cache keyed by it goes stale on an edit."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in files:
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()[:16]
