@@ -46,7 +46,7 @@ class MeasuredRtl:
 
 def run_job(job: dict, rtl: RtlNdpBackend) -> dict:
     from ndpmoe.host.generate import job_options, make_runtime, run_decode, load_model
-    from ndpmoe.host.generate_store import ModelStore
+    from ndpmoe.host.generate_store import ModelStore, calibration_windows, store_key
     from ndpmoe.host.store import open_store
 
     out: dict = {}
@@ -54,7 +54,13 @@ def run_job(job: dict, rtl: RtlNdpBackend) -> dict:
         t0 = time.perf_counter()
         opts = job_options(job["options"])
         dm = load_model(opts.model)
-        ms = ModelStore(open_store(job["store"]), {int(k): v for k, v in job["layer_index"].items()}, False, 0.0)
+        layer_index = {int(k): v for k, v in job["layer_index"].items()}
+        settings = opts.store_settings()
+        key = store_key(dm, sorted(layer_index), settings, calibration_windows(dm, settings))
+        if key != job["store_key"]:
+            raise RuntimeError(f"the model loaded here (store key {key}) is not the one the store was built from "
+                               f"({job['store_key']}): were its cached files rebuilt meanwhile? Run again.")
+        ms = ModelStore(open_store(job["store"]), layer_index, False, 0.0, key)
         out["load_s"] = time.perf_counter() - t0
         # The golden backend first, in this process: float32 kernels can sum in another order in
         # another process, and a policy's discrete choices (a budget's greedy order) can flip on

@@ -94,7 +94,8 @@ def simulate(opts: GenerateOptions, golden: GenerateResult, k: int, *, stalls: s
     bdir = build_logged(hopts, run_dir / "build.log")
     build_s = time.perf_counter() - t0
     mem = golden.extra.get("ndp_memory_bytes") or cfg.mem_bytes
-    job = {"options": asdict(opts), "store": golden.store["folder"], "layer_index": golden.extra["layer_index"],
+    job = {"options": asdict(opts), "store": golden.store["folder"], "store_key": golden.extra["store_key"],
+           "layer_index": golden.extra["layer_index"],
            "prompt_ids": golden.extra["prompt_ids"], "tokens": k, "mem_bytes": round_memory(mem, cfg),
            "config": cfg.name, "seed": seed, "stalls": STALLS[stalls], "mem_words": hopts.mem_words,
            "result_words": hopts.result_words}
