@@ -70,7 +70,7 @@ def run(args) -> int:
             emit(piece)
 
         if opts.ndp == "rtl":
-            from ndpmoe.sim.generate_rtl import format_rtl, generate_rtl
+            from ndpmoe.sim.generate_rtl import format_rtl, generate_rtl, rtl_ok
 
             result = generate_rtl(opts, on_text=on_text, log=log, stalls=args.rtl_stalls)
         else:
@@ -87,7 +87,7 @@ def run(args) -> int:
         print()
         print(format_rtl(result.extra["rtl"], result.ndp_clock_mhz))
         rtl = result.extra["rtl"]
-        ok = ok and ("skipped" in rtl or (rtl["tokens_equal_golden"] and rtl["max_abs_diff"] == 0))
+        ok = ok and ("skipped" in rtl or rtl_ok(rtl))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result.to_json(), indent=1, default=str))

@@ -410,7 +410,8 @@ def generate(opts: GenerateOptions, dm=None, *, on_text: Callable[[str], None] |
                                                      "bytes": ms.store.manifest.tensors_bytes},
                             setup, rt.system.name, rt.system.ndp.clock_mhz if rt.system.ndp else None, device,
                             interrupted)
-    result.extra.update(prompt_ids=prompt_ids, layer_index=dict(ms.layer_index), ndp_memory_bytes=mem)
+    result.extra.update(prompt_ids=prompt_ids, layer_index=dict(ms.layer_index), ndp_memory_bytes=mem,
+                        store_key=ms.key)
     if record:
         result.extra["decisions"] = rt.decisions          # tensors: left out of to_json
     return result

@@ -89,6 +89,7 @@ class ModelStore:
     layer_index: dict[int, int]          # model layer -> store layer
     built: bool                          # built by this call (False: reused)
     seconds: float
+    key: str = ""                        # store_key: the model, calibration, settings and code it holds
 
 
 def _code_hash() -> str:
@@ -133,12 +134,12 @@ def model_store(dm, s: StoreSettings, *, layers: list[int] | None = None, name: 
     source = f"{name}: MoE layers {layers}, {s.variant().label}, store key {key}"
     index = {l: i for i, l in enumerate(layers)}
     try:
-        return ModelStore(open_store(folder, expect_source=source), index, False, time.perf_counter() - t0)
+        return ModelStore(open_store(folder, expect_source=source), index, False, time.perf_counter() - t0, key)
     except StoreError:
         pass
     log(f"building the expert store of {len(layers)} MoE layers ({s.variant().label}) in {folder}")
     build_store(dm, s, layers, calib, folder, source, progress=progress, log=log, study=study)
-    return ModelStore(open_store(folder, expect_source=source), index, True, time.perf_counter() - t0)
+    return ModelStore(open_store(folder, expect_source=source), index, True, time.perf_counter() - t0, key)
 
 
 def store_study(dm, s: StoreSettings, layers: list[int], calib: torch.Tensor | None = None, *,

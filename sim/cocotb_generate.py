@@ -3,10 +3,10 @@ drives it): the same model, store, runtime and decode loop as `ndpmoe generate`,
 descriptor of every MoE layer issued to the Verilator-simulated unit for the first tokens.
 
 The job (NDP_GENERATE_JOB, a torch file) holds the options, the store and the prompt; the
-decode loop runs in a `cocotb.task.bridge` thread and each descriptor resumes into the simulator
-through sim/rtl_backend.py, which also checks it against the bit-exact golden unit. The report
-(tokens, per-pass runtime figures, descriptor totals) goes to NDP_GENERATE_REPORT as a torch file
-(it carries the logits).
+decode loop runs in a `cocotb.task.bridge` thread, first with the golden NDP backend, then with
+the RTL, where each descriptor resumes into the simulator through sim/rtl_backend.py, which also
+checks it against the bit-exact golden unit. The report (tokens and logits of both runs, per-pass
+runtime figures, descriptor totals) goes to NDP_GENERATE_REPORT as a torch file.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class MeasuredRtl:
 
 def run_job(job: dict, rtl: RtlNdpBackend) -> dict:
     from ndpmoe.host.generate import job_options, make_runtime, run_decode, load_model
-    from ndpmoe.host.generate_store import ModelStore
+    from ndpmoe.host.generate_store import ModelStore, calibration_windows, store_key
     from ndpmoe.host.store import open_store
 
     out: dict = {}
@@ -54,8 +54,22 @@ def run_job(job: dict, rtl: RtlNdpBackend) -> dict:
         t0 = time.perf_counter()
         opts = job_options(job["options"])
         dm = load_model(opts.model)
-        ms = ModelStore(open_store(job["store"]), {int(k): v for k, v in job["layer_index"].items()}, False, 0.0)
+        layer_index = {int(k): v for k, v in job["layer_index"].items()}
+        settings = opts.store_settings()
+        key = store_key(dm, sorted(layer_index), settings, calibration_windows(dm, settings))
+        if key != job["store_key"]:
+            raise RuntimeError(f"the model loaded here (store key {key}) is not the one the store was built from "
+                               f"({job['store_key']}): were its cached files rebuilt meanwhile? Run again.")
+        ms = ModelStore(open_store(job["store"]), layer_index, False, 0.0, key)
         out["load_s"] = time.perf_counter() - t0
+        # The golden backend first, in this process: float32 kernels can sum in another order in
+        # another process, and a policy's discrete choices (a budget's greedy order) can flip on
+        # that; here both runs see the same floats, so any difference is the NDP's.
+        golden = make_runtime(opts, dm, ms, job["mem_bytes"])
+        golden.install(dm.model)
+        with torch.inference_mode():
+            g_tokens, _, g_logits, _ = run_decode(opts, dm, golden, job["prompt_ids"], max_new_tokens=job["tokens"],
+                                                  keep_logits=True)
         t1 = time.perf_counter()
         rt = make_runtime(opts, dm, ms, job["mem_bytes"], ndp=MeasuredRtl(rtl))
         out["placement_s"] = time.perf_counter() - t1
@@ -64,6 +78,7 @@ def run_job(job: dict, rtl: RtlNdpBackend) -> dict:
             tokens, text, logits, interrupted = run_decode(opts, dm, rt, job["prompt_ids"],
                                                            max_new_tokens=job["tokens"], keep_logits=True)
         out.update(tokens=tokens, text=text, logits=logits, steps=[s.to_json() for s in rt.steps],
+                   golden_tokens=g_tokens, golden_logits=g_logits, golden_steps=[s.to_json() for s in golden.steps],
                    ndp=ndp_summary(rtl.record_dicts()), unplanned=sum(s.unplanned_uploads for s in rt.steps))
     except Exception:                                   # reported to the caller, who re-raises it
         out["error"] = traceback.format_exc()

