@@ -170,9 +170,9 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
     from .study_plan import run_plan
 
     t0 = time.time()
-    if scale is not None and scale.active and model != "default" and not str(model).endswith(".gguf"):
+    if model != "default" and not str(model).endswith(".gguf"):
         from .devices import check_fits
-        check_fits(model)                                # fits in memory (even offloaded), before loading
+        check_fits(model)                                # fits in host memory (even offloaded), before loading
     dm = load_study_model(model, text, layers, progress)
     ev = token_windows(tokenize(dm.text.eval, dm.tokenizer), seq_len, eval_tokens)
     ca = token_windows(tokenize(dm.text.calib, dm.tokenizer), seq_len, calib_tokens)

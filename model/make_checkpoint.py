@@ -138,6 +138,11 @@ def make_checkpoint(like: str, out: str | Path, *, layers: int, hidden: int | No
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         cfg.save_pretrained(tmp)
         byte_tokenizer(cfg.vocab_size, getattr(cfg, "eos_token_id", None)).save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():            # mkdtemp and safetensors make them private; a checkpoint is not
+            f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -27,12 +27,13 @@ COMPILE_MIN_ELEMENTS = 1 << 22
 
 
 def hqq_step(w: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, z: torch.Tensor, qmax: int):
-    """One HQQ iteration where the l_p shrinkage is zero (w [M, G], inv = 1 / scale [M, 1],
-    t = w * inv, z [M, 1]), with the reference's arithmetic: (next zero [M, 1], mean |error| [M],
-    largest |error| over all groups)."""
+    """The elementwise part of one HQQ iteration where the l_p shrinkage is zero (w [M, G],
+    inv = 1 / scale [M, 1], t = w * inv, z [M, 1]): (q - t, |error|) [M, G], in the reference's
+    operations. The means over each group are left to the caller: PyTorch's own reduction order
+    then makes the result the reference's, bit for bit (a compiled sum would order the additions
+    differently, and HQQ's choice between near-equal zeros follows such last-bit differences)."""
     q = torch.round(t + z).clamp(0, qmax)
-    d = (w - (q - z) / inv).abs()
-    return (q - t).mean(-1, keepdim=True), d.mean(-1), d.amax()
+    return q - t, (w - (q - z) / inv).abs()
 
 
 def clip_search(wg: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, qmax: int):

@@ -9,7 +9,9 @@ Two arithmetics (`precision`):
 - "float64": the reference. Scales, zeros, codes and the optimized quantizer's row check in
   float64 (HQQ's solver and the clipping search in float32), exactly as the single-matrix
   functions below always computed them: the study's cached results are made with it.
-- "float32": everything in float32, and the row check as one product instead of two. It moves
+- "float32": the same min-max parameters and HQQ zeros bit for bit, codes rounded in float32
+  (near-ties redone in float64), the clipping search and the optimized quantizer's row check (one
+  product instead of two) in float32, the elementwise work fused (model/quant_fused.py). It moves
   the held-out output error by well under 0.1% relative (`ndpmoe quant-bench --precision-check`
   prints it per quantizer on SmolLM2's real matrices), at a fraction of the time and memory.
 
@@ -237,7 +239,8 @@ def hqq_params(wg: torch.Tensor, qmax: int, iters: int = 20, p: float = 0.7, bet
 
 def hqq_zero_fused(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, k,
                    iters: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01) -> torch.Tensor:
-    """hqq_params' zero with fused iterations (scale, zero: the min-max start, float32)."""
+    """hqq_params' zero, bit for bit, with each iteration's elementwise work fused (scale, zero:
+    the min-max start, float32)."""
     g = wg.shape[-1]
     w = wg.reshape(-1, g)
     inv = (1.0 / scale).reshape(-1, 1)
@@ -250,7 +253,9 @@ def hqq_zero_fused(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qm
     for _ in range(iters):
         if ta.shape[0] == 0:
             break
-        z_new, err, worst = quant_fused.run(k, "hqq_step", wa, ta, inva, za, qmax)
+        q_t, d = quant_fused.run(k, "hqq_step", wa, ta, inva, za, qmax)
+        z_new, err, worst = q_t.mean(-1, keepdim=True), d.mean(-1), d.amax()
+        del q_t, d
         better = err < be
         bz = torch.where(better[:, None], za, bz)
         be = torch.where(better, err, be)

@@ -79,9 +79,9 @@ def test_fused_kernels_compute_what_the_eager_ones_do(monkeypatch, one_thread):
     for name in QUANTIZER_NAMES:
         fused = quantize_stack(w, FMT, name, h)
         same = sum(int((a.codes == b.codes).sum()) for a, b in zip(eager[name], fused)) / w.numel()
-        # RTN: identical (near-ties re-rounded in float64). HQQ and the search: the compiled sums may
-        # order additions differently, so a rare group can pick another candidate.
-        assert same == 1.0 if name == "rtn" else same > 0.99, (name, same)
+        # RTN and HQQ: identical (near-ties re-rounded in float64; HQQ's sums left to PyTorch). The
+        # clipping search's compiled sums may order additions differently: a rare group can differ.
+        assert same == 1.0 if name != "optimized" else same > 0.99, (name, same)
         assert _out_err(w, fused, x) == pytest.approx(_out_err(w, eager[name], x), rel=2e-3)
 
 
