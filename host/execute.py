@@ -1,10 +1,13 @@
 """Runs a LayerPlan: GPU work on a TorchGpuBackend, NDP work through an NdpDriver on any
 NdpBackend (golden model here, RTL in co-simulation), weighted combine on the GPU.
 
-Per expert task, in T_max-token chunks when the NDP takes part, the NDP descriptors are issued in
-exactly the order `ExpertSizes.ndp_steps` models: LOAD x; w1, w3; B1, B3; LOAD B1x, A1;
-LOAD B3x, A3; LOAD h; w2; B2; LOAD B2h, A2. Compensation at a per-token rank r_t below the task's
-rank zeroes B x past r_t, which is exactly the rank-r_t prefix compensator.
+When the NDP takes part in an expert task, the executor walks the steps `ExpertSizes.ndp_steps`
+yields (the sequence the cost model prices: per T_max-token chunk LOAD x; w1, w3; B1, B3;
+LOAD B1x, A1; LOAD B3x, A3; LOAD h; w2; B2; LOAD B2h, A2) and has the driver issue each step's
+descriptor, refused when the data does not make exactly that descriptor. The GPU's share of a
+chunk runs on its input (x, or h once the steps before LOAD h have run). Compensation at a
+per-token rank r_t below the task's rank zeroes B x past r_t, which is exactly the rank-r_t
+prefix compensator.
 
 Numerics: NDP products see per-token int8 activations (the host keeps the scale) and int8
 factors; GPU products are float32 with the store's fp16 factors.
@@ -26,10 +29,8 @@ from .cache import ExpertCache
 from .ndp import IssuedDescriptor, NdpDriver
 from .perf_model import weight_link_kind
 from .plan import ExpertTask, LayerPlan
-from .sizes import result_bytes
+from .sizes import STEP_KINDS, NdpStep, result_bytes
 from .store import ExpertStore
-
-_IDX = {"w1": "1", "w3": "3", "w2": "2"}
 
 
 @dataclass
@@ -100,25 +101,19 @@ class LayerExecutor:
         return new
 
     # -- the products --------------------------------------------------------------------------
-    def _ndp_gemm(self, layer, task, m, t, x_scale) -> torch.Tensor:
-        mat = self.ndp.resident((layer, task.expert, m, task.variant))
-        acc = self.ndp.matmul(mat, t)
-        return acc_to_float(acc, self.store.scale_exp(layer, task.expert, m, task.variant), x_scale)
+    def _ndp_product(self, layer: int, task: ExpertTask, m: str, slot: str, step: NdpStep,
+                     x_scale: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """MATMUL of the first `rows` rows (all when None) of resident image (m, slot) against the
+        loaded activations of x_scale's tokens, which must be the step's: [t, rows]."""
+        mat = self.ndp.resident((layer, task.expert, m, slot))
+        acc = self.ndp.matmul(mat, x_scale.shape[0], rows, step=step.descriptor)
+        return acc_to_float(acc, self.store.scale_exp(layer, task.expert, m, slot), x_scale)
 
-    def _ndp_b(self, layer, task, m, t, x_scale, ranks) -> torch.Tensor:
-        """B x on the NDP at the task's rank, zeroed past each token's own rank: [t, r]."""
-        mat = self.ndp.resident((layer, task.expert, m, "B8"))
-        b = acc_to_float(self.ndp.matmul(mat, t, task.comp_rank), self.store.scale_exp(layer, task.expert, m, "B8"), x_scale)
-        keep = torch.arange(task.comp_rank)[None, :] < ranks[:, None]
-        return b * keep
-
-    def _ndp_a(self, layer, task, m, bx) -> torch.Tensor:
-        pad = torch.zeros(bx.shape[0], self.sizes.padded_rank)
-        pad[:, :bx.shape[1]] = bx
-        b_q, b_scale = quantize_activations(pad)
-        self.ndp.load(b_q)
-        acc = self.ndp.matmul(self.ndp.resident((layer, task.expert, m, "A8")), bx.shape[0])
-        return acc_to_float(acc, self.store.scale_exp(layer, task.expert, m, "A8"), b_scale)
+    def _ndp_load(self, x: torch.Tensor, step: NdpStep) -> torch.Tensor:
+        """LOAD_ACT of x [t, n] as per-token int8; returns the scales the host keeps."""
+        x_q, x_scale = quantize_activations(x)
+        self.ndp.load(x_q, step=step.descriptor)
+        return x_scale
 
     def _gpu_mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.gpu.to_host(self.gpu.to_device(x) @ w.t())
@@ -134,41 +129,72 @@ class LayerExecutor:
         gpu_w = self._weights(layer, task, rec) if task.gemm_unit == "gpu" else None
         gpu_f = self._factors(layer, task, rec) if task.comp_unit == "gpu" else None
         ndp_gemm, ndp_comp = task.gemm_unit == "ndp", task.comp_unit == "ndp"
-        uses_ndp = ndp_gemm or ndp_comp
-        if uses_ndp and self.ndp is None:
+        if (ndp_gemm or ndp_comp) and self.ndp is None:
             raise ValueError(f"plan puts expert {task.expert} on the NDP but the executor has no NDP driver")
-        r = task.comp_rank
         xs = x[list(task.tokens)]
-        ranks_all = torch.tensor(task.ranks)
-        step = self.ndp.config.t_max if uses_ndp else len(task.tokens)
+        ranks = torch.tensor(task.ranks)
+        steps = self.sizes.ndp_steps(task.variant, len(task.tokens), ndp_gemm,
+                                     task.comp_rank if ndp_comp else 0) if ndp_gemm or ndp_comp else []
+        chunks: dict[int, list[NdpStep]] = {}
+        for step in steps:
+            chunks.setdefault(step.start, []).append(step)
+        if not chunks:                                        # all on the GPU: one chunk, no steps
+            chunks = {0: []}
         outs = []
-        for start in range(0, len(task.tokens), step):
-            xc, rc = xs[start:start + step], ranks_all[start:start + step]
-            t = xc.shape[0]
-            if uses_ndp:
-                x_q, x_s = quantize_activations(xc)
-                self.ndp.load(x_q)
-            y = {}
-            for m in ("w1", "w3"):
-                y[m] = self._ndp_gemm(layer, task, m, t, x_s) if ndp_gemm else self._gpu_mm(xc, gpu_w[m])
-            if r and ndp_comp:
-                bx = {m: self._ndp_b(layer, task, m, t, x_s, rc) for m in ("w1", "w3")}
-                for m in ("w1", "w3"):
-                    y[m] = y[m] + self._ndp_a(layer, task, m, bx[m])
-            elif r:
-                for m in ("w1", "w3"):
-                    y[m] = y[m] + self._gpu_comp(gpu_f, m, xc, rc, r)
-            h = F.silu(y["w1"]) * y["w3"]
-            if uses_ndp:
-                h_q, h_s = quantize_activations(h)
-                self.ndp.load(h_q)
-            out = self._ndp_gemm(layer, task, "w2", t, h_s) if ndp_gemm else self._gpu_mm(h, gpu_w["w2"])
-            if r and ndp_comp:
-                out = out + self._ndp_a(layer, task, "w2", self._ndp_b(layer, task, "w2", t, h_s, rc))
-            elif r:
-                out = out + self._gpu_comp(gpu_f, "w2", h, rc, r)
-            outs.append(out)
+        for start, chunk in chunks.items():
+            t = chunk[0].descriptor.tokens if chunk else len(task.tokens)
+            outs.append(self._run_chunk(layer, task, chunk, xs[start:start + t], ranks[start:start + t],
+                                        gpu_w, gpu_f))
         return torch.cat(outs)
+
+    def _run_chunk(self, layer: int, task: ExpertTask, steps: list[NdpStep], x: torch.Tensor, ranks: torch.Tensor,
+                   gpu_w: dict | None, gpu_f: dict | None) -> torch.Tensor:
+        """One chunk of a task: the NDP steps in their order, the GPU's share on x and on h."""
+        r = task.comp_rank
+        y: dict[str, torch.Tensor] = {}                       # each matrix's output, summed over its products
+
+        def add(m: str, value: torch.Tensor) -> None:
+            y[m] = y[m] + value if m in y else value
+
+        def gpu_share(inp: torch.Tensor, mats: tuple[str, ...]) -> None:
+            for m in mats:
+                if gpu_w is not None:
+                    add(m, self._gpu_mm(inp, gpu_w[m]))
+                if gpu_f is not None and r:
+                    add(m, self._gpu_comp(gpu_f, m, inp, ranks, r))
+
+        def hidden() -> torch.Tensor:
+            h = F.silu(y["w1"]) * y["w3"]
+            gpu_share(h, ("w2",))
+            return h
+
+        gpu_share(x, ("w1", "w3"))
+        h = None
+        x_scale = None                                        # host scales of what the NDP buffer holds
+        bx: dict[str, torch.Tensor] = {}
+        for step in steps:
+            m = step.matrix
+            if step.kind == "x":
+                x_scale = self._ndp_load(x, step)
+            elif step.kind == "h":
+                h = hidden()
+                x_scale = self._ndp_load(h, step)
+            elif step.kind == "Bx":
+                pad = torch.zeros(x.shape[0], self.sizes.padded_rank)
+                pad[:, :r] = bx[m]
+                x_scale = self._ndp_load(pad, step)
+            elif step.kind == "w":
+                add(m, self._ndp_product(layer, task, m, task.variant, step, x_scale))
+            elif step.kind == "B":
+                keep = torch.arange(r)[None, :] < ranks[:, None]
+                bx[m] = self._ndp_product(layer, task, m, "B8", step, x_scale, rows=r) * keep
+            elif step.kind == "A":
+                add(m, self._ndp_product(layer, task, m, "A8", step, x_scale))
+            else:
+                raise ValueError(f"unknown NDP step kind {step.kind!r}; expected one of {STEP_KINDS}")
+        if h is None:
+            hidden()
+        return y["w2"]
 
     def run(self, plan: LayerPlan, x: torch.Tensor, shared: Callable[[torch.Tensor], torch.Tensor] | None = None
             ) -> tuple[torch.Tensor, ExecutionRecord]:

@@ -36,10 +36,6 @@ class ModelSpec:
         return self.layers - self.dense_layers
 
     @property
-    def expert_params(self) -> int:
-        return 3 * self.hidden * self.intermediate
-
-    @property
     def resident_params_per_layer(self) -> float:
         """Parameters every token reads from GPU memory per layer besides its routed experts:
         attention, router and shared experts (dense-MLP layers averaged over all layers)."""

@@ -2,10 +2,11 @@
 
 `NdpBackend` is all an NDP implementation must offer: byte writes into its memory, one descriptor
 at a time, results back as (token, row, value) integers, counters. `GoldenNdpBackend` runs the
-bit-exact functional model (model/ndp_golden.py); the co-simulation's RTL backend (issue 6)
-implements the same four members over Verilator. `NdpDriver` is the host's side: it places the
-store's images in the unit's memory once, and turns "multiply these int8 activations by that
-matrix" into memory writes + LOAD_ACT + MATMUL descriptors, in T_max-token chunks.
+bit-exact functional model (model/ndp_golden.py); the co-simulation's RTL backend
+(sim/rtl_backend.py) implements the same four members over Verilator. `NdpDriver` is the host's
+side: it places the store's images in the unit's memory once, and turns "multiply these int8
+activations by that matrix" into memory writes + LOAD_ACT + MATMUL descriptors (contract.Descriptor),
+each checked against the step the executor names (sizes.ExpertSizes.ndp_steps).
 """
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ from typing import Protocol
 
 import torch
 
-from ndpmoe.model.contract import (COUNTERS, DESCRIPTOR, ErrorCode, NdpConfig, Opcode, QuantFormat, State,
-                            act_row_len, make_descriptor)
+from ndpmoe.model.contract import (COUNTERS, Descriptor, ErrorCode, NdpConfig, QuantFormat, State, act_row_len)
 from ndpmoe.model.ndp_golden import NdpGoldenUnit, act_image
 
-from .ndp_cost import RTL_TARGET, NdpCostModel, descriptor_once_words
+from .ndp_cost import RTL_TARGET, NdpCostModel
 
 
 class NdpError(RuntimeError):
@@ -39,7 +39,7 @@ class NdpBackend(Protocol):
         """Write bytes into the unit's memory (byte address, any length)."""
 
     def run(self, descriptor: int) -> NdpResult:
-        """Issue one packed descriptor (contract.DESCRIPTOR), wait for it, return its results.
+        """Issue one packed descriptor (Descriptor.encode()), wait for it, return its results.
         Raises NdpError naming the contract.ErrorCode if the unit refused it."""
 
     def counters(self) -> dict[str, int]:
@@ -63,33 +63,17 @@ class GoldenNdpBackend:
         self.unit.write(addr, data)
 
     def run(self, descriptor: int) -> NdpResult:
-        d = DESCRIPTOR.unpack(descriptor)
+        d = Descriptor.decode(descriptor)
         results = self.unit.execute(d)
         if self.unit.state == State.ERROR:
-            raise NdpError(f"NDP refused descriptor {d}: {ErrorCode(self.unit.error).name}")
-        words = _descriptor_words(self.config, d)
-        passes, once = 1, 0
-        if d["opcode"] == Opcode.MATMUL:
-            passes = self.config.passes(d["tokens"])
-            once = descriptor_once_words(d["bits"], 32 << d["group"], self.config.word_bits, d["rows"], d["in_features"])
-        cycles = (self.cost.load_cycles(words) if d["opcode"] == Opcode.LOAD_ACT
-                  else self.cost.descriptor_cycles(words, passes, once))
-        self._counters["busy_cycles"] += int(round(cycles))
-        self._counters["words_read"] += words
+            raise NdpError(f"NDP refused descriptor {d.describe()}: {ErrorCode(self.unit.error).name}")
+        self._counters["busy_cycles"] += int(round(self.cost.cycles(d, self.config)))
+        self._counters["words_read"] += d.words(self.config)
         self._counters["results_written"] += len(results)
         return NdpResult(results, None)
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
-
-
-def _descriptor_words(cfg: NdpConfig, d: dict[str, int]) -> int:
-    if d["opcode"] == Opcode.LOAD_ACT:
-        return d["tokens"] * d["in_features"] // cfg.word_bytes
-    if d["opcode"] == Opcode.MATMUL:
-        fmt = QuantFormat(d["bits"], 32 << d["group"], cfg.word_bits)
-        return fmt.matrix_bytes(d["rows"], d["in_features"]) // cfg.word_bytes
-    return 0
 
 
 @dataclass(frozen=True)
@@ -104,15 +88,10 @@ class NdpMatrix:
 @dataclass(frozen=True)
 class IssuedDescriptor:
     """What the driver issued, for traces and tests (compare with sizes.ndp_steps)."""
-    opcode: Opcode
-    tokens: int
-    rows: int
-    in_features: int
-    bits: int
-    group_size: int
-    words: int
+    descriptor: Descriptor   # as issued, its address bound
+    words: int               # port words it reads
     bytes_written: int       # activation bytes written before a LOAD_ACT
-    results: int
+    results: int             # results that came back
 
 
 @dataclass
@@ -166,34 +145,41 @@ class NdpDriver:
         except KeyError:
             raise ValueError(f"{key!r} is not resident in NDP memory") from None
 
-    def load(self, x_q: torch.Tensor) -> None:
-        """Write int8 activations [t <= T_max, in] and LOAD_ACT them into the buffer."""
+    @staticmethod
+    def _check_step(d: Descriptor, step: Descriptor | None, what: str) -> None:
+        """Refuse `d` unless it is the step the caller names (address aside)."""
+        if step is not None and step.at(0) != d.at(0):
+            raise ValueError(f"{what} makes the descriptor {d.describe()}, but the step to issue is "
+                             f"{step.describe()}")
+
+    def load(self, x_q: torch.Tensor, step: Descriptor | None = None) -> None:
+        """Write int8 activations [t <= T_max, in] and LOAD_ACT them into the buffer. `step`: the
+        LOAD_ACT the caller expects these activations to make (refused when they do not)."""
         cfg = self.config
         t, n_in = x_q.shape
         if not 0 < t <= cfg.t_max:
             raise ValueError(f"a load holds 1..T_max = {cfg.t_max} tokens, not {t}")
         image = act_image(x_q, cfg.word_bits)
         addr = self._mem_bytes() - self._scratch_bytes()
+        d = Descriptor.load_act(tokens=t, in_features=act_row_len(n_in, cfg.word_bits), addr=addr)
+        self._check_step(d, step, f"activations [{t}, {n_in}]")
         self.backend.write(addr, bytes(image.numpy().tobytes()))
-        row = act_row_len(n_in, cfg.word_bits)
-        self.backend.run(make_descriptor(Opcode.LOAD_ACT, addr=addr, in_features=row, tokens=t))
-        self.log.append(IssuedDescriptor(Opcode.LOAD_ACT, t, 0, row, 8, 32, t * row // cfg.word_bytes,
-                                         image.numel(), 0))
+        self.backend.run(d.encode())
+        self.log.append(IssuedDescriptor(d, d.words(cfg), image.numel(), 0))
 
-    def matmul(self, m: NdpMatrix, tokens: int, rows: int | None = None) -> torch.Tensor:
+    def matmul(self, m: NdpMatrix, tokens: int, rows: int | None = None,
+               step: Descriptor | None = None) -> torch.Tensor:
         """MATMUL of the first `rows` rows (a prefix of the image) against the loaded tokens:
-        acc int64 [tokens, rows]."""
+        acc int64 [tokens, rows]. `step`: the MATMUL the caller expects (refused when it differs)."""
         rows = m.rows if rows is None else rows
         if not 0 < rows <= m.rows:
             raise ValueError(f"rows must be in 1..{m.rows}, not {rows}")
-        res = self.backend.run(make_descriptor(Opcode.MATMUL, addr=m.addr, in_features=m.in_features,
-                                               tokens=tokens, rows=rows, bits=m.fmt.bits,
-                                               group_size=m.fmt.group_size)).results
+        d = Descriptor.matmul(m.fmt, tokens=tokens, rows=rows, in_features=m.in_features, addr=m.addr)
+        self._check_step(d, step, f"a MATMUL of {rows} rows of the image at {m.addr:#x}")
+        res = self.backend.run(d.encode()).results
         acc = torch.zeros(tokens, rows, dtype=torch.int64)
         if res:
             r = torch.tensor(res, dtype=torch.int64)
             acc[r[:, 0], r[:, 1]] = r[:, 2]
-        self.log.append(IssuedDescriptor(Opcode.MATMUL, tokens, rows, m.in_features, m.fmt.bits, m.fmt.group_size,
-                                         m.fmt.matrix_bytes(rows, m.in_features) // self.config.word_bytes,
-                                         0, len(res)))
+        self.log.append(IssuedDescriptor(d, d.words(self.config), 0, len(res)))
         return acc

@@ -1,12 +1,12 @@
 """Cycles of the NDP unit per descriptor: the one place the runtime's NDP cost comes from.
 
 A MATMUL costs `overhead_cycles + cycles_per_word * beats` cycles with
-`beats = once_words + (words - once_words) * passes`: `words` is the port words it reads
-(contract sizes), `passes` how often the datapath goes over each code word (NdpConfig.passes(tokens):
-it multiplies tokens_parallel tokens per cycle), and `once_words` the words that take one beat
-whatever the passes (metadata and 3-bit hi-plane words, `matmul_once_words`; a caller passing 0
-counts every word once per pass, an upper bound). A LOAD_ACT costs
-`load_overhead_cycles + cycles_per_word * words` (`load_cycles`; the MATMUL overhead when None).
+`beats = once_words + (words - once_words) * passes` (contract.Descriptor's words, once_words,
+passes and beats: the port words it reads, the passes the datapath makes over each code word, as
+it multiplies tokens_parallel tokens per cycle, and the words that take one beat whatever the
+passes, metadata and 3-bit hi-plane words; a caller passing once_words 0 counts every word once
+per pass, an upper bound). A LOAD_ACT costs `load_overhead_cycles + cycles_per_word * words`
+(`load_cycles`; the MATMUL overhead when None). `cycles` prices a Descriptor.
 
 RTL_TARGET holds the RTL's DESIGN TARGETS (1 port word per cycle while streaming, at most 64
 cycles of fixed overhead per descriptor), not measurements. RTL_COSIM is `fit_ndp_cost` over the
@@ -16,12 +16,11 @@ cosim --calibrate`), with the error it reached on held-out layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Iterable, NamedTuple
 
 import numpy as np
 
-from ndpmoe.model.contract import QuantFormat
+from ndpmoe.model.contract import Descriptor, NdpConfig, Opcode
 
 # --- RTL design targets, to be replaced by the fit of measured cycles -------------------------
 RTL_TARGET_CYCLES_PER_WORD = 1.0
@@ -54,6 +53,13 @@ class NdpCostModel:
         overhead = self.overhead_cycles if self.load_overhead_cycles is None else self.load_overhead_cycles
         return overhead + self.cycles_per_word * words
 
+    def cycles(self, d: Descriptor, cfg: NdpConfig, units: int = 1) -> float:
+        """Cycles of an accepted descriptor on `units` units working together: a MATMUL's rows
+        are split over them (each reads words / units), a LOAD_ACT is broadcast (each reads all)."""
+        if d.opcode == Opcode.LOAD_ACT:
+            return self.load_cycles(d.words(cfg))
+        return self.descriptor_cycles(-(-d.words(cfg) // units), d.passes(cfg), -(-d.once_words(cfg) // units))
+
     @property
     def measured(self) -> bool:
         return self.source != RTL_TARGET_SOURCE
@@ -65,29 +71,15 @@ CALIB_TOKENS = (1, 4, 16, 32)
 
 RTL_TARGET = NdpCostModel()
 
-# `ndpmoe cosim --calibrate`: fitted on every descriptor of layer 3 of the default model at 1, 4,
-# 16 and 32 tokens (NDP 'default', 128-bit port, tokens_parallel 2, memory always ready), on the
-# RTL pipelined for 140 MHz on an ECP5 (registered block RAMs and DSPs, response FIFO, two-level
-# address copies, registered lane products, carry-save accumulators: MATMUL overhead 42.6 -> 55.0
-# cycles, LOAD_ACT 27.0 -> 33.0); on the held-out layers 12 and 24 the layer totals were within
-# 0.18 % and every descriptor within 1.51 % (the earlier form, every word once per pass and one
-# overhead, refitted: 12.8 % off).
+# `ndpmoe cosim --calibrate` (sim/cost_calibration.py): fitted on every descriptor of layer 3 of the
+# default model at 1, 4, 16 and 32 tokens (NDP 'default', 128-bit port, tokens_parallel 2, memory
+# always ready); that command prints its error on the held-out layers 12 and 24 (the README's
+# co-simulation figures). The MATMUL overhead here is a fit's intercept over those small experts;
+# the overhead of one long descriptor is what `ndpmoe sim --bench` measures (the README's NDP unit
+# figures), and the one figure the docstrings refer to.
 RTL_COSIM = NdpCostModel(cycles_per_word=1.0059, overhead_cycles=53.90, load_overhead_cycles=34.51,
                          source="fit to the co-simulated RTL ('default' configuration, default model, "
                                 "sim/cost_calibration.py)")
-
-
-def matmul_once_words(fmt: QuantFormat, rows: int, in_features: int) -> int:
-    """Words of a MATMUL's image the unit streams once whatever the token count: every row's
-    metadata words and, at 3 bits, its hi-plane words (rtl/ndp_unit.py's cycle model)."""
-    hi = fmt.padded_in(in_features) // fmt.codes_per_block if fmt.bits == 3 else 0
-    return rows * (fmt.superblocks(in_features) + hi)
-
-
-@lru_cache(maxsize=4096)
-def descriptor_once_words(bits: int, group_size: int, word_bits: int, rows: int, in_features: int) -> int:
-    """matmul_once_words from a descriptor's fields (memoized: the planner asks per task)."""
-    return matmul_once_words(QuantFormat(bits, group_size, word_bits), rows, in_features)
 
 
 class CycleSample(NamedTuple):

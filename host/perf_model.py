@@ -1,4 +1,6 @@
-"""Performance model: bytes, words, cycles and FLOPs of planned work -> modeled time per layer.
+"""Performance model: bytes, words, cycles and FLOPs of planned work (`Usage`, `task_usage`) ->
+seconds per resource and modeled time per layer (`TimeModel`, the one time model: the placer
+weighs its options with it and the layer time and the throughput model read it).
 
 Resources run concurrently within a layer and the layer takes the longest of them, plus the link
 latency of each host round trip its data flow needs (NDP GEMMs need two: x then h; NDP
@@ -15,15 +17,12 @@ compensation two more, because the host requantizes B x before A runs):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from ndpmoe.model.contract import Opcode
-
-from .ndp_cost import descriptor_once_words
 from .presets import SystemPreset
 from .sizes import MATRICES, ExpertSizes
 
 LINK_KINDS = ("weights", "hi_weights", "fp16_weights", "factors", "prefetch", "act_to_ndp", "results_from_ndp")
-_TO_MEMORY = ("act_to_ndp",)
 
 
 class Usage:
@@ -89,24 +88,42 @@ def task_usage(sizes: ExpertSizes, system: SystemPreset | None, variant: str, to
         for step in sizes.ndp_steps(variant, tokens, ndp_gemm, ndp_rank):
             u.ndp_descriptors += 1
             u.ndp_words += step.words
-            if step.opcode == Opcode.MATMUL:
-                once = descriptor_once_words(step.bits, step.group_size, cfg.word_bits, step.rows, step.in_features)
-                u.ndp_wall_cycles += cost.descriptor_cycles(-(-step.words // units), cfg.passes(step.tokens),
-                                                            -(-once // units))
-            else:
-                u.ndp_wall_cycles += cost.load_cycles(step.words)
+            u.ndp_wall_cycles += cost.cycles(step.descriptor, cfg, units)
             u.link["act_to_ndp"] += step.link_down
             u.link["results_from_ndp"] += step.link_up
         u.round_trips = 4 if ndp_rank else 2
     return u
 
 
+class ResourceSeconds(NamedTuple):
+    """Seconds each resource of a system is busy with some work. They run concurrently: a layer
+    lasts as long as the busiest, plus the latency of the link round trips its data flow needs.
+    (A NamedTuple: the placer adds these up per option it weighs.)"""
+    to_gpu: float          # link towards the GPU: fetched weights and factors, NDP results
+    to_memory: float       # link towards the expert memory: activations for the NDP
+    ndp_compute: float     # NDP cycles at the NDP clock
+    ndp_memory: float      # words the NDP reads, at the expert memory's bandwidth
+    gpu: float             # max(FLOPs / FLOP rate, bytes read / HBM bandwidth)
+    latency: float         # round trips x link latency (not additive: the longest chain counts)
+
+    @property
+    def busiest(self) -> float:
+        return max(self.to_gpu, self.to_memory, self.ndp_compute, self.ndp_memory, self.gpu)
+
+
+ZERO_SECONDS = ResourceSeconds(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
 @dataclass(frozen=True)
 class LayerTime:
-    link_s: float
-    ndp_s: float
+    link_s: float          # the link is full duplex: the busier direction
+    ndp_s: float           # compute or memory, whichever is slower
     gpu_s: float
     latency_s: float
+
+    @classmethod
+    def of(cls, r: ResourceSeconds) -> "LayerTime":
+        return cls(max(r.to_gpu, r.to_memory), max(r.ndp_compute, r.ndp_memory), r.gpu, r.latency)
 
     @property
     def total_s(self) -> float:
@@ -117,30 +134,43 @@ class LayerTime:
                 "latency_s": self.latency_s, "total_s": self.total_s}
 
 
-def link_seconds(u: Usage, system: SystemPreset) -> float:
-    to_memory = sum(u.link[k] for k in _TO_MEMORY)
-    to_gpu = sum(u.link.values()) - to_memory
-    return max(to_gpu, to_memory) / (system.link.gbps * 1e9)
+class TimeModel:
+    """The one time model: seconds of planned work on one system. The placer weighs its options
+    with `seconds`, the modeled layer time is `layer_time`, the throughput model adds the
+    resident parameters' `resident_seconds`."""
 
+    def __init__(self, system: SystemPreset):
+        self.system = system
+        self._link_bps = system.link.gbps * 1e9
+        self._flops = system.gpu.tflops * 1e12
+        self._hbm_bps = system.gpu.hbm_gbps * 1e9
+        ndp = system.ndp
+        self._ndp_hz = ndp.clock_mhz * 1e6 if ndp else None
+        self._ndp_word_bytes = ndp.ndp_config.word_bytes if ndp else 0
+        self._memory_bps = system.memory.gbps * 1e9
 
-def ndp_seconds(u: Usage, system: SystemPreset) -> float:
-    if system.ndp is None or not u.ndp_descriptors:
-        return 0.0
-    compute = u.ndp_wall_cycles / (system.ndp.clock_mhz * 1e6)
-    memory = u.ndp_words * system.ndp.ndp_config.word_bytes / (system.memory.gbps * 1e9)
-    return max(compute, memory)
+    def seconds(self, u: Usage) -> ResourceSeconds:
+        to_memory = u.link["act_to_ndp"]
+        to_gpu = sum(u.link.values()) - to_memory
+        ndp_compute = ndp_memory = 0.0
+        if self._ndp_hz is not None:
+            ndp_compute = u.ndp_wall_cycles / self._ndp_hz
+            ndp_memory = u.ndp_words * self._ndp_word_bytes / self._memory_bps
+        gpu = max(u.gpu_flops / self._flops, u.gpu_bytes / self._hbm_bps)
+        return ResourceSeconds(to_gpu / self._link_bps, to_memory / self._link_bps, ndp_compute, ndp_memory,
+                               gpu, u.round_trips * self.system.link.latency_us * 1e-6)
 
+    def layer_time(self, u: Usage) -> LayerTime:
+        return LayerTime.of(self.seconds(u))
 
-def gpu_seconds(u: Usage, system: SystemPreset) -> float:
-    return max(u.gpu_flops / (system.gpu.tflops * 1e12), u.gpu_bytes / (system.gpu.hbm_gbps * 1e9))
+    def link_bytes(self, seconds: float) -> float:
+        """Bytes the link moves in `seconds` (one direction)."""
+        return seconds * self.system.link.gbps * 1e9
+
+    def resident_seconds(self, params_per_layer: float, tokens: int) -> float:
+        """GPU time of a layer's resident fp16 parameters (attention, router, shared experts)."""
+        return max(2.0 * params_per_layer / self._hbm_bps, 2.0 * tokens * params_per_layer / self._flops)
 
 
 def layer_time(u: Usage, system: SystemPreset) -> LayerTime:
-    return LayerTime(link_seconds(u, system), ndp_seconds(u, system), gpu_seconds(u, system),
-                     u.round_trips * system.link.latency_us * 1e-6)
-
-
-def resident_seconds(params_per_layer: float, tokens: int, system: SystemPreset) -> float:
-    """GPU time of a layer's resident fp16 parameters (attention, router, shared experts)."""
-    return max(2.0 * params_per_layer / (system.gpu.hbm_gbps * 1e9),
-               2.0 * tokens * params_per_layer / (system.gpu.tflops * 1e12))
+    return TimeModel(system).layer_time(u)

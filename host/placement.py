@@ -4,14 +4,15 @@ cached) or on the NDP (int8 factors in place).
 
 "auto" balances the layer's resources: tasks are taken largest first and each gets the option
 that least raises the layer's modeled time (the longest of link, NDP, GPU, plus round-trip
-latency), the LPT rule for parallel machines. Cached weights always run on the GPU (nothing is
-cheaper). The forced modes exist for tests and co-simulation.
+latency: the performance model's TimeModel, the one the layer time is read from), the LPT rule
+for parallel machines. Cached weights always run on the GPU (nothing is cheaper). The forced
+modes exist for tests and co-simulation.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from .perf_model import Usage, task_usage
+from .perf_model import ZERO_SECONDS, ResourceSeconds, TimeModel, Usage, task_usage
 from .presets import SystemPreset
 from .sizes import ExpertSizes
 
@@ -44,6 +45,7 @@ class Placer:
         if mode != "all-gpu" and mode != "auto" and not has_ndp:
             raise ValueError(f"placement {mode!r} needs a system with an NDP unit")
         self.sizes, self.system, self.mode = sizes, system, mode
+        self.time_model = TimeModel(system) if system is not None else None
         self._memo: dict[tuple, tuple[Usage, tuple[float, ...]]] = {}
         self._options: dict[tuple, list[Choice]] = {}
         self.ndp_variants = set()
@@ -78,6 +80,12 @@ class Placer:
             hit = self._memo[key] = (u, self._seconds(u))
         return hit
 
+    def _seconds(self, u: Usage) -> tuple[float, ...]:
+        """The time model's seconds per resource (to GPU, to memory, NDP compute, NDP memory, GPU,
+        latency) and the busiest of the first five (the option's cost on its own, for ordering)."""
+        r: ResourceSeconds = self.time_model.seconds(u) if self.time_model is not None else ZERO_SECONDS
+        return (*r, r.busiest)
+
     def usage(self, c: Candidate, ch: Choice) -> Usage:
         return self._entry(c, ch)[0]
 
@@ -97,23 +105,6 @@ class Placer:
             opts = self._options[key] = [Choice(g, k, g == "gpu" and not c.weights_cached,
                                                 fetch_f if k == "gpu" else 0) for g in gemms for k in comps]
         return opts
-
-    def _seconds(self, u: Usage) -> tuple[float, ...]:
-        """Per-resource seconds: (to GPU, to memory, NDP compute, NDP memory, GPU, latency), and
-        the longest of the first five (the option's cost on its own, for ordering)."""
-        s = self.system
-        if s is None:
-            return (0.0,) * 7
-        bw = s.link.gbps * 1e9
-        to_mem = u.link["act_to_ndp"]
-        to_gpu = sum(u.link.values()) - to_mem
-        ndp_c = ndp_m = 0.0
-        if s.ndp is not None:
-            ndp_c = u.ndp_wall_cycles / (s.ndp.clock_mhz * 1e6)
-            ndp_m = u.ndp_words * s.ndp.ndp_config.word_bytes / (s.memory.gbps * 1e9)
-        gpu = max(u.gpu_flops / (s.gpu.tflops * 1e12), u.gpu_bytes / (s.gpu.hbm_gbps * 1e9))
-        res = (to_gpu / bw, to_mem / bw, ndp_c, ndp_m, gpu)
-        return res + (u.round_trips * s.link.latency_us * 1e-6, max(res))
 
     def place(self, cands: list[Candidate], with_load: bool = False
               ) -> tuple[list[Choice], list[Usage], list[float] | None]:

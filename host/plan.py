@@ -1,6 +1,6 @@
 """A layer's plan: router output -> restoration decision -> expert tasks with placement, cache
 actions and their bytes. The same plan runs on any backend (host/execute.py) and drives the
-performance model (host/perf_model.py) and the traces (host/trace.py).
+performance model (host/perf_model.py) and the run statistics (host/run_stats.py).
 
 Legend: T tokens, K top-k, E experts.
 """
@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .cache import CacheKey, ExpertCache
-from .perf_model import LayerTime, Usage, layer_time, sum_usage
+from .perf_model import LayerTime, TimeModel, Usage, sum_usage
 from .placement import Candidate, Placer
 from .policy import Restoration, RestorationPolicy, restoration_context
 from .presets import SystemPreset
@@ -54,7 +54,7 @@ class LayerPlan:
     prefetches: tuple[CacheKey, ...]          # fetched into the GPU cache with idle link time
     evictions: tuple[CacheKey, ...]
     task_usage: tuple[Usage, ...]             # per task, then one for the prefetches
-    system: SystemPreset | None
+    time_model: TimeModel | None              # the placer's: the system's time model (None without one)
 
     @property
     def tokens(self) -> int:
@@ -68,13 +68,13 @@ class LayerPlan:
     @cached_property
     def usage(self) -> Usage:
         """Bytes, words, cycles and FLOPs of the whole layer (summed on demand: the runtime needs
-        only the decisions, the traces and the performance model need the sums)."""
+        only the decisions, the statistics and the performance model need the sums)."""
         return sum_usage(self.task_usage)
 
     @cached_property
     def time(self) -> LayerTime | None:
         """Modeled time of the layer on the plan's system (None without one)."""
-        return layer_time(self.usage, self.system) if self.system is not None else None
+        return self.time_model.layer_time(self.usage) if self.time_model is not None else None
 
 
 def check_plan(plan: LayerPlan) -> None:
@@ -201,7 +201,7 @@ class LayerPlanner:
             if fill is not None:
                 usages.append(fill)
         return LayerPlan(layer, id_rows, weights, restoration, tuple(tasks), prefetches, tuple(evictions),
-                         tuple(usages), self.system)
+                         tuple(usages), self.placer.time_model)
 
     @staticmethod
     def _protect(layer: int, cands, choices) -> frozenset:
@@ -220,7 +220,7 @@ class LayerPlanner:
         The layer lasts as long as its busiest resource; the link towards the GPU has the rest.
         That idle time accrues as credit (a background copy runs on across layers, capped at two
         experts' bytes) and an expert is fetched once the credit covers it."""
-        idle = (max(load[:5]) - load[0]) * self.system.link.gbps * 1e9
+        idle = self.placer.time_model.link_bytes(max(load[:5]) - load[0])
         credit = self._credit = min(self._credit + idle, self._credit_cap)
         if credit < self._smallest_fetch:
             return (), None

@@ -4,10 +4,12 @@ whether to use the expert's higher-precision copy instead. Small swappable objec
     policy.decide(ids [T, K], weights [T, K], ctx: RestorationContext) -> Restoration
 
 `Restoration.restore_tensor()` / `.hi_tensor()` are the `restore` / `hi` arguments of
-`model.moe_quant.moe_forward_quant`, so the accuracy study and the runtime share one decision.
+`model.moe_quant.moe_forward_quant`: the runtime's planner and the accuracy study (host/study.py)
+both decide through these objects, and `decode_restoration` is the decision batch-1 decode makes.
 Slots are sorted by router weight, descending (model.moe.route).
 
-- TopN(n): the paper's rule, full (or a fixed) rank on the n highest-weighted slots, n < k.
+- TopN(n): the paper's rule, full (or a fixed) rank on the n highest-weighted slots, n < k
+  (n = k, every slot, is the study's upper reference).
 - RandomN(n): n random slots per token (the control for "router-guided").
 - HobbitTopHi(n): higher-precision copy of the top-n slots (optionally above a router weight).
 - BudgetedPolicy(bytes per token): per batch, buys gain per byte greedily: gain of giving expert e
@@ -18,8 +20,8 @@ from __future__ import annotations
 
 import functools
 import heapq
-import random
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -94,7 +96,7 @@ def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None
     if factor_bytes == "fp16":
         rank_bytes = sizes.fp16_bytes_per_rank
     elif factor_bytes == "int8":
-        rank_bytes = sum(sizes.int8_factor_bytes(m, 1)[1] for m in ("w1", "w3", "w2"))
+        rank_bytes = sizes.int8_bytes_per_rank
     else:
         raise ValueError(f"factor_bytes must be 'fp16' or 'int8', not {factor_bytes!r}")
     hi_extra = sizes.hi_extra_bytes if sizes.hi_fmt is not None else None
@@ -110,8 +112,21 @@ def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None
 
 class RestorationPolicy(Protocol):
     name: str
+    row_wise: bool            # a token's decision depends on that token alone, not on the batch
+    needs_sensitivity: bool   # decide() reads ctx.sensitivity
 
     def decide(self, ids: torch.Tensor, weights: torch.Tensor, ctx: RestorationContext) -> Restoration: ...
+
+
+def decode_restoration(policy: RestorationPolicy, ids: torch.Tensor, weights: torch.Tensor,
+                       ctx: RestorationContext) -> Restoration:
+    """The decisions batch-1 decode makes for these T tokens, each token its own batch (how the
+    study counts bytes). A row-wise policy decides them all in one call: the same decisions (for
+    a random policy, draws of the same distribution)."""
+    if policy.row_wise:
+        return policy.decide(ids, weights, ctx)
+    rows = [policy.decide(ids[i:i + 1], weights[i:i + 1], ctx) for i in range(ids.shape[0])]
+    return Restoration(tuple(r.ranks[0] for r in rows), tuple(r.hi[0] for r in rows))
 
 
 def _check_ids(ids: torch.Tensor, weights: torch.Tensor) -> tuple[int, int]:
@@ -122,8 +137,8 @@ def _check_ids(ids: torch.Tensor, weights: torch.Tensor) -> tuple[int, int]:
 
 
 def _check_n(n: int, k: int) -> None:
-    if not 0 <= n < k:
-        raise ValueError(f"n must be in [0, k) = [0, {k}) for top-{k} routing, not {n}")
+    if not 0 <= n <= k:
+        raise ValueError(f"n must be in [0, k] = [0, {k}] for top-{k} routing, not {n}")
 
 
 def _count(name: str, n) -> int:
@@ -140,11 +155,17 @@ def _topn_restoration(t: int, k: int, n: int, rank: int) -> Restoration:
     return Restoration((row,) * t, ((False,) * k,) * t)
 
 
+def _rank_used(rank: int | None, ctx: RestorationContext) -> int:
+    return ctx.stored_rank if rank is None else min(rank, ctx.stored_rank)
+
+
 @dataclass(frozen=True)
 class TopN:
     """Rank `rank` (None: all that is stored) on the n highest-weighted slots of every token."""
     n: int
     rank: int | None = None
+    row_wise = True
+    needs_sensitivity = False
 
     def __post_init__(self):
         _count("n", self.n)
@@ -157,26 +178,31 @@ class TopN:
 
     def decide(self, ids, weights, ctx):
         t, k = _check_ids(ids, weights)
-        r = ctx.stored_rank if self.rank is None else min(self.rank, ctx.stored_rank)
-        return _topn_restoration(t, k, self.n, r)
+        return _topn_restoration(t, k, self.n, _rank_used(self.rank, ctx))
 
 
-@dataclass(frozen=True)
 class RandomN:
-    """n random slots per token at full rank: the control that Top-n must beat."""
-    n: int
-    seed: int = 0
-    name: str = field(default="random-n", init=False)
+    """n random slots per token at rank `rank` (None: all that is stored): the control that Top-n
+    must beat. Draws come from the policy's own seeded generator, so successive calls (the tokens
+    of a decode) differ and a run repeats exactly."""
+    row_wise = True
+    needs_sensitivity = False
+
+    def __init__(self, n: int, seed: int = 0, rank: int | None = None):
+        self.n, self.seed = _count("n", n), seed
+        self.rank = None if rank is None else _count("rank", rank)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def name(self) -> str:
+        return f"random-{self.n}" + (f"@r{self.rank}" if self.rank is not None else "")
 
     def decide(self, ids, weights, ctx):
         t, k = _check_ids(ids, weights)
         _check_n(self.n, k)
-        rng = random.Random(self.seed)
-        rows = []
-        for _ in range(t):
-            chosen = set(rng.sample(range(k), self.n))
-            rows.append(tuple(ctx.stored_rank if s in chosen else 0 for s in range(k)))
-        return Restoration(tuple(rows), ((False,) * k,) * t)
+        pick = torch.rand((t, k), generator=self._generator).argsort(dim=1)[:, :self.n]
+        ranks = torch.zeros(t, k, dtype=torch.long).scatter_(1, pick, _rank_used(self.rank, ctx))
+        return Restoration(tuple(map(tuple, ranks.tolist())), ((False,) * k,) * t)
 
 
 @dataclass(frozen=True)
@@ -185,6 +211,8 @@ class HobbitTopHi:
     weight is at least `min_weight` (a threshold lets it spend a given byte budget on average)."""
     n: int = 1
     min_weight: float = 0.0
+    row_wise = True
+    needs_sensitivity = False
 
     @property
     def name(self) -> str:
@@ -217,6 +245,8 @@ class BudgetedPolicy:
     rank_step: int = 8
     weight_power: float = 2.0
     allow_hi: bool = True
+    row_wise = False               # the budget is shared by the tokens of a batch
+    needs_sensitivity = True
 
     def __post_init__(self):
         if not isinstance(self.budget_bytes, (int, float)) or self.budget_bytes < 0:
@@ -314,24 +344,36 @@ def _unit_hull(sens: LayerSensitivity, e: int, r0: int, stored_rank: int, rank_b
     return tuple(with_slope), tuple(rank_pts)
 
 
-def get_policy(spec: str, top_k: int) -> RestorationPolicy:
-    """Parse a policy name: 'none', 'top-N', 'random-N', 'hobbit', 'budgeted:BYTES'."""
+_SPEC_GRAMMAR = "none, top-N[@rR], random-N[@rR], hobbit or budgeted:BYTES_PER_TOKEN"
+
+
+def get_policy(spec: str, top_k: int | None = None) -> RestorationPolicy:
+    """Parse a policy spec: 'none', 'top-N' / 'random-N' (optionally '@rR', rank R, else all that
+    is stored), 'hobbit' (top-1 higher-precision copy), 'budgeted:BYTES' (per token and layer).
+    top_k: the model's routing, to refuse an N above it (None: checked when deciding)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"policy spec must be a string, not {spec!r}")
     if spec == "none":
         return TopN(0)
-    if spec.startswith("top-") and spec[4:].isdigit():
-        n = int(spec[4:])
-        _check_n(n, top_k)
-        return TopN(n)
-    if spec.startswith("random-") and spec[7:].isdigit():
-        n = int(spec[7:])
-        _check_n(n, top_k)
-        return RandomN(n)
     if spec == "hobbit":
         return HobbitTopHi(1)
+    for prefix, make in (("top-", TopN), ("random-", RandomN)):
+        if spec.startswith(prefix):
+            n, at, rank = spec[len(prefix):].partition("@r")
+            if n.isdigit() and (not at or rank.isdigit()):
+                if top_k is not None:
+                    try:
+                        _check_n(int(n), top_k)
+                    except ValueError as err:
+                        raise ValueError(f"restoration policy {spec!r}: {err}") from None
+                return make(int(n), rank=int(rank) if at else None)
     if spec.startswith("budgeted:"):
         try:
-            return BudgetedPolicy(float(spec[9:]))
+            budget = float(spec[9:])
         except ValueError:
-            pass
-    raise ValueError(f"unknown restoration policy {spec!r}; expected none, top-N, random-N, hobbit "
-                     f"or budgeted:BYTES_PER_TOKEN")
+            budget = math.nan
+        if not math.isfinite(budget) or budget < 0:
+            raise ValueError(f"restoration policy {spec!r}: the budget must be a non-negative number of "
+                             f"bytes per token, not {spec[9:]!r}")
+        return BudgetedPolicy(budget)
+    raise ValueError(f"unknown restoration policy {spec!r}; expected {_SPEC_GRAMMAR}")

@@ -114,16 +114,6 @@ class SystemPreset:
     memory: MemoryPreset
     ndp: NdpPreset | None = None
 
-    @property
-    def has_ndp(self) -> bool:
-        return self.ndp is not None
-
-    def with_ndp_cost(self, cost: NdpCostModel) -> "SystemPreset":
-        """The same system with the NDP cost refitted (e.g. from co-simulated cycles)."""
-        if self.ndp is None:
-            raise ValueError(f"system {self.name!r} has no NDP unit to recalibrate")
-        return replace(self, ndp=replace(self.ndp, cost=cost))
-
 
 SYSTEMS = {s.name: s for s in (
     SystemPreset("gpu-only", GPUS["rtx4090"], LINKS["pcie4-x16"], MEMORIES["ddr5-4800-8ch"]),

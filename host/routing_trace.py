@@ -1,12 +1,10 @@
-"""Routing traces: the top-k expert ids and weights each token got in each MoE layer.
+"""Routing traces: the top-k expert ids and weights each token got in each MoE layer. ("Trace"
+means this one thing in the project: the per-layer figures of a planned run are its statistics,
+host/run_stats.py, and a simulator's signal dump is its waveform.)
 
 Where they come from, best first:
-1. the offline default MoE model's real router on the evaluation text: `default_model_trace`
-   calls `model.moefy.record_routing_trace(num_tokens)` (accuracy issue) if it exists, expected
-   to return {"ids": [per MoE layer [T, K] long], "weights": [... [T, K] float],
-   "num_experts": E, "source": str}; otherwise it records the same from
-   `model.default_moe.load_default_moe()`. It is used for a target model only if E and K match
-   (the `default` model of `ndpmoe bench`);
+1. the offline default MoE model's real routers on the evaluation text (`default_model_trace`),
+   used for a target model only if E and K match (the `default` model of `ndpmoe bench`);
 2. real text through a real model with routers fitted to it (`text_trace`): SmolLM2-135M's MLP
    inputs on the evaluation text, and per layer a router whose rows are k-means centroids of its
    calibration-text MLP inputs (so experts own regions of the real activation distribution,
@@ -17,15 +15,18 @@ Every trace carries a `source` string that the bench prints.
 from __future__ import annotations
 
 import hashlib
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ndpmoe.model.errors import CacheEntryError, NdpmoeError
+from ndpmoe.model.integrity import atomic_path, clean_stale_temps, notice, read_sealed, write_sealed
 from ndpmoe.model.moe import RouterConfig, route
 
+MLP_INPUTS_KIND = "ndpmoe-smollm2-mlp-inputs"
 ROUTER_LOGIT_STD = 1.5      # assumed per-token spread of router logits (a temperature), see text_trace
 
 
@@ -59,35 +60,37 @@ class RoutingTrace:
     def top_k(self) -> int:
         return self.ids[0].shape[1]
 
-    def layer(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ids[l], self.weights[l]
-
     def save(self, path: str | Path) -> None:
         tensors = {f"ids.{l}": i.contiguous() for l, i in enumerate(self.ids)}
         tensors |= {f"weights.{l}": w.float().contiguous() for l, w in enumerate(self.weights)}
-        tmp = Path(f"{path}.tmp")
-        save_file(tensors, str(tmp), metadata={"source": self.source, "num_experts": str(self.num_experts)})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"source": self.source, "num_experts": str(self.num_experts)})
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise NdpmoeError(f"{path} is not a routing trace: not a readable safetensors file ({exc})") from None
         if "num_experts" not in meta:
-            raise ValueError(f"{path} is not a routing trace (no num_experts in its metadata)")
-        t = load_file(str(path))
+            raise NdpmoeError(f"{path} is not a routing trace (no num_experts in its metadata)")
         n = len([k for k in t if k.startswith("ids.")])
-        return cls(tuple(t[f"ids.{l}"] for l in range(n)), tuple(t[f"weights.{l}"] for l in range(n)),
-                   int(meta["num_experts"]), meta.get("source", str(path)))
+        try:
+            return cls(tuple(t[f"ids.{l}"] for l in range(n)), tuple(t[f"weights.{l}"] for l in range(n)),
+                       int(meta["num_experts"]), meta.get("source", str(path)))
+        except (KeyError, ValueError) as exc:
+            raise NdpmoeError(f"{path} is not a whole routing trace ({exc})") from None
 
 
-def record_routing(hidden: list[torch.Tensor], routers: list[torch.Tensor], cfg: RouterConfig,
+def record_routing(hidden: list[torch.Tensor], routers: list[torch.Tensor], router_config: RouterConfig,
                    source: str) -> RoutingTrace:
     """Route each layer's activations [T, D] with its router [E, D] (model.moe.route)."""
     if len(hidden) != len(routers):
         raise ValueError(f"{len(hidden)} layers of activations but {len(routers)} routers")
-    out = [route(h.float(), r.float(), cfg) for h, r in zip(hidden, routers)]
+    out = [route(h.float(), r.float(), router_config) for h, r in zip(hidden, routers)]
     return RoutingTrace(tuple(i for i, _ in out), tuple(w.float() for _, w in out), routers[0].shape[0], source)
 
 
@@ -114,7 +117,8 @@ def _trace_cache_dir() -> Path:
     return cache_dir()
 
 
-def smollm_mlp_inputs(tokens: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], str]:
+def smollm_mlp_inputs(tokens: int, log: Callable[[str], None] = print
+                      ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], str]:
     """SmolLM2-135M MLP inputs on `tokens` calibration and `tokens` evaluation tokens, per layer
     ({layer: [tokens, 576]} twice) and a description; cached under the project cache folder."""
     from ndpmoe.model.text import load_text, tokenize
@@ -122,12 +126,17 @@ def smollm_mlp_inputs(tokens: int) -> tuple[dict[int, torch.Tensor], dict[int, t
     key = hashlib.sha256(f"{text.digest}-{tokens}".encode()).hexdigest()[:12]
     path = _trace_cache_dir() / f"smollm2-mlp-inputs-{key}.safetensors"
     desc = f"SmolLM2-135M MLP inputs on {text.source} ({tokens} eval tokens, text {text.digest})"
+    clean_stale_temps(path.parent)
+    t = None
     if path.is_file():
-        t = load_file(str(path))
-    else:
+        try:
+            t, _ = read_sealed(path, MLP_INPUTS_KIND, {"text_digest": text.digest, "tokens": tokens})
+        except CacheEntryError as exc:
+            notice(f"cached MLP inputs failed their check, recording them again: {exc}")
+    if t is None:
         from ndpmoe.model.perplexity import collect_mlp_inputs
         from ndpmoe.model.smollm import load_smollm
-        print(f"recording SmolLM2 MLP inputs on {2 * tokens} tokens of real text (once, cached) ...", flush=True)
+        log(f"recording SmolLM2 MLP inputs on {2 * tokens} tokens of real text (once, cached) ...")
         model, tok = load_smollm()
         calib_ids, eval_ids = tokenize(text.calib, tok)[:tokens], tokenize(text.eval, tok)[:tokens]
         with torch.no_grad():
@@ -136,46 +145,35 @@ def smollm_mlp_inputs(tokens: int) -> tuple[dict[int, torch.Tensor], dict[int, t
         for l, v in h.items():
             v = v.reshape(2, tokens, -1)
             t[f"calib.{l}"], t[f"eval.{l}"] = v[0].half().contiguous(), v[1].half().contiguous()
-        tmp = path.with_suffix(".tmp")
-        save_file(t, str(tmp))
-        tmp.replace(path)
+        try:
+            write_sealed(path, t, MLP_INPUTS_KIND, {"text_digest": text.digest, "tokens": tokens})
+        except OSError as exc:
+            notice(f"could not store MLP inputs in {path.parent} ({exc}); they are recorded again next time")
     n = len([k for k in t if k.startswith("eval.")])
     return ({l: t[f"calib.{l}"].float() for l in range(n)}, {l: t[f"eval.{l}"].float() for l in range(n)}, desc)
 
 
 def text_trace(experts: int, top_k: int, layers: int, tokens: int = 256, seed: int = 0,
-               norm_topk_prob: bool = True) -> RoutingTrace:
+               norm_topk_prob: bool = True, log: Callable[[str], None] = print) -> RoutingTrace:
     """Trace of real text through SmolLM2 with k-means routers of the target's E and K; target
     layer l uses SmolLM2 layer l mod 30."""
-    calib, evals, desc = smollm_mlp_inputs(tokens)
+    calib, evals, desc = smollm_mlp_inputs(tokens, log)
     n = len(evals)
     routers = [kmeans_router(calib[l % n], experts, seed + l) for l in range(layers)]
-    cfg = RouterConfig(top_k=top_k, norm_topk_prob=norm_topk_prob)
-    return record_routing([evals[l % n] for l in range(layers)], routers, cfg,
+    router_config = RouterConfig(top_k=top_k, norm_topk_prob=norm_topk_prob)
+    return record_routing([evals[l % n] for l in range(layers)], routers, router_config,
                           f"{desc}, k-means routers E={experts} k={top_k} (logit std {ROUTER_LOGIT_STD}, seed {seed})")
 
 
-def default_model_trace(tokens: int = 256) -> RoutingTrace | None:
-    """The default MoE model's real routing on the evaluation text, if that model exists yet.
+def default_model_trace(tokens: int = 256) -> RoutingTrace:
+    """The default MoE model's real routing on the evaluation text (the model is built on first
+    use): each MoE block's input on the first `tokens` evaluation tokens
+    (model.perplexity.collect_mlp_inputs), routed by that block's own router."""
+    from ndpmoe.model.default_moe import load_default_moe
+    from ndpmoe.model.perplexity import collect_mlp_inputs
+    from ndpmoe.model.text import tokenize
 
-    Preferred: `model.moefy.record_routing_trace(num_tokens)` from the accuracy side (see the
-    module docstring for the dict it returns). Otherwise recorded here from
-    `model.default_moe.load_default_moe()`: each MoE block's input on the first `tokens`
-    evaluation tokens (model.perplexity.collect_mlp_inputs), routed by that block's own router.
-    None when neither is available (the default model is still being built)."""
-    try:
-        moefy = importlib.import_module("ndpmoe.model.moefy")
-        fn = getattr(moefy, "record_routing_trace", None)
-        if fn is not None:
-            d = fn(tokens)
-            return RoutingTrace(tuple(d["ids"]), tuple(w.float() for w in d["weights"]), int(d["num_experts"]),
-                                str(d["source"]))
-        default_moe = importlib.import_module("ndpmoe.model.default_moe")
-        from ndpmoe.model.perplexity import collect_mlp_inputs
-        from ndpmoe.model.text import tokenize
-    except (ImportError, AttributeError):
-        return None
-    moe = default_moe.load_default_moe(progress=False)
+    moe = load_default_moe(progress=False)
     layers = sorted(moe.blocks)
     ids = tokenize(moe.text.eval, moe.tokenizer)[:tokens]
     with torch.no_grad():
@@ -200,15 +198,15 @@ def synthetic_trace(experts: int, top_k: int, layers: int, tokens: int, seed: in
 
 
 def trace_for(experts: int, top_k: int, layers: int, tokens: int = 256, seed: int = 0,
-              default_model: bool = False) -> RoutingTrace:
+              default_model: bool = False, log: Callable[[str], None] = print) -> RoutingTrace:
     """The best available trace for a model shape (see the module docstring for the order).
     `default_model`: the shape is the default MoE model's own, so its real routing applies."""
-    if default_model:
-        real = default_model_trace(tokens)
-        if real is not None and real.num_experts == experts and real.top_k == top_k:
-            return real
     try:
-        return text_trace(experts, top_k, layers, tokens, seed)
+        if default_model:
+            real = default_model_trace(tokens)
+            if real.num_experts == experts and real.top_k == top_k:
+                return real
+        return text_trace(experts, top_k, layers, tokens, seed, log=log)
     except (ImportError, FileNotFoundError) as exc:
-        print(f"note: no text model for routing traces ({exc}); using a synthetic trace")
+        log(f"note: no text model for routing traces ({exc}); using a synthetic trace")
         return synthetic_trace(experts, top_k, layers, tokens, seed)

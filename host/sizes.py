@@ -1,7 +1,7 @@
 """Bytes and words of one expert's data, and the NDP descriptor sequence of an expert task, all
 derived from the contract (model/contract.py). Placement, traces and the performance model count
-with these functions and the executor issues exactly the descriptors `ndp_steps` lists, so what
-is modeled and what runs cannot drift apart.
+with these functions and the executor (host/execute.py) issues the very descriptors `ndp_steps`
+yields, so what is modeled and what runs cannot drift apart.
 
 Legend: D hidden, I expert intermediate, R stored rank, r rank used, n tokens of a task.
 """
@@ -11,12 +11,11 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from ndpmoe.model.contract import (FP16_BYTES, NdpConfig, Opcode, QuantFormat, act_row_len, fp16_matrix_bytes,
-                                   largest_group, output_struct)
+from ndpmoe.model.contract import (Descriptor, NdpConfig, QuantFormat, act_row_len, fp16_factor_bytes,
+                                   fp16_matrix_bytes, int8_factor_columns, int8_factor_format, output_struct)
 
 MATRICES = ("w1", "w3", "w2")
 VARIANTS = ("lo", "hi", "fp16")      # store format, higher-precision copy, plain fp16
-FACTOR_COLUMN_ALIGN = 32             # int8 A factors are zero-padded to whole 32-column groups
 
 
 def result_bytes(cfg: NdpConfig) -> int:
@@ -24,19 +23,34 @@ def result_bytes(cfg: NdpConfig) -> int:
     return math.ceil(output_struct(cfg.t_max).width / 8)
 
 
+STEP_KINDS = ("x", "h", "Bx", "w", "B", "A")   # LOAD_ACT of x, h, B x; MATMUL of weights, B, A
+
+
+def operand_name(kind: str, matrix: str | None) -> str:
+    if kind in ("x", "h"):
+        return kind
+    if kind == "w":
+        return matrix
+    idx = matrix[1]
+    return f"B{idx}{'h' if matrix == 'w2' else 'x'}" if kind == "Bx" else f"{kind}{idx}"
+
+
 @dataclass(frozen=True)
 class NdpStep:
-    """One descriptor an expert task issues, with the port words it reads and its link bytes."""
-    opcode: Opcode
-    operand: str                 # "x", "h", "w1".."w2", "B1".., "A1".., "B1x".. (what it reads)
-    tokens: int
-    rows: int                    # MATMUL rows (0 for LOAD_ACT)
-    in_features: int             # as written into the descriptor
-    bits: int
-    group_size: int
+    """One descriptor an expert task issues, what it serves, the port words it reads and its link
+    bytes. The descriptor's address is 0: the driver binds it to where the operand lies."""
+    descriptor: Descriptor
+    kind: str                    # STEP_KINDS
+    matrix: str | None           # the expert matrix it serves (w1, w3, w2); None for the x, h loads
+    start: int                   # first token of its chunk, within the task
     words: int                   # port words read from memory
     link_down: int               # bytes written over the link before it (activations)
     link_up: int                 # bytes of results coming back
+
+    @property
+    def operand(self) -> str:
+        """What it reads: x, h, w1, B1, B1x (the activations B1 x; B2h for w2), A1, ..."""
+        return operand_name(self.kind, self.matrix)
 
 
 @dataclass(frozen=True)
@@ -106,10 +120,30 @@ class ExpertSizes:
         return self.weight_bytes("hi") - self.weight_bytes("lo")
 
     # -- compensation factors --------------------------------------------------------------------
+    def matrix_factor_bytes_fp16(self, matrix: str, rank: int) -> int:
+        """Bytes of one matrix's fp16 factors A [rows, r] and B [r, in] at rank `rank`."""
+        self.check_rank(rank)
+        return fp16_factor_bytes(*self.shape(matrix), rank)
+
     @cached_property
     def fp16_bytes_per_rank(self) -> int:
         """Bytes of one rank component of A and B (fp16), all three matrices."""
-        return sum(FP16_BYTES * (rows + n_in) for rows, n_in in map(self.shape, MATRICES))
+        return sum(fp16_factor_bytes(*self.shape(m), 1) for m in MATRICES)
+
+    def matrix_factor_bytes(self, matrix: str, rank: int, precision: str = "fp16") -> int:
+        """Bytes of one matrix's rank-`rank` compensator stored at `precision` (fp16, or packed
+        low-bit rows B [r, in] and A^T [r, out] at the experts' group and word, model/factor_quant.py)."""
+        self.check_rank(rank)
+        return rank * self._packed_rank_bytes(matrix, precision)
+
+    def factor_bytes_per_rank(self, precision: str = "fp16") -> int:
+        """Bytes of one rank component at `precision`, all three matrices."""
+        return sum(self._packed_rank_bytes(m, precision) for m in MATRICES)
+
+    def _packed_rank_bytes(self, matrix: str, precision: str) -> int:
+        from ndpmoe.model.factor_quant import bytes_per_rank, factor_bits
+        group, word = (64, 64) if self.fmt is None else (self.fmt.group_size, self.fmt.word_bits)
+        return bytes_per_rank(*self.shape(matrix), factor_bits(precision), group, word)
 
     def factor_bytes_fp16(self, rank: int) -> int:
         self.check_rank(rank)
@@ -122,15 +156,19 @@ class ExpertSizes:
     @property
     def padded_rank(self) -> int:
         """Columns of the int8 A factor (the stored rank, zero-padded to whole groups)."""
-        return -(-self.stored_rank // FACTOR_COLUMN_ALIGN) * FACTOR_COLUMN_ALIGN
+        return int8_factor_columns(self.stored_rank)
 
     def int8_factor_fmts(self, matrix: str) -> tuple[QuantFormat, QuantFormat]:
         """Formats of the int8 (A, B) factors as model.compensate.quantize_int8_symmetric makes them."""
-        rows, n_in = self.shape(matrix)
+        n_in = self.shape(matrix)[1]
         word_bits = self.ndp.word_bits if self.ndp is not None else (self.fmt.word_bits if self.fmt else 128)
-        a = QuantFormat(8, largest_group(self.padded_rank), word_bits)
-        b = QuantFormat(8, largest_group(n_in), word_bits)   # n_in is a multiple of 32
-        return a, b
+        return int8_factor_format(self.stored_rank, word_bits), int8_factor_format(n_in, word_bits)
+
+    @cached_property
+    def int8_bytes_per_rank(self) -> int:
+        """Bytes one more rank adds to the int8 factors the NDP reads: a row of each B (A is read
+        whole, padded to the stored rank, whatever rank is used)."""
+        return sum(self.int8_factor_bytes(m, 1)[1] for m in MATRICES)
 
     def int8_factor_bytes(self, matrix: str, rank: int | None = None) -> tuple[int, int]:
         """(A bytes, B bytes) of the int8 factors; B's first `rank` rows are a prefix of its image."""
@@ -142,13 +180,25 @@ class ExpertSizes:
         return a.matrix_bytes(rows, self.padded_rank), rank * b.row_bytes(n_in)
 
     # -- NDP descriptor sequence of one task -----------------------------------------------------
-    def ndp_steps(self, variant: str, tokens: int, gemm: bool, comp_rank: int) -> list[NdpStep]:
+    @cached_property
+    def _steps_memo(self) -> dict[tuple, tuple[NdpStep, ...]]:
+        return {}
+
+    def ndp_steps(self, variant: str, tokens: int, gemm: bool, comp_rank: int) -> tuple[NdpStep, ...]:
         """Descriptors an expert task issues on the NDP: its low-bit GEMMs when `gemm`, its
         compensation at `comp_rank` when > 0, for `tokens` tokens in chunks of T_max.
 
         Per chunk: LOAD x; w1, w3; B1, B3 (same x); LOAD B1x, A1; LOAD B3x, A3;
                    LOAD h; w2; B2 (same h); LOAD B2h, A2.
+        Memoized: the planner prices the same tasks over and over.
         """
+        key = (variant, tokens, bool(gemm), comp_rank)
+        steps = self._steps_memo.get(key)
+        if steps is None:
+            steps = self._steps_memo[key] = tuple(self._ndp_steps(variant, tokens, bool(gemm), comp_rank))
+        return steps
+
+    def _ndp_steps(self, variant: str, tokens: int, gemm: bool, comp_rank: int) -> list[NdpStep]:
         cfg = self.ndp
         if cfg is None:
             raise ValueError("these sizes have no NDP configuration (ndp is None)")
@@ -159,41 +209,86 @@ class ExpertSizes:
         fmt = self.variant_fmt(variant)
         if gemm and (fmt is None or fmt.bits not in cfg.bits):
             raise ValueError(f"NDP configuration {cfg.name!r} cannot run {variant} weights ({fmt or 'fp16'})")
-        res, wb = result_bytes(cfg), cfg.word_bytes
-        steps: list[NdpStep] = []
         if not gemm and not comp_rank:
-            return steps
+            return []
+        res = result_bytes(cfg)
+        factors = {m: self.int8_factor_fmts(m) for m in MATRICES} if comp_rank else {}
 
-        def load(name: str, t: int, n_in: int) -> None:
+        def chunk(t: int) -> list[tuple[Descriptor, str, str | None]]:
+            """One chunk's (descriptor, kind, matrix), in issue order."""
+            out = []
+
+            def load(kind: str, matrix: str | None, n_in: int) -> None:
+                row = act_row_len(n_in, cfg.word_bits)
+                if row > cfg.max_in_features:
+                    raise ValueError(f"{operand_name(kind, matrix)} has {n_in} inputs per token, more than NDP "
+                                     f"configuration {cfg.name!r} buffers ({cfg.max_in_features})")
+                out.append((Descriptor.load_act(tokens=t, in_features=row), kind, matrix))
+
+            def matmul(kind: str, m: str, f: QuantFormat, rows: int, n_in: int) -> None:
+                out.append((Descriptor.matmul(f, tokens=t, rows=rows, in_features=n_in), kind, m))
+
+            load("x", None, self.hidden)
+            if gemm:
+                for m in ("w1", "w3"):
+                    matmul("w", m, fmt, *self.shape(m))
+            if comp_rank:
+                for m in ("w1", "w3"):
+                    matmul("B", m, factors[m][1], comp_rank, self.hidden)
+                for m in ("w1", "w3"):
+                    load("Bx", m, self.padded_rank)
+                    matmul("A", m, factors[m][0], self.shape(m)[0], self.padded_rank)
+            load("h", None, self.intermediate)
+            if gemm:
+                matmul("w", "w2", fmt, *self.shape("w2"))
+            if comp_rank:
+                matmul("B", "w2", factors["w2"][1], comp_rank, self.intermediate)
+                load("Bx", "w2", self.padded_rank)
+                matmul("A", "w2", factors["w2"][0], self.shape("w2")[0], self.padded_rank)
+            return out
+
+        steps: list[NdpStep] = []
+        made: dict[int, list] = {}          # chunks of equal size issue equal descriptors
+        for start in range(0, tokens, cfg.t_max):
+            t = min(cfg.t_max, tokens - start)
+            if t not in made:
+                made[t] = [(d, kind, m, d.words(cfg), d.read_bytes(cfg) if kind in ("x", "h", "Bx") else 0,
+                            d.results * res) for d, kind, m in chunk(t)]
+            steps.extend(NdpStep(d, kind, m, start, words, down, up) for d, kind, m, words, down, up in made[t])
+        return steps
+
+        def add(d: Descriptor, kind: str, matrix: str | None, start: int) -> None:
+            load = kind in ("x", "h", "Bx")
+            steps.append(NdpStep(d, kind, matrix, start, d.words(cfg), d.read_bytes(cfg) if load else 0,
+                                 d.results * res))
+
+        def load(kind: str, matrix: str | None, start: int, t: int, n_in: int) -> None:
             row = act_row_len(n_in, cfg.word_bits)
             if row > cfg.max_in_features:
-                raise ValueError(f"{name} has {n_in} inputs per token, more than NDP configuration "
+                raise ValueError(f"{operand_name(kind, matrix)} has {n_in} inputs per token, more than NDP configuration "
                                  f"{cfg.name!r} buffers ({cfg.max_in_features})")
-            steps.append(NdpStep(Opcode.LOAD_ACT, name, t, 0, row, 8, 32, t * row // wb, t * row, 0))
+            add(Descriptor.load_act(tokens=t, in_features=row), kind, matrix, start)
 
-        def matmul(name: str, t: int, f: QuantFormat, rows: int, n_in: int) -> None:
-            steps.append(NdpStep(Opcode.MATMUL, name, t, rows, n_in, f.bits, f.group_size,
-                                 f.matrix_bytes(rows, n_in) // wb, 0, t * rows * res))
-
-        def factor_a(m: str, idx: str, t: int) -> None:
-            load(f"B{idx}x", t, self.padded_rank)
-            matmul(f"A{idx}", t, self.int8_factor_fmts(m)[0], self.shape(m)[0], self.padded_rank)
+        def matmul(kind: str, m: str, start: int, t: int, f: QuantFormat, rows: int, n_in: int) -> None:
+            add(Descriptor.matmul(f, tokens=t, rows=rows, in_features=n_in), kind, m, start)
 
         for start in range(0, tokens, cfg.t_max):
             t = min(cfg.t_max, tokens - start)
-            load("x", t, self.hidden)
+            load("x", None, start, t, self.hidden)
             if gemm:
                 for m in ("w1", "w3"):
-                    matmul(m, t, fmt, *self.shape(m))
+                    matmul("w", m, start, t, fmt, *self.shape(m))
             if comp_rank:
-                for m, idx in (("w1", "1"), ("w3", "3")):
-                    matmul(f"B{idx}", t, self.int8_factor_fmts(m)[1], comp_rank, self.hidden)
-                for m, idx in (("w1", "1"), ("w3", "3")):
-                    factor_a(m, idx, t)
-            load("h", t, self.intermediate)
+                for m in ("w1", "w3"):
+                    matmul("B", m, start, t, self.int8_factor_fmts(m)[1], comp_rank, self.hidden)
+                for m in ("w1", "w3"):
+                    load("Bx", m, start, t, self.padded_rank)
+                    matmul("A", m, start, t, self.int8_factor_fmts(m)[0], self.shape(m)[0], self.padded_rank)
+            load("h", None, start, t, self.intermediate)
             if gemm:
-                matmul("w2", t, fmt, *self.shape("w2"))
+                matmul("w", "w2", start, t, fmt, *self.shape("w2"))
             if comp_rank:
-                matmul("B2", t, self.int8_factor_fmts("w2")[1], comp_rank, self.intermediate)
-                factor_a("w2", "2", t)
+                matmul("B", "w2", start, t, self.int8_factor_fmts("w2")[1], comp_rank, self.intermediate)
+                load("Bx", "w2", start, t, self.padded_rank)
+                matmul("A", "w2", start, t, self.int8_factor_fmts("w2")[0], self.shape("w2")[0], self.padded_rank)
         return steps

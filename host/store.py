@@ -10,14 +10,17 @@ Layout of a store folder::
                            L{l}.rank_gain [E, R + 1], L{l}.hi_gain [E]
 
 Writes are atomic (temporary file, fsync, rename) and the manifest is renamed last: it is the
-commit point, and it carries the hash of the tensors it describes, so a crash between the two
-renames, a truncated or edited tensor file, a store of another format version or one built from
-another checkpoint is refused when opened, never silently used.
+commit point, and it carries the hash of the tensors it describes and a hash of its own fields, so
+a crash between the two renames, a truncated or edited tensor file, an edited manifest field, a
+manifest whose format, rank or shapes disagree with the tensors, a store of another format version
+or one built from another checkpoint is refused when opened, never silently used. Temporary files
+of a failed write are removed, those of a killed writer on the next write or open.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,8 @@ from safetensors.torch import save_file
 
 from ndpmoe.model.compensate import Int8LowRank, LowRank, quantize_int8_symmetric
 from ndpmoe.model.contract import NdpConfig, QuantFormat
+from ndpmoe.model.errors import CacheEntryError
+from ndpmoe.model.integrity import canonical_json, clean_stale_temps, temp_path
 from ndpmoe.model.moe import MoEWeights, RouterConfig
 from ndpmoe.model.moe_quant import MATRICES, QuantizedExpert, QuantizedMoE
 from ndpmoe.model.qtensor import QuantizedMatrix
@@ -35,14 +40,14 @@ from ndpmoe.model.qtensor import QuantizedMatrix
 from .sensitivity import LayerSensitivity, measure_sensitivity
 from .sizes import ExpertSizes
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2              # 2: the manifest carries a hash of its own fields
 STORE_KIND = "ndpmoe-expert-store"
 MANIFEST = "manifest.json"
 TENSORS = "experts.safetensors"
 _EXP_SLOTS = ("lo", "hi", "A8", "B8")
 
 
-class StoreError(ValueError):
+class StoreError(CacheEntryError):
     """A store that must not be used: missing, truncated, corrupted, stale or of another version."""
 
 
@@ -73,6 +78,10 @@ def _atomic_replace(tmp: Path, final: Path) -> None:
         os.close(dir_fd)
 
 
+def _manifest_hash(fields: dict) -> str:
+    return hashlib.sha256(canonical_json(fields)).hexdigest()
+
+
 @dataclass(frozen=True)
 class StoreManifest:
     version: int
@@ -88,11 +97,12 @@ class StoreManifest:
     content_sha256: str
 
     def to_json(self) -> dict:
-        return {"kind": STORE_KIND, "format_version": self.version, "quant_format": _fmt_dict(self.fmt),
-                "hi_format": _fmt_dict(self.hi_fmt), "layers": self.layers, "experts": self.experts,
-                "hidden": self.hidden, "intermediate": self.intermediate, "rank": self.rank,
-                "source": self.source, "tensors_file": TENSORS, "tensors_bytes": self.tensors_bytes,
-                "content_sha256": self.content_sha256}
+        fields = {"kind": STORE_KIND, "format_version": self.version, "quant_format": _fmt_dict(self.fmt),
+                  "hi_format": _fmt_dict(self.hi_fmt), "layers": self.layers, "experts": self.experts,
+                  "hidden": self.hidden, "intermediate": self.intermediate, "rank": self.rank,
+                  "source": self.source, "tensors_file": TENSORS, "tensors_bytes": self.tensors_bytes,
+                  "content_sha256": self.content_sha256}
+        return fields | {"manifest_sha256": _manifest_hash(fields)}
 
     @classmethod
     def from_json(cls, d: dict, where: Path) -> "StoreManifest":
@@ -102,6 +112,10 @@ class StoreManifest:
         if version != STORE_FORMAT_VERSION:
             raise StoreError(f"{where} has store format version {version!r}; this runtime reads version "
                              f"{STORE_FORMAT_VERSION}: rebuild the store")
+        fields = {k: v for k, v in d.items() if k != "manifest_sha256"}
+        if d.get("manifest_sha256") != _manifest_hash(fields):
+            raise StoreError(f"{where} is corrupted: its fields do not match its manifest_sha256 (edited or "
+                             f"damaged); rebuild the store")
         try:
             return cls(version, _fmt_from(d["quant_format"]), _fmt_from(d["hi_format"]), int(d["layers"]),
                        int(d["experts"]), int(d["hidden"]), int(d["intermediate"]), int(d["rank"]),
@@ -176,15 +190,21 @@ def write_store(path: str | os.PathLike, layers: list[QuantizedMoE], *, source: 
         tensors[f"L{l}.hi_gain"] = sensitivity[l].hi_gain.double().contiguous()
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{TENSORS}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"kind": STORE_KIND, "format_version": str(STORE_FORMAT_VERSION)})
-    manifest = StoreManifest(STORE_FORMAT_VERSION, fmt, hi_fmt, len(layers), layers[0].num_experts,
-                             layers[0].experts[0].q["w1"].in_features, intermediate, rank, source,
-                             tmp.stat().st_size, _sha256(tmp))
-    _atomic_replace(tmp, folder / TENSORS)
-    tmp_manifest = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp_manifest.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
-    _atomic_replace(tmp_manifest, folder / MANIFEST)
+    clean_stale_temps(folder)
+    tmp, tmp_manifest = temp_path(folder / TENSORS), temp_path(folder / MANIFEST)
+    try:
+        # one header entry: the same tensors give the same bytes (and SHA-256) on every write
+        save_file(tensors, str(tmp), metadata={"ndpmoe": json.dumps({"kind": STORE_KIND,
+                                                                      "format_version": STORE_FORMAT_VERSION})})
+        manifest = StoreManifest(STORE_FORMAT_VERSION, fmt, hi_fmt, len(layers), layers[0].num_experts,
+                                 layers[0].experts[0].q["w1"].in_features, intermediate, rank, source,
+                                 tmp.stat().st_size, _sha256(tmp))
+        _atomic_replace(tmp, folder / TENSORS)
+        tmp_manifest.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+        _atomic_replace(tmp_manifest, folder / MANIFEST)
+    finally:
+        for t in (tmp, tmp_manifest):
+            t.unlink(missing_ok=True)
     return manifest
 
 
@@ -291,11 +311,53 @@ class ExpertStore:
         return QuantizedMoE(self.fmt, experts, weights.router, cfg, weights, his or None)
 
 
+def _check_tensors(folder: Path, m: StoreManifest) -> None:
+    """The manifest's format, rank and shapes agree with the tensors in the file (header only)."""
+    path = folder / TENSORS
+    try:
+        sizes = ExpertSizes(m.hidden, m.intermediate, m.fmt, m.hi_fmt, m.rank)
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:          # noqa: BLE001 - any failure to read it means: do not use it
+        raise StoreError(f"{path} does not agree with {folder / MANIFEST} ({exc}); rebuild the store") from None
+
+    def need(key: str, numel: int | None = None, shape: tuple | None = None) -> None:
+        got = shapes.get(key)
+        if got is None:
+            raise StoreError(f"{path} has no tensor {key!r} that {MANIFEST} implies; rebuild the store")
+        n = math.prod(got)
+        if (numel is not None and n != numel) or (shape is not None and got != shape):
+            want = shape if shape is not None else f"{numel} elements"
+            raise StoreError(f"{path}: tensor {key!r} has shape {list(got)}, {MANIFEST} ({m.fmt}, rank {m.rank}, "
+                             f"D {m.hidden}, I {m.intermediate}) implies {want}; rebuild the store")
+
+    for l in range(m.layers):
+        need(f"L{l}.exp", shape=(m.experts, len(MATRICES), len(_EXP_SLOTS)))
+        need(f"L{l}.rank_gain", shape=(m.experts, m.rank + 1))
+        need(f"L{l}.hi_gain", shape=(m.experts,))
+        for e in range(m.experts):
+            for mat in MATRICES:
+                key = f"L{l}.E{e}.{mat}"
+                rows, n_in = sizes.shape(mat)
+                need(f"{key}.lo", numel=sizes.matrix_bytes("lo", mat))
+                if m.hi_fmt is not None:
+                    need(f"{key}.hi", numel=sizes.matrix_bytes("hi", mat))
+                if m.rank:
+                    need(f"{key}.A16", shape=(rows, m.rank))
+                    need(f"{key}.B16", shape=(m.rank, n_in))
+                    a8, b8 = sizes.int8_factor_bytes(mat)
+                    need(f"{key}.A8", numel=a8)
+                    need(f"{key}.B8", numel=b8)
+
+
 def open_store(path: str | os.PathLike, *, expect_source: str | None = None,
-               expect_fmt: QuantFormat | None = None, verify: bool = True) -> ExpertStore:
-    """Open and verify a store; refuse (StoreError) anything that is not exactly what was written."""
+               expect_fmt: QuantFormat | None = None, expect_rank: int | None = None,
+               expect_shape: tuple[int, int, int] | None = None, verify: bool = True) -> ExpertStore:
+    """Open and verify a store; refuse (StoreError) anything that is not exactly what was written,
+    or not what the caller expects: `expect_shape` is (experts, hidden, intermediate)."""
     folder = Path(path)
     manifest_path, tensors_path = folder / MANIFEST, folder / TENSORS
+    clean_stale_temps(folder)
     if not manifest_path.is_file():
         raise StoreError(f"no expert store at {folder}: {MANIFEST} is missing")
     try:
@@ -314,9 +376,15 @@ def open_store(path: str | os.PathLike, *, expect_source: str | None = None,
         if digest != manifest.content_sha256:
             raise StoreError(f"{tensors_path} has SHA-256 {digest[:16]}..., the manifest says "
                              f"{manifest.content_sha256[:16]}...: corrupted; rebuild the store")
+    _check_tensors(folder, manifest)
     if expect_source is not None and manifest.source != expect_source:
         raise StoreError(f"store {folder} was built from {manifest.source!r}, not {expect_source!r}: "
                          f"stale; rebuild the store")
     if expect_fmt is not None and manifest.fmt != expect_fmt:
         raise StoreError(f"store {folder} holds {manifest.fmt} experts, not {expect_fmt}")
+    if expect_rank is not None and manifest.rank != expect_rank:
+        raise StoreError(f"store {folder} holds rank-{manifest.rank} compensators, not rank {expect_rank}")
+    got_shape = (manifest.experts, manifest.hidden, manifest.intermediate)
+    if expect_shape is not None and got_shape != tuple(expect_shape):
+        raise StoreError(f"store {folder} holds (experts, hidden, intermediate) {got_shape}, not {tuple(expect_shape)}")
     return ExpertStore(folder, manifest)

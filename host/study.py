@@ -1,11 +1,14 @@
 """The accuracy-against-bandwidth study: perplexity of a whole model whose MoE blocks are
 quantized, compensated and restored by a policy, against the bytes each token moves.
 
+The study decides through the runtime's own policy objects (host/policy.py), token by token as
+batch-1 decode does, and prices through the contract's sizes (host/sizes.py).
+
 Bytes per token (the paper's metric, batch-1 decode with nothing cached): summed over MoE layers,
 for each of the token's k experts its low-bit memory image (weights + metadata; the
-higher-precision image where the policy chose that copy), plus the fp16 factors of the rank it
-was restored with. Attention, embeddings and the always-on shared expert are the same in every
-configuration and are not counted.
+higher-precision image where the policy chose that copy), plus the factors of the rank it
+was restored with (fp16, or packed low-bit rows at the variant's factor precision). Attention,
+embeddings and the always-on shared expert are the same in every configuration and are not counted.
 
 One calibration pass gives each layer's block inputs; every configuration then reuses the
 quantized experts of its (bits, quantizer, fit) and only re-runs the model with a new policy.
@@ -15,25 +18,27 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ndpmoe.model.block import FloatMoE, set_blocks
-from ndpmoe.model.contract import FP16_BYTES
-from ndpmoe.model.contract import QuantFormat, fp16_matrix_bytes
+from ndpmoe.model.contract import QuantFormat
+from ndpmoe.model.factor_quant import factor_bits, fit_quantized
 from ndpmoe.model.moe import RouterConfig, route
-from ndpmoe.model.moe_quant import (FULL_RANK, MATRICES, QuantizedExpert, QuantizedMoE, compensate_moe, expert_grams,
-                             quantize_moe)
+from ndpmoe.model.moe_quant import (MATRICES, QuantizedExpert, QuantizedMoE, check_block_fits, compensate_moe,
+                                    expert_grams, quantize_moe)
 from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
 from ndpmoe.model.perplexity import collect_mlp_inputs, perplexity
 from ndpmoe.model.quantize import get_quantizer
 from ndpmoe.model.rank_alloc import allocate_ranks
 from ndpmoe.model.paths import cache_dir
 
-from .policy import RestorationContext
+from .policy import RestorationContext, RestorationPolicy, TopN, decode_restoration, restoration_context
 from .sensitivity import measure_sensitivity
+from .sizes import ExpertSizes
 from .study_cache import StudyCache, model_fingerprint, tensor_hash
 
 
@@ -50,36 +55,63 @@ class Variant:
     # Memory word of the packed images. 64-bit words suit the default model's small experts: a
     # 3-bit block holds `word_bits` codes, so 128-bit words would pad a 64-wide w2 row to 128.
     word_bits: int = 64
+    # How the compensators are stored: fp16, or packed low-bit rows (model/factor_quant.py),
+    # fitted against their own quantization.
+    factor: str = "fp16"
+
+    def __post_init__(self):
+        factor_bits(self.factor)                    # refuses an unknown precision, naming the allowed ones
+        if self.factor != "fp16" and (self.fit != "aware" or self.alloc_budget):
+            raise ValueError(f"factor precision {self.factor!r} is fitted activation-aware with a uniform rank; "
+                             f"fit {self.fit!r} with alloc_budget {self.alloc_budget!r} is not supported")
 
     @property
     def label(self) -> str:
         s = f"int{self.bits}-{self.quantizer}"
         if self.rank or self.alloc_budget:
             s += f"+{self.fit}" + (f"-alloc{self.alloc_budget / 1e3:.0f}kB" if self.alloc_budget else f"-r{self.rank}")
+            s += "" if self.factor == "fp16" else f"-{self.factor}f"
         return s + (f"+hi{self.hi_bits}" if self.hi_bits else "")
 
+    @property
+    def fmt(self) -> QuantFormat:
+        return QuantFormat(self.bits, self.group, self.word_bits)
 
-def slot_bytes(qm: QuantizedMoE, e: int, rank: int, hi: bool) -> int:
-    """Bytes one (token, expert) slot moves: the expert's image, plus its restored fp16 factors."""
-    ex = qm.hi_experts[e] if hi else qm.experts[e]
-    total = ex.nbytes
-    if not hi and rank:
-        for m in MATRICES:
-            r = min(rank, ex.stored_rank(m))
-            if r:
-                rows, n_in = ex.q[m].shape
-                total += FP16_BYTES * r * (rows + n_in)
-    return total
+
+def block_sizes(qm: QuantizedMoE) -> ExpertSizes:
+    """The contract's sizes of a quantized block's experts; stored rank: the largest any matrix holds."""
+    w1 = qm.experts[0].q["w1"]
+    hi_fmt = None if qm.hi_experts is None else qm.hi_experts[0].q["w1"].fmt
+    stored = max(ex.stored_rank(m) for ex in qm.experts for m in MATRICES)
+    return ExpertSizes(w1.in_features, w1.rows, qm.fmt, hi_fmt, stored)
+
+
+def slot_bytes(qm: QuantizedMoE, sizes: ExpertSizes, e: int, rank: int, hi: bool, factor: str = "fp16") -> int:
+    """Bytes one (token, expert) slot moves: the expert's image (the higher-precision one where
+    chosen), plus the factors (stored at `factor` precision) it was restored with, each matrix up
+    to its own stored rank."""
+    if hi:
+        return sizes.weight_bytes("hi")
+    ex = qm.experts[e]
+    return sizes.weight_bytes("lo") + sum(sizes.matrix_factor_bytes(m, min(rank, ex.stored_rank(m)), factor)
+                                          for m in MATRICES)
 
 
 class LayerRunner:
     """The block function of one layer under a policy; tallies bytes and slots as it runs."""
 
-    def __init__(self, qm: QuantizedMoE, decide, cfg: RouterConfig):
-        self.qm, self.decide, self.cfg = qm, decide, cfg
+    def __init__(self, qm: QuantizedMoE, policy: RestorationPolicy, ctx: RestorationContext, cfg: RouterConfig,
+                 factor: str = "fp16"):
+        self.qm, self.policy, self.ctx, self.cfg, self.factor = qm, policy, ctx, cfg, factor
+        self.sizes = block_sizes(qm)
         self.block = MaskedQuantMoE(qm)        # moe_forward_quant's result, all experts at once
         self.bytes = 0
         self.tokens = 0
+
+    def decide(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """restore [T, K] ranks and hi [T, K] flags, each token decided as batch-1 decode would."""
+        res = decode_restoration(self.policy, ids, weights, self.ctx)
+        return res.restore_tensor(), res.hi_tensor()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = route(x, self.qm.router, self.cfg)
@@ -88,14 +120,19 @@ class LayerRunner:
         for e, r, h in zip(ids.flatten().tolist(), restore.flatten().tolist(), hi.flatten().tolist()):
             key = (e, r, h)
             if key not in price:
-                price[key] = slot_bytes(self.qm, e, r, h)
+                price[key] = slot_bytes(self.qm, self.sizes, e, r, h, self.factor)
             self.bytes += price[key]
         self.tokens += x.shape[0]
         return self.block(x, restore, hi, (ids, weights))
 
 
+PolicyChoice = RestorationPolicy | Callable[[int], RestorationPolicy]
+
+
 class Study:
     """Holds the model, its calibration statistics and the quantized variants built so far."""
+
+    scale = None        # host/study_workers.ScaleOut: computes each variant's parts ahead (device, Ray)
 
     def __init__(self, dm, eval_windows: torch.Tensor, calib_windows: torch.Tensor, calib_rows: int = 4096,
                  progress: bool = True, quant_layers: list[int] | None = None, block_rows: int = 1024,
@@ -131,12 +168,17 @@ class Study:
         self._variants: dict[Variant, dict[int, QuantizedMoE]] = {}
         self._sens: dict[Variant, dict] = {}
         self.rows: list[dict] = []
+        # Each row's per-prediction NLLs (aligned with `rows`), kept in memory for the paired
+        # intervals of the verdicts; study.json stores the intervals, not these.
+        self.token_nlls: list[torch.Tensor] = []
 
     # -- building variants ---------------------------------------------------------------------
     def variant(self, v: Variant) -> dict[int, QuantizedMoE]:
         if v not in self._variants:
+            if self.scale is not None:
+                self.scale.prefetch(self, v)
             if v.alloc_budget:
-                base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group, v.word_bits))
+                base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group, v.word_bits, v.factor))
                 out = {l: _with_allocated_ranks(qm, v.alloc_budget) for l, qm in base.items()}
             elif v.rank:
                 out = {l: self._compensated(l, v) for l in self.layers}
@@ -155,7 +197,8 @@ class Study:
         if plain in self._variants:
             return self._variants[plain][layer]
         w, rc = self.dm.blocks[layer]
-        fmt = QuantFormat(v.bits, v.group, v.word_bits)
+        fmt = v.fmt
+        check_block_fits(w, fmt, layer)
         key = self.cache.key(layer, f"q|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}")
         qs = self.cache.quantized(key, fmt, lambda: [ex.q for ex in quantize_moe(
             w, rc, fmt, quantizer=get_quantizer(v.quantizer), grams=self.grams[layer]).experts])
@@ -163,11 +206,24 @@ class Study:
 
     def _compensated(self, layer: int, v: Variant) -> QuantizedMoE:
         base = self.variant(Variant(v.bits, v.quantizer, group=v.group, word_bits=v.word_bits))[layer]
-        key = self.cache.key(layer, f"c|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}|{v.fit}|{v.rank}")
-        comps = self.cache.compensators(key, lambda: [ex.comp for ex in compensate_moe(
-            base, v.rank, v.fit, self.grams[layer]).experts])
+        key = self.cache.key(layer, f"c|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}|{v.fit}|{v.rank}"
+                             + ("" if v.factor == "fp16" else f"|{v.factor}"))
+        if v.factor == "fp16":
+            make = lambda: [ex.comp for ex in compensate_moe(base, v.rank, v.fit, self.grams[layer]).experts]
+        else:
+            make = lambda: self._quantized_factors(layer, base, v)
+        comps = self.cache.compensators(key, make)
         experts = [QuantizedExpert(ex.q, comps[e], ex._deq) for e, ex in enumerate(base.experts)]
         return QuantizedMoE(base.fmt, experts, base.router, base.cfg, base.float_weights)
+
+    def _quantized_factors(self, layer: int, base: QuantizedMoE, v: Variant) -> list[dict]:
+        """Per expert {matrix: LowRank}: the dequantized factors of a compensator fitted against
+        its own quantization at v.factor (what the GPU applies; the bytes are the packed rows')."""
+        w = base.float_weights
+        bits = factor_bits(v.factor)
+        return [{m: fit_quantized(getattr(w, m)[e].float() - ex.weight(m), self.grams[layer][e][m], v.rank, bits,
+                                  group=v.group, word_bits=v.word_bits).lowrank()
+                 for m in MATRICES} for e, ex in enumerate(base.experts)]
 
     def sensitivity(self, v: Variant) -> dict:
         if v not in self._sens:
@@ -175,26 +231,42 @@ class Study:
         return self._sens[v]
 
     # -- evaluating ----------------------------------------------------------------------------
-    def run(self, name: str, v: Variant | None, decide_for_layer=None, **meta) -> dict:
-        """Perplexity and bytes/token of one configuration. v None: the float (fp16) model."""
+    def context(self, layer: int, v: Variant, with_sensitivity: bool) -> RestorationContext:
+        """What a policy knows of one layer of a variant: the contract's prices (fp16 factors,
+        nothing cached, batch-1 decode) and, if asked, the measured sensitivity."""
+        sens = self.sensitivity(v)[layer] if with_sensitivity else None
+        sizes = block_sizes(self.variant(v)[layer])
+        return replace(restoration_context(sizes, sens), rank_bytes=sizes.factor_bytes_per_rank(v.factor))
+
+    def run(self, name: str, v: Variant | None, policy: PolicyChoice | None = None, **meta) -> dict:
+        """Perplexity and bytes/token of one configuration. v None: the float (fp16) model.
+        policy: one RestorationPolicy for every layer, or a function of the layer returning one
+        (called once per layer and run); None restores nothing."""
         t0 = time.time()
+        nll: list[torch.Tensor] = []
         if v is None:
             set_blocks(self.dm.model, self.float_blocks)
-            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
-            w0, rc0 = self.dm.blocks[self.layers[0]]
-            per_expert = sum(fp16_matrix_bytes(*getattr(w0, m)[0].shape) for m in MATRICES)
-            bpt = per_expert * rc0.top_k * len(self.layers)
+            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
+            bpt = 0
+            for l in self.layers:
+                w, rc = self.dm.blocks[l]
+                intermediate, hidden = w.w1.shape[1:]
+                bpt += ExpertSizes(hidden, intermediate, None).weight_bytes("fp16") * rc.top_k
         else:
+            policy = TopN(0) if policy is None else policy
+            policy_of = policy if callable(policy) else (lambda l: policy)
             runners = {}
             for l, qm in self.variant(v).items():
-                runners[l] = LayerRunner(qm, decide_for_layer(l) if decide_for_layer else _plain, qm.cfg)
+                p = policy_of(l)
+                runners[l] = LayerRunner(qm, p, self.context(l, v, p.needs_sensitivity), qm.cfg, v.factor)
             set_blocks(self.dm.model, {**self.float_blocks, **runners})
-            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name)
+            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
             bpt = sum(r.bytes / max(r.tokens, 1) for r in runners.values())
             layer_err = self.layer_error(runners)
         row = dict(name=name, variant=None if v is None else v.label, ppl=ppl, bytes_per_token=bpt,
                    layer_err=0.0 if v is None else layer_err, seconds=round(time.time() - t0, 1), **meta)
         self.rows.append(row)
+        self.token_nlls.append(torch.cat([t.reshape(-1).double() for t in nll]))
         return row
 
 
@@ -210,70 +282,18 @@ class Study:
         return math.sqrt(sum(sq) / len(sq))
 
 
-def _plain(ids, weights):
-    z = torch.zeros(ids.shape, dtype=torch.long)
-    return z, torch.zeros(ids.shape, dtype=torch.bool)
-
-
-def topn_decider(n: int, rank: int = FULL_RANK):
-    def decide(ids, weights):
-        r = torch.zeros(ids.shape, dtype=torch.long)
-        r[:, :n] = rank
-        return r, torch.zeros(ids.shape, dtype=torch.bool)
-    return decide
-
-
-def randomn_decider(n: int, seed: int = 0, rank: int = FULL_RANK):
-    g = torch.Generator().manual_seed(seed)
-
-    def decide(ids, weights):
-        pick = torch.rand(ids.shape, generator=g).argsort(dim=1)[:, :n]
-        r = torch.zeros(ids.shape, dtype=torch.long)
-        r.scatter_(1, pick, rank)
-        return r, torch.zeros(ids.shape, dtype=torch.bool)
-    return decide
-
-
-def hobbit_decider(n: int):
-    def decide(ids, weights):
-        hi = torch.zeros(ids.shape, dtype=torch.bool)
-        hi[:, :n] = True
-        return torch.zeros(ids.shape, dtype=torch.long), hi
-    return decide
-
-
-def policy_decider(policy, ctx: RestorationContext):
-    """A runtime policy (host/policy.py) applied token by token: batch-1 decode, as bytes count."""
-    def decide(ids, weights):
-        ranks, his = [], []
-        for i in range(ids.shape[0]):
-            res = policy.decide(ids[i:i + 1], weights[i:i + 1], ctx)
-            ranks.append(res.ranks[0])
-            his.append(res.hi[0])
-        return torch.tensor(ranks, dtype=torch.long), torch.tensor(his, dtype=torch.bool)
-    return decide
-
-
-def layer_context(qm: QuantizedMoE, sens, with_hi: bool) -> RestorationContext:
-    """Prices of one layer for a runtime policy, from the block's own matrices."""
-    ex = qm.experts[0]
-    stored = max(ex.stored_rank(m) for m in MATRICES)
-    rank_bytes = sum(FP16_BYTES * (ex.q[m].rows + ex.q[m].in_features) for m in MATRICES)
-    hi_extra = (qm.hi_experts[0].nbytes - ex.nbytes) if with_hi else None
-    return RestorationContext(stored, rank_bytes, hi_extra, sens)
-
-
 def _with_allocated_ranks(qm: QuantizedMoE, budget: float) -> QuantizedMoE:
     """Truncate a block's stored compensators to ranks allocated greedily under `budget` bytes of
     fp16 factors for the whole layer (gains: each component's calibration output-error
     reduction, from the activation-aware fit's spectrum)."""
 
+    sizes = block_sizes(qm)
     gains, cost = {}, {}
     for e, ex in enumerate(qm.experts):
         for m in MATRICES:
             if m in ex.comp:
                 gains[(e, m)] = ex.comp[m].spectrum
-                cost[(e, m)] = FP16_BYTES * (ex.q[m].rows + ex.q[m].in_features)
+                cost[(e, m)] = sizes.matrix_factor_bytes_fp16(m, 1)
     ranks = allocate_ranks(gains, cost, budget)
     experts = []
     for e, ex in enumerate(qm.experts):

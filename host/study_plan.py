@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ndpmoe.model.moe_quant import FULL_RANK
+from ndpmoe.model.factor_quant import FACTOR_PRECISIONS, factor_bits, rank_share
 
-from .policy import BudgetedPolicy
-from .study import (Study, Variant, hobbit_decider, layer_context, policy_decider, randomn_decider,
-                    topn_decider)
+from .paired_stats import DEFAULT_UNITS, MIN_UNITS, PairedInterval, paired_contrast
+from .policy import BudgetedPolicy, HobbitTopHi, RandomN, TopN, get_policy
+from .study import Study, Variant, block_sizes
 
 
 @dataclass(frozen=True)
@@ -27,82 +27,125 @@ class PlanOptions:
     compare_fits: bool = True
     compare_random: bool = True
     compare_alloc: bool = True
-    policies: tuple[str, ...] = ()                   # extra runtime policy specs (--policy)
+    policies: tuple[str, ...] = ()                   # extra runtime policy specs (--policy), one row each
     other_bits_topn: bool = True                     # Top-n rows on the other base widths too
+    group: int = 64                                  # quantization group size of every variant
+    # Factor precisions of the compensated Top-n rows (fp16, and packed int8 / int4 / int3 rows).
+    factors: tuple[str, ...] = ("fp16", "int8", "int4", "int3")
 
 
-def run_plan(study: Study, opt: PlanOptions, log=print) -> None:
+REGIME_MODELS = ("mixtral-8x7b", "olmoe-1b-7b", "deepseek-v2-lite")
+
+
+def regime_line(hidden: int, intermediate: int, bits: int, group: int, word_bits: int = 64,
+                model: str = "this model", factors=FACTOR_PRECISIONS) -> str:
+    """Bytes of one rank (w1, w3, w2) at each factor precision over one `bits`-bit expert: small is
+    the paper's regime, where ranks are cheap."""
+    from ndpmoe.model.contract import QuantFormat
+    fmt = QuantFormat(bits, group, word_bits)
+    return (f"{model} ({hidden} x {intermediate}, int{bits} experts): one rank = "
+            + ", ".join(f"{p} {rank_share(hidden, intermediate, fmt, p):.2%}" for p in factors) + " of an expert")
+
+
+def regime_lines(hidden: int, intermediate: int, bits: int, group: int, word_bits: int = 64) -> list[str]:
+    """The regime line for the model under study and, for scale, the presets' shapes."""
+    from .models import get_model
+    out = [regime_line(hidden, intermediate, bits, group, word_bits)]
+    for name in REGIME_MODELS:
+        spec = get_model(name)
+        out.append(regime_line(spec.hidden, spec.intermediate, bits, group, word_bits, name))
+    return out
+
+
+def extra_policies(opt: PlanOptions, top_k: int | None = None) -> list:
+    """The --policy specs as policy objects, refused with a clear error before anything runs."""
+    out = []
+    for spec in opt.policies:
+        policy = get_policy(spec, top_k)
+        if isinstance(policy, HobbitTopHi) and not opt.hi_bits:
+            raise ValueError(f"restoration policy {spec!r} needs higher-precision copies; set --hi-bits above 0")
+        out.append(policy)
+    return out
+
+
+def run_plan(study: Study, opt: PlanOptions, log=print) -> list[str]:
+    """Runs the plan's rows on the study; returns the regime lines it printed."""
     k = study.dm.blocks[study.layers[0]][1].top_k
+    extra = extra_policies(opt, k)
+    for p in opt.factors:
+        factor_bits(p)                                  # an unknown precision, before anything runs
+    w0 = study.dm.blocks[study.layers[0]][0]
+    regime = regime_lines(w0.w1.shape[2], w0.w1.shape[1], opt.base_bits, opt.group)
+    log("regime (one rank of factors over one expert):\n" + "\n".join(f"  {line}" for line in regime))
     r_top = max(opt.ranks)
     topn = [n for n in opt.topn if 0 < n <= k]
     q_best = opt.quantizers[-1]
+    g = opt.group
     say = lambda row: log(f"  {row['name']:<44} ppl {row['ppl']:10.3f}   {row['bytes_per_token'] / 1e6:8.3f} MB/token"
                           f"   layer err {row['layer_err']:.4f}   ({row['seconds']:.0f} s)")
 
     say(study.run("fp16", None, kind="fp16"))
     for b in opt.bits:
         for qn in opt.quantizers:
-            say(study.run(f"uniform int{b} {qn}", Variant(b, qn), kind="uniform", bits=b, quantizer=qn))
+            say(study.run(f"uniform int{b} {qn}", Variant(b, qn, group=g), kind="uniform", bits=b, quantizer=qn))
 
-    base = Variant(opt.base_bits, q_best, "aware", r_top)
+    base = Variant(opt.base_bits, q_best, "aware", r_top, group=g)
     for r in sorted(opt.ranks):
         for n in topn:
-            say(study.run(f"int{opt.base_bits} top-{n} aware r{r}", base, _layers(study, lambda l: topn_decider(n, r)),
+            say(study.run(f"int{opt.base_bits} top-{n} aware r{r}", base, TopN(n, r),
                           kind="topn", bits=opt.base_bits, n=n, rank=r, fit="aware"))
     if k not in topn:
-        say(study.run(f"int{opt.base_bits} top-{k} (all) aware r{r_top}", base, _layers(study, lambda l: topn_decider(k, r_top)),
+        say(study.run(f"int{opt.base_bits} top-{k} (all) aware r{r_top}", base, TopN(k, r_top),
                       kind="topn", bits=opt.base_bits, n=k, rank=r_top, fit="aware"))
+    for p in opt.factors:
+        if p == "fp16":
+            continue
+        qv = Variant(opt.base_bits, q_best, "aware", r_top, group=g, factor=p)
+        for r in sorted(opt.ranks):
+            for n in topn:
+                say(study.run(f"int{opt.base_bits} top-{n} aware r{r} {p} factors", qv, TopN(n, r),
+                              kind="topn", bits=opt.base_bits, n=n, rank=r, fit="aware", factor=p))
     n_mid = topn[len(topn) // 2] if topn else 1
     if opt.compare_fits:
-        svd = Variant(opt.base_bits, q_best, "svd", r_top)
+        svd = Variant(opt.base_bits, q_best, "svd", r_top, group=g)
         for r in sorted(opt.ranks):
-            say(study.run(f"int{opt.base_bits} top-{n_mid} svd r{r}", svd, _layers(study, lambda l: topn_decider(n_mid, r)),
+            say(study.run(f"int{opt.base_bits} top-{n_mid} svd r{r}", svd, TopN(n_mid, r),
                           kind="topn", bits=opt.base_bits, n=n_mid, rank=r, fit="svd"))
     if opt.compare_random:
         say(study.run(f"int{opt.base_bits} random-{n_mid} aware r{r_top}", base,
-                      _layers(study, lambda l: randomn_decider(n_mid, seed=l, rank=r_top)),
+                      lambda l: RandomN(n_mid, seed=l, rank=r_top),
                       kind="randomn", bits=opt.base_bits, n=n_mid, rank=r_top, fit="aware"))
     if opt.compare_alloc:
         # The same fp16 factor bytes as storing rank r_min for every matrix, spread by gain per byte.
         r_min = min(opt.ranks)
         qm0 = study.variant(base)[study.layers[0]]
-        ex = qm0.experts[0]
-        per_rank = sum(2 * (ex.q[m].rows + ex.q[m].in_features) for m in ("w1", "w3", "w2"))
-        budget = r_min * per_rank * qm0.num_experts
-        alloc = Variant(opt.base_bits, q_best, "aware", r_top, alloc_budget=budget)
-        say(study.run(f"int{opt.base_bits} top-{n_mid} aware alloc(=r{r_min} bytes)", alloc,
-                      _layers(study, lambda l: topn_decider(n_mid, FULL_RANK)),
+        budget = r_min * block_sizes(qm0).fp16_bytes_per_rank * qm0.num_experts
+        alloc = Variant(opt.base_bits, q_best, "aware", r_top, alloc_budget=budget, group=g)
+        say(study.run(f"int{opt.base_bits} top-{n_mid} aware alloc(=r{r_min} bytes)", alloc, TopN(n_mid),
                       kind="alloc", bits=opt.base_bits, n=n_mid, rank=r_min, fit="aware"))
-    if opt.hi_bits:
-        hv = Variant(opt.base_bits, q_best, "aware", r_top, hi_bits=opt.hi_bits)
+    hv = Variant(opt.base_bits, q_best, "aware", r_top, hi_bits=opt.hi_bits, group=g) if opt.hi_bits else None
+    if hv is not None:
         for n in topn[:2]:
-            say(study.run(f"int{opt.base_bits} hobbit top-{n} int{opt.hi_bits}", hv, _layers(study, lambda l: hobbit_decider(n)),
+            say(study.run(f"int{opt.base_bits} hobbit top-{n} int{opt.hi_bits}", hv, HobbitTopHi(n),
                           kind="hobbit", bits=opt.base_bits, n=n, hi_bits=opt.hi_bits))
-        sens = study.sensitivity(hv)
-        unit = layer_context(study.variant(hv)[study.layers[0]], sens[study.layers[0]], True).rank_bytes * r_top
+        unit = block_sizes(study.variant(hv)[study.layers[0]]).fp16_bytes_per_rank * r_top
         for mult in opt.budgets:
             policy = BudgetedPolicy(mult * unit, rank_step=min(opt.ranks))   # every rank the study studies
-            say(study.run(f"int{opt.base_bits} budgeted {mult:g}x", hv,
-                          _layers(study, lambda l: policy_decider(policy, layer_context(study.variant(hv)[l], sens[l], True))),
+            say(study.run(f"int{opt.base_bits} budgeted {mult:g}x", hv, policy,
                           kind="budgeted", bits=opt.base_bits, budget_bytes=mult * unit * len(study.layers)))
+    for spec, policy in zip(opt.policies, extra):
+        # On the higher-precision variant where there is one: the same low-bit experts and
+        # factors, plus the copies a hobbit or budgeted policy may buy.
+        say(study.run(f"int{opt.base_bits} --policy {spec}", hv or base, policy,
+                      kind="policy", bits=opt.base_bits, spec=spec))
     for b in opt.bits if opt.other_bits_topn else ():
         if b == opt.base_bits:
             continue
-        v = Variant(b, q_best, "aware", r_top)
+        v = Variant(b, q_best, "aware", r_top, group=g)
         for n in (n_mid, k):
-            say(study.run(f"int{b} top-{n} aware r{r_top}", v, _layers(study, lambda l: topn_decider(n, r_top)),
+            say(study.run(f"int{b} top-{n} aware r{r_top}", v, TopN(n, r_top),
                           kind="topn", bits=b, n=n, rank=r_top, fit="aware"))
-
-
-def _layers(study: Study, make):
-    """A per-layer decider factory, with `make` bound now (the lambdas above close over loop vars)."""
-    cache = {}
-
-    def for_layer(l):
-        if l not in cache:
-            cache[l] = make(l)
-        return cache[l]
-    return for_layer
+    return regime
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,46 +156,96 @@ def _uniform(rows, bits, quantizer):
                  and r.get("quantizer") == quantizer), None)
 
 
-def verdicts(rows: list[dict], quantizer: str) -> list[str]:
+def _fp16_factors(row: dict) -> bool:
+    return row.get("factor", "fp16") == "fp16"
+
+
+class PairedVerdicts:
+    """Paired 95 % intervals of perplexity contrasts between rows evaluated on the same tokens
+    (host/paired_stats.py); each one asked for is recorded for study.json."""
+
+    def __init__(self, rows: list[dict], nlls: list | None):
+        self.nll = {} if nlls is None else {id(r): n for r, n in zip(rows, nlls)}
+        self.record: list[dict] = []
+
+    def contrast(self, what: str, terms: list[tuple[dict, float]]) -> PairedInterval | None:
+        """sum coeff * ppl over the rows (first row first); None where a row's NLLs are not known."""
+        nlls = [self.nll.get(id(r)) for r, _ in terms]
+        if any(n is None for n in nlls) or nlls[0].numel() < MIN_UNITS:
+            return None
+        ci = paired_contrast(nlls, [c for _, c in terms], units=min(DEFAULT_UNITS, nlls[0].numel()))
+        self.record.append({"comparison": what, "rows": [r["name"] for r, _ in terms],
+                            "coeffs": [c for _, c in terms], **ci.to_json()})
+        return ci
+
+    def against(self, what: str, a: dict, b: dict) -> PairedInterval | None:
+        return self.contrast(what, [(a, 1.0), (b, -1.0)])
+
+    @staticmethod
+    def text(ci: PairedInterval | None, wins: str, loses: str, tie: str = "tie") -> str:
+        """'<diff> [low, high]: <verdict>'; without NLLs, the verdict of the point estimates is not stated."""
+        if ci is None:
+            return "no interval (per-token NLLs not kept)"
+        return f"{ci.describe()} 95% CI: " + {"wins": wins, "loses": loses, "tie": tie}[ci.verdict]
+
+
+def verdicts(rows: list[dict], quantizer: str, nlls: list | None = None,
+             record: list | None = None) -> list[str]:
+    """The study's statements against the targets. nlls: each row's per-token NLLs (aligned with
+    rows), for paired 95 % intervals; a contrast is 'wins' or 'loses' only when its interval
+    excludes zero, else 'tie'. record: a list that receives every interval (for study.json)."""
+    pv = PairedVerdicts(rows, nlls)
     out = []
     for lo, hi in ((3, 4), (2, 3)):
         a, b = _uniform(rows, lo, quantizer), _uniform(rows, hi, quantizer)
         if a is None or b is None:
             continue
         b0, b1 = a["bytes_per_token"], b["bytes_per_token"]
-        inside = [r for r in rows if r.get("kind") in ("topn", "alloc", "budgeted", "hobbit") and r.get("bits") == lo
+        inside = [r for r in rows if r.get("kind") in ("topn", "alloc", "budgeted", "hobbit", "policy") and r.get("bits") == lo
                   and b0 < r["bytes_per_token"] < b1]
         t = lambda r: (r["bytes_per_token"] - b0) / (b1 - b0)
         # The chord in perplexity (mixing lo- and hi-bit experts moves bytes linearly); the
         # geometric one (linear in log-perplexity) is stricter and reported beside it.
         lin = [r for r in inside if r["ppl"] < a["ppl"] + (b["ppl"] - a["ppl"]) * t(r)]
         geo = [r for r in inside if math.log(r["ppl"]) < math.log(a["ppl"]) + (math.log(b["ppl"]) - math.log(a["ppl"])) * t(r)]
+        cis = {r["name"]: pv.contrast(f"int{lo}..int{hi} chord", [(r, 1.0), (a, -(1 - t(r))), (b, -t(r))]) for r in inside}
+        below = [n for n, ci in cis.items() if ci is not None and ci.verdict == "wins"]
+        above = [n for n, ci in cis.items() if ci is not None and ci.verdict == "loses"]
         best = min(inside, key=lambda r: r["ppl"])["name"] if inside else "none"
+        known = sum(ci is not None for ci in cis.values())
         out.append(f"int{lo}..int{hi} chord ({quantizer}): {len(lin)} of {len(inside)} compensated configurations between "
-                   f"the uniform points lie below it ({len(geo)} below the stricter log-ppl chord); best {best}")
-    by = {r["name"]: r for r in rows}
+                   f"the uniform points lie below it ({len(geo)} below the stricter log-ppl chord); best {best}"
+                   + (f"; paired 95% CI: {len(below)} of {known} significantly below, {len(above)} above, "
+                      f"{known - len(below) - len(above)} tie" if known else ""))
+        for n, ci in cis.items():
+            if ci is not None:
+                out.append(f"  {n} against the int{lo}..int{hi} chord at its bytes: "
+                           + pv.text(ci, "below the chord", "above the chord"))
     for r in rows:
         if r.get("kind") == "randomn":
             twin = next((t for t in rows if t.get("kind") == "topn" and t.get("n") == r["n"] and t.get("rank") == r["rank"]
-                         and t.get("fit") == "aware" and t.get("bits") == r["bits"]), None)
+                         and t.get("fit") == "aware" and t.get("bits") == r["bits"] and _fp16_factors(t)), None)
             if twin:
+                ci = pv.against(f"top-{r['n']} vs random-{r['n']}", twin, r)
                 out.append(f"router-guided top-{r['n']} ppl {twin['ppl']:.3f} vs random-{r['n']} {r['ppl']:.3f} at "
                            f"{twin['bytes_per_token'] / 1e6:.3f} vs {r['bytes_per_token'] / 1e6:.3f} MB/token: "
-                           + ("top-n wins" if twin["ppl"] < r["ppl"] else "random wins"))
+                           + pv.text(ci, "top-n wins", "random wins"))
         if r.get("kind") == "topn" and r.get("fit") == "svd":
             twin = next((t for t in rows if t.get("kind") == "topn" and t.get("fit") == "aware" and t.get("n") == r["n"]
-                         and t.get("rank") == r["rank"] and t.get("bits") == r["bits"]), None)
+                         and t.get("rank") == r["rank"] and t.get("bits") == r["bits"] and _fp16_factors(t)), None)
             if twin:
+                ci = pv.against(f"aware vs svd top-{r['n']} r{r['rank']}", twin, r)
                 out.append(f"activation-aware vs plain SVD (top-{r['n']}, r{r['rank']}, equal bytes): ppl {twin['ppl']:.3f} vs "
-                           f"{r['ppl']:.3f}: " + ("aware wins" if twin["ppl"] < r["ppl"] else "SVD wins"))
+                           f"{r['ppl']:.3f}: " + pv.text(ci, "aware wins", "SVD wins"))
         if r.get("kind") == "alloc":
             fixed = [t for t in rows if t.get("kind") == "topn" and t.get("fit") == "aware" and t.get("n") == r["n"]
                      and t.get("bits") == r["bits"] and t["bytes_per_token"] <= r["bytes_per_token"] * 1.05]
             if fixed:
                 best = min(fixed, key=lambda t: t["ppl"])
+                ci = pv.against("rank allocation vs best fixed rank", r, best)
                 out.append(f"rank allocation ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best fixed rank at "
                            f"<= those bytes ({best['name']}) {best['ppl']:.3f}: "
-                           + ("allocation at least as good" if r["ppl"] <= best["ppl"] else "fixed rank better"))
+                           + pv.text(ci, "allocation wins", "fixed rank wins"))
     uni = {r["bits"]: r for r in rows if r.get("kind") == "uniform" and r.get("quantizer") == quantizer}
     fp = next((r for r in rows if r.get("kind") == "fp16"), None)
     if fp:
@@ -161,15 +254,30 @@ def verdicts(rows: list[dict], quantizer: str) -> list[str]:
                 u = uni[r["bits"]]
                 gap = u["ppl"] - fp["ppl"]
                 if gap > 0:
-                    out.append(f"int{r['bits']} top-{r['n']} r{r['rank']}: recovers {(u['ppl'] - r['ppl']) / gap:6.1%} of the "
-                               f"int{r['bits']}->fp16 gap for +{(r['bytes_per_token'] - u['bytes_per_token']) / 1e6:.3f} MB/token")
+                    ci = pv.against(f"{r['name']} vs uniform int{r['bits']}", r, u)
+                    out.append(f"int{r['bits']} top-{r['n']} r{r['rank']} {r.get('factor', 'fp16')} factors: recovers {(u['ppl'] - r['ppl']) / gap:6.1%} of the "
+                               f"int{r['bits']}->fp16 gap for +{(r['bytes_per_token'] - u['bytes_per_token']) / 1e6:.3f} MB/token; "
+                               f"against uniform int{r['bits']}: " + pv.text(ci, "wins", "loses"))
     for r in rows:
         if r.get("kind") == "hobbit":
             near = [t for t in rows if t.get("kind") in ("topn", "budgeted") and t.get("bits") == r["bits"]
                     and abs(t["bytes_per_token"] - r["bytes_per_token"]) <= 0.1 * r["bytes_per_token"]]
             if near:
                 best = min(near, key=lambda t: t["ppl"])
+                ci = pv.against(f"{r['name']} vs {best['name']}", r, best)
                 out.append(f"HOBBIT {r['name']} ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best Top-n / budgeted "
                            f"(which may buy copies too) within 10% bytes ({best['name']}) {best['ppl']:.3f}: "
-                           + ("HOBBIT loses" if best["ppl"] < r["ppl"] else "HOBBIT wins"))
+                           + pv.text(ci, "HOBBIT wins", "HOBBIT loses"))
+    for r in rows:
+        if r.get("kind") == "budgeted":
+            fixed = [t for t in rows if t.get("kind") in ("topn", "hobbit") and t.get("bits") == r["bits"]
+                     and t["bytes_per_token"] <= r["bytes_per_token"]]
+            if fixed:
+                best = min(fixed, key=lambda t: t["ppl"])
+                ci = pv.against(f"{r['name']} vs {best['name']}", r, best)
+                out.append(f"budgeted {r['name']} ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs the best fixed "
+                           f"rule at <= those bytes ({best['name']}) {best['ppl']:.3f}: "
+                           + pv.text(ci, "budgeted wins", "budgeted loses"))
+    if record is not None:
+        record.extend(pv.record)
     return out

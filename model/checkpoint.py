@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .block import FloatMoE, set_block
+from .errors import NdpmoeError
 from .moe import MoEWeights, RouterConfig
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -85,6 +86,17 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; NdpmoeError naming the file otherwise."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NdpmoeError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise NdpmoeError(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    return value
+
+
 def _cfg(config: dict, *names, default=None):
     """First of several config.json spellings that is present (families and versions differ)."""
     for name in names:
@@ -101,12 +113,13 @@ class Checkpoint:
         cfg_path = self.folder / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path} does not exist: not a Hugging Face checkpoint folder")
-        self.config = json.loads(cfg_path.read_text())
+        self.config = read_json_object(cfg_path)
         self.model_type = self.config.get("model_type")
         if self.model_type not in FAMILIES:
             raise ValueError(f"{cfg_path}: unknown architecture model_type={self.model_type!r}; "
                              f"supported: {', '.join(sorted(FAMILIES))}")
         self.family = FAMILIES[self.model_type]
+        self._check_config(cfg_path)
         self.tensors = self._index()
         self._check()
 
@@ -114,7 +127,7 @@ class Checkpoint:
     def _index(self) -> dict[str, TensorInfo]:
         index = self.folder / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: no 'weight_map' object")
             headers: dict[str, dict[str, TensorInfo]] = {}
@@ -136,6 +149,20 @@ class Checkpoint:
         raise FileNotFoundError(f"{self.folder}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
 
     # -- what config.json says -----------------------------------------------------------------
+    def _check_config(self, cfg_path: Path) -> None:
+        """The sizes this loader reads are positive integers and top-k fits the experts."""
+        c = self.config
+        inter = ("intermediate_size",) if self.model_type in ("mixtral", "olmoe") else ("moe_intermediate_size",)
+        for names in (("num_hidden_layers",), ("hidden_size",), ("num_local_experts", "num_experts", "n_routed_experts"),
+                      ("num_experts_per_tok",), inter):
+            v = _cfg(c, *names)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise NdpmoeError(f"{cfg_path}: {' or '.join(names)} must be a positive integer, "
+                                  f"{'not ' + repr(v) if v is not None else 'and it is missing'}")
+        if self.config["num_experts_per_tok"] > self.num_experts:
+            raise NdpmoeError(f"{cfg_path}: num_experts_per_tok {self.config['num_experts_per_tok']} is more than the "
+                              f"{self.num_experts} experts")
+
     @property
     def num_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
@@ -283,12 +310,37 @@ def load_model(folder: str | Path, float_blocks: bool = True):
     else:
         ckpt = Checkpoint(folder)
         os.environ["HF_HUB_OFFLINE"] = "1"
-        model = AutoModelForCausalLM.from_pretrained(ckpt.folder, dtype=torch.float32, local_files_only=True)
+        _check_dense_shapes(ckpt)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ckpt.folder, dtype=torch.float32, local_files_only=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise NdpmoeError(f"{ckpt.folder}: transformers could not load it ({first})") from None
         model.eval()
     if float_blocks:
         for layer, w, cfg in ckpt.iter_moe_layers():
             set_block(model, layer, FloatMoE(w, cfg))
     return model, ckpt
+
+
+def _check_dense_shapes(ckpt: Checkpoint) -> None:
+    """Every tensor the architecture declares under the same name on disk (attention, norms,
+    embeddings) has the shape config.json implies, checked on an empty (meta) model before
+    transformers reads any data."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(ckpt.folder, local_files_only=True)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise NdpmoeError(f"{ckpt.folder / 'config.json'}: transformers cannot build the model it describes "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    for key, p in skeleton.state_dict().items():
+        info = ckpt.tensors.get(key)
+        if info is not None and info.shape != tuple(p.shape):
+            raise NdpmoeError(f"{info.file}: tensor {key!r} has shape {list(info.shape)}, config.json implies "
+                              f"{list(p.shape)}")
 
 
 def load_tokenizer(path: str | Path):

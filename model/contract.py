@@ -22,13 +22,16 @@ then the weight words of those groups (the last superblock may describe fewer gr
     row:  | meta | w w w ... w | meta | w w ... w | ... |
             E groups' (scale, zero)   their codes
 
-Metadata word: E entries of 32 bits, entry j at bits [32j, 32j + 32)::
+Metadata word: E entries of 32 bits, entry j at bits [32j, 32j + 32); the scale is an unsigned
+mantissa, the zero point a two's-complement int16 in Q11.4 (zero / 2^ZERO_FRAC_BITS codes)::
 
      31              16 15               0
     +------------------+------------------+
     |  zero (int16,    |  scale (uint16)  |
     |  Q11.4 fixed pt) |  mantissa        |
     +------------------+------------------+
+
+Codes are unsigned b-bit integers, 0 .. 2^b - 1.
 
 Weight words, b in {2, 4, 8}: code i of a word at bits [b*i, b*i + b), C = P / b codes per word::
 
@@ -47,28 +50,48 @@ bubble on the memory side, every container a power of two)::
 
 Words are little-endian in byte memory: byte k of a word holds its bits [8k, 8k + 8).
 
-Dequantization: w = (code - zero / 2^ZERO_FRAC_BITS) * scale * 2^-scale_exp, with one integer
-`scale_exp` per matrix (host-side metadata, the hardware never needs it).
+Dequantization: w = (code - zero / 2^ZERO_FRAC_BITS) * scale * 2^-scale_exp, with one signed
+integer `scale_exp` per matrix (host-side metadata, int32 in the expert store; the hardware never
+sees it). model/qtensor.scale_exponent picks floor(log2(SCALE_MAX / largest group scale)), which
+puts the largest mantissa in [2^15, 2^16): positive while the largest scale is below SCALE_MAX / 2
+(22 for 0.01; real weights always), 0 up to SCALE_MAX, negative above.
 
 Activations
 ===========
-Per-token symmetric int8: x ~= x_q * x_scale[t], x_q in [-127, 127]. In memory, token t's row is
-`act_row_len(in)` = roundup(in, P) bytes (zeros past `in`), rows back to back; that length covers
-the padded input of every bit width.
+Per-token symmetric int8: x ~= x_q * x_scale[t], x_q in [-127, 127]. In memory each activation is
+one two's-complement byte; token t's row is `act_row_len(in)` = roundup(in, P) bytes (zeros past
+`in`), rows back to back; that length covers the padded input of every bit width and is what a
+LOAD_ACT's `in_features` field holds (a positive multiple of P: see Descriptor). The host never
+writes -128, but the unit computes it exactly (the widths below allow |x| <= 128).
+
+Descriptors
+===========
+The host drives the unit with descriptors (Descriptor: fields, operations, output order, and the
+sizes every consumer derives from it); the unit reports State and ErrorCode (STATUS), refusing a
+descriptor without reading memory, and the COUNTERS.
 
 NDP arithmetic (bit-exact, see model/ndp_golden.py)
 ====================================================
     acc[t, r] = sum_g scale[r, g] * (2^ZERO_FRAC_BITS * sum_{i in g} code[r, i] * x[t, i]
                                       - zero[r, g] * sum_{i in g} x[t, i])
     y[t, r]   = acc[t, r] * 2^-(scale_exp + ZERO_FRAC_BITS) * x_scale[t]
-`acc` is a signed ACC_BITS integer; `ACC_BITS` is derived below so no overflow is possible for any
-operand values up to MAX_IN_FEATURES inputs.
+Every intermediate is a two's-complement integer, exact; the widths are derived below from the
+largest magnitude each can reach (G <= 128, code <= 255, |x| <= 128, |zero| <= 2^15, scale < 2^16),
+so they hold every value; the term and the scaled term (31 and 47 bits) need every one of their
+bits. An implementation may carry them wider::
+
+    width            bits   holds
+    GROUP_QX_BITS      23   sum_{i in g} code * x, one group
+    GROUP_X_BITS       16   sum_{i in g} x
+    TERM_BITS          31   2^ZERO_FRAC_BITS * sum(code * x) - zero * sum(x)
+    SCALED_TERM_BITS   47   scale * that term
+    ACC_BITS           54   acc over up to MAX_IN_FEATURES inputs
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 
 # ---------------------------------------------------------------------------------------------
 # Supported operand formats
@@ -104,6 +127,9 @@ ACC_BITS = _bits_for_signed(_TERM_BOUND * MAX_IN_FEATURES)
 # Group partial sums the lanes produce (per token, per group, G <= 128, code <= 255, |x| <= 128).
 GROUP_QX_BITS = _bits_for_signed(max(SUPPORTED_GROUPS) * 255 * (ACT_MAX + 1))
 GROUP_X_BITS = _bits_for_signed(max(SUPPORTED_GROUPS) * (ACT_MAX + 1))
+_GROUP_TERM_BOUND = max(SUPPORTED_GROUPS) * (ACT_MAX + 1) * ((1 << ZERO_FRAC_BITS) * 255 + (1 << (ZERO_BITS - 1)))
+TERM_BITS = _bits_for_signed(_GROUP_TERM_BOUND)
+SCALED_TERM_BITS = _bits_for_signed(_GROUP_TERM_BOUND * SCALE_MAX)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -228,6 +254,26 @@ def largest_group(in_features: int) -> int:
     raise ValueError(f"in_features {in_features} is not a multiple of {min(SUPPORTED_GROUPS)}")
 
 
+# Compensation factors of a matrix W [rows, in]: A [rows, r] and B [r, in], each just another matrix.
+FACTOR_COLUMN_ALIGN = min(SUPPORTED_GROUPS)   # int8 factors are zero-padded to whole groups
+
+
+def fp16_factor_bytes(rows: int, in_features: int, rank: int) -> int:
+    """Bytes of rank `rank` of W's factors stored fp16 (A [rows, r] and B [r, in])."""
+    return fp16_matrix_bytes(rows, rank) + fp16_matrix_bytes(rank, in_features)
+
+
+def int8_factor_columns(in_features: int) -> int:
+    """Columns of an int8 factor matrix in memory: its inputs zero-padded to whole groups."""
+    return _roundup(in_features, FACTOR_COLUMN_ALIGN)
+
+
+def int8_factor_format(in_features: int, word_bits: int) -> QuantFormat:
+    """Format of an int8 factor matrix with `in_features` inputs: symmetric codes around
+    INT8_FACTOR_ZERO, the largest supported group dividing its padded width."""
+    return QuantFormat(8, largest_group(int8_factor_columns(in_features)), word_bits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bit-field structures shared by the host and the gateware
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +323,8 @@ class BitStruct:
 class Opcode(enum.IntEnum):
     """NDP operations (descriptor field `opcode`)."""
     NOP = 0
-    LOAD_ACT = 1   # read `tokens` x act_row_len(in_features) int8 activations at `addr` into the buffer
-    MATMUL = 2     # stream the packed matrix at `addr` against the loaded activations
+    LOAD_ACT = 1   # read `tokens` rows of `in_features` (a multiple of P) int8 activations at `addr`
+    MATMUL = 2     # stream the packed matrix at `addr` against the loaded activations (see Descriptor)
 
 
 class ErrorCode(enum.IntEnum):
@@ -287,7 +333,7 @@ class ErrorCode(enum.IntEnum):
     BAD_OPCODE = 1
     BAD_BITS = 2          # bit width not in this build
     BAD_GROUP = 3         # group size code not one of SUPPORTED_GROUPS
-    BAD_IN_FEATURES = 4   # zero, not a multiple of the group, or above the buffer's capacity
+    BAD_IN_FEATURES = 4   # zero, not a multiple of G (MATMUL) or P (LOAD_ACT), or above the buffer's capacity
     BAD_TOKENS = 5        # zero or above T_max
     BAD_ROWS = 6          # zero rows
     MISALIGNED_ADDR = 7   # address not on a word boundary
@@ -303,6 +349,7 @@ class State(enum.IntEnum):
 
 
 GROUP_CODES = {32: 0, 64: 1, 128: 2}   # descriptor field `group` encodes log2(G) - 5
+GROUP_SIZES = {code: size for size, code in GROUP_CODES.items()}
 
 DESCRIPTOR = BitStruct("descriptor", (
     ("opcode", 2),
@@ -324,13 +371,157 @@ COUNTERS = ("busy_cycles", "mem_stall_cycles", "out_stall_cycles", "words_read",
 COUNTER_BITS = 48
 
 
-def make_descriptor(opcode: Opcode, *, addr: int, in_features: int, tokens: int, rows: int = 0,
-                    bits: int = 8, group_size: int = 32) -> int:
-    """Pack a descriptor. Values are only range-checked to fit their fields: the unit itself
-    validates the rest, so tests can build bad descriptors on purpose."""
-    group = GROUP_CODES.get(group_size, 3)
-    return DESCRIPTOR.pack(opcode=int(opcode), bits=bits, group=group, tokens=tokens, rows=rows,
-                           in_features=in_features, addr=addr)
+_DESCRIPTOR_LIMITS = tuple((name, 1 << width) for name, width in DESCRIPTOR.fields)
+_OPCODES = {int(op): op for op in Opcode}
+
+
+@lru_cache(maxsize=4096)
+def _row_words(bits: int, group_size: int, word_bits: int, in_features: int) -> tuple[int, int]:
+    """(words, of which streamed once) of one packed row: the once words are the metadata words
+    and, at 3 bits, the hi-plane words."""
+    fmt = QuantFormat(bits, group_size, word_bits)
+    hi = fmt.padded_in(in_features) // fmt.codes_per_block if bits == 3 else 0
+    return fmt.row_words(in_features), fmt.superblocks(in_features) + hi
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """One NDP command: the DESCRIPTOR word the unit takes on its command stream, as an object.
+
+    Fields, LSB first (DESCRIPTOR above is the one definition of the widths; a test holds this
+    table to it)::
+
+        field        bits       meaning
+        opcode       [0, 2)     Opcode
+        bits         [2, 6)     bits per weight code, as a number (2, 3, 4 or 8)
+        group        [6, 8)     group size code: G = 32 << group (GROUP_CODES; 3 is refused)
+        tokens       [8, 16)    T, tokens to use (1 .. T_max)
+        rows         [16, 32)   MATMUL: rows of the matrix to stream (a prefix of the image)
+        in_features  [32, 48)   LOAD_ACT: bytes per token row; MATMUL: inputs per row
+        addr         [48, 80)   byte address in the unit's memory, a multiple of P / 8
+
+    NOP does nothing. LOAD_ACT reads `tokens` x `in_features` bytes at `addr`, token after token,
+    into the activation buffer (each byte one two's-complement int8 activation); `in_features`
+    must be a positive multiple of P (so that it covers padded_in of every bit width) up to the
+    build's max_in_features: the host writes act_row_len(n) for n inputs, never n itself. `bits`
+    and `group` are ignored; the host writes 8 and code 0. MATMUL streams the first `rows` rows
+    of the packed matrix at `addr` (format `bits`, G, P) against the first `tokens` loaded tokens
+    and their first padded_in(in_features) inputs; `in_features` is a positive multiple of G.
+
+    Output stream: a MATMUL emits `rows` x `tokens` results (token, row, value), row by row and
+    within a row token 0 .. T-1 (`output_order`); a LOAD_ACT or NOP emits none.
+
+    The sizes below hold for a descriptor the unit accepts (model/ndp_golden.check_descriptor);
+    they take the NdpConfig for its port width P and tokens_parallel.
+    """
+    opcode: int
+    bits: int = 0
+    group: int = 0
+    tokens: int = 0
+    rows: int = 0
+    in_features: int = 0
+    addr: int = 0
+
+    def __post_init__(self):
+        for name, limit in _DESCRIPTOR_LIMITS:
+            v = getattr(self, name)
+            if type(v) is not int and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(f"descriptor field {name} must be an integer, not {v!r}")
+            if not 0 <= v < limit:
+                raise ValueError(f"descriptor field {name} must be in [0, 2^{limit.bit_length() - 1}), not {v}")
+        op = _OPCODES.get(self.opcode)
+        if op is not None:
+            object.__setattr__(self, "opcode", op)
+
+    # -- making one -------------------------------------------------------------------------------
+    @classmethod
+    def load_act(cls, *, tokens: int, in_features: int, addr: int = 0) -> "Descriptor":
+        """LOAD_ACT of `tokens` rows of `in_features` bytes (act_row_len of the inputs)."""
+        return cls(Opcode.LOAD_ACT, bits=8, group=GROUP_CODES[32], tokens=tokens, in_features=in_features,
+                   addr=addr)
+
+    @classmethod
+    def matmul(cls, fmt: QuantFormat, *, tokens: int, rows: int, in_features: int, addr: int = 0) -> "Descriptor":
+        """MATMUL of the first `rows` rows of a matrix packed in `fmt`."""
+        return cls(Opcode.MATMUL, bits=fmt.bits, group=GROUP_CODES[fmt.group_size], tokens=tokens, rows=rows,
+                   in_features=in_features, addr=addr)
+
+    def at(self, addr: int) -> "Descriptor":
+        """The same command at another address."""
+        return replace(self, addr=addr)
+
+    # -- the packed word ----------------------------------------------------------------------------
+    def encode(self) -> int:
+        return DESCRIPTOR.pack(**{name: int(getattr(self, name)) for name, _ in DESCRIPTOR.fields})
+
+    @classmethod
+    def decode(cls, raw: int) -> "Descriptor":
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < (1 << DESCRIPTOR.width):
+            raise ValueError(f"a packed descriptor is an integer in [0, 2^{DESCRIPTOR.width}), not {raw!r}")
+        return cls(**DESCRIPTOR.unpack(raw))
+
+    # -- what it names ------------------------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        try:
+            return GROUP_SIZES[self.group]
+        except KeyError:
+            raise ValueError(f"group code {self.group} names no group size; expected one of {GROUP_SIZES}") from None
+
+    def fmt(self, word_bits: int) -> QuantFormat:
+        """The packed format a MATMUL streams."""
+        return QuantFormat(self.bits, self.group_size, word_bits)
+
+    def describe(self) -> str:
+        op = self.opcode.name if isinstance(self.opcode, Opcode) else f"opcode {self.opcode}"
+        group = GROUP_SIZES.get(self.group, f"code {self.group}")
+        return (f"{op} bits={self.bits} group={group} tokens={self.tokens} rows={self.rows} "
+                f"in={self.in_features} addr={self.addr:#x}")
+
+    # -- sizes of an accepted descriptor --------------------------------------------------------------
+    def read_bytes(self, cfg: NdpConfig) -> int:
+        """Bytes it reads from `addr` on (one contiguous range)."""
+        return self.words(cfg) * cfg.word_bytes
+
+    def words(self, cfg: NdpConfig) -> int:
+        """Port words it reads (the words_read counter's increment)."""
+        if self.opcode == Opcode.LOAD_ACT:
+            return self.tokens * self.in_features // cfg.word_bytes
+        if self.opcode == Opcode.MATMUL:
+            return self.rows * _row_words(self.bits, self.group_size, cfg.word_bits, self.in_features)[0]
+        return 0
+
+    def once_words(self, cfg: NdpConfig) -> int:
+        """Words that take one datapath beat whatever the passes: a MATMUL's metadata words and
+        3-bit hi-plane words; every word of a LOAD_ACT."""
+        if self.opcode == Opcode.LOAD_ACT:
+            return self.words(cfg)
+        if self.opcode == Opcode.MATMUL:
+            return self.rows * _row_words(self.bits, self.group_size, cfg.word_bits, self.in_features)[1]
+        return 0
+
+    def passes(self, cfg: NdpConfig) -> int:
+        """Beats per code word: ceil(T / tokens_parallel) for a MATMUL, else 1."""
+        return cfg.passes(self.tokens) if self.opcode == Opcode.MATMUL else 1
+
+    def beats(self, cfg: NdpConfig) -> int:
+        """Datapath beats: once words one each, the other words one per pass."""
+        once = self.once_words(cfg)
+        return once + (self.words(cfg) - once) * self.passes(cfg)
+
+    @property
+    def results(self) -> int:
+        """Results on the output stream."""
+        return self.rows * self.tokens if self.opcode == Opcode.MATMUL else 0
+
+    def output_order(self) -> list[tuple[int, int]]:
+        """(token, row) of each result, in stream order: row by row, tokens 0 .. T-1 in a row."""
+        if self.opcode != Opcode.MATMUL:
+            return []
+        return [(t, r) for r in range(self.rows) for t in range(self.tokens)]
+
+
+assert tuple(f.name for f in fields(Descriptor)) == tuple(n for n, _ in DESCRIPTOR.fields)
 
 
 def output_struct(t_max: int) -> BitStruct:

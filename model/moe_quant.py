@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .compensate import LowRank, fit_activation_aware, fit_svd, gram
-from .contract import QuantFormat
+from .contract import SUPPORTED_GROUPS, QuantFormat
 from .moe import MoEWeights, RouterConfig, combine, route, shared_expert
 from .qtensor import QuantizedMatrix
 from .quantize import quantize_rtn
@@ -136,6 +136,22 @@ def expert_grams(w: MoEWeights, cfg: RouterConfig, calib: torch.Tensor, mix: flo
     return out
 
 
+def check_block_fits(w: MoEWeights, fmt: QuantFormat, layer: int | None = None) -> None:
+    """Refuse a block whose expert matrices `fmt` cannot hold, naming the layer, expert and matrix
+    (the experts of a block are stacked, so they share shapes and the first one stands for all)."""
+    for name in MATRICES:
+        rows, n_in = getattr(w, name).shape[1:]
+        try:
+            fmt.check_in_features(n_in)
+        except ValueError as err:
+            fits = [g for g in SUPPORTED_GROUPS if n_in % g == 0]
+            hint = (f"group sizes that divide {n_in}: {', '.join(map(str, fits))}" if fits else
+                    f"no supported group size {SUPPORTED_GROUPS} divides {n_in}")
+            where = "" if layer is None else f"layer {layer}, "
+            raise ValueError(f"{where}expert 0, matrix {name} [{rows} x {n_in}] (every expert has this "
+                             f"shape): {err} ({hint})") from None
+
+
 def quantize_moe(w: MoEWeights, cfg: RouterConfig, fmt: QuantFormat, *, quantizer: Quantizer = rtn,
                  rank: int | dict = 0, fit: str = "aware", calib: torch.Tensor | None = None,
                  grams: list[dict[str, torch.Tensor]] | None = None) -> QuantizedMoE:
@@ -143,6 +159,7 @@ def quantize_moe(w: MoEWeights, cfg: RouterConfig, fmt: QuantFormat, *, quantize
     rank allocation) with `fit` in {"aware", "svd"}. Activation-aware fits and activation-aware
     quantizers need calibration inputs of the block (`calib` [N, D]) or precomputed `grams`."""
     _check_fit(fit)
+    check_block_fits(w, fmt)
     if grams is None and calib is not None:
         grams = expert_grams(w, cfg, calib.float())
     if fit == "aware" and rank and grams is None:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .contract import (ACC_BITS, ACT_MAX, GROUP_CODES, ZERO_FRAC_BITS, ErrorCode, NdpConfig,
-                       Opcode, QuantFormat, State, act_row_len)
+from .contract import (ACC_BITS, ACT_MAX, GROUP_SIZES, ZERO_FRAC_BITS, Descriptor, ErrorCode, NdpConfig,
+                       Opcode, State, act_row_len)
 from .qtensor import QuantizedMatrix
 
 
@@ -64,39 +64,37 @@ def act_image(x_q: torch.Tensor, word_bits: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Functional model of the whole unit
 # ---------------------------------------------------------------------------------------------
-def check_descriptor(cfg: NdpConfig, d: dict[str, int], loaded: tuple[int, int]) -> ErrorCode:
-    """The unit's validation of a decoded descriptor, in the order the hardware checks it.
+def check_descriptor(cfg: NdpConfig, d: Descriptor, loaded: tuple[int, int]) -> ErrorCode:
+    """The unit's validation of a descriptor, in the order the hardware checks it.
 
     `loaded` is (tokens, in_features) of the last LOAD_ACT. Returns ErrorCode.NONE when it runs.
     """
-    op = d["opcode"]
-    if op not in (Opcode.NOP, Opcode.LOAD_ACT, Opcode.MATMUL):
+    if not isinstance(d, Descriptor):
+        raise TypeError(f"expected a contract.Descriptor (Descriptor.decode(raw) for a packed word), not {d!r}")
+    if d.opcode not in (Opcode.NOP, Opcode.LOAD_ACT, Opcode.MATMUL):
         return ErrorCode.BAD_OPCODE
-    if op == Opcode.NOP:
+    if d.opcode == Opcode.NOP:
         return ErrorCode.NONE
-    tokens, n_in, addr = d["tokens"], d["in_features"], d["addr"]
-    if tokens == 0 or tokens > cfg.t_max:
+    if d.tokens == 0 or d.tokens > cfg.t_max:
         return ErrorCode.BAD_TOKENS
-    if op == Opcode.LOAD_ACT:
+    n_in = d.in_features
+    if d.opcode == Opcode.LOAD_ACT:
         if n_in == 0 or n_in % cfg.word_bits or n_in > cfg.max_in_features:
             return ErrorCode.BAD_IN_FEATURES
-        length = tokens * n_in
     else:
-        if d["bits"] not in cfg.bits:
+        if d.bits not in cfg.bits:
             return ErrorCode.BAD_BITS
-        if d["group"] not in GROUP_CODES.values():
+        if d.group not in GROUP_SIZES:
             return ErrorCode.BAD_GROUP
-        fmt = QuantFormat(d["bits"], 32 << d["group"], cfg.word_bits)
-        if n_in == 0 or n_in % fmt.group_size or n_in > cfg.max_in_features:
+        if n_in == 0 or n_in % d.group_size or n_in > cfg.max_in_features:
             return ErrorCode.BAD_IN_FEATURES
-        if d["rows"] == 0:
+        if d.rows == 0:
             return ErrorCode.BAD_ROWS
-        if tokens > loaded[0] or fmt.padded_in(n_in) > loaded[1]:
+        if d.tokens > loaded[0] or d.fmt(cfg.word_bits).padded_in(n_in) > loaded[1]:
             return ErrorCode.ACT_MISMATCH
-        length = d["rows"] * fmt.row_bytes(n_in)
-    if addr % cfg.word_bytes:
+    if d.addr % cfg.word_bytes:
         return ErrorCode.MISALIGNED_ADDR
-    if addr + length > cfg.mem_bytes:
+    if d.addr + d.read_bytes(cfg) > cfg.mem_bytes:
         return ErrorCode.ADDR_RANGE
     return ErrorCode.NONE
 
@@ -127,23 +125,19 @@ class NdpGoldenUnit:
     def _read(self, addr: int, n: int) -> torch.Tensor:
         return torch.frombuffer(bytearray(self.mem[addr:addr + n]), dtype=torch.uint8)
 
-    def execute(self, d: dict[str, int]) -> list[tuple[int, int, int]]:
-        """Run one decoded descriptor; returns results as (token, row, value) in output order."""
+    def execute(self, d: Descriptor) -> list[tuple[int, int, int]]:
+        """Run one descriptor; returns results as (token, row, value) in output order."""
         err = check_descriptor(self.cfg, d, self.loaded)
         if err != ErrorCode.NONE:
             self.state, self.error = State.ERROR, err
             return []
         self.state, self.error = State.DONE, ErrorCode.NONE
-        if d["opcode"] == Opcode.LOAD_ACT:
-            n = d["tokens"] * d["in_features"]
-            self.act = self._read(d["addr"], n).view(torch.int8).reshape(d["tokens"], d["in_features"]).clone()
+        if d.opcode == Opcode.NOP:
             return []
-        if d["opcode"] == Opcode.NOP:
+        image = self._read(d.addr, d.read_bytes(self.cfg))
+        if d.opcode == Opcode.LOAD_ACT:
+            self.act = image.view(torch.int8).reshape(d.tokens, d.in_features).clone()
             return []
-        fmt = QuantFormat(d["bits"], 32 << d["group"], self.cfg.word_bits)
-        rows, n_in, t = d["rows"], d["in_features"], d["tokens"]
-        image = self._read(d["addr"], fmt.matrix_bytes(rows, n_in))
-        qm = QuantizedMatrix.from_image(image, fmt, rows, n_in, scale_exp=0)
-        acc = ndp_matmul(qm, self.act[:t, :n_in].contiguous())
-        # Output order: row by row, tokens 0..T-1 within a row.
-        return [(tok, r, int(acc[tok, r])) for r in range(rows) for tok in range(t)]
+        qm = QuantizedMatrix.from_image(image, d.fmt(self.cfg.word_bits), d.rows, d.in_features, scale_exp=0)
+        acc = ndp_matmul(qm, self.act[:d.tokens, :d.in_features].contiguous())
+        return [(t, r, int(acc[t, r])) for t, r in d.output_order()]

@@ -28,23 +28,35 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood of windows ids [B, L] and the number of predictions."""
+def window_nll(model, ids: torch.Tensor, per_token: bool = False):
+    """Summed next-token negative log-likelihood of windows ids [B, L] and the number of predictions;
+    with `per_token`, also each prediction's NLL [B, L-1] (float64) from the same forward pass."""
     hidden = model.model(input_ids=ids).last_hidden_state            # [B, L, D]
     logits = model.lm_head(hidden[:, :-1]).float()                   # [B, L-1, V]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-    return nll.item(), ids[:, 1:].numel()
+    flat, target = logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    nll = F.cross_entropy(flat, target, reduction="sum")
+    if not per_token:
+        return nll.item(), ids[:, 1:].numel()
+    tokens = F.cross_entropy(flat, target, reduction="none").double().reshape(ids.shape[0], -1)
+    return nll.item(), ids[:, 1:].numel(), tokens
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = "perplexity") -> float:
-    """exp(mean next-token NLL) over all windows [N, L], one window per forward pass."""
+def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = "perplexity",
+               token_nll: list | None = None) -> float:
+    """exp(mean next-token NLL) over all windows [N, L], one window per forward pass. Pass a list as
+    `token_nll` to get each window's per-prediction NLL appended to it (for paired statistics); the
+    perplexity is the same number either way."""
     if windows.dim() != 2 or windows.dtype != torch.long:
         raise ValueError(f"windows must be a 2-D long tensor [N, L], got {tuple(windows.shape)} {windows.dtype}")
     model.eval()
     total, count = 0.0, 0
     for row in tqdm(windows, desc=desc, unit="win", disable=not progress, leave=False):
-        nll, n = window_nll(model, row[None])
+        if token_nll is None:
+            nll, n = window_nll(model, row[None])
+        else:
+            nll, n, tokens = window_nll(model, row[None], per_token=True)
+            token_nll.append(tokens[0])
         total += nll
         count += n
     return math.exp(total / count)

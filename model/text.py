@@ -4,7 +4,8 @@ Default: CPython's language reference as shipped in `pydoc_data.topics` (79 topi
 Topics overlap (the "compound" topic contains "if", "while", ...; "specialnames" contains
 "customization", ...), so topics that share a paragraph are grouped, whole groups go to one side,
 and the evaluation side keeps no paragraph that also occurs on the calibration side.
-A user's own file (`--text FILE`) is split at the paragraph boundary nearest its middle.
+A user's own file (`--text FILE`) is split at the paragraph boundary nearest its middle; it must
+decode as UTF-8 (or the encoding the user names), never with bytes silently replaced.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .errors import NdpmoeError
 
 EVAL_FRACTION = 0.3          # share of the reference text (in characters) held out for evaluation
 _LINK_MIN_CHARS = 80         # paragraphs this long or longer tie their topics together
@@ -111,13 +114,38 @@ def reference_text(eval_fraction: float = EVAL_FRACTION) -> TextSplit:
     return split_topics(dict(topics), eval_fraction, source=f"pydoc_data.topics (CPython {version})")
 
 
-def file_text(path: str | Path) -> TextSplit:
-    """A user's text file: first half (by characters, cut at a paragraph boundary) calibrates,
-    the second half evaluates."""
+def read_text_file(path: str | Path, encoding: str | None = None) -> str:
+    """The whole file as text: UTF-8 (a byte-order mark allowed) unless `encoding` is named.
+    Bytes that do not decode, or NUL bytes (binary data, UTF-16 without a mark), are refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    data = path.read_bytes()
+    if encoding is None:
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise NdpmoeError(f"text file {str(path)!r} is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                              f"convert it to UTF-8 or pass --encoding utf-16")
+        encoding = "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except LookupError:
+        raise NdpmoeError(f"--encoding {encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, "
+                          f"utf-16)") from None
+    except UnicodeDecodeError as exc:
+        raise NdpmoeError(f"text file {str(path)!r} is not valid {exc.encoding} (byte {exc.start} is "
+                          f"{data[exc.start:exc.start + 1]!r}); pass --encoding NAME if it is text in another "
+                          f"encoding") from None
+    if "\0" in text:
+        raise NdpmoeError(f"text file {str(path)!r} holds NUL characters (at character {text.index(chr(0))}): "
+                          f"binary data, or UTF-16 without a byte-order mark (then pass --encoding utf-16-le)")
+    return text
+
+
+def file_text(path: str | Path, encoding: str | None = None) -> TextSplit:
+    """A user's text file: first half (by characters, cut at a paragraph boundary) calibrates,
+    the second half evaluates."""
+    path = Path(path)
+    text = read_text_file(path, encoding)
     paras = paragraphs(text)
     if len(paras) < 2:
         raise ValueError(f"text file {str(path)!r} needs at least 2 paragraphs (blank-line separated) "
@@ -134,9 +162,9 @@ def file_text(path: str | Path) -> TextSplit:
     return TextSplit("\n\n".join(calib), "\n\n".join(evals), str(path))
 
 
-def load_text(path: str | Path | None = None) -> TextSplit:
+def load_text(path: str | Path | None = None, encoding: str | None = None) -> TextSplit:
     """The user's file when given (`--text FILE`), else the CPython reference text."""
-    return reference_text() if path is None else file_text(path)
+    return reference_text() if path is None else file_text(path, encoding)
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:

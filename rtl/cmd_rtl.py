@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import argparse
 
+from ndpmoe.model.cli_args import output_dir, prepare_output_dir
 from ndpmoe.model.contract import CONFIGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="default", help=f"one of {sorted(CONFIGS)}")
-    parser.add_argument("--out", default=None, help="output folder (default: build/rtl under the build folder)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="default", help=f"one of {sorted(CONFIGS)}")
+    parser.add_argument("--out", type=output_dir, default=None,
+                        help="output folder (default: build/rtl under the build folder)")
     parser.add_argument("--no-lint", action="store_true", help="only write the Verilog")
     parser.add_argument("--wall", action="store_true",
                         help="lint with -Wall too (reports Yosys-generated unused nets, initial values)")
 
 
 def run(args) -> int:
+    prepare_output_dir(args.out, "--out")
     from .export import LINT_WAIVERS, UNIT_TOP, lint, write_unit   # amaranth loads here, not for --help
 
     from ndpmoe.model.paths import build_root

@@ -40,8 +40,9 @@ Tokens: `cfg.tokens_parallel` (TP) tokens are multiplied per beat. A MATMUL of T
 each code word ceil(T / TP) beats (passes), so it runs at one word per cycle for T <= TP and at
 one word per ceil(T / TP) cycles above, while memory is read once either way.
 
-Cycles of a MATMUL with a memory that keeps up (measured by sim/bench_ndp.py): alone,
-    busy ~= 60 + metadata words + 3-bit hi-plane words + ceil(T / TP) x code words,
+Cycles of a MATMUL with a memory that keeps up (contract.Descriptor.beats; the overheads are the
+ones `ndpmoe sim --bench` measures, in the README's NDP unit figures): alone,
+    busy ~= overhead + metadata words + 3-bit hi-plane words + ceil(T / TP) x code words,
 and never fewer than rows x T (the output stream carries one result per cycle); behind another
 descriptor, a few cycles beyond its beats. A LOAD_ACT reads one word per cycle.
 """

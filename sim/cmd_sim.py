@@ -12,33 +12,63 @@ from __future__ import annotations
 import argparse
 import time
 
+from ndpmoe.model.cli_args import BITS_LIST, GROUP, as_text, int_in, int_list
 from ndpmoe.model.contract import CONFIGS
-
+from ndpmoe.model.errors import NdpmoeError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="default", help=f"one of {sorted(CONFIGS)}")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="default", help=f"one of {sorted(CONFIGS)}")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--count", type=int, default=1000, help="random descriptors to run")
-    parser.add_argument("--python-count", type=int, default=60,
+    parser.add_argument("--count", type=int_in(1), default=1000, help="random descriptors to run")
+    parser.add_argument("--python-count", type=int_in(0), default=60,
                         help="of which with the Python memory model and output consumer")
-    parser.add_argument("--max-rows", type=int, default=12)
-    parser.add_argument("--max-in", type=int, default=512)
-    parser.add_argument("--tokens-parallel", type=int, default=0,
+    parser.add_argument("--max-rows", type=int_in(1), default=12)
+    parser.add_argument("--max-in", type=int_in(1), default=512)
+    parser.add_argument("--tokens-parallel", type=int_in(0), default=0,
                         help="a variant of the configuration with this many tokens per beat")
     parser.add_argument("--waves", action="store_true", help="write a trace (dump.vcd)")
     parser.add_argument("--bench", action="store_true", help="run the throughput benchmark instead")
     bench = parser.add_argument_group("benchmark (--bench)")
-    bench.add_argument("--rows", type=int, default=1024)
-    bench.add_argument("--in", dest="in_features", type=int, default=4096)
-    bench.add_argument("--bits", default="2,3,4")
-    bench.add_argument("--group", type=int, default=128)
-    bench.add_argument("--tokens", default="1")
-    bench.add_argument("--stalls", default="0,4")
-    bench.add_argument("--b2b", type=int, default=8, help="MATMULs queued back to back per case")
-    bench.add_argument("--replay", default=None,
+    bench.add_argument("--rows", type=int_in(1), default=1024)
+    bench.add_argument("--in", dest="in_features", type=int_in(1), default=4096)
+    bench.add_argument("--bits", type=as_text(BITS_LIST), default="2,3,4")
+    bench.add_argument("--group", type=GROUP, default=128)
+    bench.add_argument("--tokens", type=as_text(int_list(lo=1, hi=255)), default="1")
+    bench.add_argument("--stalls", type=as_text(int_list(lo=0)), default="0,4")
+    bench.add_argument("--b2b", type=int_in(1), default=8, help="MATMULs queued back to back per case")
+    bench.add_argument("--replay", type=replay_report, default=None,
                        help="a co-simulation's report.json (build/cosim/runs/...): replay its layer's "
                             "descriptors one at a time and queued")
+
+
+def replay_report(text: str) -> str:
+    """An existing report.json file."""
+    from pathlib import Path
+
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"--replay {text!r}: no such file (expected a co-simulation's report.json)")
+    return text
+
+
+def check_arguments(args) -> None:
+    """Against the configuration, before the Verilator build."""
+    from ndpmoe.model.contract import get_config
+
+    cfg = get_config(args.config)
+    if args.tokens_parallel > cfg.t_max:
+        raise NdpmoeError(f"--tokens-parallel {args.tokens_parallel} must be in 0..t_max={cfg.t_max} of {cfg.name!r}")
+    if not args.bench or args.replay:
+        return
+    bits = [int(b) for b in args.bits.split(",")]
+    if any(b not in cfg.bits for b in bits):
+        raise NdpmoeError(f"--bits {args.bits}: configuration {cfg.name!r} decodes {cfg.bits}")
+    if args.in_features % args.group or args.in_features > cfg.max_in_features:
+        raise NdpmoeError(f"--in {args.in_features} must be a multiple of --group {args.group} and at most "
+                          f"{cfg.max_in_features} ({cfg.name!r})")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if max(tokens) > cfg.t_max:
+        raise NdpmoeError(f"--tokens {args.tokens}: at most t_max={cfg.t_max} tokens for {cfg.name!r}")
 
 
 def format_coverage(tally: dict) -> str:
@@ -55,13 +85,12 @@ def format_coverage(tally: dict) -> str:
 
 
 def run(args) -> int:
+    check_arguments(args)
     from . import bench_ndp   # amaranth and cocotb load here, not for --help
     from .runner import BenchOptions, build_dir, run as run_bench
 
     if args.bench:
         return bench_ndp.bench(args)
-    if args.count <= 0:
-        raise ValueError(f"--count must be positive, not {args.count}")
     opts = BenchOptions(config=args.config, seed=args.seed, count=args.count,
                         python_count=min(args.python_count, args.count), max_rows=args.max_rows,
                         max_in=args.max_in, tokens_parallel=args.tokens_parallel, waves=args.waves)

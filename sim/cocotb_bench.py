@@ -17,8 +17,7 @@ import cocotb
 import torch
 from cocotb.triggers import RisingEdge
 
-from ndpmoe.model.contract import (DESCRIPTOR, SCALE_MAX, ZERO_MAX, ZERO_MIN, ErrorCode, Opcode, act_row_len,
-                            make_descriptor)
+from ndpmoe.model.contract import SCALE_MAX, ZERO_MAX, ZERO_MIN, Descriptor, ErrorCode, act_row_len
 from ndpmoe.model.ndp_golden import NdpGoldenUnit
 from ndpmoe.model.packing import pack_matrix
 
@@ -55,13 +54,13 @@ async def throughput(dut):
     mat_addr = -(-x.numel() // 4096) * 4096
     rows_out = []
 
-    async def run(descriptors, stall: int, out_stall: int = 0):
+    async def run(descriptors: list[Descriptor], stall: int, out_stall: int = 0):
         """Hand `descriptors` over back to back (each as soon as the unit takes it); returns the
         counter deltas from before the first to the last one's `done`, whether every result
         matched, the simulation speed and the number of results."""
         expect = []
-        for fields in descriptors:
-            expect += gold.execute(dict(fields))
+        for d in descriptors:
+            expect += gold.execute(d)
             assert gold.error == ErrorCode.NONE, gold.error
         tb.set_stalls(0, stall, stall, out_stall)
         before = tb.counters()
@@ -75,8 +74,8 @@ async def throughput(dut):
                 dones[0] += 1
 
         counting = cocotb.start_soon(count_dones())
-        for fields in descriptors:
-            tb.present(Step(fields, ErrorCode.NONE, [], 0))
+        for d in descriptors:
+            tb.present(Step(d, ErrorCode.NONE, [], 0))
             await tb.handshake()
         await counting
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -99,17 +98,13 @@ async def throughput(dut):
         l0 = time.perf_counter()
         tb.load_memory(bytes(gold.mem[:mat_addr + image.numel()]))
         load_s = time.perf_counter() - l0
-        load = DESCRIPTOR.unpack(make_descriptor(Opcode.LOAD_ACT, addr=0, in_features=act_len, tokens=t_max))
+        load = Descriptor.load_act(tokens=t_max, in_features=act_len)
         await run([load], 0)
-        load_words = t_max * act_len // cfg.word_bytes
+        load_words = load.words(cfg)
         for tokens in tokens_list:
             for stall in stalls:
-                mm = DESCRIPTOR.unpack(make_descriptor(Opcode.MATMUL, addr=mat_addr, in_features=n_in, tokens=tokens,
-                                                       rows=rows, bits=bits, group_size=group))
-                words = fmt.matrix_bytes(rows, n_in) // cfg.word_bytes
-                # Beats: metadata and 3-bit hi-plane words take one, code words one per pass.
-                single = rows * (fmt.superblocks(n_in) + (fmt.padded_in(n_in) // cfg.word_bits if bits == 3 else 0))
-                beats = single + (words - single) * cfg.passes(tokens)
+                mm = Descriptor.matmul(fmt, tokens=tokens, rows=rows, in_features=n_in, addr=mat_addr)
+                words, beats = mm.words(cfg), mm.beats(cfg)
                 delta, ok, speed, n_results = await run([mm], stall)
                 b2b, ok_b2b, _, _ = await run([mm] * b2b_count, stall)
                 with_load, ok_load, _, _ = await run([load] + [mm] * b2b_count, stall)
@@ -136,7 +131,7 @@ async def throughput(dut):
     assert all(r["results_ok"] for r in rows_out)
 
 
-def replay_descriptors(cfg, records: list[dict], gen: torch.Generator, gold: NdpGoldenUnit) -> list[dict]:
+def replay_descriptors(cfg, records: list[dict], gen: torch.Generator, gold: NdpGoldenUnit) -> list[Descriptor]:
     """A co-simulated layer's descriptor sequence (its shapes: sim/cocotb_cosim.py's records) over
     fresh random data in `gold`'s memory; the group size of each MATMUL is the one whose image
     has the recorded number of words."""
@@ -155,8 +150,8 @@ def replay_descriptors(cfg, records: list[dict], gen: torch.Generator, gold: Ndp
     for r in records:
         if r["opcode"] == "LOAD_ACT":
             x = torch.randint(-128, 128, (r["tokens"], r["in_features"]), generator=gen, dtype=torch.int8)
-            out.append(DESCRIPTOR.unpack(make_descriptor(Opcode.LOAD_ACT, addr=place(x.view(torch.uint8).reshape(-1)),
-                                                         in_features=r["in_features"], tokens=r["tokens"])))
+            out.append(Descriptor.load_act(tokens=r["tokens"], in_features=r["in_features"],
+                                           addr=place(x.view(torch.uint8).reshape(-1))))
             continue
         rows, n_in, bits = r["rows"], r["in_features"], r["bits"]
         group = next(g for g in (32, 64, 128)
@@ -166,8 +161,7 @@ def replay_descriptors(cfg, records: list[dict], gen: torch.Generator, gold: Ndp
         scale = torch.randint(0, SCALE_MAX + 1, (rows, n_in // group), generator=gen)
         zero = torch.randint(ZERO_MIN, ZERO_MAX + 1, (rows, n_in // group), generator=gen)
         addr = place(pack_matrix(codes, scale, zero, fmt))
-        out.append(DESCRIPTOR.unpack(make_descriptor(Opcode.MATMUL, addr=addr, in_features=n_in, tokens=r["tokens"],
-                                                     rows=rows, bits=bits, group_size=group)))
+        out.append(Descriptor.matmul(fmt, tokens=r["tokens"], rows=rows, in_features=n_in, addr=addr))
     return out
 
 
@@ -193,7 +187,7 @@ async def layer_replay(dut):
     for mode in ("one_at_a_time", "queued"):
         expect = []
         for d in descriptors:
-            expect += gold.execute(dict(d))
+            expect += gold.execute(d)
         before, count0 = tb.counters(), int(dut.result_count.value)
 
         async def count_dones():

@@ -9,7 +9,7 @@ the layer, run the plan on the golden NDP backend and on the RTL (stalls off, th
 on the memory and output handshakes), compare, and optionally inject faults.
 
 The simulation reuses the RTL tests' Verilator build (same harness parameters); every run gets its
-own folder under build/cosim/runs for logs, reports and traces.
+own folder under build/cosim/runs for logs, reports and waveforms.
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ from ndpmoe.model.paths import build_root
 
 from .cosim_layer import CosimCase, memory_needs
 from .cosim_prepare import QuantSettings, layer_inputs, load, stores
-from .runner import REWRITE_ASSERTIONS, BenchOptions, build, verilator_runner
+from .runner import REWRITE_ASSERTIONS, BenchOptions, build_logged, verilator_runner
 
 STALL_MODES = (("no_stalls", None), ("stalls", "random"))
 KEEP_RUNS = 20               # run folders kept under build/cosim/runs
-WAVES_MAX_TOKENS = 2         # a trace takes ~13 kB per simulated cycle; a 16-token default layer is ~1.5e6 cycles
+WAVES_MAX_TOKENS = 2         # a waveform takes ~13 kB per simulated cycle; a 16-token default layer is ~1.5e6 cycles
 MEM_BYTES = 1 << 24          # least NDP memory the host sees (the harness RAM is a window onto it)
 
 
@@ -54,12 +54,12 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
         opts = BenchOptions(config=config, seed=seed, waves=waves,
                             mem_words=max(BenchOptions().mem_words, 1 << (words - 1).bit_length()),
                             result_words=max(BenchOptions().result_words, 1 << (results - 1).bit_length()))
-    t0 = time.perf_counter()
-    bdir = build(opts)
-    build_s = time.perf_counter() - t0
     run_dir = build_root("cosim", "runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     _prune_runs(keep=KEEP_RUNS)
+    t0 = time.perf_counter()
+    bdir = build_logged(opts, run_dir / "build.log")       # Verilator's output to the log, not the terminal
+    build_s = time.perf_counter() - t0
     job_path, report_path = run_dir / "job.pt", run_dir / "report.json"
     options = {"config": opts.config, "seed": seed, "mem_words": opts.mem_words, "result_words": opts.result_words,
                "mem_bytes": mem_bytes, "faults": faults, "stall_modes": [list(m) for m in stall_modes],
@@ -83,7 +83,7 @@ def simulate(cases: list[CosimCase], *, config: str = "default", seed: int = 1, 
         raise RuntimeError(f"the co-simulation failed inside the simulator (log: {run_dir / 'sim.log'}):\n"
                            f"{report['error']}")
     report.update(build_s=build_s, sim_process_s=time.perf_counter() - t1, run_dir=str(run_dir),
-                  build_dir=str(bdir), trace=str(run_dir / "dump.vcd") if opts.waves else None)
+                  build_dir=str(bdir), waves=str(run_dir / "dump.vcd") if opts.waves else None)
     return report
 
 
@@ -92,7 +92,7 @@ def _roundup(value: int, multiple: int) -> int:
 
 
 def _prune_runs(keep: int) -> None:
-    """Drop all but the newest `keep` run folders (traces are large)."""
+    """Drop all but the newest `keep` run folders (waveforms are large)."""
     for old in sorted(p for p in build_root("cosim", "runs").iterdir() if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -132,5 +132,5 @@ def run_cosim(model: str = "default", layer: int = 3, tokens: int = 16, topn: in
                           "intermediate": w.intermediate}
     result["timing_s"] = {"prepare": prepare_s, "build": report["build_s"], "simulator_process": report["sim_process_s"],
                           "inside_simulator": report["sim_wall_s"], "sim_cycles": report["sim_cycles"]}
-    result["run_dir"], result["trace"] = report["run_dir"], report["trace"]
+    result["run_dir"], result["waves"] = report["run_dir"], report["waves"]
     return result

@@ -17,7 +17,7 @@ EXPECTED = {"hang": NdpTimeout, "reset": NdpReset}
 def _middle_matmul(descriptors) -> tuple[int, int]:
     """(index, words) of the MATMUL nearest the middle of the layer's descriptor sequence."""
     mid = len(descriptors) // 2
-    idx = min((i for i, d in enumerate(descriptors) if d.opcode == Opcode.MATMUL), key=lambda i: abs(i - mid))
+    idx = min((i for i, d in enumerate(descriptors) if d.descriptor.opcode == Opcode.MATMUL), key=lambda i: abs(i - mid))
     return idx, descriptors[idx].words
 
 

@@ -167,8 +167,7 @@ def ndp_summary(records: list[dict]) -> dict:
     """Totals of a run's descriptor records (sim/rtl_backend.DescriptorRecord as dicts)."""
     busy = sum(r["busy_cycles"] for r in records)
     words = sum(r["words"] for r in records)
-    # Datapath beats: once-streamed words one each, code words one per pass (host/ndp_cost.py).
-    beats = sum(r["once_words"] + (r["words"] - r["once_words"]) * r["passes"] for r in records)
+    beats = sum(r["beats"] for r in records)
     diffs = [r["max_abs_diff"] for r in records]
     return {
         "descriptors": len(records),

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ndpmoe.host.store import StoreError, open_store, write_store
+from ndpmoe.host.store import MANIFEST, StoreError, open_store, write_store
 from ndpmoe.model.contract import QuantFormat
+from ndpmoe.model.integrity import notice
 from ndpmoe.model.paths import build_root
 from ndpmoe.model.moe import MoEWeights, RouterConfig
 from ndpmoe.model.moe_quant import expert_grams, quantize_moe
@@ -66,10 +67,10 @@ class LoadedModel:
 def load_default(layers: list[int]) -> LoadedModel:
     """The default MoE: the whole model (all layers MoEfied) when it is cached, else a reduced
     build that MoEfies only `layers` (earlier layers stay dense; built once, then cached)."""
-    from ndpmoe.model.default_moe import DEFAULT_CONFIG, cache_paths, load_default_moe
+    from ndpmoe.model.default_moe import DEFAULT_CONFIG, cache_path, load_default_moe
 
     text = load_text(None)
-    whole = all(p.is_file() for p in cache_paths(DEFAULT_CONFIG, text, None))
+    whole = cache_path(DEFAULT_CONFIG, text, None).is_file()
     dm = load_default_moe(text=text, layers=None if whole else sorted(set(layers)), progress=False)
     missing = [l for l in layers if l not in dm.blocks]
     if missing:
@@ -130,21 +131,40 @@ def layer_inputs(m: LoadedModel, layers: list[int], tokens: int, seed: int) -> d
     return collect_mlp_inputs(m.model, windows[:need], max_rows=tokens, seed=seed, layers=layers, progress=False)
 
 
+def _store_folder(m: LoadedModel, layer: int, q: QuantSettings) -> Path:
+    w, rc = m.blocks[layer]
+    return build_root("cosim", "stores") / f"L{layer}-{q.tag()}-{block_digest(w, rc, q)}"
+
+
+def _usable_store(m: LoadedModel, layer: int, q: QuantSettings) -> bool:
+    """Whether the cached store of `layer` is exactly what `q` asks for: its source, format, rank
+    and shapes, a manifest and tensors that pass their hashes. A store that exists but fails is
+    rebuilt, with one line saying why."""
+    w, _ = m.blocks[layer]
+    folder = _store_folder(m, layer, q)
+    try:
+        open_store(folder, expect_source=f"{m.source} layer {layer} {q.tag()}", expect_fmt=q.fmt(),
+                   expect_rank=q.rank, expect_shape=(w.num_experts, w.hidden, w.intermediate))
+        return True
+    except StoreError as exc:
+        if (folder / MANIFEST).exists():
+            notice(f"the cached store of layer {layer} failed its check, rebuilding it: {exc}")
+        return False
+
+
 def layer_store(m: LoadedModel, layer: int, q: QuantSettings, calib: dict[int, torch.Tensor] | None = None) -> Path:
     """The store of `layer`'s quantized experts (built and cached on first use)."""
+    return _store_folder(m, layer, q) if _usable_store(m, layer, q) else _build_store(m, layer, q, calib)
+
+
+def _build_store(m: LoadedModel, layer: int, q: QuantSettings, calib: dict[int, torch.Tensor] | None) -> Path:
     w, rc = m.blocks[layer]
-    folder = build_root("cosim", "stores") / f"L{layer}-{q.tag()}-{block_digest(w, rc, q)}"
-    source = f"{m.source} layer {layer} {q.tag()}"
-    try:
-        open_store(folder, expect_source=source)
-        return folder
-    except StoreError:
-        pass
+    folder = _store_folder(m, layer, q)
     if calib is None or layer not in calib:
         calib = calibration_inputs(m, [layer])
     grams = expert_grams(w, rc, calib[layer])
     qm = quantize_moe(w, rc, q.fmt(), quantizer=get_quantizer(q.quantizer), rank=q.rank, fit="aware", grams=grams)
-    write_store(folder, [qm], source=source, grams=[grams])
+    write_store(folder, [qm], source=f"{m.source} layer {layer} {q.tag()}", grams=[grams])
     return folder
 
 
@@ -156,14 +176,7 @@ def calibration_inputs(m: LoadedModel, layers: list[int]) -> dict[int, torch.Ten
 
 def stores(m: LoadedModel, layers: list[int], q: QuantSettings) -> dict[int, Path]:
     """Stores of several layers, sharing one calibration pass for those not cached yet."""
-    todo = []
-    for l in layers:
-        w, rc = m.blocks[l]
-        folder = build_root("cosim", "stores") / f"L{l}-{q.tag()}-{block_digest(w, rc, q)}"
-        try:
-            open_store(folder, expect_source=f"{m.source} layer {l} {q.tag()}")
-        except StoreError:
-            todo.append(l)
+    todo = [l for l in layers if not _usable_store(m, l, q)]
     calib = calibration_inputs(m, todo) if todo else None
-    return {l: layer_store(m, l, q, calib) for l in layers}
-
+    built = {l: _build_store(m, l, q, calib) for l in todo}
+    return {l: built.get(l) or _store_folder(m, l, q) for l in layers}

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ndpmoe.model.contract import (DESCRIPTOR, GROUP_CODES, SCALE_MAX, ZERO_MAX, ZERO_MIN, ErrorCode, NdpConfig,
-                                   Opcode, act_row_len, make_descriptor)
+from ndpmoe.model.contract import (GROUP_CODES, SCALE_MAX, ZERO_MAX, ZERO_MIN, Descriptor, ErrorCode, NdpConfig,
+                                   Opcode, act_row_len)
 from ndpmoe.model.ndp_golden import NdpGoldenUnit
 from ndpmoe.model.packing import pack_matrix
 
@@ -61,18 +61,17 @@ class ClosureSteps:
         self._top = addr + data.numel()
         return addr
 
-    def _run(self, fields: dict[str, int], words: int) -> Step:
-        fields = {name: int(fields.get(name, 0)) for name, _ in DESCRIPTOR.fields}
-        results = self.gold.execute(dict(fields))
-        return Step(fields, self.gold.error, results, words if self.gold.error == ErrorCode.NONE else 0)
+    def _run(self, d: Descriptor) -> Step:
+        results = self.gold.execute(d)
+        ok = self.gold.error == ErrorCode.NONE
+        return Step(d, self.gold.error, results, d.words(self.cfg) if ok else 0)
 
     def _load(self) -> Step:
         cfg = self.cfg
         n_in = min(act_row_len(LOAD_IN, cfg.word_bits), cfg.max_in_features)
         x = torch.randint(-128, 128, (cfg.t_max, n_in), generator=self.gen, dtype=torch.int8)
         addr = self._place(x.view(torch.uint8).reshape(-1))
-        fields = DESCRIPTOR.unpack(make_descriptor(Opcode.LOAD_ACT, addr=addr, in_features=n_in, tokens=cfg.t_max))
-        return self._run(fields, cfg.t_max * n_in // cfg.word_bytes)
+        return self._run(Descriptor.load_act(tokens=cfg.t_max, in_features=n_in, addr=addr))
 
     def _matmul(self, bits: int, group: int, tokens: int, rows: int = 2) -> Step:
         fmt = self.cfg.fmt(bits, group)
@@ -81,9 +80,7 @@ class ClosureSteps:
         scale = torch.randint(0, SCALE_MAX + 1, (rows, n_in // group), generator=self.gen)
         zero = torch.randint(ZERO_MIN, ZERO_MAX + 1, (rows, n_in // group), generator=self.gen)
         addr = self._place(pack_matrix(codes, scale, zero, fmt))
-        fields = DESCRIPTOR.unpack(make_descriptor(Opcode.MATMUL, addr=addr, in_features=n_in, tokens=tokens,
-                                                   rows=rows, bits=bits, group_size=group))
-        step = self._run(fields, fmt.matrix_bytes(rows, n_in) // self.cfg.word_bytes)
+        step = self._run(Descriptor.matmul(fmt, tokens=tokens, rows=rows, in_features=n_in, addr=addr))
         assert step.error == ErrorCode.NONE, step.describe()
         return step
 
@@ -95,8 +92,8 @@ class ClosureSteps:
             return self._matmul(self.rng.choice(cfg.bits), self.rng.choice(sorted(GROUP_CODES)),
                                 self.rng.randint(1, cfg.t_max))
         if kind == "NOP":
-            return self._run(dict(opcode=Opcode.NOP), 0)
-        step = self._run(dict(opcode=3, tokens=1, in_features=cfg.word_bits), 0)        # an opcode no build has
+            return self._run(Descriptor(Opcode.NOP))
+        step = self._run(Descriptor(3, tokens=1, in_features=cfg.word_bits))        # an opcode no build has
         assert step.error == ErrorCode.BAD_OPCODE
         return step
 

@@ -35,7 +35,7 @@ PHASES = ("before_first_word", "reading", "draining")
 def step_kind(step: Step) -> str:
     if step.error != ErrorCode.NONE:
         return "refused"
-    return Opcode(step.fields["opcode"]).name
+    return Opcode(step.descriptor.opcode).name
 
 
 def reset_bins() -> list[tuple]:
@@ -75,8 +75,8 @@ class NdpCoverage:
         self._error(step.error.name)
         kind = step_kind(step)
         if kind == "MATMUL":
-            f = step.fields
-            self._matmul(f["bits"], 32 << f["group"], f["tokens"], self.cfg.word_bits)
+            d = step.descriptor
+            self._matmul(d.bits, d.group_size, d.tokens, self.cfg.word_bits)
         if kind in RUNS:
             for handshake, cycles in waits.items():
                 if cycles:

@@ -33,8 +33,7 @@ from cocotb.task import resume
 from cocotb.triggers import ClockCycles, FallingEdge, First, RisingEdge, Timer
 
 from ndpmoe.host.ndp import NdpError, NdpResult
-from ndpmoe.host.ndp_cost import matmul_once_words
-from ndpmoe.model.contract import COUNTERS, DESCRIPTOR, ErrorCode, Opcode, QuantFormat, State
+from ndpmoe.model.contract import COUNTERS, GROUP_SIZES, Descriptor, ErrorCode, Opcode, State
 from ndpmoe.model.ndp_golden import NdpGoldenUnit
 
 from .tb import PERIOD_NS, STALL_RATES, NdpTB
@@ -76,6 +75,7 @@ class DescriptorRecord:
     words: int                 # words_read counter delta
     once_words: int            # of which streamed once (metadata, 3-bit hi planes; all of a LOAD_ACT)
     passes: int                # passes over the other words (MATMUL: ceil(T / tokens_parallel))
+    beats: int                 # datapath beats the contract implies (Descriptor.beats)
     busy_cycles: int
     mem_stall_cycles: int
     out_stall_cycles: int
@@ -83,34 +83,6 @@ class DescriptorRecord:
     max_abs_diff: int | None   # largest |RTL - golden| over the results; None: results do not line up
     stalls: tuple[int, int, int, int]
     loaded_words: int          # words written into the harness RAM before it (not simulated time)
-
-
-def describe(fields: dict[str, int]) -> str:
-    op = Opcode(fields["opcode"]).name if fields["opcode"] in Opcode._value2member_map_ else str(fields["opcode"])
-    return (f"{op} tokens={fields['tokens']} rows={fields['rows']} in={fields['in_features']} "
-            f"bits={fields['bits']} group={32 << fields['group']} addr={fields['addr']:#x}")
-
-
-def descriptor_shape(cfg, fields: dict[str, int]) -> tuple[int, int, int]:
-    """(words read, of which once, passes) of a valid descriptor, from the contract."""
-    if fields["opcode"] == Opcode.LOAD_ACT:
-        words = fields["tokens"] * fields["in_features"] // cfg.word_bytes
-        return words, words, 1
-    if fields["opcode"] == Opcode.MATMUL:
-        fmt = QuantFormat(fields["bits"], 32 << fields["group"], cfg.word_bits)
-        words = fmt.matrix_bytes(fields["rows"], fields["in_features"]) // cfg.word_bytes
-        return words, matmul_once_words(fmt, fields["rows"], fields["in_features"]), cfg.passes(fields["tokens"])
-    return 0, 0, 1
-
-
-def _read_range(cfg, fields: dict[str, int]) -> tuple[int, int]:
-    """(byte address, bytes) a valid descriptor reads."""
-    if fields["opcode"] == Opcode.LOAD_ACT:
-        return fields["addr"], fields["tokens"] * fields["in_features"]
-    if fields["opcode"] == Opcode.MATMUL:
-        fmt = QuantFormat(fields["bits"], 32 << fields["group"], cfg.word_bits)
-        return fields["addr"], fmt.matrix_bytes(fields["rows"], fields["in_features"])
-    return 0, 0
 
 
 class RtlNdpBackend:
@@ -236,8 +208,7 @@ class RtlNdpBackend:
             out.append(self.tb.decode(int(h.get_signal_val_binstr(), 2)))
         return out
 
-    def _timeout_cycles(self, words: int, once: int, passes: int, results: int) -> int:
-        beats = once + (words - once) * passes
+    def _timeout_cycles(self, beats: int, results: int) -> int:
         return int(2000 + self.timeout_factor * (beats + results))
 
     def _apply_stalls(self) -> tuple[int, int, int, int]:
@@ -252,30 +223,31 @@ class RtlNdpBackend:
 
     async def run_async(self, descriptor: int) -> NdpResult:
         tb, dut, cfg = self.tb, self.tb.dut, self.config
-        fields = DESCRIPTOR.unpack(descriptor)
+        d = Descriptor.decode(descriptor)
         index = self._issued
         self._issued += 1
-        expect = self.golden.execute(dict(fields))
+        expect = self.golden.execute(d)
         expect_state = State.ERROR if self.golden.error != ErrorCode.NONE else State.DONE
         loaded = 0
+        words, once, passes, beats = 0, 0, 1, 0
         if expect_state == State.DONE:
-            addr, nbytes = _read_range(cfg, fields)
+            words, once, passes, beats = d.words(cfg), d.once_words(cfg), d.passes(cfg), d.beats(cfg)
+            nbytes = d.read_bytes(cfg)
             if nbytes:
-                if addr + nbytes > self.mem_bytes:
-                    raise ValueError(f"{describe(fields)} reads past the backend's {self.mem_bytes}-byte memory")
-                loaded = self._load_words(addr, nbytes)
-        words, once, passes = descriptor_shape(cfg, fields) if expect_state == State.DONE else (0, 0, 1)
+                if d.addr + nbytes > self.mem_bytes:
+                    raise ValueError(f"{d.describe()} reads past the backend's {self.mem_bytes}-byte memory")
+                loaded = self._load_words(d.addr, nbytes)
         fault = next((f for f in self.faults if f.at == index), None)
         rates = self._apply_stalls()
         before = tb.counters()
         count0 = int(dut.result_count.value)
-        limit = self._timeout_cycles(words, once, passes, len(expect))
+        limit = self._timeout_cycles(beats, len(expect))
         dut.cmd__payload.value = descriptor
         dut.cmd__valid.value = 1
         taken = await First(FallingEdge(dut.cmd__ready), Timer(limit * PERIOD_NS, unit="ns"))
         dut.cmd__valid.value = 0
         if isinstance(taken, Timer):
-            raise NdpTimeout(f"descriptor #{index} ({describe(fields)}) was not taken within {limit} cycles")
+            raise NdpTimeout(f"descriptor #{index} ({d.describe()}) was not taken within {limit} cycles")
         done = RisingEdge(dut.done)
         ended = None
         if fault is not None:
@@ -285,7 +257,7 @@ class RtlNdpBackend:
                 progress = {k: v - before[k] for k, v in tb.counters().items()}
                 if fault.kind == "reset":
                     await self.reset_async()
-                    raise NdpReset(f"unit reset {fault.cycles} cycles into descriptor #{index} ({describe(fields)}) "
+                    raise NdpReset(f"unit reset {fault.cycles} cycles into descriptor #{index} ({d.describe()}) "
                                    f"after {progress['words_read']} of {words} words")
                 dut.ext_mem.value = 1             # the unit's memory port now goes nowhere:
                 dut.mem_req__ready.value = 1      # requests are taken, no word ever comes back
@@ -294,7 +266,7 @@ class RtlNdpBackend:
             ended = await First(done, Timer(limit * PERIOD_NS, unit="ns"))
         if isinstance(ended, Timer):
             progress = {k: v - before[k] for k, v in tb.counters().items()}
-            raise NdpTimeout(f"descriptor #{index} ({describe(fields)}) hung: no `done` within {limit} cycles; "
+            raise NdpTimeout(f"descriptor #{index} ({d.describe()}) hung: no `done` within {limit} cycles; "
                              f"{progress['words_read']} of {words} words read, "
                              f"{progress['results_written']} of {len(expect)} results; reset the unit")
         after = tb.counters()
@@ -304,15 +276,15 @@ class RtlNdpBackend:
         state, error = tb.status()
         got = self._read_results(count0, int(dut.result_count.value)) if delta["results_written"] else []
         self.records.append(DescriptorRecord(
-            index, Opcode(fields["opcode"]).name if fields["opcode"] in Opcode._value2member_map_ else "BAD",
-            fields["tokens"], fields["rows"], fields["in_features"], fields["bits"], 32 << fields["group"],
-            delta["words_read"], once, passes, delta["busy_cycles"], delta["mem_stall_cycles"],
+            index, d.opcode.name if isinstance(d.opcode, Opcode) else "BAD",
+            d.tokens, d.rows, d.in_features, d.bits, GROUP_SIZES.get(d.group, 0),
+            delta["words_read"], once, passes, beats, delta["busy_cycles"], delta["mem_stall_cycles"],
             delta["out_stall_cycles"], len(got), _max_abs_diff(got, expect), rates, loaded))
         if (state, error) != (expect_state, self.golden.error):
-            raise NdpError(f"descriptor #{index} ({describe(fields)}): RTL status {state.name}/{error.name}, "
+            raise NdpError(f"descriptor #{index} ({d.describe()}): RTL status {state.name}/{error.name}, "
                            f"golden {expect_state.name}/{ErrorCode(self.golden.error).name}")
         if state == State.ERROR:
-            raise NdpError(f"NDP refused descriptor {describe(fields)}: {error.name}")
+            raise NdpError(f"NDP refused descriptor {d.describe()}: {error.name}")
         return NdpResult(got, float(delta["busy_cycles"]))
 
     def record_dicts(self) -> list[dict]:

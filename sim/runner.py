@@ -114,6 +114,14 @@ def build(opts: BenchOptions, *, log_file: Path | None = None) -> Path:
     return bdir
 
 
+def build_logged(opts: BenchOptions, log_file: Path) -> Path:
+    """`build` with Verilator's compile output in `log_file`; a failed build names the log."""
+    try:
+        return build(opts, log_file=log_file)
+    except RuntimeError as exc:
+        raise RuntimeError(f"the Verilator build failed ({exc}); its output is in {log_file}") from None
+
+
 def run(opts: BenchOptions, *, test_module: str = "ndpmoe.sim.cocotb_ndp", testcase: str | None = None,
         log_file: Path | None = None) -> dict:
     """Build if needed, run the cocotb test, return its tally (see sim/cocotb_ndp.py)."""

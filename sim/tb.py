@@ -162,8 +162,7 @@ class NdpTB:
             self.coverage.handed_over(self._inflight[-1] if self._inflight else None, step)
 
     def step_timeout_ns(self, step: Step) -> int:
-        f = step.fields
-        beats = step.words * self.cfg.passes(max(1, min(f["tokens"], self.cfg.t_max)))
+        beats = step.words * self.cfg.passes(max(1, min(step.descriptor.tokens, self.cfg.t_max)))
         return PERIOD_NS * (2000 + 64 * (beats + len(step.results)))
 
     # -- one run ------------------------------------------------------------------------------------
@@ -310,7 +309,7 @@ class NdpTB:
             return "idle", None
         words = self.counters()["words_read"] - self._last_counters["words_read"]
         phase = "before_first_word" if words == 0 else "reading" if words < step.words else "draining"
-        return Opcode(step.fields["opcode"]).name, phase
+        return Opcode(step.descriptor.opcode).name, phase
 
     async def reset_in_phase(self, case) -> None:
         """A directed reset (sim/coverage_closure.py): run `case.setup`, hand over `case.first`
@@ -336,7 +335,7 @@ class NdpTB:
 
     # -- checker --------------------------------------------------------------------------------------
     def fail(self, step: Step, message: str) -> None:
-        text = f"step {self.tally.steps} [{step.describe() if step.fields else '-'}]: {message}"
+        text = f"step {self.tally.steps} [{step.describe() if step.descriptor else '-'}]: {message}"
         self.tally.mismatches.append(text)
         if len(self.tally.mismatches) <= 10:
             self.log.error(text)

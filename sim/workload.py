@@ -17,13 +17,12 @@ full the workload starts a new batch (a new image), which the bench loads before
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from ndpmoe.model.contract import (ACC_BITS, DESCRIPTOR, SCALE_MAX, SUPPORTED_GROUPS, ZERO_MAX,
-                            ZERO_MIN, ErrorCode, NdpConfig, Opcode, QuantFormat, act_row_len,
-                            make_descriptor)
+from ndpmoe.model.contract import (ACC_BITS, GROUP_SIZES, SCALE_MAX, SUPPORTED_GROUPS, ZERO_MAX, ZERO_MIN,
+                                   Descriptor, ErrorCode, NdpConfig, Opcode, QuantFormat, act_row_len)
 from ndpmoe.model.ndp_golden import NdpGoldenUnit, check_descriptor
 from ndpmoe.model.packing import pack_matrix
 
@@ -31,7 +30,7 @@ from ndpmoe.model.packing import pack_matrix
 @dataclass
 class Step:
     """One descriptor and what must come of it."""
-    fields: dict[str, int]                  # decoded descriptor (DESCRIPTOR field names)
+    descriptor: Descriptor
     error: ErrorCode
     results: list[tuple[int, int, int]]      # (token, row, value), golden order
     words: int                               # memory words the unit must read
@@ -39,13 +38,10 @@ class Step:
 
     @property
     def raw(self) -> int:
-        return DESCRIPTOR.pack(**self.fields)
+        return self.descriptor.encode()
 
     def describe(self) -> str:
-        f = self.fields
-        op = Opcode(f["opcode"]).name if f["opcode"] in Opcode._value2member_map_ else f"opcode {f['opcode']}"
-        return (f"{op} bits={f['bits']} group={f['group']} tokens={f['tokens']} rows={f['rows']} "
-                f"in={f['in_features']} addr={f['addr']:#x} -> {self.error.name}"
+        return (f"{self.descriptor.describe()} -> {self.error.name}"
                 + (f", reset after {self.reset_after} cycles" if self.reset_after is not None else ""))
 
 
@@ -112,7 +108,7 @@ class WorkloadGenerator:
             return self._load()
         r -= mix.load
         if r < mix.nop:
-            return self._run(dict(opcode=Opcode.NOP, bits=0, group=0, tokens=0, rows=0, in_features=0, addr=0))
+            return self._run(Descriptor(Opcode.NOP))
         r -= mix.nop
         if r < mix.bad:
             return self._bad()
@@ -121,10 +117,10 @@ class WorkloadGenerator:
             step = self._with_reset(step)
         return step
 
-    def _run(self, fields: dict[str, int], words: int = 0) -> Step:
-        fields = {name: int(fields.get(name, 0)) for name, _ in DESCRIPTOR.fields}
-        results = self.gold.execute(dict(fields))
-        return Step(fields, self.gold.error, results, words if self.gold.error == ErrorCode.NONE else 0)
+    def _run(self, d: Descriptor) -> Step:
+        results = self.gold.execute(d)
+        ok = self.gold.error == ErrorCode.NONE
+        return Step(d, self.gold.error, results, d.words(self.cfg) if ok else 0)
 
     def _load(self) -> Step | None:
         cfg = self.cfg
@@ -135,10 +131,9 @@ class WorkloadGenerator:
         addr = self._place(x.view(torch.uint8).reshape(-1))
         if addr is None:
             return None
-        fields = DESCRIPTOR.unpack(make_descriptor(Opcode.LOAD_ACT, addr=addr, in_features=n_in, tokens=tokens))
-        return self._run(fields, tokens * n_in // cfg.word_bytes)
+        return self._run(Descriptor.load_act(tokens=tokens, in_features=n_in, addr=addr))
 
-    def _matmul_fields(self, place: bool) -> tuple[dict[str, int], int] | None:
+    def _matmul_descriptor(self, place: bool) -> Descriptor | None:
         cfg, rng = self.cfg, self.rng
         t_loaded, in_loaded = self.gold.loaded
         bits = rng.choice(cfg.bits)
@@ -159,16 +154,13 @@ class WorkloadGenerator:
             addr = self._place(pack_matrix(codes, scale, zero, fmt))
             if addr is None:
                 return None
-        fields = DESCRIPTOR.unpack(make_descriptor(Opcode.MATMUL, addr=addr, in_features=n_in, tokens=tokens,
-                                                   rows=rows, bits=bits, group_size=group))
-        return fields, fmt.matrix_bytes(rows, n_in) // cfg.word_bytes
+        return Descriptor.matmul(fmt, tokens=tokens, rows=rows, in_features=n_in, addr=addr)
 
     def _matmul(self) -> Step | None:
-        made = self._matmul_fields(place=True)
-        if made is None:
+        d = self._matmul_descriptor(place=True)
+        if d is None:
             return None if self._top else self._load()
-        fields, words = made
-        step = self._run(fields, words)
+        step = self._run(d)
         assert step.error == ErrorCode.NONE, step.describe()
         assert all(abs(v) < 1 << (ACC_BITS - 1) for _, _, v in step.results)
         return step
@@ -186,46 +178,40 @@ class WorkloadGenerator:
         cfg, rng = self.cfg, self.rng
         for _ in range(100):
             if rng.random() < 0.3:
-                tokens = rng.randint(1, cfg.t_max)
-                fields = DESCRIPTOR.unpack(make_descriptor(Opcode.LOAD_ACT, addr=0, tokens=tokens,
-                                                           in_features=cfg.word_bits))
+                d = Descriptor.load_act(tokens=rng.randint(1, cfg.t_max), in_features=cfg.word_bits)
             else:
-                made = self._matmul_fields(place=False)
-                if made is None:
+                d = self._matmul_descriptor(place=False)
+                if d is None:
                     continue
-                fields = made[0]
             for _ in range(rng.choice((1, 1, 2))):
-                self._break(fields)
-            if check_descriptor(cfg, fields, self.gold.loaded) != ErrorCode.NONE:
-                return self._run(fields)
+                d = self._break(d)
+            if check_descriptor(cfg, d, self.gold.loaded) != ErrorCode.NONE:
+                return self._run(d)
         raise RuntimeError("could not make a bad descriptor")
 
-    def _break(self, f: dict[str, int]) -> None:
+    def _break(self, d: Descriptor) -> Descriptor:
         cfg, rng = self.cfg, self.rng
         word = cfg.word_bytes
         kind = rng.choice(("opcode", "bits", "group", "in", "tokens", "rows", "align", "range", "act"))
         if kind == "opcode":
-            f["opcode"] = 3
-        elif kind == "bits":
-            f["bits"] = rng.choice([b for b in range(16) if b not in cfg.bits])
-        elif kind == "group":
-            f["group"] = 3
-        elif kind == "in":
-            f["in_features"] = rng.choice([0, f["in_features"] + 16, cfg.max_in_features + cfg.word_bits,
-                                           (1 << 16) - 1])
-        elif kind == "tokens":
-            f["tokens"] = rng.choice([0, cfg.t_max + 1, 255])
-        elif kind == "rows":
-            f["rows"] = 0
-        elif kind == "align":
-            f["addr"] += rng.randint(1, word - 1)
-        elif kind == "range":
-            f["addr"] = (cfg.mem_bytes - rng.randint(1, 64) * word) % (1 << 32)
-            f["rows"] = max(f["rows"], 64)
-        else:
-            t_loaded, in_loaded = self.gold.loaded
-            if t_loaded < cfg.t_max and rng.random() < 0.5:
-                f["tokens"] = rng.randint(t_loaded + 1, cfg.t_max)
-            else:
-                g = 32 << min(f["group"], 2)
-                f["in_features"] = (in_loaded // g + 1) * g
+            return replace(d, opcode=3)
+        if kind == "bits":
+            return replace(d, bits=rng.choice([b for b in range(16) if b not in cfg.bits]))
+        if kind == "group":
+            return replace(d, group=3)
+        if kind == "in":
+            return replace(d, in_features=rng.choice([0, d.in_features + 16, cfg.max_in_features + cfg.word_bits,
+                                                      (1 << 16) - 1]))
+        if kind == "tokens":
+            return replace(d, tokens=rng.choice([0, cfg.t_max + 1, 255]))
+        if kind == "rows":
+            return replace(d, rows=0)
+        if kind == "align":
+            return replace(d, addr=d.addr + rng.randint(1, word - 1))
+        if kind == "range":
+            return replace(d, addr=(cfg.mem_bytes - rng.randint(1, 64) * word) % (1 << 32), rows=max(d.rows, 64))
+        t_loaded, in_loaded = self.gold.loaded
+        if t_loaded < cfg.t_max and rng.random() < 0.5:
+            return replace(d, tokens=rng.randint(t_loaded + 1, cfg.t_max))
+        g = GROUP_SIZES.get(d.group, max(SUPPORTED_GROUPS))
+        return replace(d, in_features=(in_loaded // g + 1) * g)

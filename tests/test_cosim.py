@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from ndpmoe.host.ndp_cost import CycleSample, NdpCostModel, fit_ndp_cost, matmul_once_words, relative_error
-from ndpmoe.model.contract import QuantFormat
+from ndpmoe.host.ndp_cost import CycleSample, NdpCostModel, fit_ndp_cost, relative_error
+from ndpmoe.model.contract import Descriptor, QuantFormat, get_config
 from ndpmoe.rtl.verilator_env import have_verilator
 
 HAVE_VERILATOR = have_verilator()
@@ -84,11 +84,15 @@ def test_cost_fit_separates_load_overhead_and_once_words():
 
 
 def test_once_words_are_metadata_and_hi_planes():
+    cfg = get_config("default")
     fmt = QuantFormat(3, 64, 128)
     # in 576 -> padded 640: 10 groups (3 metadata words), 5 blocks of (1 hi + 2 lo) words.
-    assert matmul_once_words(fmt, 64, 576) == 64 * (3 + 5)
-    assert fmt.row_words(576) == 3 + 15
-    assert matmul_once_words(QuantFormat(4, 64, 128), 2, 576) == 2 * 3
+    d = Descriptor.matmul(fmt, tokens=3, rows=64, in_features=576)
+    assert d.once_words(cfg) == 64 * (3 + 5)
+    assert fmt.row_words(576) == 3 + 15 and d.words(cfg) == 64 * 18
+    # 3 tokens at tokens_parallel 2: two passes over the 10 lo-plane words of each row.
+    assert d.beats(cfg) == 64 * (3 + 5 + 2 * 10)
+    assert Descriptor.matmul(QuantFormat(4, 64, 128), tokens=1, rows=2, in_features=576).once_words(cfg) == 2 * 3
 
 
 def test_bad_fault_and_stall_settings():

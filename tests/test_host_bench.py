@@ -1,9 +1,12 @@
 """`ndpmoe bench`, the performance model and the bad-input errors it promises."""
 import json
+import re
 
 import pytest
 
+from ndpmoe.host.bench import ROWS, BenchOptions, run_bench
 from ndpmoe.host.cli import main
+from ndpmoe.host.cmd_bench import ALL_ROWS, add_arguments, format_bench, options_from_args
 from ndpmoe.host.models import get_model
 from ndpmoe.host.ndp_cost import RTL_TARGET, NdpCostModel, fit_ndp_cost, relative_error
 from ndpmoe.host.presets import get_system
@@ -34,6 +37,49 @@ def test_bench_table(capsys, tmp_path):
     assert abs((hob - uni) - (top1 - uni)) <= 0.5 * (top1 - uni)
 
 
+def _without_planning_times(line: str) -> str:
+    """A printed line without the measured planning times (they differ from run to run)."""
+    if line.startswith("planning cost"):
+        return re.sub(r"\d+\.\d+", "#", line)
+    return re.sub(r"\s+\d+\.\d$", "", line)
+
+
+def test_bench_library_rows_are_what_the_command_prints(capsys, tmp_path):
+    """`ndpmoe bench` prints the library's rows: the same figures from run_bench as in the
+    command's JSON (all but the measured planning time), laid out by format_bench as printed."""
+    out_json = tmp_path / "bench.json"
+    argv = ["--model", "olmoe-1b-7b", "--system", "gpu-ndp", "--cache-gb", "0.2", "--topn", "2",
+            "--policy", "uniform,topn,hobbit"] + FAST
+    assert main(["bench", *argv, "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    options = options_from_args(_parse(argv))
+    assert options == BenchOptions(model="olmoe-1b-7b", system="gpu-ndp", cache_gb=0.2, topn=(2,),
+                                   rows=("uniform", "topn", "hobbit"), trace="synthetic", tokens=8)
+    result = run_bench(options, log=lambda s: None)
+    labels = [r.label for r in result.rows]
+    assert labels[:2] == ["uniform int3", "ours top-2 r32"] and labels[2].startswith("hobbit int4 top-1, ")
+    cli_rows = json.loads(out_json.read_text())["rows"]
+    for row, cli in zip(result.rows, cli_rows, strict=True):
+        lib = row.to_json()
+        assert lib.pop("planning_us_per_token_per_layer") > 0
+        cli.pop("planning_us_per_token_per_layer")
+        assert lib == cli
+    assert list(map(_without_planning_times, format_bench(result).splitlines())) == \
+        list(map(_without_planning_times, printed))
+
+
+def _parse(argv):
+    import argparse
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_bench_command_defaults_are_the_library_defaults():
+    assert options_from_args(_parse([])) == BenchOptions()
+    assert ALL_ROWS.split(",") == list(ROWS)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gpt-moe"], "unknown model 'gpt-moe'"),
     (["--system", "tpu"], "unknown system preset 'tpu'"),
@@ -45,7 +91,6 @@ def test_bench_table(capsys, tmp_path):
     (["--policy", "magic"], "unknown --policy row 'magic'"),
 ])
 def test_bench_bad_input(capsys, argv, message):
-    import re
     rc = main(["bench"] + FAST + argv)
     err = capsys.readouterr().err
     assert rc == 2 and re.search(message, err), err

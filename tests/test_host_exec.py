@@ -6,6 +6,8 @@
   B x). The NDP computes the same sums exactly in integers, so only float32 rounding differs.
 - NDP path vs moe_forward_quant (float activations): bounded by the int8 activation error.
 """
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,8 @@ from ndpmoe.host.ndp import GoldenNdpBackend, NdpDriver
 from ndpmoe.host.plan import LayerPlanner, check_plan
 from ndpmoe.host.policy import BudgetedPolicy, HobbitTopHi, TopN
 from ndpmoe.host.presets import get_system
+from ndpmoe.host.sizes import ExpertSizes
+from ndpmoe.model.contract import Descriptor, act_row_len
 from ndpmoe.model.moe import route
 from ndpmoe.model.moe_quant import moe_forward_quant
 from ndpmoe.model.ndp_golden import quantize_activations
@@ -154,3 +158,32 @@ def test_cuda_backend_matches_cpu(layer):
     cpu = LayerExecutor(store, TorchGpuBackend("cpu"), ExpertCache(1 << 22)).run(plan, x)[0]
     cuda = LayerExecutor(store, TorchGpuBackend("cuda"), ExpertCache(1 << 22)).run(plan, x)[0]
     assert torch.allclose(cpu, cuda, rtol=1e-4, atol=1e-5)
+
+
+def test_executor_issues_only_what_ndp_steps_yields(layer, monkeypatch):
+    """The executor walks ndp_steps and the driver refuses a step its data does not make: a model
+    that drifted from what runs fails here, before anything reaches the unit."""
+    cfg, w, x, store, routing = layer
+    real = ExpertSizes.ndp_steps
+
+    def drifted(self, *args, **kwargs):
+        steps = list(real(self, *args, **kwargs))
+        for i, s in enumerate(steps):
+            if s.kind == "w":
+                steps[i] = replace(s, descriptor=replace(s.descriptor, rows=s.descriptor.rows - 1))
+        return steps
+
+    monkeypatch.setattr(ExpertSizes, "ndp_steps", drifted)
+    with pytest.raises(ValueError, match=r"makes the descriptor MATMUL .* but the step to issue is MATMUL"):
+        _execute(store, x, routing, TopN(1), "all-ndp")
+
+
+def test_driver_refuses_a_load_step_before_writing_anything():
+    driver = NdpDriver(GoldenNdpBackend(NDP_CFG, 1 << 20))
+    x_q = torch.ones(2, 64, dtype=torch.int8)
+    wrong = Descriptor.load_act(tokens=3, in_features=act_row_len(64, NDP_CFG.word_bits))
+    with pytest.raises(ValueError, match=r"activations \[2, 64\] makes the descriptor LOAD_ACT .*tokens=2"):
+        driver.load(x_q, step=wrong)
+    assert not any(driver.backend.unit.mem) and not driver.log and driver.backend.unit.act is None
+    driver.load(x_q, step=replace(wrong, tokens=2))
+    assert [d.descriptor.at(0) for d in driver.log] == [replace(wrong, tokens=2)]

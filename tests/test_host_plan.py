@@ -1,4 +1,4 @@
-"""Plans: valid for every policy and placement; bytes in the trace equal bytes computed from the
+"""Plans: valid for every policy and placement; bytes in the layer statistics equal bytes computed from the
 contract's sizes and equal what the backends actually moved; the NDP descriptors issued are the
 ones the cost model counted."""
 import math
@@ -11,14 +11,14 @@ from ndpmoe.host.backends import TorchGpuBackend
 from ndpmoe.host.cache import ExpertCache
 from ndpmoe.host.execute import LayerExecutor
 from ndpmoe.host.ndp import GoldenNdpBackend, NdpDriver
+from ndpmoe.host.perf_model import LayerTime, ResourceSeconds, layer_time
 from ndpmoe.host.plan import LayerPlanner, check_plan
 from ndpmoe.host.policy import BudgetedPolicy, HobbitTopHi, RandomN, TopN
 from ndpmoe.host.presets import get_system
+from ndpmoe.host.run_stats import RunStats, layer_stats
 from ndpmoe.host.sensitivity import assumed_sensitivity
 from ndpmoe.host.sizes import ExpertSizes
-from ndpmoe.host.trace import RunTrace, layer_trace
-from ndpmoe.model.compensate import factor_bytes_fp16
-from ndpmoe.model.contract import QuantFormat, act_row_len, output_struct
+from ndpmoe.model.contract import QuantFormat, act_row_len, fp16_factor_bytes, output_struct
 from ndpmoe.model.moe import route
 
 from host_block import D, E, FMT, HI_FMT, I, K, NDP_CFG, RANK, make_store
@@ -84,7 +84,7 @@ def _contract_link_bytes(plan) -> dict[str, int]:
         if task.fetch_weights:
             out["hi_weights" if task.variant == "hi" else "weights"] += sum(fmt.matrix_bytes(*s) for s in SHAPES.values())
         if task.comp_unit == "gpu":
-            out["factors"] += sum(factor_bytes_fp16(o, i, task.fetch_factor_ranks) for o, i in SHAPES.values())
+            out["factors"] += sum(fp16_factor_bytes(o, i, task.fetch_factor_ranks) for o, i in SHAPES.values())
         n, r = len(task.tokens), task.comp_rank if task.comp_unit == "ndp" else 0
         if task.gemm_unit == "ndp" or r:
             # per token: x and h down; w1, w3, w2 rows up (GEMM); B rows, B x down, A rows up (comp)
@@ -98,7 +98,7 @@ def _contract_link_bytes(plan) -> dict[str, int]:
 @pytest.mark.parametrize("placement, policy", [
     ("all-gpu", BudgetedPolicy(25_000)), ("all-ndp", TopN(2)), ("all-ndp", HobbitTopHi(1)),
     ("ndp-gemm", TopN(1)), ("ndp-comp", TopN(2))], ids=lambda v: getattr(v, "name", v))
-def test_trace_bytes_equal_contract_sizes_and_what_moved(stored, placement, policy):
+def test_stats_bytes_equal_contract_sizes_and_what_moved(stored, placement, policy):
     cfg, blocks, x, store = stored
     w = blocks[0][0]
     ids, wts = route(x, w.router, cfg)
@@ -110,31 +110,47 @@ def test_trace_bytes_equal_contract_sizes_and_what_moved(stored, placement, poli
     ex = LayerExecutor(store, TorchGpuBackend(), cache, ndp)
     ex.place_layer(0)
     _, rec = ex.run(plan, x)
-    trace = layer_trace(plan, "test", rec)
+    stats = layer_stats(plan, "test", rec)
     expect = _contract_link_bytes(plan)
     for kind, value in expect.items():
-        assert trace.link_bytes[kind] == value, kind
+        assert stats.link_bytes[kind] == value, kind
         assert rec.link_bytes.get(kind, 0) == value, kind          # what the backends moved
     # NDP: the descriptors issued are those the cost model counted, word for word.
     steps = [s for t in plan.tasks for s in store.sizes(NDP_CFG).ndp_steps(
         t.variant, len(t.tokens), t.gemm_unit == "ndp", t.comp_rank if t.comp_unit == "ndp" else 0)]
     issued = rec.ndp_descriptors
-    assert [(s.opcode, s.tokens, s.rows, s.in_features, s.words) for s in steps] == \
-           [(d.opcode, d.tokens, d.rows, d.in_features, d.words) for d in issued]
-    assert trace.ndp["words"] == sum(d.words for d in issued) == ndp.backend.counters()["words_read"]
+    assert [(s.descriptor, s.words) for s in steps] == [(d.descriptor.at(0), d.words) for d in issued]
+    assert stats.ndp["words"] == sum(d.words for d in issued) == ndp.backend.counters()["words_read"]
     if placement != "all-gpu":
         assert issued
 
 
-def test_run_trace_json(tmp_path):
+def test_run_stats_json(tmp_path):
     sizes = ExpertSizes(D, I, FMT, HI_FMT, RANK, NDP_CFG)
     planner = LayerPlanner(sizes, ExpertCache(1 << 22), TopN(1), system=SYSTEM)
-    run = RunTrace(meta={"test": True})
+    run = RunStats(meta={"test": True})
     for layer in range(3):
-        run.add(layer_trace(planner.plan(layer, *_routing(2, layer)), "test"))
+        run.add(layer_stats(planner.plan(layer, *_routing(2, layer)), "test"))
     run.tokens = 2
     run.write(tmp_path / "run.json")
     import json
     data = json.loads((tmp_path / "run.json").read_text())
     assert len(data["layers"]) == 3 and data["summary"]["tokens"] == 2
     assert data["summary"]["modeled_time_s"] > 0 and "weights" in data["layers"][0]["link_bytes"]
+
+
+def test_placer_weighs_the_time_the_layer_is_modeled_at():
+    """The placer adds up per-task resource seconds; the layer's modeled time comes from the summed
+    work. Both are the one TimeModel, and it is linear in the work, so the two agree: the placer
+    balances the very time the model reports."""
+    sizes = ExpertSizes(D, I, FMT, HI_FMT, RANK, NDP_CFG)
+    planner = LayerPlanner(sizes, ExpertCache(3 * sizes.weight_bytes("lo")), TopN(2), system=SYSTEM,
+                           sensitivity=lambda layer: assumed_sensitivity(E, RANK))
+    model = planner.placer.time_model
+    for seed in range(4):
+        plan = planner.plan(seed, *_routing(1 + 2 * seed, seed))
+        per_task = [model.seconds(u) for u in plan.task_usage]
+        summed = ResourceSeconds(*(sum(s[r] for s in per_task) for r in range(5)),
+                                 max((s.latency for s in per_task), default=0.0))
+        assert LayerTime.of(summed).total_s == pytest.approx(plan.time.total_s, rel=1e-12)
+        assert plan.time == model.layer_time(plan.usage) == layer_time(plan.usage, SYSTEM)

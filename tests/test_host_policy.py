@@ -3,7 +3,8 @@ spreads rank where gains are concave, buys copies when they pay, and takes cache
 import pytest
 import torch
 
-from ndpmoe.host.policy import BudgetedPolicy, HobbitTopHi, RandomN, RestorationContext, TopN, get_policy
+from ndpmoe.host.policy import (BudgetedPolicy, HobbitTopHi, RandomN, RestorationContext, TopN, decode_restoration,
+                                get_policy)
 from ndpmoe.host.sensitivity import LayerSensitivity, assumed_sensitivity
 from ndpmoe.model.moe_quant import topn_restore
 
@@ -32,20 +33,61 @@ def test_topn_is_the_golden_rule():
         assert torch.equal(r.restore_tensor(), expect) and not r.hi_tensor().any()
 
 
-def test_n_at_least_k_refused():
+def test_n_above_k_refused():
     ids, w = _routing()
-    with pytest.raises(ValueError, match=r"n must be in \[0, k\) = \[0, 4\).*not 4"):
-        TopN(4).decide(ids, w, _ctx())
-    with pytest.raises(ValueError, match="not 5"):
+    assert torch.equal(TopN(4).decide(ids, w, _ctx()).restore_tensor(), torch.full((4, 4), R))   # n = k: every slot
+    with pytest.raises(ValueError, match=r"n must be in \[0, k\] = \[0, 4\].*not 5"):
+        TopN(5).decide(ids, w, _ctx())
+    with pytest.raises(ValueError, match=r"restoration policy 'top-5': n must be .* not 5"):
         get_policy("top-5", top_k=4)
-    with pytest.raises(ValueError, match="unknown restoration policy 'best'"):
-        get_policy("best", top_k=4)
+
+
+@pytest.mark.parametrize("spec", ["best", "top-", "top-2@r", "top-x", "hobbit-2", "budgeted"])
+def test_bad_spec_refused(spec):
+    with pytest.raises(ValueError, match=f"unknown restoration policy '{spec}'.*expected none, top-N"):
+        get_policy(spec, top_k=4)
+
+
+@pytest.mark.parametrize("spec", ["budgeted:", "budgeted:many", "budgeted:-1", "budgeted:nan", "budgeted:inf"])
+def test_bad_budget_refused(spec):
+    with pytest.raises(ValueError, match=f"policy '{spec}': the budget must be a non-negative number"):
+        get_policy(spec)
+
+
+def test_specs_parse_to_the_policies():
+    assert get_policy("none", 4) == TopN(0) and get_policy("top-2", 4) == TopN(2)
+    assert get_policy("top-2@r8", 4) == TopN(2, 8) and get_policy("hobbit") == HobbitTopHi(1)
+    assert get_policy("budgeted:2500.5") == BudgetedPolicy(2500.5)
+    rnd = get_policy("random-3@r4", 4)
+    assert isinstance(rnd, RandomN) and (rnd.n, rnd.rank, rnd.name) == (3, 4, "random-3@r4")
 
 
 def test_random_n_restores_n_slots_per_token():
     ids, w = _routing(t=16)
     r = RandomN(2, seed=1).decide(ids, w, _ctx()).restore_tensor()
     assert ((r > 0).sum(1) == 2).all() and (r[:, 0] == 0).any()     # not always the top slot
+
+
+def test_random_n_draws_anew_per_call_and_repeats_per_seed():
+    """Batch-1 decode calls once per token: the draws must move on (not restart) between calls."""
+    ids, w = _routing(t=1)
+    first, again = RandomN(1, seed=3), RandomN(1, seed=3)
+    picks = [first.decide(ids, w, _ctx()).ranks[0] for _ in range(32)]
+    assert len(set(picks)) > 1
+    assert picks == [again.decide(ids, w, _ctx()).ranks[0] for _ in range(32)]
+    assert RandomN(1, rank=4).decide(ids, w, _ctx()).restore_tensor().max() == 4
+
+
+@pytest.mark.parametrize("policy", [TopN(2, 8), HobbitTopHi(1, 0.2), BudgetedPolicy(20_000)], ids=lambda p: p.name)
+def test_decode_restoration_decides_each_token_alone(policy):
+    """What batch-1 decode decides: each token as its own batch. Row-wise policies may decide the
+    whole batch at once (same result); the budgeted policy shares a budget, so it may not."""
+    ids, w = _routing(t=6)
+    got = decode_restoration(policy, ids, w, _ctx())
+    whole = policy.decide(ids, w, _ctx())
+    assert (whole == got) == policy.row_wise        # a shared budget decides a batch differently
+    rows = [policy.decide(ids[i:i + 1], w[i:i + 1], _ctx()) for i in range(6)]
+    assert got.ranks == tuple(r.ranks[0] for r in rows) and got.hi == tuple(r.hi[0] for r in rows)
 
 
 def test_budget_is_respected_and_spent():

@@ -4,7 +4,7 @@ import torch
 
 from ndpmoe.model.contract import QuantFormat
 from ndpmoe.model.moe import MoEWeights, RouterConfig, moe_forward
-from ndpmoe.model.moe_quant import FULL_RANK, moe_forward_quant, quantize_moe, topn_restore
+from ndpmoe.model.moe_quant import FULL_RANK, check_block_fits, moe_forward_quant, quantize_moe, topn_restore
 
 
 def _block(seed=0, e=6, d=128, i=64):
@@ -89,3 +89,18 @@ def test_masked_block_matches_the_per_expert_reference():
     plain = torch.zeros(40, 4, dtype=torch.long)
     none = torch.zeros(40, 4, dtype=torch.bool)
     assert not torch.allclose(MaskedQuantMoE(qm)(x, plain, none, routing), ref, atol=1e-4)
+
+
+def test_width_not_a_multiple_of_the_group_is_named():
+    """An expert 96 wide with groups of 64: the message names the layer, expert and matrix, and
+    the group sizes that would fit."""
+    w, _, _ = _block(e=2, d=128, i=96)
+    with pytest.raises(ValueError, match=r"^layer 7, expert 0, matrix w2 \[128 x 96\] .*multiple of the group "
+                                         r"size 64, not 96 \(group sizes that divide 96: 32\)"):
+        check_block_fits(w, QuantFormat(3, 64), layer=7)
+    with pytest.raises(ValueError, match=r"^expert 0, matrix w2 \[128 x 96\]"):
+        quantize_moe(w, RouterConfig(top_k=1), QuantFormat(3, 64))
+    check_block_fits(w, QuantFormat(3, 32), layer=7)       # 32 divides both widths
+    w, _, _ = _block(e=2, d=80, i=64)
+    with pytest.raises(ValueError, match=r"matrix w1 \[64 x 80\].*no supported group size \(32, 64, 128\) divides 80"):
+        check_block_fits(w, QuantFormat(3, 32))

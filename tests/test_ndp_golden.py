@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from ndpmoe.model.contract import ErrorCode, Opcode, QuantFormat, get_config, act_row_len, DESCRIPTOR, make_descriptor
+from dataclasses import replace
+
+from ndpmoe.model.contract import Descriptor, ErrorCode, QuantFormat, get_config, act_row_len
 from ndpmoe.model.ndp_golden import NdpGoldenUnit, acc_to_float, act_image, ndp_matmul, quantize_activations
 from ndpmoe.model.quantize import quantize_rtn
 
@@ -41,9 +43,9 @@ def test_golden_unit_runs_descriptors_from_memory():
     x_q, _ = quantize_activations(torch.randn(2, 128, generator=g))
     unit.write(0, act_image(x_q, cfg.word_bits))
     unit.write(4096, qm.to_image())
-    load = DESCRIPTOR.unpack(make_descriptor(Opcode.LOAD_ACT, addr=0, in_features=act_row_len(128, 64), tokens=2))
+    load = Descriptor.load_act(tokens=2, in_features=act_row_len(128, 64))
     assert unit.execute(load) == [] and unit.error == ErrorCode.NONE
-    mm = DESCRIPTOR.unpack(make_descriptor(Opcode.MATMUL, addr=4096, in_features=128, tokens=2, rows=10, bits=4, group_size=64))
+    mm = Descriptor.matmul(cfg.fmt(4, 64), addr=4096, in_features=128, tokens=2, rows=10)
     results = unit.execute(mm)
     acc = ndp_matmul(qm, x_q)
     assert results == [(t, r, int(acc[t, r])) for r in range(10) for t in range(2)]
@@ -52,7 +54,7 @@ def test_golden_unit_runs_descriptors_from_memory():
 @pytest.mark.parametrize("fields,code", [
     (dict(opcode=3), ErrorCode.BAD_OPCODE),
     (dict(bits=3), ErrorCode.BAD_BITS),            # the small build has no 3-bit decoder
-    (dict(group_size=16), ErrorCode.BAD_GROUP),
+    (dict(group=3), ErrorCode.BAD_GROUP),
     (dict(in_features=96), ErrorCode.BAD_IN_FEATURES),
     (dict(tokens=0), ErrorCode.BAD_TOKENS),
     (dict(tokens=3), ErrorCode.BAD_TOKENS),
@@ -64,11 +66,7 @@ def test_golden_unit_runs_descriptors_from_memory():
 def test_bad_descriptors_are_refused(fields, code):
     cfg = get_config("small")
     unit = NdpGoldenUnit(cfg)
-    unit.execute(DESCRIPTOR.unpack(make_descriptor(Opcode.LOAD_ACT, addr=0, in_features=128, tokens=2)))
-    args = dict(addr=0, in_features=128, tokens=2, rows=4, bits=4, group_size=64)
-    opcode = fields.pop("opcode", Opcode.MATMUL)
-    args.update(fields)
-    d = DESCRIPTOR.unpack(make_descriptor(Opcode.MATMUL, **args))
-    d["opcode"] = opcode
+    unit.execute(Descriptor.load_act(tokens=2, in_features=128))
+    d = replace(Descriptor.matmul(QuantFormat(4, 64, cfg.word_bits), in_features=128, tokens=2, rows=4), **fields)
     assert unit.execute(d) == []
     assert unit.error == code

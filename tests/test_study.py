@@ -1,18 +1,33 @@
 """The accuracy study end to end on a reduced default model (two MoEfied layers, short text):
 the orderings that are robust at this size, measured on held-out layer outputs and perplexity."""
+import json
+
 import pytest
 import torch
 
+from ndpmoe.host.cli import main
 from ndpmoe.host.cmd_eval import write_outputs
-from ndpmoe.host.study import Study, Variant, topn_decider
-from ndpmoe.host.study_plan import PlanOptions, verdicts
+from ndpmoe.host.policy import Restoration, TopN
+from ndpmoe.host.sizes import ExpertSizes
+from ndpmoe.host.study import Study, Variant
+from ndpmoe.host.study_plan import PairedVerdicts, PlanOptions, run_plan, verdicts
 from ndpmoe.model.default_moe import load_default_moe
+from ndpmoe.model.factor_quant import bytes_per_rank
 from ndpmoe.model.moe_quant import FULL_RANK
 from ndpmoe.model.moefy import MoEfyConfig
 from ndpmoe.model.text import token_windows, tokenize
 
 LAYERS = [0, 1]                       # shares the reduced model of tests/test_default_moe.py
 CFG = MoEfyConfig(calib_tokens=1024)
+
+
+class EverySlot:
+    """A policy from outside host/policy.py: every slot at all the rank that is stored."""
+    name, row_wise, needs_sensitivity = "every slot", True, False
+
+    def decide(self, ids, weights, ctx):
+        t, k = ids.shape
+        return Restoration(((FULL_RANK,) * k,) * t, ((False,) * k,) * t)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +45,10 @@ def test_orderings(study, tmp_path):
     k = study.dm.blocks[0][1].top_k
     aware, svd = Variant(3, "optimized", "aware", 8), Variant(3, "optimized", "svd", 8)
     plain = study.run("plain", Variant(3, "optimized"), kind="uniform", bits=3, quantizer="optimized")
-    top2 = study.run("top2 aware", aware, lambda l: topn_decider(2), kind="topn", bits=3, n=2, rank=8, fit="aware")
-    top2_svd = study.run("top2 svd", svd, lambda l: topn_decider(2), kind="topn", bits=3, n=2, rank=8, fit="svd")
-    topk = study.run("topk", aware, lambda l: topn_decider(k), kind="topn", bits=3, n=k, rank=8, fit="aware")
-    every = study.run("every slot", aware, lambda l: (lambda ids, w: (torch.full(ids.shape, FULL_RANK),
-                                                                     torch.zeros(ids.shape, dtype=torch.bool))))
+    top2 = study.run("top2 aware", aware, TopN(2), kind="topn", bits=3, n=2, rank=8, fit="aware")
+    top2_svd = study.run("top2 svd", svd, TopN(2), kind="topn", bits=3, n=2, rank=8, fit="svd")
+    topk = study.run("topk", aware, TopN(k), kind="topn", bits=3, n=k, rank=8, fit="aware")
+    every = study.run("every slot", aware, EverySlot())
     # Activation-aware below plain SVD at equal rank and bytes; compensated below uncompensated.
     assert top2["bytes_per_token"] == top2_svd["bytes_per_token"] > plain["bytes_per_token"]
     assert top2["layer_err"] < top2_svd["layer_err"]
@@ -47,7 +61,92 @@ def test_orderings(study, tmp_path):
     for r in (plain, top2, top2_svd, topk):
         assert abs(r["ppl"] / fp["ppl"] - 1) < 0.05
     # The outputs a user gets: JSON, table and a Pareto plot.
-    write_outputs(tmp_path, study.rows, {"model": "default", "layers": 2, "eval_tokens": 512, "seconds": 0},
-                  PlanOptions(quantizers=("optimized",)), log=lambda s: None)
+    found = write_outputs(tmp_path, study.rows, {"model": "default", "layers": 2, "eval_tokens": 512, "seconds": 0},
+                          PlanOptions(quantizers=("optimized",)), log=lambda s: None, nlls=study.token_nlls)
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
-    assert "top2 aware" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "top2 aware" in table
+    # The aware-vs-SVD verdict carries its paired interval; study.json keeps intervals, not NLLs.
+    svd_line = next(v for v in found["verdicts"] if v.startswith("activation-aware vs plain SVD"))
+    assert "95% CI" in svd_line and svd_line in table
+    saved = json.loads((tmp_path / "study.json").read_text())
+    ci = next(i for i in saved["intervals"] if i["rows"] == ["top2 aware", "top2 svd"])
+    assert ci["low"] <= ci["diff"] <= ci["high"] and ci["verdict"] in ("wins", "loses", "tie")
+    assert (tmp_path / "study.json").stat().st_size < 100_000
+
+
+def test_configuration_against_itself_is_a_tie_at_zero(study):
+    """The same configuration evaluated twice: the same per-token NLLs, so the paired interval of
+    its perplexity difference is exactly [0, 0] and the verdict a tie."""
+    v = Variant(3, "optimized", "aware", 8)
+    a = study.run("top1 aware", v, TopN(1), kind="topn", bits=3, n=1, rank=8, fit="aware")
+    b = study.run("top1 aware again", v, TopN(1), kind="topn", bits=3, n=1, rank=8, fit="aware")
+    ci = PairedVerdicts(study.rows, study.token_nlls).against("self", a, b)
+    assert (ci.diff, ci.low, ci.high, ci.verdict) == (0.0, 0.0, 0.0, "tie")
+    assert ci.units == 64 and ci.unit_tokens * 64 <= study.token_nlls[-1].numel()
+
+
+def test_policy_option_adds_its_row_at_the_group_asked(study):
+    """`--policy` rows go through the plan's own decision path and prices: a spec equal to one of
+    the plan's rules reproduces its row exactly, a budgeted spec keeps within its budget; and
+    every variant is stored at the plan's group."""
+    blocks = {l: study.dm.blocks[l] for l in study.layers}
+    intermediate, hidden = blocks[0][0].w1.shape[1:]
+    per_rank = ExpertSizes(hidden, intermediate, Variant(3).fmt).fp16_bytes_per_rank
+    budget = 10 * per_rank                    # one expert at rank 8 (the policy's step) fits
+    opt = PlanOptions(bits=(3,), quantizers=("optimized",), ranks=(8,), topn=(2,), hi_bits=0, budgets=(),
+                      compare_fits=False, compare_random=False, compare_alloc=False, other_bits_topn=False,
+                      group=32, policies=("top-2@r8", f"budgeted:{budget}"), factors=("fp16",))
+    first = len(study.rows)
+    run_plan(study, opt, log=lambda s: None)
+    rows = {r["name"]: r for r in study.rows[first:]}
+    fixed, again = rows["int3 top-2 aware r8"], rows["int3 --policy top-2@r8"]
+    assert again["kind"] == "policy" and again["spec"] == "top-2@r8"
+    assert [again[f] for f in ("ppl", "bytes_per_token", "layer_err")] == [fixed[f] for f in ("ppl", "bytes_per_token", "layer_err")]
+    uniform, budgeted = rows["uniform int3 optimized"], rows[f"int3 --policy budgeted:{budget}"]
+    assert 0 < budgeted["bytes_per_token"] - uniform["bytes_per_token"] <= budget * len(blocks)
+    g32 = sum(ExpertSizes(hidden, intermediate, Variant(3, group=32).fmt).weight_bytes() * rc.top_k
+              for w, rc in blocks.values())
+    assert uniform["bytes_per_token"] == g32 > sum(ExpertSizes(hidden, intermediate, Variant(3).fmt).weight_bytes()
+                                                   * rc.top_k for w, rc in blocks.values())
+
+
+def test_int4_factors_cost_less_and_keep_most_of_the_reduction(study):
+    """A Top-k row with int4 factors against its fp16 twin: exact packed bytes (every slot restored
+    at rank 8), below the twin's, and most of the twin's layer-error reduction kept."""
+    k = study.dm.blocks[0][1].top_k
+    plain = study.run("plain", Variant(3, "optimized"), kind="uniform", bits=3, quantizer="optimized")
+    fp16 = study.run("topk fp16 f", Variant(3, "optimized", "aware", 8), TopN(k), kind="topn", bits=3, n=k, rank=8)
+    int4 = study.run("topk int4 f", Variant(3, "optimized", "aware", 8, factor="int4"), TopN(k),
+                     kind="topn", bits=3, n=k, rank=8, factor="int4")
+    intermediate, hidden = study.dm.blocks[0][0].w1.shape[1:]
+    rank_bytes = sum(bytes_per_rank(o, i, 4, 64, 64) for o, i in ((intermediate, hidden),) * 2 + ((hidden, intermediate),))
+    assert int4["bytes_per_token"] - plain["bytes_per_token"] == len(LAYERS) * k * 8 * rank_bytes
+    assert plain["bytes_per_token"] < int4["bytes_per_token"] < fp16["bytes_per_token"]
+    kept = (plain["layer_err"] - int4["layer_err"]) / (plain["layer_err"] - fp16["layer_err"])
+    assert kept > 0.8, kept
+
+
+def test_unknown_factor_precision_is_refused(capsys):
+    with pytest.raises(ValueError, match="factor precision must be one of .*'fp16', 'int8', 'int4', 'int3'.*'int5'"):
+        Variant(3, rank=4, factor="int5")
+    with pytest.raises(ValueError, match="fit 'svd'"):
+        Variant(3, fit="svd", rank=4, factor="int4")
+    with pytest.raises(SystemExit) as exc:       # argparse refuses it before the model loads
+        main(["eval", "--factors", "fp16,int5", "--out", "/nonexistent/never-written"])
+    assert exc.value.code == 2
+    assert "--factors: must be a comma list of fp16, int8, int4, int3, not 'fp16,int5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--policy", "best"], "unknown restoration policy 'best'; expected none, top-N"),
+    (["--policy", "budgeted:lots"], "policy 'budgeted:lots': the budget must be a non-negative number"),
+    (["--policy", "hobbit", "--hi-bits", "0"], "policy 'hobbit' needs higher-precision copies; set --hi-bits"),
+    (["--group", "96"], "argument --group: must be one of 32, 64, 128, not '96'")])
+def test_eval_refuses_bad_options_before_loading(argv, message, capsys):
+    try:
+        code = main(["eval", *argv, "--out", "/nonexistent/never-written"])
+    except SystemExit as exc:                    # argparse's own refusals exit from inside main
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err

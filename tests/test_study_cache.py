@@ -49,7 +49,7 @@ def test_other_calibration_or_torn_file_recomputes(parts, tmp_path):
     other = Study(dm, ev, ca[:1], progress=False, block_rows=128, quant_layers=LAYERS, cache_root=tmp_path)
     other.variant(V)
     assert other.cache.hits == 0
-    for f in tmp_path.glob("*.pt"):
+    for f in tmp_path.glob("*.safetensors"):
         f.write_bytes(f.read_bytes()[:100])
     torn = Study(dm, ev, ca, progress=False, block_rows=128, quant_layers=LAYERS, cache_root=tmp_path)
     fresh = Study(dm, ev, ca, progress=False, block_rows=128, quant_layers=LAYERS, cache_root=None)

@@ -6,14 +6,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ndpmoe.model.cli_args import float_in, output_dir, prepare_output_dir
 from ndpmoe.model.contract import CONFIGS, get_config
 from ndpmoe.model.paths import build_root
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="default", help=f"NDP configuration, one of {sorted(CONFIGS)}")
-    p.add_argument("--freq", type=float, default=150.0, help="clock of the constraint templates in MHz")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default build/fpga/export-<config>)")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="default",
+                   help=f"NDP configuration, one of {sorted(CONFIGS)}")
+    p.add_argument("--freq", type=float_in(0, 1000, lo_open=True), default=150.0,
+                   help="clock of the constraint templates in MHz")
+    p.add_argument("--out", type=output_dir, default=None, help="output folder (default build/fpga/export-<config>)")
 
 
 def export(config: str, out: Path, freq_mhz: float) -> list[Path]:
@@ -34,7 +37,7 @@ def export(config: str, out: Path, freq_mhz: float) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or build_root("fpga") / f"export-{args.config}"
+    out = prepare_output_dir(args.out or build_root("fpga") / f"export-{args.config}", "--out")
     for path in export(args.config, out, args.freq):
         print(path)
     return 0

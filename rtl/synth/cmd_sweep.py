@@ -8,27 +8,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from pathlib import Path
 
+from ndpmoe.model.cli_args import float_in, int_in, output_dir, prepare_output_dir
 from ndpmoe.model.contract import CONFIGS, get_config
 from ndpmoe.model.paths import build_root
-from ndpmoe.rtl.synth.cmd_synth import attach_throughput
-from ndpmoe.rtl.synth.report import over_capacity
 from ndpmoe.rtl.synth.sweep import (SweepAxes, markdown_table, parse_bits_sets, parse_ints, plot,
                              sweep_points)
 from ndpmoe.rtl.synth.targets import TARGETS, get_target
-from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, check_words_per_cycle
+from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, attach_throughput, check_words_per_cycle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     axes = SweepAxes()
-    p.add_argument("--base", default="default", help=f"base configuration, one of {sorted(CONFIGS)}")
-    p.add_argument("--target", default="ecp5-85k", help=f"FPGA, one of {sorted(TARGETS)}")
-    p.add_argument("--freq", type=float, default=150.0, help="target clock in MHz (default 150)")
+    p.add_argument("--base", choices=sorted(CONFIGS), default="default",
+                   help=f"base configuration, one of {sorted(CONFIGS)}")
+    p.add_argument("--target", choices=sorted(TARGETS), default="ecp5-85k", help=f"FPGA, one of {sorted(TARGETS)}")
+    p.add_argument("--freq", type=float_in(0, 1000, lo_open=True), default=150.0, help="target clock in MHz (default 150)")
     p.add_argument("--speed", type=int, default=None, help="ECP5 speed grade 6/7/8 (default 6)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
-    p.add_argument("--dsp-min-width", type=int, default=None,
+    p.add_argument("--dsp-min-width", type=int_in(1), default=None,
                    help="ECP5: put only multiplies whose narrower operand has >= N bits in DSPs "
                         "(default: synth_ecp5's choice, which maps even 2x8-bit products)")
     p.add_argument("--word-bits", default=",".join(map(str, axes.word_bits)), help="port widths")
@@ -39,19 +37,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens multiplied per cycle (default: the base configuration's)")
     p.add_argument("--grid", action="store_true",
                    help="full product of the axes (default: the base plus one axis varied at a time)")
-    p.add_argument("--words-per-cycle", type=float, default=RTL_TARGET_WORDS_PER_CYCLE,
+    p.add_argument("--words-per-cycle", type=float_in(0, 1, lo_open=True), default=RTL_TARGET_WORDS_PER_CYCLE,
                    help="port utilization for the bandwidth columns (default 1.0 = the RTL's design "
                         "target, not a measurement)")
-    p.add_argument("--dsp-fallback", type=int, default=9,
+    p.add_argument("--dsp-fallback", type=int_in(0), default=9,
                    help="rerun a point whose multiplies overflow the DSP blocks with --dsp-min-width N "
                         "(default 9: low-bit lane products in LUTs); 0 to keep the failure")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default build/fpga/sweep-<target>)")
+    p.add_argument("--out", type=output_dir, default=None, help="output folder (default build/fpga/sweep-<target>)")
     p.add_argument("--fresh", action="store_true", help="rerun points that have a stored result")
     p.add_argument("--dry-run", action="store_true", help="only list the points")
+    p.add_argument("--workers", type=int, default=0, help="run the points as Ray tasks on N local workers (0: one after another)")
+    p.add_argument("--ray-address", default=None, help="run them on an existing Ray cluster at HOST:PORT")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ndpmoe.rtl.synth.run import run_synth   # amaranth loads here, not for --help
+    from ndpmoe.model.ray_runtime import check_address, check_workers
+    from ndpmoe.rtl.synth.sweep_workers import PointJob, run_points
+
+    if args.workers:
+        check_workers(args.workers)
+    if args.ray_address:
+        check_address(args.ray_address)          # before any work
 
     base, target = get_config(args.base), get_target(args.target)
     speed = target.check_speed(args.speed)
@@ -62,29 +68,17 @@ def run(args: argparse.Namespace) -> int:
                      if args.tokens_parallel else ())
     points = sweep_points(base, axes, grid=args.grid)
     out = args.out or build_root("fpga") / f"sweep-{target.name}"
+    if not args.dry_run:
+        prepare_output_dir(out, "--out")
     print(f"{len(points)} points on {target.name}"
           + (f" speed grade {speed}" if speed is not None else "") + f" at {args.freq:g} MHz: "
           + ", ".join(c.name for c in points))
     if args.dry_run:
         return 0
 
-    results = []
-    for i, cfg in enumerate(points, 1):
-        start = time.monotonic()
-        r = run_synth(cfg, target, freq_mhz=args.freq, speed=speed, build=out / cfg.name,
-                      seed=args.seed, reuse=not args.fresh, dsp_min_width=args.dsp_min_width)
-        if (not r.fits and args.dsp_fallback and args.dsp_min_width is None and target.dsp_bel
-                and target.dsp_bel in over_capacity(r.utilization)):
-            # Yosys maps every multiply to a DSP whatever the device holds: keep the point in
-            # the table with the low-bit products in LUTs (the DSP map column says so)
-            r = run_synth(cfg, target, freq_mhz=args.freq, speed=speed,
-                          build=out / f"{cfg.name}-dsp{args.dsp_fallback}", seed=args.seed,
-                          reuse=not args.fresh, dsp_min_width=args.dsp_fallback)
-        attach_throughput(r, cfg, args.words_per_cycle)
-        results.append((cfg, r))
-        status = f"Fmax {r.fmax_mhz} MHz" if r.fits else (r.error or "failed").splitlines()[0]
-        print(f"[{i}/{len(points)}] {cfg.name}: LUT {r.luts} FF {r.ffs} DSP {r.dsps} BRAM {r.brams}, "
-              f"{status} ({time.monotonic() - start:.0f} s)", flush=True)
+    job = PointJob(target.name, args.freq, speed, out, args.seed, args.fresh, args.dsp_min_width, args.dsp_fallback,
+                   args.words_per_cycle)
+    results = run_points(points, job, args.workers, args.ray_address)
 
     table = markdown_table(results)
     title = (f"NDP unit sweep on {target.name}" + (f" (speed {speed})" if speed is not None else "")

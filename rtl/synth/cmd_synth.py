@@ -1,4 +1,6 @@
-"""`ndpmoe synth`: synthesize and place-and-route one NDP configuration on one FPGA target.
+"""`ndpmoe synth`: synthesize and place-and-route one NDP configuration on one FPGA target. The
+run is the library's `run_synth` (rtl/synth/run.py) plus `attach_throughput`; this module parses
+the options and prints the result (`format_result`, which the demo uses too).
 
 With --seeds (e.g. 1-5 or 1,3,7) the same netlist is placed and routed at each placer seed in
 turn, and the summary gives Fmax min / median / max with the failing endpoints of the worst seed:
@@ -8,36 +10,37 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
+from ndpmoe.model.cli_args import float_in, int_in, output_dir, output_file, prepare_output_dir, prepare_output_file
 from ndpmoe.model.contract import CONFIGS
 from ndpmoe.rtl.platforms import PRIMITIVES
 from ndpmoe.rtl.synth.report import SynthResult
 from ndpmoe.rtl.synth.targets import TARGETS, get_target
-from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, check_words_per_cycle, throughput
+from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, attach_throughput, check_words_per_cycle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="default", help=f"NDP configuration, one of {sorted(CONFIGS)}")
-    p.add_argument("--target", default="ecp5-85k", help=f"FPGA, one of {sorted(TARGETS)}")
-    p.add_argument("--freq", type=float, default=150.0, help="target clock in MHz (default 150)")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="default",
+                   help=f"NDP configuration, one of {sorted(CONFIGS)}")
+    p.add_argument("--target", choices=sorted(TARGETS), default="ecp5-85k", help=f"FPGA, one of {sorted(TARGETS)}")
+    p.add_argument("--freq", type=float_in(0, 1000, lo_open=True), default=150.0, help="target clock in MHz (default 150)")
     p.add_argument("--speed", type=int, default=None,
                    help="ECP5 speed grade 6/7/8 (default 6, nextpnr's default and the slowest)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
     p.add_argument("--seeds", type=parse_seeds, default=None,
                    help="place and route the same netlist at several seeds, one after the other: "
                         "a range 1-5 or a list 1,3,7 (replaces --seed)")
-    p.add_argument("--dsp-min-width", type=int, default=None,
+    p.add_argument("--dsp-min-width", type=int_in(1), default=None,
                    help="ECP5: put only multiplies whose narrower operand has >= N bits in DSPs "
                         "(default: synth_ecp5's choice, which maps even 2x8-bit products)")
     p.add_argument("--primitives", choices=PRIMITIVES, default=None,
                    help="block RAMs and multipliers: 'ecp5' instantiates DP16KD / MULT18X18D with their "
                         "registers on (the default on ECP5), 'inferred' leaves them to Yosys")
-    p.add_argument("--words-per-cycle", type=float, default=RTL_TARGET_WORDS_PER_CYCLE,
+    p.add_argument("--words-per-cycle", type=float_in(0, 1, lo_open=True), default=RTL_TARGET_WORDS_PER_CYCLE,
                    help="memory port utilization while streaming (default 1.0 = the RTL's design "
                         "target, not a measurement)")
-    p.add_argument("--out", type=Path, default=None, help="build folder (default build/fpga/<run>)")
-    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
+    p.add_argument("--out", type=output_dir, default=None, help="build folder (default build/fpga/<run>)")
+    p.add_argument("--json", type=output_file, default=None, help="also write the result as JSON here")
     p.add_argument("--reuse", action="store_true",
                    help="return the stored result of an identical earlier run (same Verilog, target, speed, clock, "
                         "seed) from the build folder instead of running the tools again")
@@ -129,23 +132,21 @@ def format_result(r: SynthResult) -> str:
     return "\n".join(lines)
 
 
-def attach_throughput(r: SynthResult, cfg, words_per_cycle: float) -> None:
-    if r.fits and r.fmax_mhz:
-        r.extra["throughput"] = throughput(cfg, r.fmax_mhz, words_per_cycle).to_json()
-
-
 def run(args: argparse.Namespace) -> int:
     from ndpmoe.model.contract import get_config
     from ndpmoe.rtl.synth.run import run_seeds, run_synth   # amaranth loads here, not for --help
-    cfg = get_config(args.config)
+    ndp_config = get_config(args.config)
     target = get_target(args.target)
     check_words_per_cycle(args.words_per_cycle)   # before minutes of place and route
+    target.check_speed(args.speed)
+    prepare_output_dir(args.out, "--out")
+    prepare_output_file(args.json, "--json")
     options = dict(freq_mhz=args.freq, speed=args.speed, dsp_min_width=args.dsp_min_width, reuse=args.reuse,
                    primitives=args.primitives)
     if args.seeds:
-        results = run_seeds(cfg, target, args.seeds, build=args.out, **options)
+        results = run_seeds(ndp_config, target, args.seeds, build=args.out, **options)
         for r in results:
-            attach_throughput(r, cfg, args.words_per_cycle)
+            attach_throughput(r, ndp_config, args.words_per_cycle)
         placed = [r for r in results if r.fmax_mhz is not None]
         worst = min(placed, key=lambda r: r.fmax_mhz) if placed else results[0]
         print(format_seeds(results, args.seeds))
@@ -156,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps([dict(r.to_json(), seed=s) for s, r in zip(args.seeds, results)],
                                             indent=1) + "\n")
         return 0 if all(r.fits for r in results) else 1
-    r = run_synth(cfg, target, build=args.out, seed=args.seed, **options)
-    attach_throughput(r, cfg, args.words_per_cycle)
+    r = run_synth(ndp_config, target, build=args.out, seed=args.seed, **options)
+    attach_throughput(r, ndp_config, args.words_per_cycle)
     print(format_result(r))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

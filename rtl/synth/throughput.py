@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ndpmoe.model.contract import NdpConfig
+from ndpmoe.rtl.synth.report import SynthResult
 
 RTL_TARGET_WORDS_PER_CYCLE = 1.0
 DEFAULT_GROUP_SIZE = 64
@@ -71,3 +72,9 @@ def throughput(cfg: NdpConfig, fmax_mhz: float, words_per_cycle: float = RTL_TAR
                       full_buffer_gbps=round(peak * words_per_cycle / cfg.passes(cfg.t_max), 3),
                       macs_per_cycle=macs,
                       gmacs={b: round(m * fmax_mhz / 1e3, 2) for b, m in macs.items()})
+
+
+def attach_throughput(r: SynthResult, ndp_config: NdpConfig, words_per_cycle: float) -> None:
+    """Record in `r.extra["throughput"]` what the build delivers at its Fmax (if it fits)."""
+    if r.fits and r.fmax_mhz:
+        r.extra["throughput"] = throughput(ndp_config, r.fmax_mhz, words_per_cycle).to_json()

@@ -1,4 +1,4 @@
-"""Traces: per layer and per run, JSON. Bytes over each link, ops and cycles per unit, cache hits
+"""What a layer and a run cost, as JSON: bytes over each link, ops and cycles per unit, cache hits
 and misses, modeled time, and (when the plan was executed) what the backends actually did."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .plan import LayerPlan
 
 
 @dataclass(frozen=True)
-class LayerTrace:
+class LayerStats:
     layer: int
     tokens: int
     link_bytes: dict[str, int]
@@ -29,7 +29,7 @@ class LayerTrace:
         return dict(self.__dict__)
 
 
-def layer_trace(plan: LayerPlan, cycles_source: str, record: ExecutionRecord | None = None) -> LayerTrace:
+def layer_stats(plan: LayerPlan, cycles_source: str, record: ExecutionRecord | None = None) -> LayerStats:
     ops = Counter()
     hits = misses = 0
     for task in plan.tasks:
@@ -48,7 +48,7 @@ def layer_trace(plan: LayerPlan, cycles_source: str, record: ExecutionRecord | N
         ndp["executed_descriptors"] = len(record.ndp_descriptors)
         ndp["executed_words"] = sum(d.words for d in record.ndp_descriptors)
         link = {**link, **{f"executed_{k}": int(v) for k, v in record.link_bytes.items()}}
-    return LayerTrace(
+    return LayerStats(
         layer=plan.layer, tokens=plan.tokens, link_bytes=link, ops=dict(ops), ndp=ndp,
         gpu={"flops": u.gpu_flops, "bytes": u.gpu_bytes},
         cache={"weight_hits": hits, "weight_misses": misses, "prefetches": len(plan.prefetches),
@@ -60,15 +60,15 @@ def layer_trace(plan: LayerPlan, cycles_source: str, record: ExecutionRecord | N
 
 
 @dataclass
-class RunTrace:
+class RunStats:
     """A run: its settings and its layers. `summary()` gives per-token totals."""
     meta: dict
-    layers: list[LayerTrace] = field(default_factory=list)
+    layers: list[LayerStats] = field(default_factory=list)
     tokens: int = 0                       # tokens decoded (each visits every layer)
     extra_time_s: float = 0.0             # resident (non-expert) GPU time of the whole run
 
-    def add(self, trace: LayerTrace) -> None:
-        self.layers.append(trace)
+    def add(self, layer: LayerStats) -> None:
+        self.layers.append(layer)
 
     def summary(self) -> dict:
         link = Counter()

@@ -1,6 +1,7 @@
-"""Modeled decode of a whole model over a routing trace: plan every layer of every step (policy,
-cache, placement, bytes), sum the modeled time. No tensors move; the plans are the ones the
-executor would run. Also measures the planning cost itself.
+"""The throughput model: a whole model's decode over a routing trace, modeled. Every layer of
+every step is planned (policy, cache, placement, bytes) and its time read from the performance
+model's TimeModel; no tensors move, and the plans are the ones the executor would run. Also
+measures the planning cost itself.
 
 Planning cost: CPU time of planning one decode step (all layers), median over the steps, per
 token per layer.
@@ -16,31 +17,31 @@ from dataclasses import dataclass
 
 from .cache import ExpertCache
 from .models import ModelSpec
-from .perf_model import resident_seconds
+from .perf_model import TimeModel
 from .plan import LayerPlanner
 from .policy import RestorationPolicy
 from .presets import SystemPreset
 from .routing_trace import RoutingTrace
 from .sensitivity import LayerSensitivity
 from .sizes import ExpertSizes
-from .trace import RunTrace, layer_trace
+from .run_stats import RunStats, layer_stats
 
 
 @dataclass(frozen=True)
-class SimulationResult:
+class ModeledDecode:
     label: str
     meta: dict
-    summary: dict                       # RunTrace.summary(): bytes per token, time, tokens/s
+    summary: dict                       # RunStats.summary(): bytes per token, time, tokens/s
     planning_us_per_token_layer: float
     cache_hit_rate: float
-    run: RunTrace | None = None         # the per-layer traces, when kept
+    run: RunStats | None = None         # the per-layer figures, when kept
 
 
-def simulate(label: str, spec: ModelSpec, system: SystemPreset, sizes: ExpertSizes, policy: RestorationPolicy,
-             trace: RoutingTrace, *, cache_bytes: int, eviction: str = "lru", weight_variant: str = "lo",
-             batch: int = 1, placement: str = "auto", prefetch: bool = True,
-             sensitivity: LayerSensitivity | None = None, keep_layers: bool = False,
-             factor_cache_bytes: int = 0) -> SimulationResult:
+def model_decode(label: str, spec: ModelSpec, system: SystemPreset, sizes: ExpertSizes, policy: RestorationPolicy,
+                 trace: RoutingTrace, *, cache_bytes: int, eviction: str = "lru", weight_variant: str = "lo",
+                 batch: int = 1, placement: str = "auto", prefetch: bool = True,
+                 sensitivity: LayerSensitivity | None = None, keep_layers: bool = False,
+                 factor_cache_bytes: int = 0) -> ModeledDecode:
     """factor_cache_bytes > 0 splits that much off `cache_bytes` as a separate factor pool."""
     if trace.top_k != spec.top_k or trace.num_experts != spec.experts:
         raise ValueError(f"trace routes top-{trace.top_k} of {trace.num_experts} experts, model {spec.name!r} "
@@ -54,7 +55,7 @@ def simulate(label: str, spec: ModelSpec, system: SystemPreset, sizes: ExpertSiz
     planner = LayerPlanner(sizes, cache, policy, system=system, placement=placement,
                            sensitivity=lambda layer: sensitivity, weight_variant=weight_variant, prefetch=prefetch,
                            factor_cache=factor_cache)
-    run = RunTrace(meta={"label": label, "model": spec.name, "system": system.name, "policy": policy.name,
+    run = RunStats(meta={"label": label, "model": spec.name, "system": system.name, "policy": policy.name,
                          "eviction": eviction, "cache_bytes": cache_bytes, "factor_cache_bytes": factor_cache_bytes,
                          "batch": batch,
                          "trace": trace.source, "ndp_cost": system.ndp.cost.source if system.ndp else None})
@@ -71,9 +72,9 @@ def simulate(label: str, spec: ModelSpec, system: SystemPreset, sizes: ExpertSiz
             plans.append(planner.plan(layer, *slices[layer % trace.layers][step]))
         step_cpu.append(time.process_time() - t0)
         for plan in plans:
-            run.add(layer_trace(plan, cycles_source))
+            run.add(layer_stats(plan, cycles_source))
     run.tokens = steps * batch
-    run.extra_time_s = steps * spec.layers * resident_seconds(spec.resident_params_per_layer, batch, system)
+    run.extra_time_s = steps * spec.layers * TimeModel(system).resident_seconds(spec.resident_params_per_layer, batch)
     planning_us = statistics.median(step_cpu) / (batch * spec.moe_layers) * 1e6 if step_cpu else 0.0
-    return SimulationResult(label, run.meta, run.summary(), planning_us,
-                            cache.stats.hit_rate(weight_variant), run if keep_layers else None)
+    return ModeledDecode(label, run.meta, run.summary(), planning_us,
+                         cache.stats.hit_rate(weight_variant), run if keep_layers else None)

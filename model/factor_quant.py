@@ -1,0 +1,202 @@
+"""Compensators stored low-bit, in the contract's packed format: a factor is just another matrix.
+
+Layout. A rank-r compensator of W [out, in] is stored as two packed matrices, one row per rank
+component: B [r, in] (grouped along `in`) and A^T [r, out] (grouped along `out`). Each image is
+row after row, so the rank-r' prefix of both is one contiguous prefix of each image, and its bytes
+grow linearly with r' (`bytes_per_rank`). Storing A as [out, r] instead (what the NDP's int8
+factors do, `compensate.Int8LowRank`) pads r to a whole group and costs the full padded A even at
+rank 1: on the default model's 64 x 576 experts, ~22 kB per expert at 3 bits against ~0.3 kB per
+rank here. B x is an ordinary MATMUL descriptor on the stored B rows; A (Bx) is an r-long
+weighted sum of A^T rows.
+
+Fit. Greedy, one component at a time on the residual, so that every prefix is exactly the
+compensator the fit built at that step (the prefix property the fp16 fits have by construction):
+1. the leading activation-aware component of the residual R (top singular pair of R L, with
+   H + damping = L L^T; LQER / QERA);
+2. its B row is quantized;
+3. its A column is refitted against the *quantized* row on the calibration statistics
+   (a = R H b^T / (b H b^T), the least-squares optimum given b), then quantized;
+4. R -= a_q b_q.
+Each step's objective reduction tr(R H R^T) before minus after is recorded as that component's
+measured gain (`spectrum`), quantization of both factors included.
+The per-matrix scale exponent of each image is fixed before the fit from the fp16 factors' range
+(with one bit of headroom), so each row is rounded against exactly the fixed point it is stored in.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .compensate import LowRank, whitening_factor
+from .contract import FP16_BYTES, SCALE_MAX, QuantFormat
+from .qtensor import QuantizedMatrix, scale_exponent
+from .quantize import encode, groups_of, minmax_params
+
+FACTOR_BITS = (3, 4, 8)                 # low-bit factor precisions (fp16 is the unquantized store)
+FACTOR_PRECISIONS = ("fp16", "int8", "int4", "int3")
+# The residual after k greedy steps has its leading direction close to the fp16 fit's (k+1)-th:
+# a few power iterations from it agree with a full SVD per step (kept reductions within 0.1 %).
+POWER_ITERS = 12
+
+
+def factor_bits(precision: str) -> int | None:
+    """'fp16' -> None, 'int8' / 'int4' / 'int3' -> 8 / 4 / 3; anything else is refused."""
+    if precision == "fp16":
+        return None
+    if precision in FACTOR_PRECISIONS:
+        return int(precision[3:])
+    raise ValueError(f"factor precision must be one of {FACTOR_PRECISIONS}, not {precision!r}")
+
+
+def factor_format(bits: int, n: int, group: int, word_bits: int) -> QuantFormat:
+    """The packed format of a factor row of length n: the experts' group size where it divides n,
+    else the largest supported group that does."""
+    if bits not in FACTOR_BITS:
+        raise ValueError(f"factor bits must be one of {FACTOR_BITS}, not {bits!r}")
+    if n % group == 0:
+        return QuantFormat(bits, group, word_bits)
+    for g in (128, 64, 32):
+        if n % g == 0:
+            return QuantFormat(bits, g, word_bits)
+    raise ValueError(f"a factor row of {n} values is not a multiple of 32; pad the matrix")
+
+
+def bytes_per_rank(out_features: int, in_features: int, bits: int | None, group: int = 64,
+                   word_bits: int = 64) -> int:
+    """Bytes one rank component moves: one B row and one A^T row (fp16: 2 bytes per value)."""
+    if bits is None:
+        return FP16_BYTES * (out_features + in_features)
+    return (factor_format(bits, in_features, group, word_bits).row_bytes(in_features)
+            + factor_format(bits, out_features, group, word_bits).row_bytes(out_features))
+
+
+@dataclass(frozen=True, eq=False)
+class QuantLowRank:
+    """A rank-r compensator as two packed images, B [r, in] and A^T [r, out], best-first rows."""
+    B_q: QuantizedMatrix
+    At_q: QuantizedMatrix
+    spectrum: torch.Tensor          # [r] measured objective reduction per component
+
+    @property
+    def rank(self) -> int:
+        return self.B_q.rows
+
+    @property
+    def bits(self) -> int:
+        return self.B_q.fmt.bits
+
+    def nbytes(self, rank: int | None = None) -> int:
+        """Bytes of the rank-`rank` prefix of both images (whole rows, metadata included)."""
+        r = self.rank if rank is None else rank
+        if not 0 <= r <= self.rank:
+            raise ValueError(f"rank must be in [0, {self.rank}], not {r!r}")
+        return r * (self.B_q.fmt.row_bytes(self.B_q.in_features) + self.At_q.fmt.row_bytes(self.At_q.in_features))
+
+    def lowrank(self, rank: int | None = None) -> LowRank:
+        """The dequantized rank-`rank` prefix as float factors (what the GPU applies)."""
+        r = self.rank if rank is None else rank
+        if not 0 <= r <= self.rank:
+            raise ValueError(f"rank must be in [0, {self.rank}], not {r!r}")
+        return LowRank(self.At_q.dequantize()[:r].t().contiguous(), self.B_q.dequantize()[:r], self.spectrum[:r])
+
+
+def _row_exponent(rows: torch.Tensor, fmt: QuantFormat) -> int:
+    """Scale exponent for rows like these, with one bit of headroom for later components."""
+    scale, _ = minmax_params(groups_of(rows.double(), fmt), fmt.qmax)
+    return scale_exponent(2.0 * float(scale.max()))
+
+
+def _quantize_row(v: torch.Tensor, fmt: QuantFormat, exp: int) -> QuantizedMatrix:
+    scale, zero = minmax_params(groups_of(v[None].double(), fmt), fmt.qmax)
+    if float(scale.max()) * 2.0 ** exp > SCALE_MAX:
+        exp = scale_exponent(float(scale.max()))       # a row outgrew the headroom: its own exponent
+    return encode(v[None], scale, zero, fmt, exp)
+
+
+def _stack(rows: list[QuantizedMatrix], fmt: QuantFormat) -> QuantizedMatrix:
+    """One packed matrix from 1-row matrices; rows rounded at a larger exponent are re-expressed
+    at the common (smallest) one, which represents their scale exactly when it is a power-of-two
+    shift of the mantissa and otherwise within one mantissa step."""
+    exp = min(r.scale_exp for r in rows)
+    scale = torch.cat([torch.round(r.scale.double() * 2.0 ** (exp - r.scale_exp)).clamp(1, SCALE_MAX).to(torch.int32)
+                       for r in rows])
+    return QuantizedMatrix(fmt, torch.cat([r.codes for r in rows]), scale, torch.cat([r.zero for r in rows]), exp)
+
+
+def _leading_right(m: torch.Tensor, start: torch.Tensor, iters: int = POWER_ITERS) -> torch.Tensor:
+    """Unit leading right singular vector of m by power iteration from `start`."""
+    w = start / start.norm()
+    for _ in range(iters):
+        w = m.t() @ (m @ w)
+        w = w / w.norm().clamp_min(1e-300)
+    return w
+
+
+def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, group: int = 64,
+                  word_bits: int = 64, damp: float = 1e-2, whiten: torch.Tensor | None = None) -> QuantLowRank:
+    """Greedy rank-`rank` compensator of `err` [out, in] with both factors at `bits` (see the module
+    text); `h` is the calibration Gram X^T X [in, in]."""
+    if not isinstance(err, torch.Tensor) or err.dim() != 2 or not err.is_floating_point():
+        raise TypeError(f"error matrix must be a 2-D float tensor, not {getattr(err, 'dtype', type(err))}")
+    out_f, in_f = err.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_f, in_f):
+        raise ValueError(f"rank must be an integer in [1, {min(out_f, in_f)}], not {rank!r}")
+    if tuple(h.shape) != (in_f, in_f):
+        raise ValueError(f"Gram matrix has shape {tuple(h.shape)}, expected {(in_f, in_f)}")
+    fmt_b, fmt_a = factor_format(bits, in_f, group, word_bits), factor_format(bits, out_f, group, word_bits)
+    h = h.double()
+    l = whitening_factor(h, damp) if whiten is None else whiten.double()
+    resid = err.double().clone()
+    # One SVD of the whitened error gives the fp16 components: their range fixes the exponents and
+    # each greedy step's leading direction is found by power iteration started from the next one.
+    u, s, vh = torch.linalg.svd(resid @ l, full_matrices=False)
+    lead_b = torch.linalg.solve_triangular(l.t(), vh[:1].t(), upper=True).t() * s[0].sqrt()
+    exp_b, exp_a = _row_exponent(lead_b, fmt_b), _row_exponent((u[:, :1] * s[0].sqrt()).t(), fmt_a)
+    b_rows, a_rows, gains = [], [], []
+    m = resid @ l                                   # the whitened residual, kept up to date
+    for i in range(rank):
+        w = _leading_right(m, vh[i])
+        b = torch.linalg.solve_triangular(l.t(), w[:, None], upper=True)[:, 0] * float((m @ w).norm()) ** 0.5
+        b_q = _quantize_row(b, fmt_b, exp_b)
+        b_hat = b_q.dequantize(torch.float64)[0]
+        hb = h @ b_hat
+        bhb = float(b_hat @ hb)
+        rhb = resid @ hb
+        a = rhb / bhb if bhb > 0 else torch.zeros(out_f, dtype=torch.float64)
+        a_q = _quantize_row(a, fmt_a, exp_a)
+        a_hat = a_q.dequantize(torch.float64)[0]
+        # tr(R H R^T) falls by 2 a^T R H b - |a|^2 b^T H b when R loses a b^T
+        gains.append(2 * float(a_hat @ rhb) - float(a_hat @ a_hat) * bhb)
+        resid -= torch.outer(a_hat, b_hat)
+        m -= torch.outer(a_hat, b_hat @ l)
+        b_rows.append(b_q)
+        a_rows.append(a_q)
+    return QuantLowRank(_stack(b_rows, fmt_b), _stack(a_rows, fmt_a), torch.tensor(gains, dtype=torch.float32))
+
+
+def objective(err: torch.Tensor, h: torch.Tensor, delta: torch.Tensor | None = None) -> float:
+    """tr((E - D) H (E - D)^T): the calibration output-error energy left after compensation D."""
+    r = err.double() if delta is None else err.double() - delta.double()
+    return float(torch.einsum("oi,ij,oj->", r, h.double(), r))
+
+
+def kept_reduction(err: torch.Tensor, h: torch.Tensor, quantized: LowRank, reference: LowRank) -> float:
+    """The share of the reference (fp16) factors' error reduction that quantized factors keep, on the
+    statistics `h` (pass held-out calibration statistics for an honest figure)."""
+    base = objective(err, h)
+    ref = base - objective(err, h, reference.delta())
+    if ref <= 0:
+        return math.nan
+    return (base - objective(err, h, quantized.delta())) / ref
+
+
+def rank_share(hidden: int, intermediate: int, fmt: QuantFormat, precision: str) -> float:
+    """Bytes of one rank of factors for all three matrices (w1, w3 [I, D], w2 [D, I]) over the bytes
+    of one expert in `fmt`: the regime line (small = the paper's regime, where ranks are cheap)."""
+    bits = factor_bits(precision)
+    rank = sum(bytes_per_rank(o, i, bits, fmt.group_size, fmt.word_bits)
+               for o, i in ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate)))
+    expert = 2 * fmt.matrix_bytes(intermediate, hidden) + fmt.matrix_bytes(hidden, intermediate)
+    return rank / expert
