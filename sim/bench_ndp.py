@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ndpmoe.model.contract import get_config
+from ndpmoe.model.errors import NdpmoeError
 
 from .runner import BenchOptions, build_dir, run
 
@@ -54,8 +55,12 @@ def mem_words_for(cfg, rows: int, in_features: int) -> int:
 def replay(args) -> int:
     """The descriptor shapes of a co-simulated layer over fresh data, one at a time and queued."""
     cfg = get_config(args.config)
-    report = json.loads(Path(args.replay).read_text())
-    records = [dict(zip(report["record_fields"], r)) for r in report["cases"][0]["runs"]["no_stalls"]["records"]]
+    try:
+        report = json.loads(Path(args.replay).read_text())
+        records = [dict(zip(report["record_fields"], r)) for r in report["cases"][0]["runs"]["no_stalls"]["records"]]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise NdpmoeError(f"--replay {args.replay}: not a co-simulation's report.json with a stall-free run "
+                          f"({type(exc).__name__}: {exc})") from None
     words = sum(r["words"] for r in records)
     results = sum(r["results"] for r in records)
     opts = BenchOptions(config=args.config, seed=args.seed, mem_words=1 << max(16, (2 * words).bit_length()),

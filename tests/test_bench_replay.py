@@ -1,5 +1,6 @@
 """The replay bench's descriptors (sim/cocotb_bench.replay_descriptors): a co-simulated layer's
 records become descriptors of the same shapes over fresh data that the golden unit accepts."""
+import pytest
 import torch
 
 from ndpmoe.model.contract import Descriptor, ErrorCode, Opcode, act_row_len, get_config
@@ -37,3 +38,16 @@ def test_replayed_descriptors_have_the_recorded_shapes_and_run():
     ends.sort()
     assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))
     assert replayed[0].opcode == Opcode.LOAD_ACT
+
+
+def test_a_file_that_is_no_cosimulation_report_is_refused_before_the_build(tmp_path, capsys):
+    from ndpmoe.host.cli import main
+
+    bad = tmp_path / "report.json"
+    bad.write_text('{"cases": []}')
+    assert main(["sim", "--bench", "--replay", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--replay" in err and "report.json" in err and "stall-free" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["sim", "--bench", "--replay", str(tmp_path / "missing.json")])
+    assert exit_.value.code == 2 and "no such file" in capsys.readouterr().err
