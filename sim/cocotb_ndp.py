@@ -78,6 +78,11 @@ async def close_coverage(tb: NdpTB, coverage: NdpCoverage, closure: ClosureSteps
         batch = closure.matmul_batch(missed)
         tb.load_memory(batch.image)
         await tb.run_steps(batch.steps, python_ports=False)
+    missed = coverage.missed("error.code")
+    if missed:
+        batch = closure.error_batch(missed)
+        tb.load_memory(batch.image)
+        await tb.run_steps(batch.steps, python_ports=False)
     missed = coverage.missed("pair.kinds")
     if missed:
         batch = closure.pairs_batch(missed)

@@ -3,6 +3,8 @@ golden outcome, checked by the same bench as the random ones.
 
 - MATMUL bins (bit width x group x T): one LOAD_ACT of t_max tokens, then a small MATMUL per
   missed bin;
+- error codes: a LOAD_ACT, then per missed code a descriptor with the one field broken that the
+  unit refuses with it;
 - stalls: loads and long MATMULs queued, once under heavy stalls on every handshake and once
   with none;
 - back-to-back pairs: for each missed (first, second), the two descriptors handed over one behind
@@ -13,7 +15,7 @@ golden outcome, checked by the same bench as the random ones.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -102,6 +104,34 @@ class ClosureSteps:
         """(bits, group, T, P) bins of the MATMUL cross."""
         self._new_image()
         steps = [self._load()] + [self._matmul(bits, group, tokens) for bits, group, tokens, _ in missed]
+        return Batch(bytearray(self.gold.mem[:self._top]), steps)
+
+    def error_batch(self, missed: list[str]) -> Batch:
+        """A LOAD_ACT, then per missed error code (its name) a descriptor with one field broken
+        that the golden check refuses with exactly that code."""
+        cfg = self.cfg
+        self._new_image()
+        load = self._load()
+        steps = [load]
+        ok = Descriptor(Opcode.MATMUL, bits=cfg.bits[0], group=GROUP_CODES[32], tokens=1, rows=1, in_features=32)
+        broken = {
+            "BAD_OPCODE": Descriptor(3, tokens=1, in_features=cfg.word_bits),
+            "BAD_BITS": replace(ok, bits=next(b for b in range(16) if b not in cfg.bits)),
+            "BAD_GROUP": replace(ok, group=3),
+            "BAD_IN_FEATURES": replace(ok, in_features=0),
+            "BAD_TOKENS": replace(ok, tokens=0),
+            "BAD_ROWS": replace(ok, rows=0),
+            "ACT_MISMATCH": replace(ok, in_features=load.descriptor.in_features + 32),
+            "MISALIGNED_ADDR": replace(ok, addr=1),
+            "ADDR_RANGE": replace(ok, rows=64, addr=cfg.mem_bytes - cfg.word_bytes),
+        }
+        for name in missed:
+            if name == ErrorCode.NONE.name:
+                steps.append(self._of_kind("MATMUL"))
+                continue
+            step = self._run(broken[name])
+            assert step.error == ErrorCode[name], (name, step.describe())
+            steps.append(step)
         return Batch(bytearray(self.gold.mem[:self._top]), steps)
 
     def pairs_batch(self, missed: list[tuple[str, str]]) -> Batch:
