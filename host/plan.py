@@ -190,7 +190,7 @@ class LayerPlanner:
                     evictions += cache.insert((layer, c.expert, c.variant), sizes.weight_bytes(c.variant),
                                               protect=protect)[1]
                 if ch.fetch_factor_ranks:
-                    evictions += fcache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.fp16_bytes_per_rank,
+                    evictions += fcache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.gpu_rank_bytes,
                                               rank=c.comp_rank, protect=protect)[1]
             tasks.append(_new(ExpertTask, (c.expert, c.variant, tuple(toks), tuple(slots), tuple(ranks), ch.gemm_unit,
                                            ch.comp_unit if c.comp_rank else None, ch.fetch_weights,

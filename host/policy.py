@@ -94,7 +94,7 @@ def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None
     """The context for one layer: prices from the contract sizes (fp16 factors to the GPU, or
     int8 factors read by the NDP), cache state from an ExpertCache if given."""
     if factor_bytes == "fp16":
-        rank_bytes = sizes.fp16_bytes_per_rank
+        rank_bytes = sizes.gpu_rank_bytes          # fp16, or the packed rows of a low-bit store
     elif factor_bytes == "int8":
         rank_bytes = sizes.int8_bytes_per_rank
     else:

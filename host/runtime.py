@@ -129,6 +129,9 @@ class TimedStore:
     def factors_fp16(self, *args):
         return self._timed(self._store.factors_fp16, *args)
 
+    def packed_factor_rows(self, *args):
+        return self._timed(self._store.packed_factor_rows, *args)
+
 
 class TimedGpuBackend(TorchGpuBackend):
     """TorchGpuBackend whose copies are timed. On CUDA an upload is issued on the side stream and
@@ -211,7 +214,7 @@ def ndp_memory_bytes(sizes: ExpertSizes, experts: int, layers: int) -> int:
         if sizes.hi_fmt is not None and sizes.hi_fmt.bits in cfg.bits:
             per_expert += up(sizes.matrix_bytes("hi", m))
         if sizes.stored_rank:
-            a, b = sizes.int8_factor_bytes(m)
+            a, b = sizes.ndp_factor_bytes(m)
             per_expert += up(a) + up(b)
     return layers * experts * per_expert + cfg.t_max * cfg.max_in_features
 
@@ -221,18 +224,18 @@ class ModelRuntime:
 
     def __init__(self, model_store, blocks: dict, *, policy, placement: str = "auto", cache_bytes: int,
                  eviction: str = "lru", ndp=None, system: SystemPreset | None = None, device: str = "cpu",
-                 prefetch: bool = True, record: bool = False, verify: bool = False):
+                 prefetch: bool = True, record: bool = False, verify: bool = False, factor_precision: str = "fp16"):
         store = model_store.store
         self.store, self.layer_index = store, dict(model_store.layer_index)
         self.blocks = {l: blocks[l] for l in self.layer_index}
         self.ndp = None if ndp is None else TimedNdpBackend(ndp)
-        sizes = store.sizes(None if ndp is None else ndp.config)
+        sizes = store.sizes(None if ndp is None else ndp.config, factor_precision)
         self.sizes = sizes
         self.cache = ExpertCache(cache_bytes, eviction, min_entry_bytes=sizes.weight_bytes("lo"))
         self.gpu = TimedGpuBackend(device)
         self._fetch = _Clock()
         self.executor = LayerExecutor(TimedStore(store, self._fetch), self.gpu, self.cache,
-                                      None if ndp is None else NdpDriver(self.ndp))
+                                      None if ndp is None else NdpDriver(self.ndp), factor_precision=factor_precision)
         self.planner = LayerPlanner(sizes, self.cache, policy, system=system, placement=placement,
                                     sensitivity=store.sensitivity, prefetch=prefetch)
         self.system, self.policy, self.placement = system, policy, placement

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from .compensate import LowRank, whitening_factor
-from .contract import FP16_BYTES, SCALE_MAX, QuantFormat
+from .contract import (FP16_BYTES, SCALE_MAX, ZERO_FRAC_BITS, QuantFormat, int8_factor_columns,
+                       largest_group)
 from .qtensor import QuantizedMatrix, scale_exponent
 from .quantize import encode, groups_of, minmax_params
 
@@ -115,6 +116,21 @@ def _quantize_row(v: torch.Tensor, fmt: QuantFormat, exp: int) -> QuantizedMatri
     return encode(v[None], scale, zero, fmt, exp)
 
 
+def _quantize_row_symmetric(v: torch.Tensor, fmt: QuantFormat, exp: int) -> QuantizedMatrix:
+    """One rank component's A column: one scale for the whole row and the mid-range zero, so the
+    row is s_k * (code - Z) and the NDP can fold s_k into the intermediate (see ndp_a_image)."""
+    n_groups = fmt.groups(v.numel())
+    half = fmt.qmax / 2.0
+    s = float(v.abs().max()) / half
+    if s <= 0:
+        s = 1.0 / half                                   # an all-zero row: any scale, codes at Z
+    if s * 2.0 ** exp > SCALE_MAX:
+        exp = scale_exponent(s)
+    scale = torch.full((1, n_groups), s, dtype=torch.float64)
+    zero = torch.full((1, n_groups), half, dtype=torch.float64)
+    return encode(v[None], scale, zero, fmt, exp)
+
+
 def _stack(rows: list[QuantizedMatrix], fmt: QuantFormat) -> QuantizedMatrix:
     """One packed matrix from 1-row matrices; rows rounded at a larger exponent are re-expressed
     at the common (smallest) one, which represents their scale exactly when it is a power-of-two
@@ -165,7 +181,7 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
         bhb = float(b_hat @ hb)
         rhb = resid @ hb
         a = rhb / bhb if bhb > 0 else torch.zeros(out_f, dtype=torch.float64)
-        a_q = _quantize_row(a, fmt_a, exp_a)
+        a_q = _quantize_row_symmetric(a, fmt_a, exp_a)
         a_hat = a_q.dequantize(torch.float64)[0]
         # tr(R H R^T) falls by 2 a^T R H b - |a|^2 b^T H b when R loses a b^T
         gains.append(2 * float(a_hat @ rhb) - float(a_hat @ a_hat) * bhb)
@@ -174,6 +190,40 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
         b_rows.append(b_q)
         a_rows.append(a_q)
     return QuantLowRank(_stack(b_rows, fmt_b), _stack(a_rows, fmt_a), torch.tensor(gains, dtype=torch.float32))
+
+
+def symmetric_zero(bits: int) -> int:
+    """The Q11.4 zero point of every A row: the middle of the code range, (2^b - 1) / 2."""
+    return ((1 << bits) - 1) << (ZERO_FRAC_BITS - 1)
+
+
+def rank_scales(At_q: QuantizedMatrix) -> torch.Tensor:
+    """[r] float64 scale s_k of each stored A column (row k of A^T is s_k * (code - Z))."""
+    if not (bool((At_q.scale == At_q.scale[:, :1]).all()) and bool((At_q.zero == symmetric_zero(At_q.fmt.bits)).all())):
+        raise ValueError("A^T rows must have one scale per row and the mid-range zero (fit_quantized makes them)")
+    return At_q.group_scale()[:, 0]
+
+
+def ndp_rank_columns(rank: int) -> int:
+    """Inputs of the NDP's A image: the stored rank padded to whole groups (of 32)."""
+    return int8_factor_columns(rank)
+
+
+def ndp_a_image(At_q: QuantizedMatrix) -> QuantizedMatrix:
+    """A [out, roundup(r, 32)] as the NDP multiplies it: the codes of A^T transposed, unit scale
+    mantissa, scale_exp 0 and the mid-range zero, so that one MATMUL computes
+    sum_k (code[o, k] - Z) z_k; the host folds the per-rank scale into the intermediate
+    (z_k = s_k (Bx)_k, rank_scales) before it re-quantizes it to int8. Columns past r hold code 0
+    and meet z_k = 0."""
+    rank_scales(At_q)                                     # checks the per-row symmetric form
+    r, out = At_q.shape
+    cols = ndp_rank_columns(r)
+    fmt = QuantFormat(At_q.fmt.bits, largest_group(cols), At_q.fmt.word_bits)
+    codes = torch.zeros(out, cols, dtype=torch.uint8)
+    codes[:, :r] = At_q.codes.t()
+    groups = fmt.groups(cols)
+    return QuantizedMatrix(fmt, codes, torch.ones(out, groups, dtype=torch.int32),
+                           torch.full((out, groups), symmetric_zero(fmt.bits), dtype=torch.int32), 0)
 
 
 def objective(err: torch.Tensor, h: torch.Tensor, delta: torch.Tensor | None = None) -> float:
