@@ -166,7 +166,7 @@ def _check_layers(layers: list[QuantizedMoE]) -> tuple[int, int]:
     return ranks.pop(), shape[0]
 
 
-def _check_factor_bits(factor_bits, rank: int) -> tuple[int, ...]:
+def check_factor_bits(factor_bits, rank: int) -> tuple[int, ...]:
     bits = tuple(factor_bits) if isinstance(factor_bits, (tuple, list)) else None
     if bits is None or len(set(bits)) != len(bits) or any(b not in FACTOR_BITS for b in bits):
         raise ValueError(f"factor_bits must be distinct bit widths from {FACTOR_BITS}, not {factor_bits!r}")
@@ -209,7 +209,7 @@ def write_store(path: str | os.PathLike, layers: list[QuantizedMoE], *, source: 
     if not isinstance(source, str) or not source:
         raise ValueError(f"source must name the checkpoint the store is built from, not {source!r}")
     rank, intermediate = _check_layers(layers)
-    factor_bits = _check_factor_bits(factor_bits, rank)
+    factor_bits = check_factor_bits(factor_bits, rank)
     fmt, hi_fmt = layers[0].fmt, layers[0].hi_experts[0].q["w1"].fmt if layers[0].hi_experts else None
     if sensitivity is None:
         sensitivity = [measure_sensitivity(qm, None if grams is None else grams[l],
