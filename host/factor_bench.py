@@ -35,15 +35,16 @@ UNITS = {"gpu": "all-gpu", "ndp": "all-ndp"}
 
 
 def held_out(dm, layers: list[int], tokens: int) -> tuple[dict, dict]:
-    """Float-model block inputs of `layers` on `tokens` held-out tokens, and the float blocks'
-    outputs on them (the evaluation half of the text, windows of 256)."""
+    """Float-model block inputs of `layers` at `tokens` held-out positions (drawn with a fixed seed
+    from windows of 256 over the evaluation half of the text, at least 1024 tokens), and the float
+    blocks' outputs on them."""
     from ndpmoe.model.block import FloatMoE, set_blocks
     from ndpmoe.model.perplexity import collect_mlp_inputs
     from ndpmoe.model.text import token_windows, tokenize
 
     floats = {l: FloatMoE(w, rc) for l, (w, rc) in dm.blocks.items()}
     set_blocks(dm.model, floats)
-    windows = token_windows(tokenize(dm.text.eval, dm.tokenizer), 256, tokens)
+    windows = token_windows(tokenize(dm.text.eval, dm.tokenizer), 256, max(tokens, 1024))
     inputs = collect_mlp_inputs(dm.model, windows, max_rows=tokens, layers=layers, progress=False)
     return inputs, {l: floats[l](x) for l, x in inputs.items()}
 
