@@ -79,9 +79,9 @@ class StoreSettings:
         return Variant(self.bits, self.quantizer, self.fit if self.rank else "aware", self.rank,
                        self.hi_bits or None, None, self.group, self.word_bits)
 
-    def sizes(self, hidden: int, intermediate: int, ndp=None) -> ExpertSizes:
+    def sizes(self, hidden: int, intermediate: int, ndp=None, factor_precision: str = "fp16") -> ExpertSizes:
         """The sizes a store of these settings will have (known before it is built)."""
-        return ExpertSizes(hidden, intermediate, self.fmt, self.hi_fmt, self.rank, ndp)
+        return ExpertSizes(hidden, intermediate, self.fmt, self.hi_fmt, self.rank, ndp, factor_precision)
 
 
 @dataclass
