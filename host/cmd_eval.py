@@ -49,8 +49,9 @@ def add_arguments(p):
                    help=f"n of the Top-n rule, 1..top-k (default: those of {DEFAULT_TOPN} the model allows)")
     p.add_argument("--quantizers", default="rtn,optimized", help="uniform quantizers (the last one is used for restoration)")
     p.add_argument("--hi-bits", type=hi_bits, default=8, help="bits of the HOBBIT-style higher-precision copies (0: none)")
-    p.add_argument("--budgets", type=float_list(allow_empty=True), default="0.5,1,2",
-                   help="budgeted policy: multiples of the Top-1 top-rank factor bytes ('' for none)")
+    p.add_argument("--budgets", type=float_list(allow_empty=True), default="0.5,1,2,4",
+                   help="measured-gain budgeted policy (host/budget_policy.py): multiples of Top-1's bytes, the "
+                        "fp16 factor bytes of one expert at the top rank, per token and layer ('' for none)")
     p.add_argument("--policy", action="append", default=[], help="one more row, restored by this runtime policy "
                    "on the base-bits experts (repeatable): none, top-N[@rR], random-N[@rR], hobbit, or budgeted:BYTES "
                    "(bytes per token and layer)")
@@ -187,7 +188,7 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
     from .study_workers import scale_out
     with scale_out(study, scale, log):                   # device, float32, Ray workers (host/study_workers.py)
         regime = run_plan(study, opt, log=log)
-    info = {"regime": regime, "model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
+    info = {"regime": regime, "router_weight_fit": getattr(study, "budget_fit", None), "model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
             "seq_len": seq_len, "layers": len(study.layers), "group": opt.group, "text_source": dm.text.source,
             "seconds": round(time.time() - t0, 1),
             "note": "bytes per token: k experts' low-bit images (weights + metadata) + factors of restored "
