@@ -10,16 +10,6 @@ from ndpmoe.model.errors import NdpmoeError
 
 DEFAULT_TOPN = (1, 2, 4)
 DEFAULT_SEQ_LEN = 512
-KIND_STYLE = {  # kind -> (marker, colour, label)
-    "fp16": ("*", "black", "fp16"),
-    "uniform": ("s", "tab:gray", "uniform low-bit"),
-    "topn": ("o", "tab:blue", "Top-n restoration"),
-    "randomn": ("x", "tab:red", "random-n restoration"),
-    "alloc": ("D", "tab:purple", "Top-n, allocated ranks"),
-    "hobbit": ("^", "tab:orange", "HOBBIT-style hi-precision copies"),
-    "budgeted": ("P", "tab:green", "budgeted policy"),
-    "policy": ("v", "tab:brown", "--policy rows"),
-}
 
 
 def factor_list(text: str) -> tuple[str, ...]:
@@ -204,6 +194,7 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
 def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log=print, nlls: list | None = None) -> dict:
     """nlls: each row's per-token NLLs (Study.token_nlls), for the verdicts' paired intervals."""
     from .study_plan import verdicts
+    from .study_plot import plot_pareto
 
     out.mkdir(parents=True, exist_ok=True)
     q = opt.quantizers[-1]
@@ -214,35 +205,9 @@ def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log
     table = ["| configuration | perplexity | MB / token | layer-output error |", "| --- | ---: | ---: | ---: |"]
     table += [f"| {r['name']} | {r['ppl']:.3f} | {r['bytes_per_token'] / 1e6:.3f} | {r['layer_err']:.4f} |" for r in rows]
     (out / "table.md").write_text("\n".join(table) + "\n\n" + "\n".join(f"- {v}" for v in found) + "\n")
-    plot_pareto(rows, out / "pareto.png", title=f"{info['model']}: {info['layers']} MoE layers, {info['eval_tokens']} eval tokens")
+    plot_pareto(rows, out / "pareto.png", title=f"{info['model']}: {info['layers']} MoE layers, {info['eval_tokens']} eval tokens",
+                nlls=nlls, base_bits=opt.base_bits, quantizer=q)
     log("\n" + "\n".join(table))
     log("\nagainst the targets:\n" + "\n".join(f"  - {v}" for v in found))
     log(f"\nwrote {out / 'study.json'}, {out / 'table.md'}, {out / 'pareto.png'} ({info['seconds']:.0f} s in all)")
     return {"verdicts": found, "intervals": intervals}
-
-
-def plot_pareto(rows: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for kind, (marker, colour, label) in KIND_STYLE.items():
-        pts = [r for r in rows if r.get("kind") == kind]
-        if pts:
-            ax.scatter([r["bytes_per_token"] / 1e6 for r in pts], [r["ppl"] for r in pts], marker=marker,
-                       color=colour, label=label, s=40)
-    for q in {r.get("quantizer") for r in rows if r.get("kind") == "uniform"}:
-        line = sorted((r for r in rows if r.get("kind") == "uniform" and r.get("quantizer") == q), key=lambda r: r["bytes_per_token"])
-        ax.plot([r["bytes_per_token"] / 1e6 for r in line], [r["ppl"] for r in line], color="tab:gray",
-                linestyle="--" if q == "rtn" else "-", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("MB moved per token (all MoE layers)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
