@@ -16,10 +16,13 @@ sum cost[e, o] <= budget. Solved by the Lagrangian / convex-hull method of the m
 knapsack: per expert, the upper concave hull of its (cost, gain) options is built once (a slot's
 weight scales its gains, which leaves the hull unchanged); per token the hull increments of all
 K slots are taken in decreasing order of w^p x slope while they fit (the LP relaxation's optimum
-without its one fractional step), then the one-slot replacement that adds the most value in what
-is left of the budget is applied, for `repair_rounds` rounds (any option, off the hull too).
-Everything is batched over tokens in torch: per token-layer it costs one sort of K x H
-increments (H hull points per expert) and `repair_rounds` passes over K x O options.
+without its one fractional step); then repairs in what is left of the budget: the one-slot
+replacement that adds the most value (any option, off the hull too), `repair_rounds` times; and,
+with `pair_repair`, the best change of two slots among their hull options (one down, one up) and
+the one-slot rounds again (nearer the optimum, ~20x the planning time; off by default).
+Everything is batched over tokens in torch: per token-layer it costs one sort of K x H hull
+increments (H hull points per expert), 2 x `repair_rounds` passes over K x O options and one over
+(K x H)^2 pairs. budget_bench.py measures how near the exact optimum it lands and its time.
 """
 from __future__ import annotations
 
@@ -158,7 +161,7 @@ def spent(table: OptionTable, ids: torch.Tensor, choice: torch.Tensor) -> torch.
 
 
 def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: float,
-          weight_power: float = 2.0, repair_rounds: int = 2) -> torch.Tensor:
+          weight_power: float = 2.0, repair_rounds: int = 2, pair_repair: bool = False) -> torch.Tensor:
     """Option index per (token, slot) [T, K] (module text: hull greedy, then one-slot repairs)."""
     if ids.dim() != 2 or ids.shape != weights.shape:
         raise ValueError(f"ids and weights must both be [T, K], not {tuple(ids.shape)} and {tuple(weights.shape)}")
@@ -183,7 +186,17 @@ def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: 
     level = taken.reshape(t, k, -1).sum(2)                                      # hull steps per slot
     choice = torch.gather(hull, 2, level[..., None])[..., 0]                    # [T, K] option index
     cost_all, gain_all = table.cost[ids], table.gain[ids] * scale[..., None]    # [T, K, O]
-    for _ in range(repair_rounds):
+    _repair_singles(choice, cost_all, gain_all, budget, repair_rounds)
+    if pair_repair:
+        _repair_pairs(choice, hull, cost_all, gain_all, budget)
+        _repair_singles(choice, cost_all, gain_all, budget, repair_rounds)
+    return choice
+
+
+def _repair_singles(choice, cost_all, gain_all, budget: float, rounds: int) -> None:
+    """Up to `rounds` times per token: the one-slot change that adds the most value and fits."""
+    t = choice.shape[0]
+    for _ in range(rounds):
         cur_c = torch.gather(cost_all, 2, choice[..., None])
         cur_g = torch.gather(gain_all, 2, choice[..., None])
         left = budget - cur_c[..., 0].sum(1)                                    # [T]
@@ -196,7 +209,29 @@ def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: 
         slot, opt = where // cost_all.shape[2], where % cost_all.shape[2]
         rows = move.nonzero(as_tuple=True)[0]
         choice[rows, slot[rows]] = opt[rows]
-    return choice
+
+
+def _repair_pairs(choice, hull, cost_all, gain_all, budget: float) -> None:
+    """Per token: the best change of two slots at once among their hull options (e.g. one slot a
+    step down to afford another's step up) that fits and adds value. [T, (K H)^2] at once."""
+    t, k, h = hull.shape
+    opts = hull.clamp_min(0)
+    valid = (hull >= 0).reshape(t, -1)
+    cur_c = torch.gather(cost_all, 2, choice[..., None])
+    cur_g = torch.gather(gain_all, 2, choice[..., None])
+    left = budget - cur_c[..., 0].sum(1)
+    dc = (torch.gather(cost_all, 2, opts) - cur_c).reshape(t, -1)                   # [T, K*H]
+    dg = (torch.gather(gain_all, 2, opts) - cur_g).reshape(t, -1)
+    slot = torch.arange(k).repeat_interleave(h)
+    ok = (slot[:, None] != slot[None, :]) & valid[:, :, None] & valid[:, None, :]
+    ok &= dc[:, :, None] + dc[:, None, :] <= left[:, None, None] + 1e-9
+    pg = torch.where(ok, dg[:, :, None] + dg[:, None, :], torch.full_like(ok, -math.inf, dtype=dg.dtype))
+    best, where = pg.reshape(t, -1).max(1)
+    rows = (best > 1e-15).nonzero(as_tuple=True)[0]
+    i, j = where[rows] // (k * h), where[rows] % (k * h)
+    flat = opts.reshape(t, -1)
+    choice[rows, slot[i]] = flat[rows, i]
+    choice[rows, slot[j]] = flat[rows, j]
 
 
 def solve_exact(table: OptionTable, ids_row: list[int], w_row: list[float], budget: float,

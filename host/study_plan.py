@@ -267,8 +267,8 @@ def verdicts(rows: list[dict], quantizer: str, nlls: list | None = None,
                      and t.get("bits") == r["bits"] and t["bytes_per_token"] <= r["bytes_per_token"] * 1.05]
             if fixed:
                 best = min(fixed, key=lambda t: t["ppl"])
-                ci = pv.against("rank allocation vs best fixed rank", r, best)
-                out.append(f"rank allocation ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best fixed rank at "
+                ci = pv.against(f"rank allocation ({r.get('rule', 'gain')}) vs best fixed rank", r, best)
+                out.append(f"rank allocation ({r.get('rule', 'gain')}) ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best fixed rank at "
                            f"<= those bytes ({best['name']}) {best['ppl']:.3f}: "
                            + pv.text(ci, "allocation wins", "fixed rank wins"))
     uni = {r["bits"]: r for r in rows if r.get("kind") == "uniform" and r.get("quantizer") == quantizer}

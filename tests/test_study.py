@@ -195,3 +195,14 @@ def test_budgeted_rows_carry_the_envelope_verdict_with_an_interval(study):
     found = verdicts(rows, "optimized", nlls)
     line = next(v for v in found if v.startswith(f"budgeted {bud['name']}"))
     assert "lower envelope" in line and "95% CI" in line
+    # Intervals shrink as the evaluation grows: the same two rows on the first quarter, half and
+    # all of the evaluation tokens (32 resampling units each).
+    from ndpmoe.host.paired_stats import paired_bootstrap
+    uni = next(n for r, n in zip(rows, nlls) if r["name"] == "uniform int3 optimized")
+    mine = nlls[rows.index(bud)]
+    widths = []
+    for part in (4, 2, 1):
+        n = uni.numel() // part
+        ci = paired_bootstrap(mine[:n], uni[:n], units=32)
+        widths.append(ci.high - ci.low)
+    assert widths[0] > widths[1] > widths[2], widths
