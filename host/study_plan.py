@@ -326,14 +326,13 @@ FIXED_KINDS = ("topn", "hobbit")
 
 def envelope(rows: list[dict], quantizer: str, bits: int, at_bytes: float, key: str, chord: str = "linear"):
     """The lowest `key` (layer_err or ppl) any fixed configuration reaches at no more than
-    `at_bytes`: Top-n x rank x factor precision and HOBBIT rows on `bits`, the uniform rows, and the
+    `at_bytes`: Top-n x rank x factor precision and HOBBIT rows, the uniform rows, and the
     chord between uniform int{bits} and int{bits+1} (storing a share of the experts at the higher
     width; linear in bytes). chord "linear" interpolates `key` itself (the issue's chord); "rms"
     interpolates its square, what mixing experts of the two widths reaches when their errors add
     independently (the layer error is an RMS). (value, what, contrast terms against it) or None."""
     cands = [(t[key], t["name"], [(t, -1.0)]) for t in rows
-             if ((t.get("kind") in FIXED_KINDS and t.get("bits") == bits)
-                 or (t.get("kind") == "uniform" and t.get("quantizer") == quantizer))
+             if (t.get("kind") in FIXED_KINDS or (t.get("kind") == "uniform" and t.get("quantizer") == quantizer))
              and t["bytes_per_token"] <= at_bytes * (1 + 1e-9)]
     a, b = _uniform(rows, bits, quantizer), _uniform(rows, bits + 1, quantizer)
     if a is not None and b is not None and a["bytes_per_token"] <= at_bytes <= b["bytes_per_token"]:
