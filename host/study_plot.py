@@ -73,7 +73,7 @@ def plot_pareto(rows: list[dict], path: Path, title: str = "", nlls: list | None
         pts = [r for r in rows if not (key == "layer_err" and r.get("kind") == "fp16")]
         seen = set()
         for r in pts:
-            colour, kind_label = KIND_STYLE.get(r.get("kind"), ("tab:brown", r.get("kind")))
+            colour, kind_label = KIND_STYLE.get(r.get("kind"), ("tab:brown", str(r.get("kind") or "other")))
             x, y = r["bytes_per_token"] / 1e6, r[key]
             tag = (r.get("kind"), _marker(r))
             name = kind_label + (f" ({r.get('factor', 'fp16')} factors)" if r.get("kind") in ("topn", "alloc", "randomn") else "")
@@ -81,7 +81,9 @@ def plot_pareto(rows: list[dict], path: Path, title: str = "", nlls: list | None
             seen.add(tag)
             if key == "ppl" and id(r) in bars:
                 lo, hi = bars[id(r)]
-                ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], color=colour, alpha=0.5, linewidth=0.8, capsize=2)
+                # a percentile interval need not contain its point estimate: never a negative bar
+                ax.errorbar([x], [y], yerr=[[max(y - lo, 0.0)], [max(hi - y, 0.0)]], color=colour, alpha=0.5,
+                            linewidth=0.8, capsize=2)
         fixed = [(r["bytes_per_token"] / 1e6, r[key]) for r in pts
                  if r.get("kind") in FIXED and (r.get("kind") != "uniform" or r.get("quantizer") == quantizer)]
         env = lower_envelope(fixed)

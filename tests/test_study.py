@@ -184,7 +184,7 @@ def test_budgeted_policy_beats_every_fixed_rule_on_its_calibration_objective(stu
 def test_budgeted_rows_carry_the_envelope_verdict_with_an_interval(study):
     """A budgeted row is compared, at no more bytes, with the lower envelope of the fixed rules
     (layer error, and perplexity with its paired interval)."""
-    opt = PlanOptions(bits=(3, 4), quantizers=("optimized",), ranks=(8,), topn=(2,), hi_bits=8, budgets=(1.0,),
+    opt = PlanOptions(bits=(3, 4), quantizers=("optimized",), ranks=(8,), topn=(2,), hi_bits=4, budgets=(1.0,),
                       compare_fits=False, compare_random=False, compare_alloc=False, other_bits_topn=False,
                       factors=("fp16",))
     first = len(study.rows)
