@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .compensate import LowRank, whitening_factor
+from .compensate import LowRank, _krylov_is_cheaper, block_krylov, whitening_factor
 from .contract import FP16_BYTES, SCALE_MAX, QuantFormat
 from .qtensor import QuantizedMatrix, scale_exponent
-from .quantize import encode, groups_of, minmax_params
+from .quantize import check_precision, encode, groups_of, minmax_params
 
 FACTOR_BITS = (3, 4, 8)                 # low-bit factor precisions (fp16 is the unquantized store)
 FACTOR_PRECISIONS = ("fp16", "int8", "int4", "int3")
@@ -135,9 +135,15 @@ def _leading_right(m: torch.Tensor, start: torch.Tensor, iters: int = POWER_ITER
 
 
 def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, group: int = 64,
-                  word_bits: int = 64, damp: float = 1e-2, whiten: torch.Tensor | None = None) -> QuantLowRank:
+                  word_bits: int = 64, damp: float = 1e-2, whiten: torch.Tensor | None = None,
+                  precision: str = "float64") -> QuantLowRank:
     """Greedy rank-`rank` compensator of `err` [out, in] with both factors at `bits` (see the module
-    text); `h` is the calibration Gram X^T X [in, in]."""
+    text); `h` is the calibration Gram X^T X [in, in]. "float64": the reference arithmetic (a full
+    SVD of the whitened error). "float32": the same steps with the whitened residual and its power
+    iterations in float32 and only the leading `rank` start directions computed (block Krylov for
+    large matrices: a full float64 SVD of an OLMoE expert matrix costs seconds to tens of seconds);
+    the factors' rounding, the refit of A and the gains stay float64."""
+    check_precision(precision)
     if not isinstance(err, torch.Tensor) or err.dim() != 2 or not err.is_floating_point():
         raise TypeError(f"error matrix must be a 2-D float tensor, not {getattr(err, 'dtype', type(err))}")
     out_f, in_f = err.shape
@@ -148,32 +154,69 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
     fmt_b, fmt_a = factor_format(bits, in_f, group, word_bits), factor_format(bits, out_f, group, word_bits)
     h = h.double()
     l = whitening_factor(h, damp) if whiten is None else whiten.double()
-    resid = err.double().clone()
-    # One SVD of the whitened error gives the fp16 components: their range fixes the exponents and
-    # each greedy step's leading direction is found by power iteration started from the next one.
-    u, s, vh = torch.linalg.svd(resid @ l, full_matrices=False)
-    lead_b = torch.linalg.solve_triangular(l.t(), vh[:1].t(), upper=True).t() * s[0].sqrt()
+    dt = torch.float64 if precision == "float64" else torch.float32
+    if precision == "float64":
+        resid = err.double().clone()
+        # One SVD of the whitened error gives the fp16 components: their range fixes the exponents and
+        # each greedy step's leading direction is found by power iteration started from the next one.
+        u, s, vh = torch.linalg.svd(resid @ l, full_matrices=False)
+        m = resid @ l                               # the whitened residual, kept up to date
+        l_t = l
+    else:
+        resid, l_t = err.float().clone(), l.float()
+        m = resid @ l_t
+        u, s, vh = _leading_triplets(m, rank)
+        vh = vh.float()
+    lead_b = torch.linalg.solve_triangular(l.t(), vh[:1].double().t(), upper=True).t() * s[0].sqrt()
     exp_b, exp_a = _row_exponent(lead_b, fmt_b), _row_exponent((u[:, :1] * s[0].sqrt()).t(), fmt_a)
     b_rows, a_rows, gains = [], [], []
-    m = resid @ l                                   # the whitened residual, kept up to date
     for i in range(rank):
         w = _leading_right(m, vh[i])
-        b = torch.linalg.solve_triangular(l.t(), w[:, None], upper=True)[:, 0] * float((m @ w).norm()) ** 0.5
+        b = torch.linalg.solve_triangular(l.t(), w.double()[:, None], upper=True)[:, 0] * float((m @ w).norm()) ** 0.5
         b_q = _quantize_row(b, fmt_b, exp_b)
         b_hat = b_q.dequantize(torch.float64)[0]
         hb = h @ b_hat
         bhb = float(b_hat @ hb)
-        rhb = resid @ hb
+        rhb = (resid @ hb.to(dt)).double()
         a = rhb / bhb if bhb > 0 else torch.zeros(out_f, dtype=torch.float64)
         a_q = _quantize_row(a, fmt_a, exp_a)
         a_hat = a_q.dequantize(torch.float64)[0]
         # tr(R H R^T) falls by 2 a^T R H b - |a|^2 b^T H b when R loses a b^T
         gains.append(2 * float(a_hat @ rhb) - float(a_hat @ a_hat) * bhb)
-        resid -= torch.outer(a_hat, b_hat)
-        m -= torch.outer(a_hat, b_hat @ l)
+        a_t = a_hat.to(dt)
+        resid -= torch.outer(a_t, b_hat.to(dt))
+        m -= torch.outer(a_t, (b_hat @ l).to(dt))
         b_rows.append(b_q)
         a_rows.append(a_q)
     return QuantLowRank(_stack(b_rows, fmt_b), _stack(a_rows, fmt_a), torch.tensor(gains, dtype=torch.float32))
+
+
+def fit_quantized_matrices(errs: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], rank: int, bits: int, *,
+                           group: int = 64, word_bits: int = 64, damp: float = 1e-2,
+                           precision: str = "float64") -> dict[str, QuantLowRank]:
+    """fit_quantized of each of an expert's matrices {name: error} with its Gram matrix {name: H},
+    one whitening per Gram matrix (matrices that see the same inputs, w1 and w3, share the object
+    and so the factor): in float64 the same factors, bit for bit, as fitting each alone."""
+    whiten: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, err in errs.items():
+        h = grams[name]
+        if id(h) not in whiten:
+            whiten[id(h)] = whitening_factor(h.double(), damp)
+        out[name] = fit_quantized(err, h, rank, bits, group=group, word_bits=word_bits, damp=damp,
+                                  whiten=whiten[id(h)], precision=precision)
+    return out
+
+
+def _leading_triplets(m: torch.Tensor, rank: int):
+    """The leading `rank` singular triplets of a float32 matrix: block Krylov where that is cheaper
+    than an exact SVD (compensate.block_krylov), else the exact float32 SVD."""
+    if _krylov_is_cheaper(*m.shape, rank):
+        mb = m[None]
+        u, s, vh = block_krylov(lambda x: mb @ x, lambda y: mb.mT @ y, *m.shape, rank, device=m.device)
+        return u[0], s[0], vh[0]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :rank].double(), s[:rank].double(), vh[:rank]
 
 
 def objective(err: torch.Tensor, h: torch.Tensor, delta: torch.Tensor | None = None) -> float:
