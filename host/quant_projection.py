@@ -6,15 +6,16 @@ quantizers at each bit width (and the higher-precision copies with the last quan
 compensators of the top rank: the activation-aware one at every bit width, plain SVD once at the
 base width, and at the base width one greedy fit with low-bit factors (model/factor_quant.py) per
 factor precision other than fp16. Each of those fit variants whitens every Gram matrix once (w1
-and w3 share one). The projection counts exactly those operations from eval's own defaults, each
-at the time measured here for that matrix shape. Not counted: calibration passes, sensitivities
+and w3 share one), except the float32 activation-aware fits of large matrices, which work from
+the Gram matrix and need no whitening. The projection counts exactly those operations from
+eval's own defaults, each at the time measured here for that matrix shape. Not counted: calibration passes, sensitivities
 and the perplexity passes. Every bit width is charged the time measured at int3.
 """
 from __future__ import annotations
 
 import torch
 
-from ndpmoe.model.compensate import fit_activation_aware_stack, fit_svd_stack, gram, whitening_factors
+from ndpmoe.model.compensate import _krylov_is_cheaper, fit_activation_aware_stack, fit_svd_stack, gram, whitening_factors
 from ndpmoe.model.contract import QuantFormat
 from ndpmoe.model.factor_quant import factor_bits, fit_quantized
 from ndpmoe.model.real_configs import expert_shapes
@@ -46,7 +47,7 @@ def study_operations() -> dict[str, int]:
     aware = len(bits)                                   # the base width, and Top-n rows on the others
     factor = sum(1 for f in a.factors if f != "fp16")
     return {**counts, "aware": aware, "svd": 0 if a.no_compare else 1, "factor": factor,
-            "factor_bits": [f for f in a.factors if f != "fp16"], "whiten": aware + factor, "rank": max(a.rank)}
+            "factor_bits": [f for f in a.factors if f != "fp16"], "rank": max(a.rank)}
 
 
 def time_shape(rows: int, cols: int, experts: int, dev, precision: str, rank: int, tokens: int, seed: int,
@@ -66,8 +67,16 @@ def time_shape(rows: int, cols: int, experts: int, dev, precision: str, rank: in
     out["whiten"] = dt
     _, dt = timed(lambda: fit_svd_stack(err, rank, precision=precision, device=dev), dev)
     out["svd"] = dt / experts
-    lx = l.expand(experts, cols, cols)
-    _, dt = timed(lambda: fit_activation_aware_stack(err, None, rank, whiten=lx, precision=precision, device=dev), dev)
+    # as the study's parts call it: from the Gram matrices where that needs no whitening (float32,
+    # large), else with the whitening factors (counted separately)
+    out["aware_whitens"] = not (precision == "float32" and _krylov_is_cheaper(rows, cols, rank))
+    hx = h.contiguous()                                   # the study's Gram matrices are one per expert
+    if out["aware_whitens"]:
+        lx = l.expand(experts, cols, cols)
+        fit = lambda: fit_activation_aware_stack(err, None, rank, whiten=lx, precision=precision, device=dev)
+    else:
+        fit = lambda: fit_activation_aware_stack(err, hx, rank, precision=precision, device=dev)
+    _, dt = timed(fit, dev)
     out["aware"] = dt / experts
     _, out["factor"] = timed(lambda: fit_quantized(err[0].cpu(), h1.cpu(), rank, factor_bits, whiten=l[0].cpu(),
                                                    precision=precision), dev)
@@ -83,7 +92,8 @@ def project_models(models: list[str], dev, precision: str, tokens: int, seed: in
     print(f"  a default study per expert matrix: {ops['rtn']} RTN, {ops['optimized']} optimized, {ops['aware']} "
           f"activation-aware fits, {ops['svd']} plain SVD fit, {ops['factor']} fit with low-bit factors "
           f"({', '.join(ops['factor_bits']) or 'none'}; on the CPU, one matrix at a time); "
-          f"{ops['whiten']} whitenings per Gram matrix (one per fit variant)")
+          f"one whitening per Gram matrix and fit variant that needs one (the float32 activation-aware fits of "
+          f"large matrices need none)")
     head = (f"{'model':<17}{'matrix':<14}{'E timed':>8}{'RTN':>15}{'optimized':>15}{'SVD fit':>15}{'aware fit':>15}"
             f"{'factor fit':>15}{'whiten':>8}")
     print(head)
@@ -99,7 +109,8 @@ def project_models(models: list[str], dev, precision: str, tokens: int, seed: in
                   f"{cell(t['svd']):>15}{cell(t['aware']):>15}{cell(t['factor']):>15}{t['whiten']:8.2f}")
             per_matrix = (ops["rtn"] * t["rtn"] + ops["optimized"] * t["optimized"] + ops["aware"] * t["aware"]
                           + ops["svd"] * t["svd"] + ops["factor"] * t["factor"])
-            per_layer += s.experts * (uses * per_matrix + ops["whiten"] * t["whiten"])
+            whitenings = ops["factor"] + (ops["aware"] if t["aware_whitens"] else 0)
+            per_layer += s.experts * (uses * per_matrix + whitenings * t["whiten"])
         projections.append((name, s, per_layer * s.moe_layers))
     print(f"\nprojected quantization + fits of a full default study on this machine ({precision}, {dev}):")
     for name, s, total in projections:

@@ -154,8 +154,9 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
     fmt_b, fmt_a = factor_format(bits, in_f, group, word_bits), factor_format(bits, out_f, group, word_bits)
     h = h.double()
     l = whitening_factor(h, damp) if whiten is None else whiten.double()
-    dt = torch.float64 if precision == "float64" else torch.float32
-    if precision == "float64":
+    exact = precision == "float64"
+    dt = torch.float64 if exact else torch.float32
+    if exact:
         resid = err.double().clone()
         # One SVD of the whitened error gives the fp16 components: their range fixes the exponents and
         # each greedy step's leading direction is found by power iteration started from the next one.
@@ -163,7 +164,7 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
         m = resid @ l                               # the whitened residual, kept up to date
         l_t = l
     else:
-        resid, l_t = err.float().clone(), l.float()
+        resid, l_t, h_t = err.float().clone(), l.float(), h.float()
         m = resid @ l_t
         u, s, vh = _leading_triplets(m, rank)
         vh = vh.float()
@@ -175,7 +176,7 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
         b = torch.linalg.solve_triangular(l.t(), w.double()[:, None], upper=True)[:, 0] * float((m @ w).norm()) ** 0.5
         b_q = _quantize_row(b, fmt_b, exp_b)
         b_hat = b_q.dequantize(torch.float64)[0]
-        hb = h @ b_hat
+        hb = (h @ b_hat) if exact else (h_t @ b_hat.float()).double()
         bhb = float(b_hat @ hb)
         rhb = (resid @ hb.to(dt)).double()
         a = rhb / bhb if bhb > 0 else torch.zeros(out_f, dtype=torch.float64)
@@ -184,8 +185,12 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
         # tr(R H R^T) falls by 2 a^T R H b - |a|^2 b^T H b when R loses a b^T
         gains.append(2 * float(a_hat @ rhb) - float(a_hat @ a_hat) * bhb)
         a_t = a_hat.to(dt)
-        resid -= torch.outer(a_t, b_hat.to(dt))
-        m -= torch.outer(a_t, (b_hat @ l).to(dt))
+        if exact:
+            resid -= torch.outer(a_t, b_hat)
+            m -= torch.outer(a_t, b_hat @ l)
+        else:                                       # rank-1 updates in place, no temporaries
+            resid.addr_(a_t, b_hat.float(), alpha=-1)
+            m.addr_(a_t, b_hat.float() @ l_t, alpha=-1)
         b_rows.append(b_q)
         a_rows.append(a_q)
     return QuantLowRank(_stack(b_rows, fmt_b), _stack(a_rows, fmt_a), torch.tensor(gains, dtype=torch.float32))
