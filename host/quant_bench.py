@@ -94,7 +94,7 @@ def run(args) -> int:
         project_models(models, dev, args.precision, args.calib_tokens, args.seed)
     if args.precision_check:
         from .quant_precision import precision_check
-        precision_check([int(v) for v in args.real_layers.split(",")])
+        precision_check(list(args.real_layers))
     if args.real:
         _real_table(list(args.real_layers))
     return 0
