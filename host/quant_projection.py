@@ -8,8 +8,9 @@ base width, and at the base width one greedy fit with low-bit factors (model/fac
 factor precision other than fp16. Each of those fit variants whitens every Gram matrix once (w1
 and w3 share one), except the float32 activation-aware fits of large matrices, which work from
 the Gram matrix and need no whitening. The projection counts exactly those operations from
-eval's own defaults, each at the time measured here for that matrix shape. Not counted: calibration passes, sensitivities
-and the perplexity passes. Every bit width is charged the time measured at int3.
+eval's own defaults, each at the time measured here for that matrix shape. Not counted:
+calibration passes, sensitivities and the perplexity passes. Every bit width is charged the time
+measured at int3.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def study_operations() -> dict[str, int]:
 
 
 def time_shape(rows: int, cols: int, experts: int, dev, precision: str, rank: int, tokens: int, seed: int,
-               factor_bits: int = 4) -> dict:
+               fbits: int = 4) -> dict:
     """Seconds per matrix of each operation on a stack of `experts` [rows, cols] matrices (the
     low-bit-factor fit, which works one matrix at a time, on the first of them)."""
     w, x, _ = synthetic_case(rows, cols, tokens, seed, experts)
@@ -78,7 +79,7 @@ def time_shape(rows: int, cols: int, experts: int, dev, precision: str, rank: in
         fit = lambda: fit_activation_aware_stack(err, hx, rank, precision=precision, device=dev)
     _, dt = timed(fit, dev)
     out["aware"] = dt / experts
-    _, out["factor"] = timed(lambda: fit_quantized(err[0].cpu(), h1.cpu(), rank, factor_bits, whiten=l[0].cpu(),
+    _, out["factor"] = timed(lambda: fit_quantized(err[0].cpu(), h1.cpu(), rank, fbits, whiten=l[0].cpu(),
                                                    precision=precision), dev)
     return out
 
