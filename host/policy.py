@@ -105,9 +105,9 @@ def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None
         return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity, lo_bytes=lo)
     fcache = cache if factor_cache is None else factor_cache
     return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity,
-                              cached_rank=lambda e: fcache.cached_rank(layer, e),
-                              hi_cached=lambda e: (layer, e, "hi") in cache,
-                              lo_cached=lambda e: (layer, e, "lo") in cache, lo_bytes=lo)
+                              cached_rank=functools.partial(fcache.cached_rank, layer),
+                              hi_cached=functools.partial(cache.holds, layer, "hi"),
+                              lo_cached=functools.partial(cache.holds, layer, "lo"), lo_bytes=lo)
 
 
 class RestorationPolicy(Protocol):
@@ -268,19 +268,26 @@ class BudgetedPolicy:
         id_rows, w_rows = ids.tolist(), weights.tolist()
         p = self.weight_power
         value: dict[int, float] = {}
-        for row_ids, row_w in zip(id_rows, w_rows):
-            for e, w in zip(row_ids, row_w):
-                value[e] = value.get(e, 0.0) + (w * w if p == 2.0 else w ** p)
+        if t == 1:                                # one token: its k experts are distinct (usually)
+            value = dict(zip(id_rows[0], [w * w for w in w_rows[0]] if p == 2.0 else [w ** p for w in w_rows[0]]))
+        if len(value) != t * k:
+            value = {}
+            for row_ids, row_w in zip(id_rows, w_rows):
+                for e, w in zip(row_ids, row_w):
+                    value[e] = value.get(e, 0.0) + (w * w if p == 2.0 else w ** p)
         copies = self.allow_hi and ctx.hi_extra_bytes is not None
+        stored, rank_bytes, step = ctx.stored_rank, ctx.rank_bytes, self.rank_step
+        cached_rank, hi_price = ctx.cached_rank, ctx.hi_price
         state, walk, heap = {}, {}, []
         for e, v in value.items():
-            r0 = ctx.cached_rank(e)
-            hull, ranks = _unit_hull(sens, e, min(r0, ctx.stored_rank), ctx.stored_rank, ctx.rank_bytes,
-                                     ctx.hi_price(e) if copies else None, self.rank_step)
+            r0 = cached_rank(e)
+            hull, ranks = _unit_hull(sens, e, r0 if r0 < stored else stored, stored, rank_bytes,
+                                     hi_price(e) if copies else None, step)
             state[e] = hull[0][2]
             walk[e] = (hull, ranks, 0, v)
             if len(hull) > 1 and v > 0:
-                heapq.heappush(heap, (-v * hull[1][3], e))
+                heap.append((-v * hull[1][3], e))
+        heapq.heapify(heap)                       # items are distinct: pops do not depend on the build
         left = float(self.budget_bytes) * t
         while heap:
             _, e = heapq.heappop(heap)
@@ -301,11 +308,10 @@ class BudgetedPolicy:
                 if best is not None:
                     left -= best[0] - spent
                     state[e] = best[2]
-        ranks_out, his = [], []
-        for row_ids in id_rows:
-            ranks_out.append(tuple(state[e] if state[e] > 0 else 0 for e in row_ids))
-            his.append(tuple(state[e] == -1 for e in row_ids))
-        return Restoration(tuple(ranks_out), tuple(his))
+        rank_of = {e: (s if s > 0 else 0) for e, s in state.items()}
+        hi_of = {e: s == -1 for e, s in state.items()}
+        return Restoration(tuple([tuple(map(rank_of.__getitem__, row)) for row in id_rows]),
+                           tuple([tuple(map(hi_of.__getitem__, row)) for row in id_rows]))
 
 
 @functools.lru_cache(maxsize=1 << 16)
