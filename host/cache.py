@@ -168,6 +168,11 @@ class ExpertCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def entries(self) -> dict[CacheKey, tuple[int, int]]:
+        """key -> (bytes, rank) of what is resident: read it, never write it (insert/evict do)."""
+        return self._entries
+
     def keys(self) -> list[CacheKey]:
         return list(self._entries)
 

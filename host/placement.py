@@ -28,7 +28,7 @@ class Candidate(NamedTuple):
     tokens: int
     comp_rank: int
     weights_cached: bool
-    cached_factor_rank: int
+    cached_factor_rank: int         # of its factors, cached (the planner caps it at comp_rank)
 
 
 class Choice(NamedTuple):
@@ -141,8 +141,8 @@ class Placer:
         usages: list[Usage | None] = [None] * len(cands)
         l0 = l1 = l2 = l3 = l4 = lat = 0.0
         for i in order:
-            best, best_key = 0, None
-            for j, (_, s) in enumerate(entries[i]):
+            best, best_key, options = 0, None, entries[i]
+            for j, (_, s) in enumerate(options if len(options) > 1 else ()):    # one option: nothing to weigh
                 a, b, c, d, g = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
                 key = (max(a, b, c, d, g) + (lat if lat > s[5] else s[5]), a + b + c + d + g)
                 if best_key is None or key < best_key:

@@ -195,7 +195,10 @@ class LayerPlanner:
             rank = max(ranks)
             cached = (layer, e, variant) in cache
             if rank:
-                cands.append(_new(Candidate, (e, variant, len(toks), rank, cached, cached_rank(layer, e))))
+                # A cached rank above the task's counts as the task's: the same choice, and the
+                # placer sees fewer distinct candidates.
+                cr = cached_rank(layer, e)
+                cands.append(_new(Candidate, (e, variant, len(toks), rank, cached, cr if cr < rank else rank)))
             else:
                 cands.append(_new(Candidate, (e, variant, len(toks), 0, cached, 0)))
         choices, usages, load = self.placer.place(cands, with_load=self.prefetch)
