@@ -48,6 +48,8 @@ class StepStats:
     tokens: int
     wall_s: float = 0.0
     planning_s: float = 0.0           # LayerPlanner.plan: policy, placement, cache actions
+    planning_decide_s: float = 0.0    # its decide part, which the layer's launch waits for (the cache
+                                      # bookkeeping of finish could run while the layer executes)
     routing_s: float = 0.0            # router matmul and top-k
     expert_compute_s: float = 0.0     # executor time not spent in the seams below (with the NDP, this
                                       # includes quantizing its activations and converting its results)
@@ -297,7 +299,9 @@ class ModelRuntime:
         t1 = _now()
         ids, wts = route_tokens(xh, weights.router, cfg)
         t2 = _now()
-        plan = self.planner.plan(sl, ids, wts)
+        decision = self.planner.decide(sl, ids, wts)
+        t_decided = _now()
+        plan = self.planner.finish(decision)
         t3 = _now()
         if self.verify:
             check_plan(plan)
@@ -317,6 +321,7 @@ class ModelRuntime:
         ndp_s = (self.ndp.clock.seconds - ndp0) if self.ndp is not None else 0.0
         step.routing_s += t2 - t1
         step.planning_s += t3 - t2
+        step.planning_decide_s += t_decided - t2
         step.fetch_s += fetch
         step.upload_s += upload
         step.ndp_backend_s += ndp_s
