@@ -64,13 +64,21 @@ class LfuEviction:
         self._tick = 0
 
     def _bump(self, key: CacheKey) -> None:
+        # No heap push here: a resident key's heap item is a lower bound of its (count, tick)
+        # (both only grow between agings) and victim() refreshes the items it finds stale, so the
+        # victim is the same as with an item pushed on every access, at a fraction of the work.
         tick = self._tick = self._tick + 1
-        count = self._count[key] = self._count.get(key, 0.0) + 1.0
+        counts = self._count
+        count = counts.get(key)
         self._last[key] = tick
-        if key in self._resident:
-            heapq.heappush(self._heap, (count, tick, key))
+        if count is None:
+            counts[key] = 1.0
+            if key in self._resident:          # resident uncounted: victim() had dropped its item
+                heapq.heappush(self._heap, (1.0, tick, key))
+        else:
+            counts[key] = count + 1.0
         if tick % self.age_every == 0:
-            self._count = {k: c / 2 for k, c in self._count.items() if c >= 0.5 or k in self._resident}
+            self._count = {k: c / 2 for k, c in counts.items() if c >= 0.5 or k in self._resident}
             self._heap = [(self._count[k], self._last[k], k) for k in self._resident]
             heapq.heapify(self._heap)
 
@@ -87,12 +95,21 @@ class LfuEviction:
         return self._count.get(key, 0.0) >= self._count.get(victim, 0.0)
 
     def victim(self, protect: frozenset, newcomer: CacheKey) -> CacheKey | None:
+        """The resident key with the least (count, last access), neither protected nor the newcomer.
+        (A resident key that was never accessed has no count and is never chosen.)"""
         skipped, found = [], None
         heap, resident, counts, lasts = self._heap, self._resident, self._count, self._last
         while heap:
             count, last, key = heap[0]
-            if key not in resident or count != counts.get(key) or last != lasts.get(key, last):
-                heapq.heappop(heap)             # stale
+            if key not in resident:
+                heapq.heappop(heap)             # evicted
+                continue
+            now = counts.get(key)
+            if now is None:
+                heapq.heappop(heap)
+                continue
+            if count != now or last != lasts.get(key, last):
+                heapq.heapreplace(heap, (now, lasts.get(key, last), key))    # accessed since: refresh
                 continue
             if key in protect or key == newcomer:
                 skipped.append(heapq.heappop(heap))
@@ -151,6 +168,11 @@ class ExpertCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def entries(self) -> dict[CacheKey, tuple[int, int]]:
+        """key -> (bytes, rank) of what is resident: read it, never write it (insert/evict do)."""
+        return self._entries
+
     def keys(self) -> list[CacheKey]:
         return list(self._entries)
 
@@ -158,6 +180,10 @@ class ExpertCache:
         """Rank of the factors cached for an expert (0 if none)."""
         entry = self._entries.get((layer, expert, "factors"))
         return entry[1] if entry is not None else 0
+
+    def holds(self, layer: int, kind: str, expert: int) -> bool:
+        """Uncounted: is (layer, expert, kind) resident? (Argument order for functools.partial.)"""
+        return (layer, expert, kind) in self._entries
 
     def lookup(self, key: CacheKey, rank: int = 0) -> bool:
         """Counted access: a hit if resident (for factors: at `rank` or more)."""

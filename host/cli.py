@@ -34,6 +34,7 @@ SUBCOMMANDS = {
     "fpga-export": ("ndpmoe.rtl.synth.cmd_export", "Verilog (bare unit + pin-wrapped top) and XDC/SDC/LPF/PCF templates"),
     "sim": ("ndpmoe.sim.cmd_sim", "cocotb + Verilator bench of the NDP unit against the golden model (--bench: throughput)"),
     "rtl": ("ndpmoe.rtl.cmd_rtl", "Verilog of a named NDP configuration, linted by Verilator"),
+    "factor-bench": ("ndpmoe.host.cmd_factor_bench", "what int8/int4/int3 compensators keep of the fp16 factors' error reduction through the runtime (GPU and NDP paths), with their bytes"),
     "eval": ("ndpmoe.host.cmd_eval", "accuracy against bandwidth: perplexity vs bytes per token, Pareto plot (JSON, PNG)"),
     "cosim": ("ndpmoe.sim.cmd_cosim", "one MoE layer of a real model with its NDP ops on the Verilator-simulated RTL: bit-exactness, errors, cycles"),
     "generate": ("ndpmoe.host.cmd_generate", "text from the whole model through the runtime (store, cache, policy, placement, NDP golden or RTL) with measured time per token"),

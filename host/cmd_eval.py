@@ -10,16 +10,6 @@ from ndpmoe.model.errors import NdpmoeError
 
 DEFAULT_TOPN = (1, 2, 4)
 DEFAULT_SEQ_LEN = 512
-KIND_STYLE = {  # kind -> (marker, colour, label)
-    "fp16": ("*", "black", "fp16"),
-    "uniform": ("s", "tab:gray", "uniform low-bit"),
-    "topn": ("o", "tab:blue", "Top-n restoration"),
-    "randomn": ("x", "tab:red", "random-n restoration"),
-    "alloc": ("D", "tab:purple", "Top-n, allocated ranks"),
-    "hobbit": ("^", "tab:orange", "HOBBIT-style hi-precision copies"),
-    "budgeted": ("P", "tab:green", "budgeted policy"),
-    "policy": ("v", "tab:brown", "--policy rows"),
-}
 
 
 def factor_list(text: str) -> tuple[str, ...]:
@@ -49,8 +39,9 @@ def add_arguments(p):
                    help=f"n of the Top-n rule, 1..top-k (default: those of {DEFAULT_TOPN} the model allows)")
     p.add_argument("--quantizers", default="rtn,optimized", help="uniform quantizers (the last one is used for restoration)")
     p.add_argument("--hi-bits", type=hi_bits, default=8, help="bits of the HOBBIT-style higher-precision copies (0: none)")
-    p.add_argument("--budgets", type=float_list(allow_empty=True), default="0.5,1,2",
-                   help="budgeted policy: multiples of the Top-1 top-rank factor bytes ('' for none)")
+    p.add_argument("--budgets", type=float_list(allow_empty=True), default="0.5,1,2,4",
+                   help="measured-gain budgeted policy (host/budget_policy.py): multiples of Top-1's bytes, the "
+                        "fp16 factor bytes of one expert at the top rank, per token and layer ('' for none)")
     p.add_argument("--policy", action="append", default=[], help="one more row, restored by this runtime policy "
                    "on the base-bits experts (repeatable): none, top-N[@rR], random-N[@rR], hobbit, or budgeted:BYTES "
                    "(bytes per token and layer)")
@@ -187,7 +178,7 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
     from .study_workers import scale_out
     with scale_out(study, scale, log):                   # device, float32, Ray workers (host/study_workers.py)
         regime = run_plan(study, opt, log=log)
-    info = {"regime": regime, "model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
+    info = {"regime": regime, "router_weight_fit": getattr(study, "budget_fit", None), "model": model, "model_info": dm.info, "eval_tokens": int(ev.numel()), "calib_tokens": int(ca.numel()),
             "seq_len": seq_len, "layers": len(study.layers), "group": opt.group, "text_source": dm.text.source,
             "seconds": round(time.time() - t0, 1),
             "note": "bytes per token: k experts' low-bit images (weights + metadata) + factors of restored "
@@ -203,6 +194,7 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
 def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log=print, nlls: list | None = None) -> dict:
     """nlls: each row's per-token NLLs (Study.token_nlls), for the verdicts' paired intervals."""
     from .study_plan import verdicts
+    from .study_plot import plot_pareto
 
     out.mkdir(parents=True, exist_ok=True)
     q = opt.quantizers[-1]
@@ -213,35 +205,9 @@ def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log
     table = ["| configuration | perplexity | MB / token | layer-output error |", "| --- | ---: | ---: | ---: |"]
     table += [f"| {r['name']} | {r['ppl']:.3f} | {r['bytes_per_token'] / 1e6:.3f} | {r['layer_err']:.4f} |" for r in rows]
     (out / "table.md").write_text("\n".join(table) + "\n\n" + "\n".join(f"- {v}" for v in found) + "\n")
-    plot_pareto(rows, out / "pareto.png", title=f"{info['model']}: {info['layers']} MoE layers, {info['eval_tokens']} eval tokens")
+    plot_pareto(rows, out / "pareto.png", title=f"{info['model']}: {info['layers']} MoE layers, {info['eval_tokens']} eval tokens",
+                nlls=nlls, base_bits=opt.base_bits, quantizer=q)
     log("\n" + "\n".join(table))
     log("\nagainst the targets:\n" + "\n".join(f"  - {v}" for v in found))
     log(f"\nwrote {out / 'study.json'}, {out / 'table.md'}, {out / 'pareto.png'} ({info['seconds']:.0f} s in all)")
     return {"verdicts": found, "intervals": intervals}
-
-
-def plot_pareto(rows: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for kind, (marker, colour, label) in KIND_STYLE.items():
-        pts = [r for r in rows if r.get("kind") == kind]
-        if pts:
-            ax.scatter([r["bytes_per_token"] / 1e6 for r in pts], [r["ppl"] for r in pts], marker=marker,
-                       color=colour, label=label, s=40)
-    for q in {r.get("quantizer") for r in rows if r.get("kind") == "uniform"}:
-        line = sorted((r for r in rows if r.get("kind") == "uniform" and r.get("quantizer") == q), key=lambda r: r["bytes_per_token"])
-        ax.plot([r["bytes_per_token"] / 1e6 for r in line], [r["ppl"] for r in line], color="tab:gray",
-                linestyle="--" if q == "rtn" else "-", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("MB moved per token (all MoE layers)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -32,6 +32,8 @@ def add_arguments(p):
     p.add_argument("--rtl-tokens", type=int, default=4, help="with --ndp rtl: tokens whose NDP work runs on the RTL")
     p.add_argument("--rtl-stalls", default="none", choices=("none", "random"),
                    help="with --ndp rtl: random stalls on the unit's memory and output handshakes")
+    p.add_argument("--factors", default="fp16", help="compensator precision: fp16 (GPU; int8 on the NDP) or int8, "
+                   "int4, int3 (packed low-bit factors both units read)")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens of the expert store's fits")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--json", help="write the figures here")
@@ -55,7 +57,7 @@ def run(args) -> int:
                            hi_bits=args.hi_bits, policy=args.policy, placement=args.placement, ndp=args.ndp,
                            ndp_config=args.ndp_config, cache_mb=args.cache_mb, eviction=args.eviction,
                            device=args.device, rtl_tokens=args.rtl_tokens, calib_tokens=args.calib_tokens,
-                           stop_at_eos=not args.no_eos)
+                           stop_at_eos=not args.no_eos, factors=args.factors)
     opts.check()                                  # bad arguments fail before anything loads
     log = lambda s: print(s, file=sys.stderr, flush=True)
     emit = lambda s: print(s, end="", flush=True)

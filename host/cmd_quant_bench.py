@@ -18,6 +18,8 @@ def add_arguments(p):
     p.add_argument("--rank", type=int_in(1), default=32)
     p.add_argument("--calib-tokens", type=int_in(1), default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int_in(1), default=1,
+                   help="time each headline quantizer and fit this many times and report the shortest (a shared machine)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where quantizers and fits run")
     p.add_argument("--precision", default="float32", choices=("float32", "float64"),
                    help="arithmetic of the timed quantizers and fits (float64: the reference the study's cache holds)")

@@ -9,8 +9,12 @@ chunk runs on its input (x, or h once the steps before LOAD h have run). Compens
 per-token rank r_t below the task's rank zeroes B x past r_t, which is exactly the rank-r_t
 prefix compensator.
 
-Numerics: NDP products see per-token int8 activations (the host keeps the scale) and int8
-factors; GPU products are float32 with the store's fp16 factors.
+Numerics: NDP products see per-token int8 activations (the host keeps the scale). Compensators
+at factor precision fp16 (the default): the GPU applies the store's fp16 factors, the NDP the int8
+ones. At int8 / int4 / int3 both units read the store's packed low-bit factors: the GPU fetches
+rows of the B and A^T images (the bytes ExpertSizes.gpu_rank_bytes counts) and dequantizes them;
+the NDP multiplies the B rows and the transposed A image, with the intermediate B x scaled per
+rank and re-quantized to int8 as model/ndp_golden.ndp_compensation defines.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ndpmoe.model.moe_quant import MATRICES
+from ndpmoe.model.factor_quant import rank_scales
 from ndpmoe.model.ndp_golden import acc_to_float, quantize_activations
 
 from .backends import TorchGpuBackend
@@ -43,10 +48,14 @@ class ExecutionRecord:
 
 class LayerExecutor:
     def __init__(self, store: ExpertStore, gpu: TorchGpuBackend, cache: ExpertCache, ndp: NdpDriver | None = None,
-                 factor_cache: ExpertCache | None = None):
+                 factor_cache: ExpertCache | None = None, factor_precision: str = "fp16"):
         self.store, self.gpu, self.cache, self.ndp = store, gpu, cache, ndp
         self.factor_cache = factor_cache
-        self.sizes = store.sizes(ndp.config if ndp is not None else None)
+        self.sizes = store.sizes(ndp.config if ndp is not None else None, factor_precision)
+        self.factor_precision = factor_precision
+        bits = self.sizes.factor_bits
+        self._a_slot, self._b_slot = ("A8", "B8") if bits is None else (f"Aq{bits}", f"Bq{bits}")
+        self._rank_scales: dict[tuple, torch.Tensor] = {}
 
     # -- NDP residency -------------------------------------------------------------------------
     def place_layer(self, layer: int) -> None:
@@ -61,10 +70,10 @@ class LayerExecutor:
                 if s.hi_fmt is not None and s.hi_fmt.bits in self.ndp.config.bits:
                     self.ndp.place((layer, e, m, "hi"), self.store.image(layer, e, m, "hi"), s.hi_fmt, rows, n_in)
                 if s.stored_rank:
-                    a_img, b_img = self.store.factor_images(layer, e, m)
-                    fa, fb = s.int8_factor_fmts(m)
-                    self.ndp.place((layer, e, m, "A8"), a_img, fa, rows, s.padded_rank)
-                    self.ndp.place((layer, e, m, "B8"), b_img, fb, s.stored_rank, n_in)
+                    a_img, b_img = self.store.ndp_factor_images(layer, e, m, self.factor_precision)
+                    fa, fb = s.ndp_factor_fmts(m)
+                    self.ndp.place((layer, e, m, self._a_slot), a_img, fa, rows, s.padded_rank)
+                    self.ndp.place((layer, e, m, self._b_slot), b_img, fb, s.stored_rank, n_in)
 
     # -- GPU data ------------------------------------------------------------------------------
     def _weights(self, layer: int, task: ExpertTask, rec: ExecutionRecord) -> dict[str, torch.Tensor]:
@@ -89,9 +98,15 @@ class LayerExecutor:
             rec.unplanned_uploads += 1
         new, nbytes = {}, 0
         for m in MATRICES:
-            a, b = self.store.factors_fp16(layer, task.expert, m)
-            a_inc, b_inc = a[:, have:r].contiguous(), b[have:r].contiguous()
-            nbytes += a_inc.numel() * a_inc.element_size() + b_inc.numel() * b_inc.element_size()
+            if self.sizes.factor_bits is None:
+                a, b = self.store.factors_fp16(layer, task.expert, m)
+                a_inc, b_inc = a[:, have:r].contiguous(), b[have:r].contiguous()
+                nbytes += a_inc.numel() * a_inc.element_size() + b_inc.numel() * b_inc.element_size()
+            else:                        # rows [have, r) of the packed B and A^T images, dequantized
+                b_rows, at_rows, moved = self.store.packed_factor_rows(layer, task.expert, m, self.factor_precision,
+                                                                       have, r)
+                a_inc, b_inc = at_rows.dequantize().t().contiguous(), b_rows.dequantize()
+                nbytes += moved
             a_dev, b_dev = self.gpu.upload(a_inc.float()), self.gpu.upload(b_inc.float())
             new[f"{m}.A"] = torch.cat([held[f"{m}.A"], a_dev], 1) if have else a_dev
             new[f"{m}.B"] = torch.cat([held[f"{m}.B"], b_dev], 0) if have else b_dev
@@ -99,6 +114,14 @@ class LayerExecutor:
         self.gpu.moved_bytes["factors"] += nbytes
         self.gpu.resident[key] = new
         return new
+
+    def _rank_scale(self, layer: int, expert: int, m: str) -> torch.Tensor:
+        """float32 [R] scale of each A column of the packed factors (the host folds it into B x)."""
+        key = (layer, expert, m)
+        if key not in self._rank_scales:
+            at = self.store.packed_factor_rows(layer, expert, m, self.factor_precision, 0, self.sizes.stored_rank)[1]
+            self._rank_scales[key] = rank_scales(at).float()
+        return self._rank_scales[key]
 
     # -- the products --------------------------------------------------------------------------
     def _ndp_product(self, layer: int, task: ExpertTask, m: str, slot: str, step: NdpStep,
@@ -181,15 +204,15 @@ class LayerExecutor:
                 x_scale = self._ndp_load(h, step)
             elif step.kind == "Bx":
                 pad = torch.zeros(x.shape[0], self.sizes.padded_rank)
-                pad[:, :r] = bx[m]
+                pad[:, :r] = bx[m] if self.sizes.factor_bits is None else bx[m] * self._rank_scale(layer, task.expert, m)[:r]
                 x_scale = self._ndp_load(pad, step)
             elif step.kind == "w":
                 add(m, self._ndp_product(layer, task, m, task.variant, step, x_scale))
             elif step.kind == "B":
                 keep = torch.arange(r)[None, :] < ranks[:, None]
-                bx[m] = self._ndp_product(layer, task, m, "B8", step, x_scale, rows=r) * keep
+                bx[m] = self._ndp_product(layer, task, m, self._b_slot, step, x_scale, rows=r) * keep
             elif step.kind == "A":
-                add(m, self._ndp_product(layer, task, m, "A8", step, x_scale))
+                add(m, self._ndp_product(layer, task, m, self._a_slot, step, x_scale))
             else:
                 raise ValueError(f"unknown NDP step kind {step.kind!r}; expected one of {STEP_KINDS}")
         if h is None:

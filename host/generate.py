@@ -63,6 +63,7 @@ class GenerateOptions:
     calib_tokens: int = 4096                 # the store's calibration (as `ndpmoe eval`'s default)
     stop_at_eos: bool = True
     verify_plans: bool = False
+    factors: str = "fp16"                    # compensators: fp16 (+ int8 on the NDP) or packed int8/int4/int3
 
     def check(self) -> None:
         """Every argument checked before anything loads (the model, the store, the simulator)."""
@@ -97,6 +98,11 @@ class GenerateOptions:
         if self.ndp != "none" and self.bits not in cfg.bits:
             raise ValueError(f"NDP configuration {cfg.name!r} decodes {cfg.bits}-bit weights, not --bits {self.bits}; "
                              f"pick one of those or another --ndp-config")
+        from ndpmoe.model.factor_quant import factor_bits
+        fbits = factor_bits(self.factors)        # refuses an unknown precision, naming the allowed ones
+        if fbits is not None and self.ndp != "none" and fbits not in cfg.bits:
+            raise ValueError(f"NDP configuration {cfg.name!r} decodes {cfg.bits}-bit matrices, not --factors "
+                             f"{self.factors}; pick one of those or another --ndp-config")
         self.store_settings()                    # bits, rank and hi_bits make a valid format
         get_policy(self.policy, 1 << 30)         # the spec's syntax; its n is checked against top-k later
 
@@ -110,9 +116,12 @@ class GenerateOptions:
         from .study import Variant
 
         word_bits = Variant(self.bits).word_bits if self.ndp == "none" else get_config(self.ndp_config).word_bits
+        from ndpmoe.model.factor_quant import factor_bits
+
+        fbits = factor_bits(self.factors)
         return StoreSettings(bits=self.bits, rank=self.rank, hi_bits=self.hi_bits, word_bits=word_bits,
                              calib_tokens=self.calib_tokens, calib_rows=self.calib_tokens,
-                             seq_len=min(512, self.calib_tokens))
+                             seq_len=min(512, self.calib_tokens), factor_bits=() if fbits is None else (fbits,))
 
     def resolved_device(self) -> str:
         import torch
@@ -239,7 +248,7 @@ def check_fit(opts: GenerateOptions, dm, layers: list[int]) -> int:
         return 0
     cfg = get_config(opts.ndp_config)
     try:
-        sizes = s.sizes(w.hidden, w.intermediate, cfg)
+        sizes = s.sizes(w.hidden, w.intermediate, cfg, opts.factors)
         sizes.ndp_steps("lo", 1, True, sizes.stored_rank)
     except ValueError as exc:
         raise ValueError(f"NDP configuration {cfg.name!r} does not fit this model's experts "
@@ -331,7 +340,7 @@ def make_runtime(opts: GenerateOptions, dm, ms, mem: int, ndp=None, *, record: b
                         eviction=opts.eviction, ndp=None if opts.ndp == "none" else ndp,
                         system=make_system(opts.ndp, opts.ndp_config), device=opts.resolved_device(),
                         prefetch=opts.placement == "auto",      # a forced placement never uses prefetched copies
-                        record=record, verify=opts.verify_plans)
+                        record=record, verify=opts.verify_plans, factor_precision=opts.factors)
 
 
 def run_decode(opts: GenerateOptions, dm, rt, prompt_ids: list[int], *, max_new_tokens: int | None = None,

@@ -43,7 +43,9 @@ def format_report(r: GenerateResult) -> str:
     lines.append(f"  {'total (wall)':<58}{(pre.wall_s * 1e3 if pre else 0):>10.2f}{total * 1e3:>13.2f}")
     moe = max((s.moe_layers for s in r.steps), default=0)
     if dec and moe:
-        lines.append(f"  planning per token-layer: {_mean(dec, 'planning_s') / moe * 1e6:.0f} us ({moe} MoE layers)")
+        lines.append(f"  planning per token-layer: {_mean(dec, 'planning_s') / moe * 1e6:.0f} us ({moe} MoE layers), "
+                     f"{_mean(dec, 'planning_decide_s') / moe * 1e6:.0f} us of it deciding (the launch waits for it; "
+                     f"the cache bookkeeping after it can overlap the layer)")
     if o.ndp != "none" and r.steps:
         measured = all(s.ndp_cycles_measured for s in r.steps)
         src = "measured on the RTL" if measured else "cost model RTL_COSIM (golden backend)"

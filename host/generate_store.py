@@ -25,10 +25,10 @@ from ndpmoe.model.integrity import code_digest
 from ndpmoe.model.paths import build_root
 
 from .sizes import ExpertSizes
-from .store import ExpertStore, StoreError, open_store, write_store
+from .store import ExpertStore, StoreError, check_factor_bits, open_store, write_store
 
 # What a store's bytes depend on besides the model and the settings (an edit re-keys every store).
-_CODE = ("model/quantize.py", "model/compensate.py", "model/moe_quant.py", "model/qtensor.py",
+_CODE = ("model/quantize.py", "model/compensate.py", "model/factor_quant.py", "model/moe_quant.py", "model/qtensor.py",
          "model/packing.py", "model/contract.py", "host/study.py", "host/study_cache.py",
          "host/sensitivity.py", "host/store.py", "host/generate_store.py")
 
@@ -47,6 +47,7 @@ class StoreSettings:
     calib_tokens: int = 4096
     calib_rows: int = 4096
     seq_len: int = 512
+    factor_bits: tuple[int, ...] = ()   # packed low-bit factors stored besides the fp16 / int8 ones
 
     def __post_init__(self):
         for name in ("bits", "group", "word_bits", "calib_tokens", "calib_rows", "seq_len"):
@@ -58,6 +59,7 @@ class StoreSettings:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, not {v!r}")
         QuantFormat(self.bits, self.group, self.word_bits)           # a clear error for a bad format
+        object.__setattr__(self, "factor_bits", check_factor_bits(self.factor_bits, self.rank))
         if self.hi_bits:
             QuantFormat(self.hi_bits, self.group, self.word_bits)
             if self.hi_bits <= self.bits:
@@ -77,9 +79,9 @@ class StoreSettings:
         return Variant(self.bits, self.quantizer, self.fit if self.rank else "aware", self.rank,
                        self.hi_bits or None, None, self.group, self.word_bits)
 
-    def sizes(self, hidden: int, intermediate: int, ndp=None) -> ExpertSizes:
+    def sizes(self, hidden: int, intermediate: int, ndp=None, factor_precision: str = "fp16") -> ExpertSizes:
         """The sizes a store of these settings will have (known before it is built)."""
-        return ExpertSizes(hidden, intermediate, self.fmt, self.hi_fmt, self.rank, ndp)
+        return ExpertSizes(hidden, intermediate, self.fmt, self.hi_fmt, self.rank, ndp, factor_precision)
 
 
 @dataclass
@@ -175,7 +177,8 @@ def build_store(dm, s: StoreSettings, layers: list[int], calib: torch.Tensor, fo
         quantized = study.variant(s.variant())
         log(f"  {len(layers)} layers quantized and compensated (study cache: {study.cache.hits} parts reused, "
             f"{study.cache.misses} computed)")
-        write_store(tmp, [quantized[l] for l in layers], source=source, grams=[study.grams[l] for l in layers])
+        write_store(tmp, [quantized[l] for l in layers], source=source, grams=[study.grams[l] for l in layers],
+                    factor_bits=s.factor_bits)
         log(f"  written: {sum(f.stat().st_size for f in tmp.iterdir()) / 1e6:.1f} MB")
         if folder.exists():
             shutil.rmtree(folder)          # a stale or corrupted store of the same key

@@ -75,9 +75,9 @@ def task_usage(sizes: ExpertSizes, system: SystemPreset | None, variant: str, to
         u.gpu_bytes += sizes.weight_bytes(variant)
         u.gpu_flops += 2.0 * tokens * 3 * sizes.hidden * sizes.intermediate
     if comp_unit == "gpu" and comp_rank:
-        u.link["factors"] += fetch_factor_ranks * sizes.fp16_bytes_per_rank
+        u.link["factors"] += fetch_factor_ranks * sizes.gpu_rank_bytes
         u.round_trips = max(u.round_trips, 1)
-        u.gpu_bytes += sizes.factor_bytes_fp16(comp_rank)
+        u.gpu_bytes += sizes.gpu_factor_bytes(comp_rank)
         u.gpu_flops += 2.0 * tokens * comp_rank * sum(sum(sizes.shape(m)) for m in MATRICES)
     ndp_gemm = gemm_unit == "ndp"
     ndp_rank = comp_rank if comp_unit == "ndp" else 0

@@ -17,6 +17,7 @@ from .presets import SystemPreset
 from .sizes import ExpertSizes
 
 PLACEMENTS = ("auto", "all-gpu", "all-ndp", "ndp-gemm", "ndp-comp")
+_PLACED_MAX = 1 << 16          # remembered candidate sequences (Placer.place); cleared when full
 
 
 class Candidate(NamedTuple):
@@ -27,7 +28,7 @@ class Candidate(NamedTuple):
     tokens: int
     comp_rank: int
     weights_cached: bool
-    cached_factor_rank: int
+    cached_factor_rank: int         # of its factors, cached (the planner caps it at comp_rank)
 
 
 class Choice(NamedTuple):
@@ -48,6 +49,7 @@ class Placer:
         self.time_model = TimeModel(system) if system is not None else None
         self._memo: dict[tuple, tuple[Usage, tuple[float, ...]]] = {}
         self._options: dict[tuple, list[Choice]] = {}
+        self._placed: dict[tuple, tuple] = {}
         self.ndp_variants = set()
         if has_ndp:
             for v in ("lo", "hi"):
@@ -110,24 +112,37 @@ class Placer:
               ) -> tuple[list[Choice], list[Usage], list[float] | None]:
         """A choice and its usage per candidate (same order), and, when asked or when options
         had to be weighed, the layer's resource seconds (to GPU, to memory, NDP compute, NDP
-        memory, GPU, latency)."""
+        memory, GPU, latency).
+
+        Placement reads only what a candidate is, not which expert: (variant, tokens, rank,
+        cached weights, cached factor rank). Layers of a decode repeat the same few sequences of
+        these, so each sequence is placed once and remembered (the same choices, in less time)."""
+        key = tuple([c[1:] for c in cands])
+        hit = self._placed.get(key)
+        if hit is None:
+            if len(self._placed) >= _PLACED_MAX:
+                self._placed.clear()
+            hit = self._placed[key] = self._place(cands)
+        out, usages, load, weighed = hit
+        return list(out), list(usages), (list(load) if with_load or weighed else None)
+
+    def _place(self, cands: list[Candidate]) -> tuple[tuple, tuple, tuple, bool]:
+        """(choices, usages, resource seconds, whether options were weighed): the LPT rule."""
         opts = [self.options(c) for c in cands]
         if all(len(o) == 1 for o in opts):
             out = [o[0] for o in opts]
             entries = [self._entry(c, ch) for c, ch in zip(cands, out)]
-            if not with_load:
-                return out, [u for u, _ in entries], None
             load = [sum(sec[r] for _, sec in entries) for r in range(5)]
             load.append(max((sec[5] for _, sec in entries), default=0.0))
-            return out, [u for u, _ in entries], load
+            return tuple(out), tuple(u for u, _ in entries), tuple(load), False
         entries = [[self._entry(c, ch) for ch in o] for c, o in zip(cands, opts)]
         order = sorted(range(len(cands)), key=lambda i: -min(sec[6] for _, sec in entries[i]))
         out: list[Choice | None] = [None] * len(cands)
         usages: list[Usage | None] = [None] * len(cands)
         l0 = l1 = l2 = l3 = l4 = lat = 0.0
         for i in order:
-            best, best_key = 0, None
-            for j, (_, s) in enumerate(entries[i]):
+            best, best_key, options = 0, None, entries[i]
+            for j, (_, s) in enumerate(options if len(options) > 1 else ()):    # one option: nothing to weigh
                 a, b, c, d, g = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
                 key = (max(a, b, c, d, g) + (lat if lat > s[5] else s[5]), a + b + c + d + g)
                 if best_key is None or key < best_key:
@@ -136,4 +151,4 @@ class Placer:
             l0, l1, l2, l3, l4 = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
             lat = lat if lat > s[5] else s[5]
             out[i], usages[i] = opts[i][best], u
-        return out, usages, [l0, l1, l2, l3, l4, lat]
+        return tuple(out), tuple(usages), (l0, l1, l2, l3, l4, lat), True

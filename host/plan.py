@@ -77,6 +77,19 @@ class LayerPlan:
         return self.time_model.layer_time(self.usage) if self.time_model is not None else None
 
 
+class LayerDecision(NamedTuple):
+    """LayerPlanner.decide's result, before the cache is updated (LayerPlanner.finish)."""
+    layer: int
+    id_rows: list[list[int]]
+    weights: torch.Tensor
+    restoration: Restoration
+    tasks: tuple[ExpertTask, ...]
+    cands: list[Candidate]
+    choices: list
+    usages: list[Usage]
+    load: list[float] | None
+
+
 def check_plan(plan: LayerPlan) -> None:
     """Every selected (token, slot) computed exactly once, with the variant and rank the
     restoration chose; compensation exactly on the slots with a rank; units consistent."""
@@ -134,6 +147,12 @@ class LayerPlanner:
         self._contexts: dict[int, object] = {}
         self._credit = 0.0                                       # idle link bytes (see _prefetch)
         self._credit_cap = 2.0 * sizes.weight_bytes(weight_variant) if self.prefetch else 0.0
+        self._weight_bytes = {}                                  # variant -> bytes, looked up per prefetch
+        for v in ("lo", "hi", "fp16"):
+            try:
+                self._weight_bytes[v] = sizes.weight_bytes(v)
+            except ValueError:
+                pass
         self._smallest_fetch = min(sizes.weight_bytes(v) for v in ("lo", "hi", "fp16")
                                    if v != "hi" or sizes.hi_fmt is not None) if sizes.fmt else sizes.weight_bytes("fp16")
 
@@ -145,8 +164,13 @@ class LayerPlanner:
         return ctx
 
     def plan(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> LayerPlan:
-        # The hot path of the runtime (goal: < 50 us per token per layer): plain loops over
-        # Python lists, no tensor ops beyond one tolist().
+        """The whole plan of a layer: `finish(decide(...))`."""
+        return self.finish(self.decide(layer, ids, weights))
+
+    def decide(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> LayerDecision:
+        """What the layer's launch waits for: the restoration, the expert tasks and where they
+        run. Reads the caches and changes nothing in them (`finish` does, in the same order).
+        The hot path of the runtime: plain loops over Python lists, one tolist()."""
         restoration = self.policy.decide(ids, weights, self._context(layer))
         id_rows = ids.tolist()
         lo = self.weight_variant
@@ -165,24 +189,40 @@ class LayerPlanner:
                     g[0].append(t)
                     g[1].append(s)
                     g[2].append(r)
-        cache, fcache, cands = self.cache, self.factor_cache, []
-        lookup, flookup, cached_rank = cache.lookup, fcache.lookup, fcache.cached_rank
+        cache, cands = self.cache, []
+        cached_rank = self.factor_cache.cached_rank
         for (e, variant), (toks, _, ranks) in groups.items():
             rank = max(ranks)
-            cached = lookup((layer, e, variant))
+            cached = (layer, e, variant) in cache
             if rank:
-                flookup((layer, e, "factors"), rank)
-                cands.append(_new(Candidate, (e, variant, len(toks), rank, cached, cached_rank(layer, e))))
+                # A cached rank above the task's counts as the task's: the same choice, and the
+                # placer sees fewer distinct candidates.
+                cr = cached_rank(layer, e)
+                cands.append(_new(Candidate, (e, variant, len(toks), rank, cached, cr if cr < rank else rank)))
             else:
                 cands.append(_new(Candidate, (e, variant, len(toks), 0, cached, 0)))
         choices, usages, load = self.placer.place(cands, with_load=self.prefetch)
+        tasks = tuple([_new(ExpertTask, (c.expert, c.variant, tuple(toks), tuple(slots), tuple(ranks), ch.gemm_unit,
+                                         ch.comp_unit if c.comp_rank else None, ch.fetch_weights,
+                                         ch.fetch_factor_ranks))
+                       for (toks, slots, ranks), c, ch in zip(groups.values(), cands, choices)])
+        return _new(LayerDecision, (layer, id_rows, weights, restoration, tasks, cands, choices, usages, load))
 
-        # Cache actions: admit what was fetched; never evict what this layer uses on the GPU.
+    def finish(self, d: LayerDecision) -> LayerPlan:
+        """The cache's side of a decided layer, which can run while the layer executes: the
+        counted accesses (hits, recency, frequency), admitting what was fetched (never evicting
+        what this layer uses on the GPU), prefetches with idle link time; then the plan."""
+        layer, cands, choices = d.layer, d.cands, d.choices
+        cache, fcache = self.cache, self.factor_cache
+        lookup, flookup = cache.lookup, fcache.lookup
+        for c in cands:
+            lookup((layer, c.expert, c.variant))
+            if c.comp_rank:
+                flookup((layer, c.expert, "factors"), c.comp_rank)
         protect = None
         evictions: list[CacheKey] = []
-        tasks = []
         sizes = self.sizes
-        for (toks, slots, ranks), c, ch in zip(groups.values(), cands, choices):
+        for c, ch in zip(cands, choices):
             if ch.fetch_weights or ch.fetch_factor_ranks:
                 if protect is None:
                     protect = self._protect(layer, cands, choices)
@@ -190,17 +230,14 @@ class LayerPlanner:
                     evictions += cache.insert((layer, c.expert, c.variant), sizes.weight_bytes(c.variant),
                                               protect=protect)[1]
                 if ch.fetch_factor_ranks:
-                    evictions += fcache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.fp16_bytes_per_rank,
+                    evictions += fcache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.gpu_rank_bytes,
                                               rank=c.comp_rank, protect=protect)[1]
-            tasks.append(_new(ExpertTask, (c.expert, c.variant, tuple(toks), tuple(slots), tuple(ranks), ch.gemm_unit,
-                                           ch.comp_unit if c.comp_rank else None, ch.fetch_weights,
-                                           ch.fetch_factor_ranks)))
-        prefetches = ()
+        prefetches, usages = (), d.usages
         if self.prefetch:
-            prefetches, fill = self._prefetch(layer, cands, choices, load, protect, evictions)
+            prefetches, fill = self._prefetch(layer, cands, choices, d.load, protect, evictions)
             if fill is not None:
                 usages.append(fill)
-        return LayerPlan(layer, id_rows, weights, restoration, tuple(tasks), prefetches, tuple(evictions),
+        return LayerPlan(layer, d.id_rows, d.weights, d.restoration, d.tasks, prefetches, tuple(evictions),
                          tuple(usages), self.placer.time_model)
 
     @staticmethod
@@ -225,9 +262,13 @@ class LayerPlanner:
         if credit < self._smallest_fetch:
             return (), None
         fill, out = Usage(), []
-        for c, ch in sorted(zip(cands, choices), key=lambda p: -p[0].tokens):
-            nbytes = self.sizes.weight_bytes(c.variant)
-            if ch.gemm_unit != "ndp" or nbytes > credit:
+        on_ndp = [(c, ch) for c, ch in zip(cands, choices) if ch.gemm_unit == "ndp"]
+        if len(on_ndp) > 1:
+            on_ndp.sort(key=lambda p: -p[0].tokens)
+        weight_bytes = self._weight_bytes
+        for c, ch in on_ndp:
+            nbytes = weight_bytes[c.variant]
+            if nbytes > credit:
                 continue
             if protect is None:
                 protect = self._protect(layer, cands, choices)

@@ -75,6 +75,14 @@ class RestorationContext:
     hi_cached: Callable[[int], bool] = _none_cached   # expert -> its hi copy is cached
     lo_cached: Callable[[int], bool] = _none_cached   # expert -> its low-bit copy is cached
     lo_bytes: int = 0                                 # bytes of one low-bit expert (for hi_price)
+    states: Callable[[list[int], bool], list[tuple[int, int | None]]] | None = None   # start_states, in one pass
+
+    def start_states(self, experts: list[int], copies: bool) -> list[tuple[int, int | None]]:
+        """Per expert: (cached factor rank, hi_price, or None without `copies`), for a whole layer
+        at once (the cache-backed context reads the caches directly: the planner's hot path)."""
+        if self.states is not None:
+            return self.states(experts, copies)
+        return [(self.cached_rank(e), self.hi_price(e) if copies else None) for e in experts]
 
     def hi_price(self, e: int) -> int:
         """Bytes a higher-precision copy of expert e costs now: nothing if it is cached; its
@@ -94,7 +102,7 @@ def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None
     """The context for one layer: prices from the contract sizes (fp16 factors to the GPU, or
     int8 factors read by the NDP), cache state from an ExpertCache if given."""
     if factor_bytes == "fp16":
-        rank_bytes = sizes.fp16_bytes_per_rank
+        rank_bytes = sizes.gpu_rank_bytes          # fp16, or the packed rows of a low-bit store
     elif factor_bytes == "int8":
         rank_bytes = sizes.int8_bytes_per_rank
     else:
@@ -105,9 +113,30 @@ def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None
         return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity, lo_bytes=lo)
     fcache = cache if factor_cache is None else factor_cache
     return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity,
-                              cached_rank=lambda e: fcache.cached_rank(layer, e),
-                              hi_cached=lambda e: (layer, e, "hi") in cache,
-                              lo_cached=lambda e: (layer, e, "lo") in cache, lo_bytes=lo)
+                              cached_rank=functools.partial(fcache.cached_rank, layer),
+                              hi_cached=functools.partial(cache.holds, layer, "hi"),
+                              lo_cached=functools.partial(cache.holds, layer, "lo"), lo_bytes=lo,
+                              states=_cache_states(cache.entries, fcache.entries, layer, hi_extra, lo))
+
+
+def _cache_states(entries, factor_entries, layer: int, hi_extra: int | None, lo_bytes: int):
+    """RestorationContext.start_states read straight from the caches' entries (the same values as
+    cached_rank and hi_price)."""
+    hi_all = None if hi_extra is None else hi_extra + lo_bytes
+
+    def states(experts: list[int], copies: bool) -> list[tuple[int, int | None]]:
+        out = []
+        for e in experts:
+            f = factor_entries.get((layer, e, "factors"))
+            r0 = f[1] if f is not None else 0
+            if not copies:
+                out.append((r0, None))
+            elif (layer, e, "hi") in entries:
+                out.append((r0, 0))
+            else:
+                out.append((r0, hi_all if (layer, e, "lo") in entries else hi_extra))
+        return out
+    return states
 
 
 class RestorationPolicy(Protocol):
@@ -268,21 +297,32 @@ class BudgetedPolicy:
         id_rows, w_rows = ids.tolist(), weights.tolist()
         p = self.weight_power
         value: dict[int, float] = {}
-        for row_ids, row_w in zip(id_rows, w_rows):
-            for e, w in zip(row_ids, row_w):
-                value[e] = value.get(e, 0.0) + (w * w if p == 2.0 else w ** p)
+        if t == 1:                                # one token: its k experts are distinct (usually)
+            value = dict(zip(id_rows[0], [w * w for w in w_rows[0]] if p == 2.0 else [w ** p for w in w_rows[0]]))
+        if len(value) != t * k:
+            value = {}
+            for row_ids, row_w in zip(id_rows, w_rows):
+                for e, w in zip(row_ids, row_w):
+                    value[e] = value.get(e, 0.0) + (w * w if p == 2.0 else w ** p)
         copies = self.allow_hi and ctx.hi_extra_bytes is not None
+        stored, rank_bytes, step = ctx.stored_rank, ctx.rank_bytes, self.rank_step
         state, walk, heap = {}, {}, []
-        for e, v in value.items():
-            r0 = ctx.cached_rank(e)
-            hull, ranks = _unit_hull(sens, e, min(r0, ctx.stored_rank), ctx.stored_rank, ctx.rank_bytes,
-                                     ctx.hi_price(e) if copies else None, self.rank_step)
+        for (e, v), (r0, price) in zip(value.items(), ctx.start_states(list(value), copies)):
+            hull, ranks = _unit_hull(sens, e, r0 if r0 < stored else stored, stored, rank_bytes, price, step)
             state[e] = hull[0][2]
             walk[e] = (hull, ranks, 0, v)
             if len(hull) > 1 and v > 0:
-                heapq.heappush(heap, (-v * hull[1][3], e))
+                heap.append((-v * hull[1][3], e))
+        heapq.heapify(heap)                       # items are distinct: pops do not depend on the build
         left = float(self.budget_bytes) * t
+        # A partial step buys at least one rank: below that (less a margin for rounding) only a
+        # pending full step can still fit, and once none does, the rest of the walk buys nothing.
+        partial_floor = rank_bytes * (1.0 - 1e-9)
         while heap:
+            if left < partial_floor:
+                if all(walk[x][0][walk[x][2] + 1][0] - walk[x][0][walk[x][2]][0] > left for _, x in heap):
+                    break
+                partial_floor = -1.0
             _, e = heapq.heappop(heap)
             hull, ranks, i, v = walk[e]
             cost = hull[i + 1][0] - hull[i][0]
@@ -301,11 +341,10 @@ class BudgetedPolicy:
                 if best is not None:
                     left -= best[0] - spent
                     state[e] = best[2]
-        ranks_out, his = [], []
-        for row_ids in id_rows:
-            ranks_out.append(tuple(state[e] if state[e] > 0 else 0 for e in row_ids))
-            his.append(tuple(state[e] == -1 for e in row_ids))
-        return Restoration(tuple(ranks_out), tuple(his))
+        rank_of = {e: (s if s > 0 else 0) for e, s in state.items()}
+        hi_of = {e: s == -1 for e, s in state.items()}
+        return Restoration(tuple([tuple(map(rank_of.__getitem__, row)) for row in id_rows]),
+                           tuple([tuple(map(hi_of.__getitem__, row)) for row in id_rows]))
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -11,6 +11,7 @@ import torch
 from ndpmoe.model.compensate import (_krylov_is_cheaper, fit_activation_aware_stack, fit_svd_stack, gram,
                                      whitening_factor)
 from ndpmoe.model.contract import QuantFormat
+from ndpmoe.model.factor_quant import fit_quantized
 from ndpmoe.model.quantize import QUANTIZER_NAMES, quantize_rtn, quantize_stack
 
 LIMIT = 1e-3           # 0.1% relative
@@ -50,14 +51,15 @@ def _precision_check(layers: list[int], bits) -> None:
                 rows.setdefault((name, b), []).append(pair)
         err = w - quantize_stack(w[None], QuantFormat(3, 64), "optimized", h, precision="float64")[0].dequantize()
         for label, fit in (("SVD fit", lambda p: fit_svd_stack(err[None], RANK, precision=p)),
-                           ("aware fit", lambda p: fit_activation_aware_stack(err[None], h, RANK, precision=p))):
+                           ("aware fit", lambda p: fit_activation_aware_stack(err[None], h, RANK, precision=p)),
+                           ("int4 factor fit", lambda p: [fit_quantized(err, h[0], RANK, 4, precision=p).lowrank()])):
             rows.setdefault((label, 3), []).append([out(err - fit(p)[0].delta()) for p in ("float64", "float32")])
-    print(f"{'':<14}{'bits':>5}{'largest':>12}{'all':>12}   arithmetic")
+    print(f"{'':<20}{'bits':>5}{'largest':>12}{'all':>12}   arithmetic")
     for (name, b), pairs in rows.items():
         worst = max(abs((f32 / f64) ** 0.5 - 1) for f64, f32 in pairs)
         total = (sum(f32 for _, f32 in pairs) / sum(f64 for f64, _ in pairs)) ** 0.5 - 1
         label = name if name in QUANTIZER_NAMES else f"{name} r{RANK}"
-        print(f"{label:<14}{b:>5}{100 * worst:11.4f}%{100 * total:+11.4f}%   "
+        print(f"{label:<20}{b:>5}{100 * worst:11.4f}%{100 * total:+11.4f}%   "
               f"{'float32' if worst < LIMIT else 'float64 needed'}")
     _krylov_accuracy(cases)
 

@@ -66,6 +66,7 @@ class RunStats:
     layers: list[LayerStats] = field(default_factory=list)
     tokens: int = 0                       # tokens decoded (each visits every layer)
     extra_time_s: float = 0.0             # resident (non-expert) GPU time of the whole run
+    planning_time_s: float = 0.0          # host planning not hidden behind execution (measured CPU time)
 
     def add(self, layer: LayerStats) -> None:
         self.layers.append(layer)
@@ -84,7 +85,9 @@ class RunStats:
                 "ndp_words_per_token": sum(lt.ndp["words"] for lt in self.layers) / n,
                 "gpu_weight_hit_rate": hits / max(hits + misses, 1),
                 "modeled_time_s": time,
-                "tokens_per_s": self.tokens / time if time > 0 else float("inf")}
+                "planning_time_s": self.planning_time_s,
+                "tokens_per_s": self.tokens / (time + self.planning_time_s) if time + self.planning_time_s > 0
+                else float("inf")}
 
     def to_json(self) -> dict:
         return {"meta": self.meta, "summary": self.summary(), "layers": [lt.to_json() for lt in self.layers]}

@@ -48,6 +48,8 @@ class StepStats:
     tokens: int
     wall_s: float = 0.0
     planning_s: float = 0.0           # LayerPlanner.plan: policy, placement, cache actions
+    planning_decide_s: float = 0.0    # its decide part, which the layer's launch waits for (the cache
+                                      # bookkeeping of finish could run while the layer executes)
     routing_s: float = 0.0            # router matmul and top-k
     expert_compute_s: float = 0.0     # executor time not spent in the seams below (with the NDP, this
                                       # includes quantizing its activations and converting its results)
@@ -128,6 +130,9 @@ class TimedStore:
 
     def factors_fp16(self, *args):
         return self._timed(self._store.factors_fp16, *args)
+
+    def packed_factor_rows(self, *args):
+        return self._timed(self._store.packed_factor_rows, *args)
 
 
 class TimedGpuBackend(TorchGpuBackend):
@@ -211,7 +216,7 @@ def ndp_memory_bytes(sizes: ExpertSizes, experts: int, layers: int) -> int:
         if sizes.hi_fmt is not None and sizes.hi_fmt.bits in cfg.bits:
             per_expert += up(sizes.matrix_bytes("hi", m))
         if sizes.stored_rank:
-            a, b = sizes.int8_factor_bytes(m)
+            a, b = sizes.ndp_factor_bytes(m)
             per_expert += up(a) + up(b)
     return layers * experts * per_expert + cfg.t_max * cfg.max_in_features
 
@@ -221,18 +226,18 @@ class ModelRuntime:
 
     def __init__(self, model_store, blocks: dict, *, policy, placement: str = "auto", cache_bytes: int,
                  eviction: str = "lru", ndp=None, system: SystemPreset | None = None, device: str = "cpu",
-                 prefetch: bool = True, record: bool = False, verify: bool = False):
+                 prefetch: bool = True, record: bool = False, verify: bool = False, factor_precision: str = "fp16"):
         store = model_store.store
         self.store, self.layer_index = store, dict(model_store.layer_index)
         self.blocks = {l: blocks[l] for l in self.layer_index}
         self.ndp = None if ndp is None else TimedNdpBackend(ndp)
-        sizes = store.sizes(None if ndp is None else ndp.config)
+        sizes = store.sizes(None if ndp is None else ndp.config, factor_precision)
         self.sizes = sizes
         self.cache = ExpertCache(cache_bytes, eviction, min_entry_bytes=sizes.weight_bytes("lo"))
         self.gpu = TimedGpuBackend(device)
         self._fetch = _Clock()
         self.executor = LayerExecutor(TimedStore(store, self._fetch), self.gpu, self.cache,
-                                      None if ndp is None else NdpDriver(self.ndp))
+                                      None if ndp is None else NdpDriver(self.ndp), factor_precision=factor_precision)
         self.planner = LayerPlanner(sizes, self.cache, policy, system=system, placement=placement,
                                     sensitivity=store.sensitivity, prefetch=prefetch)
         self.system, self.policy, self.placement = system, policy, placement
@@ -294,7 +299,9 @@ class ModelRuntime:
         t1 = _now()
         ids, wts = route_tokens(xh, weights.router, cfg)
         t2 = _now()
-        plan = self.planner.plan(sl, ids, wts)
+        decision = self.planner.decide(sl, ids, wts)
+        t_decided = _now()
+        plan = self.planner.finish(decision)
         t3 = _now()
         if self.verify:
             check_plan(plan)
@@ -314,6 +321,7 @@ class ModelRuntime:
         ndp_s = (self.ndp.clock.seconds - ndp0) if self.ndp is not None else 0.0
         step.routing_s += t2 - t1
         step.planning_s += t3 - t2
+        step.planning_decide_s += t_decided - t2
         step.fetch_s += fetch
         step.upload_s += upload
         step.ndp_backend_s += ndp_s

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ndpmoe.model.contract import (Descriptor, NdpConfig, QuantFormat, act_row_len, fp16_factor_bytes,
-                                   fp16_matrix_bytes, int8_factor_columns, int8_factor_format, output_struct)
+                                   fp16_matrix_bytes, int8_factor_columns, int8_factor_format, largest_group,
+                                   output_struct)
 
 MATRICES = ("w1", "w3", "w2")
 VARIANTS = ("lo", "hi", "fp16")      # store format, higher-precision copy, plain fp16
@@ -62,8 +63,17 @@ class ExpertSizes:
     hi_fmt: QuantFormat | None = None
     stored_rank: int = 0
     ndp: NdpConfig | None = None
+    factor_precision: str = "fp16"   # the compensators the runtime uses: fp16 (GPU) + int8 (NDP), or
+                                     # packed low-bit rows (int8, int4, int3) both units read
 
     def __post_init__(self):
+        from ndpmoe.model.factor_quant import factor_bits
+        factor_bits(self.factor_precision)
+        if self.factor_precision != "fp16" and self.fmt is None:
+            raise ValueError(f"factor precision {self.factor_precision!r} needs a packed store format (fmt)")
+        self._check_fields()
+
+    def _check_fields(self):
         for name in ("hidden", "intermediate"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 32:
@@ -145,6 +155,54 @@ class ExpertSizes:
         group, word = (64, 64) if self.fmt is None else (self.fmt.group_size, self.fmt.word_bits)
         return bytes_per_rank(*self.shape(matrix), factor_bits(precision), group, word)
 
+    @cached_property
+    def gpu_rank_bytes(self) -> int:
+        """Bytes the GPU fetches per rank component, all three matrices, at the runtime's factor
+        precision: fp16 A and B, or one packed row each of B and A^T."""
+        if self.factor_precision == "fp16":
+            return self.fp16_bytes_per_rank
+        return self.factor_bytes_per_rank(self.factor_precision)
+
+    def gpu_factor_bytes(self, rank: int) -> int:
+        """Bytes of the rank-`rank` factors the GPU holds, all three matrices."""
+        self.check_rank(rank)
+        return rank * self.gpu_rank_bytes
+
+    @property
+    def factor_bits(self) -> int | None:
+        from ndpmoe.model.factor_quant import factor_bits
+        return factor_bits(self.factor_precision)
+
+    def packed_factor_fmts(self, matrix: str) -> tuple[QuantFormat, QuantFormat]:
+        """Formats of the low-bit (B, A^T) images of a matrix: one row per rank component."""
+        from ndpmoe.model.factor_quant import factor_format
+        bits = self.factor_bits
+        if bits is None:
+            raise ValueError("fp16 compensators have no packed images (factor_precision is 'fp16')")
+        rows, n_in = self.shape(matrix)
+        g, p = self.fmt.group_size, self.fmt.word_bits
+        return factor_format(bits, n_in, g, p), factor_format(bits, rows, g, p)
+
+    def ndp_factor_fmts(self, matrix: str) -> tuple[QuantFormat, QuantFormat]:
+        """Formats of the (A, B) images the NDP multiplies: the int8 factors for fp16 stores, else
+        A [rows, padded_rank] (model/factor_quant.ndp_a_image) and the packed B rows."""
+        if self.factor_bits is None:
+            return self.int8_factor_fmts(matrix)
+        b_fmt = self.packed_factor_fmts(matrix)[0]
+        return QuantFormat(self.factor_bits, largest_group(self.padded_rank), b_fmt.word_bits), b_fmt
+
+    def ndp_factor_bytes(self, matrix: str, rank: int | None = None) -> tuple[int, int]:
+        """(A bytes, B bytes) of the factor images the NDP holds; B's first `rank` rows are a
+        prefix of its image, A is read whole."""
+        if self.factor_bits is None:
+            return self.int8_factor_bytes(matrix, rank)
+        rank = self.stored_rank if rank is None else rank
+        if self.stored_rank == 0:
+            return 0, 0
+        rows, n_in = self.shape(matrix)
+        a, b = self.ndp_factor_fmts(matrix)
+        return a.matrix_bytes(rows, self.padded_rank), rank * b.row_bytes(n_in)
+
     def factor_bytes_fp16(self, rank: int) -> int:
         self.check_rank(rank)
         return rank * self.fp16_bytes_per_rank
@@ -212,7 +270,7 @@ class ExpertSizes:
         if not gemm and not comp_rank:
             return []
         res = result_bytes(cfg)
-        factors = {m: self.int8_factor_fmts(m) for m in MATRICES} if comp_rank else {}
+        factors = {m: self.ndp_factor_fmts(m) for m in MATRICES} if comp_rank else {}
 
         def chunk(t: int) -> list[tuple[Descriptor, str, str | None]]:
             """One chunk's (descriptor, kind, matrix), in issue order."""

@@ -1,13 +1,22 @@
 """Expert store on disk: every MoE layer's packed low-bit experts, their compensators (fp16 for the
-GPU, int8 for the NDP), optional higher-precision copies and measured sensitivities, in one
-safetensors file plus a versioned JSON manifest.
+GPU, int8 for the NDP, and optionally packed low-bit factors both units read), optional
+higher-precision copies and measured sensitivities, in one safetensors file plus a versioned JSON
+manifest.
 
 Layout of a store folder::
 
-    manifest.json          format version, formats, shapes, ranks, source, size and SHA-256 of
+    manifest.json          format version, formats, shapes, ranks, factor bits, source, size and
+                           SHA-256 of
     experts.safetensors    L{l}.E{e}.{w1|w3|w2}.{lo|hi|A16|B16|A8|B8|spectrum},
+                           L{l}.E{e}.{w1|w3|w2}.{Bq|Atq|Aq|spectrum_q}{b} for each factor bit width b,
                            L{l}.exp [E, 3, 4] int32 scale_exp of (lo, hi, A8, B8),
+                           L{l}.qexp [E, 3, len(factor_bits), 2] int32 scale_exp of (Bq, Atq),
                            L{l}.rank_gain [E, R + 1], L{l}.hi_gain [E]
+
+Low-bit factors (model/factor_quant.py), b in factor_bits: Bq = B [R, in] and Atq = A^T [R, out],
+packed rows best-first (a rank-r prefix is a byte prefix of each image: what the GPU fetches and
+dequantizes, and B's rows are what the NDP multiplies), and Aq = A [out, roundup(R, 32)] with
+A^T's codes transposed (what the NDP multiplies; factor_quant.ndp_a_image, scale_exp 0).
 
 Writes are atomic (temporary file, fsync, rename) and the manifest is renamed last: it is the
 commit point, and it carries the hash of the tensors it describes and a hash of its own fields, so
@@ -22,7 +31,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +41,7 @@ from safetensors.torch import save_file
 from ndpmoe.model.compensate import Int8LowRank, LowRank, quantize_int8_symmetric
 from ndpmoe.model.contract import NdpConfig, QuantFormat
 from ndpmoe.model.errors import CacheEntryError
+from ndpmoe.model.factor_quant import FACTOR_BITS, QuantLowRank, factor_bits as precision_bits, fit_quantized, ndp_a_image
 from ndpmoe.model.integrity import canonical_json, clean_stale_temps, temp_path
 from ndpmoe.model.moe import MoEWeights, RouterConfig
 from ndpmoe.model.moe_quant import MATRICES, QuantizedExpert, QuantizedMoE
@@ -40,7 +50,8 @@ from ndpmoe.model.qtensor import QuantizedMatrix
 from .sensitivity import LayerSensitivity, measure_sensitivity
 from .sizes import ExpertSizes
 
-STORE_FORMAT_VERSION = 2              # 2: the manifest carries a hash of its own fields
+STORE_FORMAT_VERSION = 3              # 3: packed low-bit factors (factor_bits); 2: manifest self-hash
+READABLE_VERSIONS = (2, 3)            # a version-2 store is a version-3 one without low-bit factors
 STORE_KIND = "ndpmoe-expert-store"
 MANIFEST = "manifest.json"
 TENSORS = "experts.safetensors"
@@ -95,6 +106,7 @@ class StoreManifest:
     source: str                     # the checkpoint it was built from (path, name, fingerprint)
     tensors_bytes: int
     content_sha256: str
+    factor_bits: tuple[int, ...] = ()   # bit widths of the packed low-bit factors it holds
 
     def to_json(self) -> dict:
         fields = {"kind": STORE_KIND, "format_version": self.version, "quant_format": _fmt_dict(self.fmt),
@@ -102,6 +114,8 @@ class StoreManifest:
                   "hidden": self.hidden, "intermediate": self.intermediate, "rank": self.rank,
                   "source": self.source, "tensors_file": TENSORS, "tensors_bytes": self.tensors_bytes,
                   "content_sha256": self.content_sha256}
+        if self.version >= 3:
+            fields["factor_bits"] = list(self.factor_bits)
         return fields | {"manifest_sha256": _manifest_hash(fields)}
 
     @classmethod
@@ -109,17 +123,20 @@ class StoreManifest:
         if not isinstance(d, dict) or d.get("kind") != STORE_KIND:
             raise StoreError(f"{where} is not an ndpmoe expert store manifest")
         version = d.get("format_version")
-        if version != STORE_FORMAT_VERSION:
-            raise StoreError(f"{where} has store format version {version!r}; this runtime reads version "
-                             f"{STORE_FORMAT_VERSION}: rebuild the store")
+        if version not in READABLE_VERSIONS:
+            raise StoreError(f"{where} has store format version {version!r}; this runtime reads versions "
+                             f"{READABLE_VERSIONS}: rebuild the store")
         fields = {k: v for k, v in d.items() if k != "manifest_sha256"}
         if d.get("manifest_sha256") != _manifest_hash(fields):
             raise StoreError(f"{where} is corrupted: its fields do not match its manifest_sha256 (edited or "
                              f"damaged); rebuild the store")
         try:
+            bits = tuple(int(b) for b in d["factor_bits"]) if version >= 3 else ()
+            if len(set(bits)) != len(bits) or any(b not in FACTOR_BITS for b in bits):
+                raise ValueError(f"factor_bits {bits} are not distinct widths from {FACTOR_BITS}")
             return cls(version, _fmt_from(d["quant_format"]), _fmt_from(d["hi_format"]), int(d["layers"]),
                        int(d["experts"]), int(d["hidden"]), int(d["intermediate"]), int(d["rank"]),
-                       str(d["source"]), int(d["tensors_bytes"]), str(d["content_sha256"]))
+                       str(d["source"]), int(d["tensors_bytes"]), str(d["content_sha256"]), bits)
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{where} is missing or has a bad field: {exc}") from None
 
@@ -149,16 +166,50 @@ def _check_layers(layers: list[QuantizedMoE]) -> tuple[int, int]:
     return ranks.pop(), shape[0]
 
 
+def check_factor_bits(factor_bits, rank: int) -> tuple[int, ...]:
+    bits = tuple(factor_bits) if isinstance(factor_bits, (tuple, list)) else None
+    if bits is None or len(set(bits)) != len(bits) or any(b not in FACTOR_BITS for b in bits):
+        raise ValueError(f"factor_bits must be distinct bit widths from {FACTOR_BITS}, not {factor_bits!r}")
+    if bits and not rank:
+        raise ValueError(f"factor_bits {bits} need compensators, but the layers have rank 0")
+    return bits
+
+
+def _write_packed_factors(tensors: dict, layer: int, qm: QuantizedMoE, rank: int, factor_bits: tuple[int, ...],
+                          grams: list[dict[str, torch.Tensor]] | None) -> torch.Tensor:
+    """Fit and add one layer's low-bit factor images; returns their scale exponents [E, 3, nb, 2]."""
+    if qm.float_weights is None:
+        raise ValueError(f"layer {layer} has no float weights to fit low-bit factors against")
+    exps = torch.zeros(qm.num_experts, len(MATRICES), len(factor_bits), 2, dtype=torch.int32)
+    for e, ex in enumerate(qm.experts):
+        for i, m in enumerate(MATRICES):
+            err = getattr(qm.float_weights, m)[e].float() - ex.weight(m)
+            h = torch.eye(err.shape[1], dtype=torch.float64) if grams is None else grams[e][m]
+            key = f"L{layer}.E{e}.{m}"
+            for j, b in enumerate(factor_bits):
+                fq = fit_quantized(err, h, rank, b, group=qm.fmt.group_size, word_bits=qm.fmt.word_bits)
+                tensors[f"{key}.Bq{b}"] = fq.B_q.to_image()
+                tensors[f"{key}.Atq{b}"] = fq.At_q.to_image()
+                tensors[f"{key}.Aq{b}"] = ndp_a_image(fq.At_q).to_image()
+                tensors[f"{key}.spectrum_q{b}"] = fq.spectrum.float().contiguous()
+                exps[e, i, j, 0], exps[e, i, j, 1] = fq.B_q.scale_exp, fq.At_q.scale_exp
+    return exps
+
+
 def write_store(path: str | os.PathLike, layers: list[QuantizedMoE], *, source: str,
                 grams: list[list[dict[str, torch.Tensor]]] | None = None,
-                sensitivity: list[LayerSensitivity] | None = None) -> StoreManifest:
+                sensitivity: list[LayerSensitivity] | None = None,
+                factor_bits: tuple[int, ...] = ()) -> StoreManifest:
     """Write `layers` as a store folder at `path` (created if needed), atomically.
 
     Sensitivities are measured here unless given; pass each layer's calibration `grams` when the
-    compensators were fitted activation-aware, so rank and hi-copy gains share one objective."""
+    compensators were fitted activation-aware, so rank and hi-copy gains share one objective.
+    `factor_bits`: also fit and store packed low-bit factors at these widths (FACTOR_BITS), each
+    fitted against its own quantization on the grams (identity without: a Frobenius fit)."""
     if not isinstance(source, str) or not source:
         raise ValueError(f"source must name the checkpoint the store is built from, not {source!r}")
     rank, intermediate = _check_layers(layers)
+    factor_bits = check_factor_bits(factor_bits, rank)
     fmt, hi_fmt = layers[0].fmt, layers[0].hi_experts[0].q["w1"].fmt if layers[0].hi_experts else None
     if sensitivity is None:
         sensitivity = [measure_sensitivity(qm, None if grams is None else grams[l],
@@ -186,6 +237,9 @@ def write_store(path: str | os.PathLike, layers: list[QuantizedMoE], *, source: 
                     tensors[f"{key}.B8"] = i8.B_q.to_image()
                     exps[e, i, 2], exps[e, i, 3] = i8.A_q.scale_exp, i8.B_q.scale_exp
         tensors[f"L{l}.exp"] = exps
+        if factor_bits:
+            tensors[f"L{l}.qexp"] = _write_packed_factors(tensors, l, qm, rank, factor_bits,
+                                                          None if grams is None else grams[l])
         tensors[f"L{l}.rank_gain"] = sensitivity[l].rank_gain.double().contiguous()
         tensors[f"L{l}.hi_gain"] = sensitivity[l].hi_gain.double().contiguous()
     folder = Path(path)
@@ -198,7 +252,7 @@ def write_store(path: str | os.PathLike, layers: list[QuantizedMoE], *, source: 
                                                                       "format_version": STORE_FORMAT_VERSION})})
         manifest = StoreManifest(STORE_FORMAT_VERSION, fmt, hi_fmt, len(layers), layers[0].num_experts,
                                  layers[0].experts[0].q["w1"].in_features, intermediate, rank, source,
-                                 tmp.stat().st_size, _sha256(tmp))
+                                 tmp.stat().st_size, _sha256(tmp), factor_bits)
         _atomic_replace(tmp, folder / TENSORS)
         tmp_manifest.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
         _atomic_replace(tmp_manifest, folder / MANIFEST)
@@ -232,9 +286,25 @@ class ExpertStore:
     def rank(self) -> int:
         return self.manifest.rank
 
-    def sizes(self, ndp: NdpConfig | None = None) -> ExpertSizes:
+    @property
+    def factor_precisions(self) -> tuple[str, ...]:
+        """Compensator precisions the runtime can use from this store ('fp16' whenever rank > 0)."""
+        if not self.rank:
+            return ()
+        return ("fp16",) + tuple(f"int{b}" for b in self.manifest.factor_bits)
+
+    def sizes(self, ndp: NdpConfig | None = None, factor_precision: str = "fp16") -> ExpertSizes:
         m = self.manifest
-        return ExpertSizes(m.hidden, m.intermediate, m.fmt, m.hi_fmt, m.rank, ndp)
+        if factor_precision != "fp16":
+            self._packed_bits(factor_precision)
+        return ExpertSizes(m.hidden, m.intermediate, m.fmt, m.hi_fmt, m.rank, ndp, factor_precision)
+
+    def _packed_bits(self, precision: str) -> int:
+        bits = precision_bits(precision)
+        if bits is None or bits not in self.manifest.factor_bits:
+            raise ValueError(f"factor precision {precision!r} is not in store {self.folder.name}: it holds "
+                             f"{self.factor_precisions or 'no compensators'}")
+        return bits
 
     def _check(self, layer: int, expert: int, matrix: str) -> str:
         m = self.manifest
@@ -247,9 +317,21 @@ class ExpertStore:
         return self._file.get_tensor(key)
 
     def scale_exp(self, layer: int, expert: int, matrix: str, slot: str) -> int:
-        if layer not in self._exp:
-            self._exp[layer] = self.tensor(f"L{layer}.exp")
-        return int(self._exp[layer][expert, MATRICES.index(matrix), _EXP_SLOTS.index(slot)])
+        """The scale exponent of an image: slot lo, hi, A8, B8, or Bq{b}, Atq{b}, Aq{b} (always 0)."""
+        if slot in _EXP_SLOTS:
+            if layer not in self._exp:
+                self._exp[layer] = self.tensor(f"L{layer}.exp")
+            return int(self._exp[layer][expert, MATRICES.index(matrix), _EXP_SLOTS.index(slot)])
+        for prefix, which in (("Bq", 0), ("Atq", 1), ("Aq", None)):
+            if slot.startswith(prefix) and slot[len(prefix):].isdigit():
+                bits = self._packed_bits(f"int{slot[len(prefix):]}")
+                if which is None:
+                    return 0
+                key = ("q", layer)
+                if key not in self._exp:
+                    self._exp[key] = self.tensor(f"L{layer}.qexp")
+                return int(self._exp[key][expert, MATRICES.index(matrix), self.manifest.factor_bits.index(bits), which])
+        raise ValueError(f"unknown image slot {slot!r}; expected one of {_EXP_SLOTS} or Bq/Atq/Aq + factor bits")
 
     def image(self, layer: int, expert: int, matrix: str, variant: str = "lo") -> torch.Tensor:
         """The packed memory image (uint8) of a low-bit or higher-precision matrix."""
@@ -295,6 +377,42 @@ class ExpertStore:
                                        n_in, self.scale_exp(layer, expert, matrix, "B8"))
         return Int8LowRank(a, b, self.rank)
 
+    # -- packed low-bit factors -----------------------------------------------------------------
+    def packed_factor_rows(self, layer: int, expert: int, matrix: str, precision: str, start: int, stop: int
+                           ) -> tuple[QuantizedMatrix, QuantizedMatrix, int]:
+        """Rank components [start, stop) of the low-bit factors as the GPU fetches them: rows of
+        the B and A^T images (a byte range of each), and the bytes of those rows."""
+        key = self._check(layer, expert, matrix)
+        self._need_rank()
+        bits = self._packed_bits(precision)
+        if not 0 <= start < stop <= self.rank:
+            raise ValueError(f"rank components [{start}, {stop}) are not inside the stored rank {self.rank}")
+        fb, fa = self.sizes(factor_precision=precision).packed_factor_fmts(matrix)
+        rows, n_in = self.sizes().shape(matrix)
+        out, nbytes = [], 0
+        for name, fmt, n in (("Bq", fb, n_in), ("Atq", fa, rows)):
+            rb = fmt.row_bytes(n)
+            part = self.tensor(f"{key}.{name}{bits}")[start * rb:stop * rb]
+            nbytes += int(part.numel())
+            out.append(QuantizedMatrix.from_image(part, fmt, stop - start, n,
+                                                  self.scale_exp(layer, expert, matrix, f"{name}{bits}")))
+        return out[0], out[1], nbytes
+
+    def packed_factors(self, layer: int, expert: int, matrix: str, precision: str) -> QuantLowRank:
+        """The whole stored low-bit compensator of a matrix, with its measured gains."""
+        b, at, _ = self.packed_factor_rows(layer, expert, matrix, precision, 0, self.rank)
+        bits = self._packed_bits(precision)
+        return QuantLowRank(b, at, self.tensor(f"{self._check(layer, expert, matrix)}.spectrum_q{bits}"))
+
+    def ndp_factor_images(self, layer: int, expert: int, matrix: str, precision: str
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory images of the (A, B) factors the NDP multiplies at `precision` (fp16: the int8 ones)."""
+        if precision == "fp16":
+            return self.factor_images(layer, expert, matrix)
+        key = self._check(layer, expert, matrix)
+        bits = self._packed_bits(precision)
+        return self.tensor(f"{key}.Aq{bits}"), self.tensor(f"{key}.Bq{bits}")
+
     def sensitivity(self, layer: int) -> LayerSensitivity:
         return LayerSensitivity(self.tensor(f"L{layer}.rank_gain"), self.tensor(f"L{layer}.hi_gain"),
                                 f"measured, from store {self.folder.name}")
@@ -331,8 +449,12 @@ def _check_tensors(folder: Path, m: StoreManifest) -> None:
             raise StoreError(f"{path}: tensor {key!r} has shape {list(got)}, {MANIFEST} ({m.fmt}, rank {m.rank}, "
                              f"D {m.hidden}, I {m.intermediate}) implies {want}; rebuild the store")
 
+    if m.factor_bits and not m.rank:
+        raise StoreError(f"{folder / MANIFEST} lists factor_bits {list(m.factor_bits)} with rank 0; rebuild the store")
     for l in range(m.layers):
         need(f"L{l}.exp", shape=(m.experts, len(MATRICES), len(_EXP_SLOTS)))
+        if m.factor_bits:
+            need(f"L{l}.qexp", shape=(m.experts, len(MATRICES), len(m.factor_bits), 2))
         need(f"L{l}.rank_gain", shape=(m.experts, m.rank + 1))
         need(f"L{l}.hi_gain", shape=(m.experts,))
         for e in range(m.experts):
@@ -348,6 +470,14 @@ def _check_tensors(folder: Path, m: StoreManifest) -> None:
                     a8, b8 = sizes.int8_factor_bytes(mat)
                     need(f"{key}.A8", numel=a8)
                     need(f"{key}.B8", numel=b8)
+                for b in m.factor_bits:
+                    qs = replace(sizes, factor_precision=f"int{b}")
+                    fb, fa = qs.packed_factor_fmts(mat)
+                    a_n, b_n = qs.ndp_factor_bytes(mat)
+                    need(f"{key}.Bq{b}", numel=b_n)
+                    need(f"{key}.Atq{b}", numel=m.rank * fa.row_bytes(rows))
+                    need(f"{key}.Aq{b}", numel=a_n)
+                    need(f"{key}.spectrum_q{b}", shape=(m.rank,))
 
 
 def open_store(path: str | os.PathLike, *, expect_source: str | None = None,

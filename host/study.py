@@ -26,20 +26,23 @@ import torch
 
 from ndpmoe.model.block import FloatMoE, set_blocks
 from ndpmoe.model.contract import QuantFormat
-from ndpmoe.model.factor_quant import factor_bits, fit_quantized
+from ndpmoe.model.factor_quant import factor_bits, fit_quantized_matrices
 from ndpmoe.model.moe import RouterConfig, route
 from ndpmoe.model.moe_quant import (MATRICES, QuantizedExpert, QuantizedMoE, check_block_fits, compensate_moe,
                                     expert_grams, quantize_moe)
 from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
 from ndpmoe.model.perplexity import collect_mlp_inputs, perplexity
 from ndpmoe.model.quantize import get_quantizer
-from ndpmoe.model.rank_alloc import allocate_ranks
+from ndpmoe.model.rank_alloc import allocate_by_kurtosis, allocate_ranks, kurtosis
 from ndpmoe.model.paths import cache_dir
 
 from .policy import RestorationContext, RestorationPolicy, TopN, decode_restoration, restoration_context
 from .sensitivity import measure_sensitivity
 from .sizes import ExpertSizes
 from .study_cache import StudyCache, model_fingerprint, tensor_hash
+
+
+ALLOC_RULES = ("gain", "kurtosis")
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,14 @@ class Variant:
     # How the compensators are stored: fp16, or packed low-bit rows (model/factor_quant.py),
     # fitted against their own quantization.
     factor: str = "fp16"
+    # How alloc_budget is spread: "gain" (measured calibration reduction per byte, greedy) or
+    # "kurtosis" (ranks proportional to each matrix's weight kurtosis, the paper's and MiLo's rule).
+    alloc_rule: str = "gain"
 
     def __post_init__(self):
         factor_bits(self.factor)                    # refuses an unknown precision, naming the allowed ones
+        if self.alloc_rule not in ALLOC_RULES:
+            raise ValueError(f"alloc_rule must be one of {ALLOC_RULES}, not {self.alloc_rule!r}")
         if self.factor != "fp16" and (self.fit != "aware" or self.alloc_budget):
             raise ValueError(f"factor precision {self.factor!r} is fitted activation-aware with a uniform rank; "
                              f"fit {self.fit!r} with alloc_budget {self.alloc_budget!r} is not supported")
@@ -70,6 +78,7 @@ class Variant:
         s = f"int{self.bits}-{self.quantizer}"
         if self.rank or self.alloc_budget:
             s += f"+{self.fit}" + (f"-alloc{self.alloc_budget / 1e3:.0f}kB" if self.alloc_budget else f"-r{self.rank}")
+            s += "-kurtosis" if self.alloc_budget and self.alloc_rule == "kurtosis" else ""
             s += "" if self.factor == "fp16" else f"-{self.factor}f"
         return s + (f"+hi{self.hi_bits}" if self.hi_bits else "")
 
@@ -125,6 +134,12 @@ class LayerRunner:
         self.tokens += x.shape[0]
         return self.block(x, restore, hi, (ids, weights))
 
+    def held_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output under the same decisions, without tallying bytes."""
+        ids, weights = route(x, self.qm.router, self.cfg)
+        restore, hi = self.decide(ids, weights)
+        return self.block(x, restore, hi, (ids, weights))
+
 
 PolicyChoice = RestorationPolicy | Callable[[int], RestorationPolicy]
 
@@ -136,7 +151,7 @@ class Study:
 
     def __init__(self, dm, eval_windows: torch.Tensor, calib_windows: torch.Tensor, calib_rows: int = 4096,
                  progress: bool = True, quant_layers: list[int] | None = None, block_rows: int = 1024,
-                 cache_root: Path | None | str = "default"):
+                 cache_root: Path | None | str = "default", gain_rows: int = 1024):
         """quant_layers: the MoE layers the study quantizes and counts (default: all); the others
         stay float MoE blocks, so a reduced run keeps the whole model's perplexity meaningful.
         cache_root: where quantized experts and compensators are cached ("default": the project
@@ -154,6 +169,9 @@ class Study:
         calib = collect_mlp_inputs(dm.model, calib_windows, max_rows=calib_rows, layers=self.layers,
                                    progress=progress)
         self.grams = {l: expert_grams(*dm.blocks[l], calib[l]) for l in self.layers}
+        # A share of the calibration rows (already a random draw) is kept: the measured-gain
+        # budgeted policy runs every expert's options on them (host/budget_study.py).
+        self.calib_inputs = {l: calib[l][:gain_rows] for l in self.layers}
         # Held-out block inputs of the float model: each configuration's layer-output error is
         # measured on them (a low-noise companion of perplexity for small runs).
         self.eval_inputs = collect_mlp_inputs(dm.model, eval_windows, max_rows=block_rows, layers=self.layers,
@@ -179,7 +197,7 @@ class Study:
                 self.scale.prefetch(self, v)
             if v.alloc_budget:
                 base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group, v.word_bits, v.factor))
-                out = {l: _with_allocated_ranks(qm, v.alloc_budget) for l, qm in base.items()}
+                out = {l: _with_allocated_ranks(qm, v.alloc_budget, v.alloc_rule) for l, qm in base.items()}
             elif v.rank:
                 out = {l: self._compensated(l, v) for l in self.layers}
             else:
@@ -221,9 +239,15 @@ class Study:
         its own quantization at v.factor (what the GPU applies; the bytes are the packed rows')."""
         w = base.float_weights
         bits = factor_bits(v.factor)
-        return [{m: fit_quantized(getattr(w, m)[e].float() - ex.weight(m), self.grams[layer][e][m], v.rank, bits,
-                                  group=v.group, word_bits=v.word_bits).lowrank()
-                 for m in MATRICES} for e, ex in enumerate(base.experts)]
+        out = []
+        for e, ex in enumerate(base.experts):
+            # float64 whatever --precision says: float32 moves one of SmolLM2's nine matrices by 0.27%
+            # (`ndpmoe quant-bench --precision-check`), over the 0.1% rule
+            errs = {m: getattr(w, m)[e].float() - ex.weight(m) for m in MATRICES}
+            fits = fit_quantized_matrices(errs, self.grams[layer][e], v.rank, bits, group=v.group,
+                                          word_bits=v.word_bits)
+            out.append({m: f.lowrank() for m, f in fits.items()})
+        return out
 
     def sensitivity(self, v: Variant) -> dict:
         if v not in self._sens:
@@ -259,12 +283,24 @@ class Study:
             for l, qm in self.variant(v).items():
                 p = policy_of(l)
                 runners[l] = LayerRunner(qm, p, self.context(l, v, p.needs_sensitivity), qm.cfg, v.factor)
-            set_blocks(self.dm.model, {**self.float_blocks, **runners})
-            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
-            bpt = sum(r.bytes / max(r.tokens, 1) for r in runners.values())
-            layer_err = self.layer_error(runners)
-        row = dict(name=name, variant=None if v is None else v.label, ppl=ppl, bytes_per_token=bpt,
-                   layer_err=0.0 if v is None else layer_err, seconds=round(time.time() - t0, 1), **meta)
+            return self.run_runners(name, runners, variant=v.label, t0=t0, **meta)
+        row = dict(name=name, variant=None, ppl=ppl, bytes_per_token=bpt,
+                   layer_err=0.0, seconds=round(time.time() - t0, 1), **meta)
+        self.rows.append(row)
+        self.token_nlls.append(torch.cat([t.reshape(-1).double() for t in nll]))
+        return row
+
+    def run_runners(self, name: str, runners: dict, variant: str | None = None, t0: float | None = None,
+                    **meta) -> dict:
+        """Perplexity, bytes/token and held-out layer error with these block functions in the
+        quantized layers (each tallies .bytes and .tokens, and has .held_out(x) for the layer error)."""
+        t0 = time.time() if t0 is None else t0
+        nll: list[torch.Tensor] = []
+        set_blocks(self.dm.model, {**self.float_blocks, **runners})
+        ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
+        bpt = sum(r.bytes / max(r.tokens, 1) for r in runners.values())
+        row = dict(name=name, variant=variant, ppl=ppl, bytes_per_token=bpt, layer_err=self.layer_error(runners),
+                   seconds=round(time.time() - t0, 1), **meta)
         self.rows.append(row)
         self.token_nlls.append(torch.cat([t.reshape(-1).double() for t in nll]))
         return row
@@ -275,26 +311,29 @@ class Study:
         sq = []
         for l, runner in runners.items():
             x, ref = self.eval_inputs[l], self.eval_refs[l]
-            ids, weights = route(x, runner.qm.router, runner.cfg)
-            restore, hi = runner.decide(ids, weights)
-            y = runner.block(x, restore, hi, (ids, weights))
+            y = runner.held_out(x)
             sq.append(float((y - ref).square().sum() / ref.square().sum()))
         return math.sqrt(sum(sq) / len(sq))
 
 
-def _with_allocated_ranks(qm: QuantizedMoE, budget: float) -> QuantizedMoE:
-    """Truncate a block's stored compensators to ranks allocated greedily under `budget` bytes of
-    fp16 factors for the whole layer (gains: each component's calibration output-error
-    reduction, from the activation-aware fit's spectrum)."""
+def _with_allocated_ranks(qm: QuantizedMoE, budget: float, rule: str = "gain") -> QuantizedMoE:
+    """Truncate a block's stored compensators to ranks allocated under `budget` bytes of fp16
+    factors for the whole layer: "gain" greedily by each component's calibration output-error
+    reduction (the activation-aware fit's spectrum) per byte; "kurtosis" in proportion to each
+    matrix's weight kurtosis (model/rank_alloc.allocate_by_kurtosis)."""
 
     sizes = block_sizes(qm)
-    gains, cost = {}, {}
+    gains, cost, kurt = {}, {}, {}
     for e, ex in enumerate(qm.experts):
         for m in MATRICES:
             if m in ex.comp:
                 gains[(e, m)] = ex.comp[m].spectrum
                 cost[(e, m)] = sizes.matrix_factor_bytes_fp16(m, 1)
-    ranks = allocate_ranks(gains, cost, budget)
+                kurt[(e, m)] = kurtosis(getattr(qm.float_weights, m)[e]) + 3.0
+    if rule == "kurtosis":
+        ranks = allocate_by_kurtosis(kurt, cost, budget, max(ex.comp[m].rank for ex in qm.experts for m in ex.comp))
+    else:
+        ranks = allocate_ranks(gains, cost, budget)
     experts = []
     for e, ex in enumerate(qm.experts):
         comp = {m: ex.comp[m].truncate(ranks[(e, m)]) for m in ex.comp if ranks[(e, m)] > 0}

@@ -4,13 +4,14 @@ what the study's one-expert-at-a-time path computes (model.moe_quant.quantize_mo
 compensate_moe: tests/test_study_workers.py holds it), so they go under the same cache keys.
 
 Gram matrices are stacked a chunk of experts at a time, and each whitening factor is computed
-once per Gram matrix (w1 and w3 share theirs), so memory stays near one chunk of one layer.
+once per Gram matrix (w1 and w3 share theirs), so memory stays near one chunk of one layer; in
+float32 the large activation-aware fits work from the Gram matrices and need no whitening.
 """
 from __future__ import annotations
 
 import torch
 
-from ndpmoe.model.compensate import LowRank, fit_activation_aware_stack, fit_svd_stack, whitening_factor
+from ndpmoe.model.compensate import LowRank, _krylov_is_cheaper, fit_activation_aware_stack, fit_svd_stack, whitening_factor
 from ndpmoe.model.contract import QuantFormat
 from ndpmoe.model.moe import MoEWeights
 from ndpmoe.model.moe_quant import MATRICES
@@ -57,6 +58,9 @@ def compensator_part(w: MoEWeights, quantized: list[dict[str, QuantizedMatrix]],
                 err = torch.stack([getattr(w, m)[e].float() - quantized[e][m].dequantize() for e in part])
                 if fit == "svd":
                     fits = fit_svd_stack(err, rank, precision=precision, device=device)
+                elif precision == "float32" and _krylov_is_cheaper(*err.shape[1:], rank):   # no whitening needed
+                    h = torch.stack([grams[e][m] for e in part])
+                    fits = fit_activation_aware_stack(err, h, rank, precision=precision, device=device)
                 else:
                     shared = m != group[0] and all(grams[e][m] is grams[e][group[0]] for e in part)
                     whiten[m] = whiten[group[0]] if shared else torch.stack(

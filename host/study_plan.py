@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ndpmoe.model.factor_quant import FACTOR_PRECISIONS, factor_bits, rank_share
 
 from .paired_stats import DEFAULT_UNITS, MIN_UNITS, PairedInterval, paired_contrast
-from .policy import BudgetedPolicy, HobbitTopHi, RandomN, TopN, get_policy
+from .policy import HobbitTopHi, RandomN, TopN, get_policy
 from .study import Study, Variant, block_sizes
 
 
@@ -23,7 +23,7 @@ class PlanOptions:
     topn: tuple[int, ...] = (1, 2, 4)
     quantizers: tuple[str, ...] = ("rtn", "optimized")
     hi_bits: int = 8
-    budgets: tuple[float, ...] = (0.5, 1.0, 2.0)     # x the factor bytes of Top-1 at the top rank
+    budgets: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # x the factor bytes of Top-1 at the top rank
     compare_fits: bool = True
     compare_random: bool = True
     compare_alloc: bool = True
@@ -35,6 +35,14 @@ class PlanOptions:
 
 
 REGIME_MODELS = ("mixtral-8x7b", "olmoe-1b-7b", "deepseek-v2-lite")
+
+
+def copy_widths(opt: PlanOptions) -> tuple[int, ...]:
+    """Bits of the higher-precision copies the study runs (HOBBIT rows, budgeted options): 4 and
+    --hi-bits, those above the base width; none with --hi-bits 0."""
+    if not opt.hi_bits:
+        return ()
+    return tuple(sorted(b for b in {4, opt.hi_bits} if b > opt.base_bits))
 
 
 def regime_line(hidden: int, intermediate: int, bits: int, group: int, word_bits: int = 64,
@@ -64,6 +72,10 @@ def extra_policies(opt: PlanOptions, top_k: int | None = None) -> list:
         policy = get_policy(spec, top_k)
         if isinstance(policy, HobbitTopHi) and not opt.hi_bits:
             raise ValueError(f"restoration policy {spec!r} needs higher-precision copies; set --hi-bits above 0")
+        rank = getattr(policy, "rank", None)
+        if rank is not None and rank > max(opt.ranks):
+            raise ValueError(f"restoration policy {spec!r}: rank {rank} is above the stored rank {max(opt.ranks)} "
+                             f"(the largest of --rank); ask for a rank in 1..{max(opt.ranks)}")
         out.append(policy)
     return out
 
@@ -122,17 +134,30 @@ def run_plan(study: Study, opt: PlanOptions, log=print) -> list[str]:
         budget = r_min * block_sizes(qm0).fp16_bytes_per_rank * qm0.num_experts
         alloc = Variant(opt.base_bits, q_best, "aware", r_top, alloc_budget=budget, group=g)
         say(study.run(f"int{opt.base_bits} top-{n_mid} aware alloc(=r{r_min} bytes)", alloc, TopN(n_mid),
-                      kind="alloc", bits=opt.base_bits, n=n_mid, rank=r_min, fit="aware"))
+                      kind="alloc", bits=opt.base_bits, n=n_mid, rank=r_min, fit="aware", rule="gain"))
+        kurt = Variant(opt.base_bits, q_best, "aware", r_top, alloc_budget=budget, group=g, alloc_rule="kurtosis")
+        say(study.run(f"int{opt.base_bits} top-{n_mid} aware kurtosis alloc(=r{r_min} bytes)", kurt, TopN(n_mid),
+                      kind="alloc", bits=opt.base_bits, n=n_mid, rank=r_min, fit="aware", rule="kurtosis"))
+    copy_bits = copy_widths(opt)
     hv = Variant(opt.base_bits, q_best, "aware", r_top, hi_bits=opt.hi_bits, group=g) if opt.hi_bits else None
-    if hv is not None:
+    for hb in copy_bits:
+        hvb = Variant(opt.base_bits, q_best, "aware", r_top, hi_bits=hb, group=g)
         for n in topn[:2]:
-            say(study.run(f"int{opt.base_bits} hobbit top-{n} int{opt.hi_bits}", hv, HobbitTopHi(n),
-                          kind="hobbit", bits=opt.base_bits, n=n, hi_bits=opt.hi_bits))
-        unit = block_sizes(study.variant(hv)[study.layers[0]]).fp16_bytes_per_rank * r_top
+            say(study.run(f"int{opt.base_bits} hobbit top-{n} int{hb}", hvb, HobbitTopHi(n),
+                          kind="hobbit", bits=opt.base_bits, n=n, hi_bits=hb))
+    if opt.budgets:
+        from .budget_study import prepare, run_budgeted
+
+        setup = prepare(study, opt.base_bits, q_best, r_top, opt.factors, copy_bits, g, log=log)
+        unit = block_sizes(study.variant(base)[study.layers[0]]).fp16_bytes_per_rank * r_top
         for mult in opt.budgets:
-            policy = BudgetedPolicy(mult * unit, rank_step=min(opt.ranks))   # every rank the study studies
-            say(study.run(f"int{opt.base_bits} budgeted {mult:g}x", hv, policy,
-                          kind="budgeted", bits=opt.base_bits, budget_bytes=mult * unit * len(study.layers)))
+            row = run_budgeted(study, setup, f"int{opt.base_bits} budgeted {mult:g}x", mult * unit,
+                               kind="budgeted", bits=opt.base_bits, mult=mult, weight_power=setup.weight_power)
+            say(row)
+            top = ", ".join(f"{k} {v:.0%}" for k, v in list(row["chosen"].items())[:5])
+            log(f"      chose {top}; planning {row['plan_us_per_token_layer']:.0f} us per token-layer; held-out "
+                f"reduction measured / predicted {row['gain_check']['ratio']}")
+        study.budget_fit = setup.exponent_fit
     for spec, policy in zip(opt.policies, extra):
         # On the higher-precision variant where there is one: the same low-bit experts and
         # factors, plus the copies a hobbit or budgeted policy may buy.
@@ -242,8 +267,8 @@ def verdicts(rows: list[dict], quantizer: str, nlls: list | None = None,
                      and t.get("bits") == r["bits"] and t["bytes_per_token"] <= r["bytes_per_token"] * 1.05]
             if fixed:
                 best = min(fixed, key=lambda t: t["ppl"])
-                ci = pv.against("rank allocation vs best fixed rank", r, best)
-                out.append(f"rank allocation ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best fixed rank at "
+                ci = pv.against(f"rank allocation ({r.get('rule', 'gain')}) vs best fixed rank", r, best)
+                out.append(f"rank allocation ({r.get('rule', 'gain')}) ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best fixed rank at "
                            f"<= those bytes ({best['name']}) {best['ppl']:.3f}: "
                            + pv.text(ci, "allocation wins", "fixed rank wins"))
     uni = {r["bits"]: r for r in rows if r.get("kind") == "uniform" and r.get("quantizer") == quantizer}
@@ -268,16 +293,53 @@ def verdicts(rows: list[dict], quantizer: str, nlls: list | None = None,
                 out.append(f"HOBBIT {r['name']} ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs best Top-n / budgeted "
                            f"(which may buy copies too) within 10% bytes ({best['name']}) {best['ppl']:.3f}: "
                            + pv.text(ci, "HOBBIT wins", "HOBBIT loses"))
+    gain_alloc = next((r for r in rows if r.get("kind") == "alloc" and r.get("rule") == "gain"), None)
+    for r in rows:
+        if r.get("kind") == "alloc" and r.get("rule") == "kurtosis" and gain_alloc is not None:
+            ci = pv.against("kurtosis vs measured-gain rank allocation", r, gain_alloc)
+            out.append(f"kurtosis-guided rank allocation ppl {r['ppl']:.3f}, layer err {r['layer_err']:.4f} at "
+                       f"{r['bytes_per_token'] / 1e6:.3f} MB/token vs measured-gain allocation {gain_alloc['ppl']:.3f}, "
+                       f"{gain_alloc['layer_err']:.4f} at {gain_alloc['bytes_per_token'] / 1e6:.3f}: "
+                       + pv.text(ci, "kurtosis wins", "kurtosis loses"))
     for r in rows:
         if r.get("kind") == "budgeted":
-            fixed = [t for t in rows if t.get("kind") in ("topn", "hobbit") and t.get("bits") == r["bits"]
-                     and t["bytes_per_token"] <= r["bytes_per_token"]]
-            if fixed:
-                best = min(fixed, key=lambda t: t["ppl"])
-                ci = pv.against(f"{r['name']} vs {best['name']}", r, best)
-                out.append(f"budgeted {r['name']} ppl {r['ppl']:.3f} at {r['bytes_per_token'] / 1e6:.3f} MB/token vs the best fixed "
-                           f"rule at <= those bytes ({best['name']}) {best['ppl']:.3f}: "
-                           + pv.text(ci, "budgeted wins", "budgeted loses"))
+            env_err = envelope(rows, quantizer, r["bits"], r["bytes_per_token"], "layer_err")
+            env_ppl = envelope(rows, quantizer, r["bits"], r["bytes_per_token"], "ppl")
+            if env_err is None:
+                continue
+            env_rms = envelope(rows, quantizer, r["bits"], r["bytes_per_token"], "layer_err", "rms")
+            word = lambda env: "at or below" if r["layer_err"] <= env[0] else "above"
+            line = (f"budgeted {r['name']} at {r['bytes_per_token'] / 1e6:.3f} MB/token: layer err {r['layer_err']:.4f} "
+                    f"{word(env_err)} the fixed rules' lower envelope {env_err[0]:.4f} ({env_err[1]}), "
+                    f"{word(env_rms)} {env_rms[0]:.4f} with the reachable rms chord ({env_rms[1]})")
+            ci = pv.contrast(f"{r['name']} vs envelope ({env_ppl[1]})", [(r, 1.0)] + env_ppl[2])
+            line += (f"; ppl {r['ppl']:.3f} vs envelope {env_ppl[0]:.3f} ({env_ppl[1]}): "
+                     + pv.text(ci, "budgeted wins", "budgeted loses (worse beyond the CI)", "tie (within the CI)"))
+            out.append(line)
     if record is not None:
         record.extend(pv.record)
     return out
+
+
+FIXED_KINDS = ("topn", "hobbit")
+
+
+def envelope(rows: list[dict], quantizer: str, bits: int, at_bytes: float, key: str, chord: str = "linear"):
+    """The lowest `key` (layer_err or ppl) any fixed configuration reaches at no more than
+    `at_bytes`: Top-n x rank x factor precision and HOBBIT rows, the uniform rows, and the
+    chord between uniform int{bits} and int{bits+1} (storing a share of the experts at the higher
+    width; linear in bytes). chord "linear" interpolates `key` itself (the issue's chord); "rms"
+    interpolates its square, what mixing experts of the two widths reaches when their errors add
+    independently (the layer error is an RMS). (value, what, contrast terms against it) or None."""
+    cands = [(t[key], t["name"], [(t, -1.0)]) for t in rows
+             if (t.get("kind") in FIXED_KINDS or (t.get("kind") == "uniform" and t.get("quantizer") == quantizer))
+             and t["bytes_per_token"] <= at_bytes * (1 + 1e-9)]
+    a, b = _uniform(rows, bits, quantizer), _uniform(rows, bits + 1, quantizer)
+    if a is not None and b is not None and a["bytes_per_token"] <= at_bytes <= b["bytes_per_token"]:
+        t = (at_bytes - a["bytes_per_token"]) / (b["bytes_per_token"] - a["bytes_per_token"])
+        if chord == "rms":
+            value = math.sqrt(a[key] ** 2 + (b[key] ** 2 - a[key] ** 2) * t)
+        else:
+            value = a[key] + (b[key] - a[key]) * t
+        cands.append((value, f"int{bits}..int{bits + 1} {chord} chord", [(a, -(1 - t)), (b, -t)]))
+    return min(cands, key=lambda c: c[0]) if cands else None

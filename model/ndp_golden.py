@@ -53,6 +53,31 @@ def acc_to_float(acc: torch.Tensor, scale_exp: int, x_scale: torch.Tensor) -> to
     return (acc.to(torch.float64) * 2.0 ** -(scale_exp + ZERO_FRAC_BITS) * x_scale.double()[:, None]).float()
 
 
+def ndp_compensation(B_q: QuantizedMatrix, A_ndp: QuantizedMatrix, rank_scale: torch.Tensor, x_q: torch.Tensor,
+                     x_scale: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """A (B x) of low-bit factors as the NDP runs it, two ordinary MATMULs [T, out] float32.
+
+    B_q: the stored B rows (a prefix of rank r = B_q.rows), as packed (factor_quant.fit_quantized);
+    A_ndp: A as the NDP reads it (factor_quant.ndp_a_image: A^T's codes transposed, unit scale,
+    mid-range zero Z); rank_scale [r]: the scale s_k of each A column; ranks [T]: each token's rank.
+
+    1. MATMUL of B's first r rows against the loaded x_q: bx = acc * 2^-(e_B + 4) * x_scale
+       (float32, acc_to_float);
+    2. the host zeroes bx[t, k] for k >= ranks[t], multiplies column k by s_k (float32) and pads
+       to A_ndp's inputs with zeros: z [T, roundup(r, 32)];
+    3. z is re-quantized per token to symmetric int8 (quantize_activations) and loaded (LOAD_ACT);
+    4. MATMUL of A_ndp against z_q: y = acc * 2^-4 * z_scale = sum_k (code[o, k] - Z) z_q[t, k] z_scale[t].
+    The only roundings beyond the stored factors are the two int8 activations (x and z).
+    """
+    r = B_q.rows
+    bx = acc_to_float(ndp_matmul(B_q, x_q), B_q.scale_exp, x_scale)
+    bx = bx * (torch.arange(r)[None, :] < ranks[:, None])
+    z = torch.zeros(x_q.shape[0], A_ndp.in_features)
+    z[:, :r] = bx * rank_scale[:r].float()[None, :]
+    z_q, z_scale = quantize_activations(z)
+    return acc_to_float(ndp_matmul(A_ndp, z_q), A_ndp.scale_exp, z_scale)
+
+
 def act_image(x_q: torch.Tensor, word_bits: int) -> torch.Tensor:
     """Int8 activations [T, in] -> their memory image: rows of act_row_len bytes, zero padded."""
     t, n = x_q.shape

@@ -113,7 +113,7 @@ def memory_needs(case: CosimCase, cfg: NdpConfig) -> tuple[int, int, int]:
         reads.append(sizes.matrix_bytes("lo", matrix))
         if sizes.hi_fmt is not None and sizes.hi_fmt.bits in cfg.bits:
             reads.append(sizes.matrix_bytes("hi", matrix))
-        reads += list(sizes.int8_factor_bytes(matrix))
+        reads += list(sizes.ndp_factor_bytes(matrix))
     scratch = cfg.t_max * cfg.max_in_features
     total = store.manifest.experts * (sum(reads) + len(reads) * cfg.word_bytes) + scratch    # + word alignment of each image
     results = cfg.t_max * max(sizes.hidden, sizes.intermediate)

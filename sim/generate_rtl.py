@@ -48,7 +48,7 @@ def harness_options(sizes, cfg, seed: int) -> BenchOptions:
         reads.append(sizes.matrix_bytes("lo", m))
         if sizes.hi_fmt is not None and sizes.hi_fmt.bits in cfg.bits:
             reads.append(sizes.matrix_bytes("hi", m))
-        reads += list(sizes.int8_factor_bytes(m))
+        reads += list(sizes.ndp_factor_bytes(m))
     words = -(-max(reads) // cfg.word_bytes)
     results = cfg.t_max * max(sizes.hidden, sizes.intermediate)
     base = BenchOptions()

@@ -35,7 +35,8 @@ def block(seed: int = 0, layers: int = 1):
     return cfg, out, x
 
 
-def make_store(path, seed: int = 0, layers: int = 1, source: str = "host-test-block"):
+def make_store(path, seed: int = 0, layers: int = 1, source: str = "host-test-block", factor_bits=()):
     cfg, blocks, x = block(seed, layers)
-    write_store(path, [qm for _, qm, _ in blocks], source=source, grams=[gr for _, _, gr in blocks])
+    write_store(path, [qm for _, qm, _ in blocks], source=source, grams=[gr for _, _, gr in blocks],
+                factor_bits=factor_bits)
     return cfg, blocks, x, open_store(path, expect_source=source)

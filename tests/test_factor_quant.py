@@ -5,8 +5,10 @@ import torch
 
 from ndpmoe.model.compensate import fit_activation_aware, gram, whitening_factor
 from ndpmoe.model.contract import QuantFormat
-from ndpmoe.model.factor_quant import (bytes_per_rank, factor_bits, fit_quantized, kept_reduction, objective,
-                                       rank_share)
+from ndpmoe.host.sizes import ExpertSizes
+from ndpmoe.model.factor_quant import (bytes_per_rank, factor_bits, fit_quantized, kept_reduction, ndp_a_image,
+                                       objective, rank_scales, rank_share)
+from ndpmoe.model.ndp_golden import ndp_compensation, quantize_activations
 from ndpmoe.model.quantize import quantize_rtn
 
 FMT = QuantFormat(3, 64, 64)
@@ -75,3 +77,45 @@ def test_bad_input_is_refused_with_the_allowed_values():
     fq = fit_quantized(err, h, 4, 4)
     with pytest.raises(ValueError, match=r"rank must be in \[0, 4\], not 5"):
         fq.lowrank(5)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_the_ndp_a_image_holds_the_same_values_as_the_gpu_one(bits):
+    """A^T rows are s_k (code - Z): the NDP image is the same codes transposed with unit scale,
+    and s_k folded into the intermediate gives back exactly the values the GPU dequantizes."""
+    err, h, _ = _case(576, 64)
+    fq = fit_quantized(err, h, 5, bits, word_bits=128)
+    a_ndp = ndp_a_image(fq.At_q)
+    s = rank_scales(fq.At_q)
+    assert a_ndp.shape == (576, 32) and torch.equal(a_ndp.codes[:, :5], fq.At_q.codes.t())
+    assert a_ndp.nbytes == ExpertSizes(576, 64, QuantFormat(3, 64, 128), stored_rank=5,
+                                       factor_precision=f"int{bits}").ndp_factor_bytes("w2")[0]
+    # float64 products of the same integers and powers of two: equal, not close
+    assert torch.equal(a_ndp.dequantize(torch.float64)[:, :5] * s, fq.At_q.dequantize(torch.float64).t())
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_golden_ndp_compensation_is_the_factors_up_to_two_int8_roundings(bits):
+    err, h, _ = _case(64, 576)
+    fq = fit_quantized(err, h, 6, bits, word_bits=128)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 576, generator=g)
+    x_q, x_scale = quantize_activations(x)
+    ranks = torch.tensor([6, 6, 3, 0, 1])
+    y = ndp_compensation(fq.B_q, ndp_a_image(fq.At_q), rank_scales(fq.At_q), x_q, x_scale, ranks)
+    xd = x_q.double() * x_scale.double()[:, None]
+    for t, r in enumerate(ranks.tolist()):
+        ref = fq.lowrank(r).delta().double() @ xd[t] if r else torch.zeros(64, dtype=torch.float64)
+        if r == 0:
+            assert torch.equal(y[t], torch.zeros(64))          # masked ranks contribute exactly nothing
+        else:
+            # only z = s * Bx is rounded to int8 here (x already is): step amax / 127 per token;
+            # measured <= 0.5 % relative on this case, bound 2 %
+            assert float((y[t].double() - ref).norm() / ref.norm()) < 0.02
+
+
+def test_low_bit_factor_sizes_are_refused_without_a_store_format():
+    with pytest.raises(ValueError, match=r"factor precision must be one of .* not 'int2'"):
+        ExpertSizes(576, 64, FMT, stored_rank=4, factor_precision="int2")
+    with pytest.raises(ValueError, match=r"factor precision 'int4' needs a packed store format"):
+        ExpertSizes(576, 64, None, stored_rank=4, factor_precision="int4")

@@ -197,6 +197,15 @@ def test_ndp_configuration_that_does_not_fit(model):
         generate(replace(BASE, placement="all-ndp"))
 
 
+def test_bad_factor_precisions_refused_before_anything_loads():
+    with pytest.raises(ValueError, match=r"factor precision must be one of \('fp16', 'int8', 'int4', 'int3'\), not 'int2'"):
+        generate(replace(BASE, factors="int2"))
+    with pytest.raises(ValueError, match=r"'small' decodes \(2, 4, 8\)-bit matrices, not --factors int3"):
+        generate(replace(BASE, ndp="golden", ndp_config="small", bits=2, factors="int3"))
+    with pytest.raises(ValueError, match=r"factor_bits \(4,\) need compensators, but the layers have rank 0"):
+        generate(replace(BASE, rank=0, factors="int4"))
+
+
 def test_ctrl_c_stops_decoding_cleanly(model):
     """A real SIGINT, a moment after the first token, stops the loop where it is."""
     dm, _, _ = model

@@ -38,10 +38,11 @@ def test_bench_table(capsys, tmp_path):
 
 
 def _without_planning_times(line: str) -> str:
-    """A printed line without the measured planning times (they differ from run to run)."""
+    """A printed line without the measured planning times and the tokens/s that include them
+    (they differ from run to run)."""
     if line.startswith("planning cost"):
         return re.sub(r"\d+\.\d+", "#", line)
-    return re.sub(r"\s+\d+\.\d$", "", line)
+    return re.sub(r"(\s+\d+\.\d+){3}$", "", line)
 
 
 def test_bench_library_rows_are_what_the_command_prints(capsys, tmp_path):
@@ -61,9 +62,17 @@ def test_bench_library_rows_are_what_the_command_prints(capsys, tmp_path):
     cli_rows = json.loads(out_json.read_text())["rows"]
     for row, cli in zip(result.rows, cli_rows, strict=True):
         lib = row.to_json()
-        assert lib.pop("planning_us_per_token_per_layer") > 0
-        cli.pop("planning_us_per_token_per_layer")
+        measured = ("planning_us_per_token_per_layer", "planning_total_us_per_token_per_layer", "planning_time_s",
+                    "tokens_per_s")
+        lib_measured = [lib.pop(k) for k in measured]
+        cli_measured = [cli.pop(k) for k in measured]
         assert lib == cli
+        for figures, row_json in ((lib_measured, lib), (cli_measured, cli)):
+            exposed_us, total_us, planning_s, tps = figures
+            # tokens/s counts the exposed planning: the median step's, every step
+            assert 0 < exposed_us <= total_us * (1 + 1e-9)
+            assert planning_s == pytest.approx(exposed_us * 1e-6 * row_json["layers"])
+            assert tps == pytest.approx(row_json["tokens"] / (row_json["modeled_time_s"] + planning_s))
     assert list(map(_without_planning_times, format_bench(result).splitlines())) == \
         list(map(_without_planning_times, printed))
 

@@ -84,12 +84,13 @@ async def reset(ctx, top):
     await ctx.tick()
 
 
-def run_unit(cfg, steps_wanted: int, seed: int, mix: Mix):
+def run_unit(cfg, steps_wanted: int, seed: int, mix: Mix | None = None, batches=None):
+    """Random workload of `mix`, or the given `batches`; every step checked against its golden outcome."""
     dut = NdpUnit(cfg, max_burst=16)
     top = WithReset(dut)
     rng = random.Random(seed)
-    gen = WorkloadGenerator(cfg, 1 << 16, seed, mix)
-    batches = list(gen.batches(steps_wanted))
+    if batches is None:
+        batches = list(WorkloadGenerator(cfg, 1 << 16, seed, mix).batches(steps_wanted))
     state = {"image": b"", "queue": [], "results": []}
 
     async def tb(ctx):

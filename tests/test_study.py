@@ -1,6 +1,7 @@
 """The accuracy study end to end on a reduced default model (two MoEfied layers, short text):
 the orderings that are robust at this size, measured on held-out layer outputs and perplexity."""
 import json
+import math
 
 import pytest
 import torch
@@ -142,7 +143,10 @@ def test_unknown_factor_precision_is_refused(capsys):
     (["--policy", "best"], "unknown restoration policy 'best'; expected none, top-N"),
     (["--policy", "budgeted:lots"], "policy 'budgeted:lots': the budget must be a non-negative number"),
     (["--policy", "hobbit", "--hi-bits", "0"], "policy 'hobbit' needs higher-precision copies; set --hi-bits"),
-    (["--group", "96"], "argument --group: must be one of 32, 64, 128, not '96'")])
+    (["--group", "96"], "argument --group: must be one of 32, 64, 128, not '96'"),
+    (["--policy", "top-2@r32", "--rank", "4,16"], "policy 'top-2@r32': rank 32 is above the stored rank 16"),
+    (["--budgets", "1,-2"], "argument --budgets: must be a finite number in (0, inf), not '-2'"),
+    (["--budgets", "lots"], "argument --budgets: expected a number, not 'lots'")])
 def test_eval_refuses_bad_options_before_loading(argv, message, capsys):
     try:
         code = main(["eval", *argv, "--out", "/nonexistent/never-written"])
@@ -150,3 +154,55 @@ def test_eval_refuses_bad_options_before_loading(argv, message, capsys):
         code = exc.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_budgeted_policy_beats_every_fixed_rule_on_its_calibration_objective(study):
+    """On the measured option tables (calibration rows), at the bytes of each fixed rule it could
+    choose (Top-n at rank r, HOBBIT top-n int4 copies), the policy's objective is at least the rule's."""
+    from ndpmoe.host.budget_policy import Option, objective, solve, spent
+    from ndpmoe.host.budget_study import prepare
+    from ndpmoe.model.moe import route
+
+    setup = prepare(study, 3, "optimized", 8, ("fp16",), (4,), log=lambda s: None)
+    p = setup.weight_power
+    assert math.isfinite(p) and setup.exponent_fit["samples"] > 1000
+    for l in study.layers:
+        table, qm = setup.tables[l], setup.base[l]
+        assert bool((table.gain[:, table.index(Option("factors", "fp16", 8))] > 0).all())   # measured, positive
+        ids, w = route(study.calib_inputs[l], qm.router, qm.cfg)
+        rules = [(n, Option("factors", "fp16", r)) for n in (1, 2, 4) for r in (1, 4, 8)]
+        rules += [(n, Option("copy", bits=4)) for n in (1, 2)]
+        for n, opt in rules:
+            fixed = torch.zeros_like(ids)
+            fixed[:, :n] = table.index(opt)
+            budget = float(spent(table, ids, fixed)[0])
+            mine = solve(table, ids, w, budget, p)
+            assert bool((spent(table, ids, mine) <= budget + 1e-6).all())
+            assert float(objective(table, ids, w, mine, p).sum()) >= float(objective(table, ids, w, fixed, p).sum()), opt
+
+
+def test_budgeted_rows_carry_the_envelope_verdict_with_an_interval(study):
+    """A budgeted row is compared, at no more bytes, with the lower envelope of the fixed rules
+    (layer error, and perplexity with its paired interval)."""
+    opt = PlanOptions(bits=(3, 4), quantizers=("optimized",), ranks=(8,), topn=(2,), hi_bits=4, budgets=(1.0,),
+                      compare_fits=False, compare_random=False, compare_alloc=False, other_bits_topn=False,
+                      factors=("fp16",))
+    first = len(study.rows)
+    run_plan(study, opt, log=lambda s: None)
+    rows, nlls = study.rows[first:], study.token_nlls[first:]
+    bud = next(r for r in rows if r["kind"] == "budgeted")
+    assert sum(bud["chosen"].values()) == pytest.approx(1.0, abs=1e-3) and bud["plan_us_per_token_layer"] > 0
+    found = verdicts(rows, "optimized", nlls)
+    line = next(v for v in found if v.startswith(f"budgeted {bud['name']}"))
+    assert "lower envelope" in line and "95% CI" in line
+    # Intervals shrink as the evaluation grows: the same two rows on the first quarter, half and
+    # all of the evaluation tokens (32 resampling units each).
+    from ndpmoe.host.paired_stats import paired_bootstrap
+    uni = next(n for r, n in zip(rows, nlls) if r["name"] == "uniform int3 optimized")
+    mine = nlls[rows.index(bud)]
+    widths = []
+    for part in (4, 2, 1):
+        n = uni.numel() // part
+        ci = paired_bootstrap(mine[:n], uni[:n], units=32)
+        widths.append(ci.high - ci.low)
+    assert widths[0] > widths[1] > widths[2], widths

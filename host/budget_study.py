@@ -1,0 +1,315 @@
+"""The measured-gain budgeted policy in the accuracy study: option tables measured on calibration
+data, the router-weight exponent checked against measurement, the block that runs any option per
+slot, and the study rows it makes.
+
+Gains. For every layer, expert e and option o (host/budget_policy.py), the expert runs on the
+calibration rows routed to it (`Study.calib_inputs`, disjoint from the held-out rows the layer
+error is measured on) as the low-bit expert, and as the low-bit expert under o; gain[e, o] is the
+mean over those rows of ||f_lo(x) - f(x)||^2 - ||f_o(x) - f(x)||^2 (f: the float expert), the full
+SwiGLU run, nothing inferred from spectra.
+
+Router weight. A slot with weight w changes the layer's squared error by
+||E||^2 - ||E + w d||^2 = w^2 (||e_s||^2 - ||e_o||^2) - 2 w <E - w e_s, d> (E: the layer's error
+with every slot low-bit, e_s / e_o: the slot's own error before / after, d = f_o - f_lo). The first
+term is w^2 x gain; the second vanishes when slots' errors are independent. `weight_exponent`
+measures it: it takes (w, actual reduction, gain) for every calibration (row, slot) under each of
+the expert's options, divides out each token's own scale (which cannot change a token's choice),
+bins them by w and fits log(sum reduction / sum gain) against log w.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ndpmoe.model.moe import expert_mlp, route, shared_expert
+from ndpmoe.model.moe_quant import MATRICES, QuantizedMoE
+from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
+
+from .budget_policy import COPY_BITS, MeasuredBudgetPolicy, Option, OptionTable, objective, option_list, spent
+from .sizes import ExpertSizes
+
+WEIGHT_BINS = 8
+
+
+@dataclass
+class BudgetSetup:
+    """What the policy's rows need, per layer: the low-bit block, each precision's compensators,
+    each copy, and the option table; plus the measured router-weight exponent."""
+    base: dict[int, QuantizedMoE]
+    factors: dict[str, dict[int, QuantizedMoE]]       # precision -> layer -> block holding those factors
+    copies: dict[int, dict[int, QuantizedMoE]]        # bits -> layer -> block of copies
+    tables: dict[int, OptionTable]
+    lo_bytes: int
+    weight_power: float
+    exponent_fit: dict
+    seconds: float
+
+
+def option_costs(options, sizes: ExpertSizes, copy_sizes: dict[int, ExpertSizes]) -> list[int]:
+    """Bytes each option moves beyond the low-bit expert (exact, from the contract sizes)."""
+    out = []
+    for o in options:
+        if o.kind == "factors":
+            out.append(sum(sizes.matrix_factor_bytes(m, o.rank, o.precision) for m in MATRICES))
+        elif o.kind == "copy":
+            out.append(copy_sizes[o.bits].weight_bytes("lo") - sizes.weight_bytes("lo"))
+        else:
+            out.append(0)
+    return out
+
+
+def _prefix_outputs(ex_lo, comps: dict, x: torch.Tensor, a1: torch.Tensor, a3: torch.Tensor, ranks) -> dict:
+    """{rank: the low-bit expert's output with the rank prefix of `comps` ({matrix: LowRank})
+    applied}, sharing B x across the prefixes (a1 / a3: the low-bit x W1^T and x W3^T)."""
+    p = {m: x @ comps[m].B.t() for m in ("w1", "w3") if m in comps}
+    w2 = ex_lo.weight("w2")
+    out = {}
+    for r in ranks:
+        b1, b3 = a1, a3
+        if "w1" in p:
+            k = min(r, comps["w1"].rank)
+            b1 = a1 + p["w1"][:, :k] @ comps["w1"].A[:, :k].t()
+        if "w3" in p:
+            k = min(r, comps["w3"].rank)
+            b3 = a3 + p["w3"][:, :k] @ comps["w3"].A[:, :k].t()
+        h = F.silu(b1) * b3
+        y = h @ w2.t()
+        if "w2" in comps:
+            k = min(r, comps["w2"].rank)
+            y = y + (h @ comps["w2"].B[:k].t()) @ comps["w2"].A[:, :k].t()
+        out[r] = y
+    return out
+
+
+def measure_layer(base: QuantizedMoE, factors: dict[str, QuantizedMoE], copies: dict[int, QuantizedMoE],
+                  options: tuple[Option, ...], x: torch.Tensor) -> tuple[torch.Tensor, list[tuple], tuple]:
+    """gain [E, O] on rows x [N, D], and for the exponent check (w, reduction, option gain x the
+    token's scale) per (row, slot, option), as tensors per (expert, option); and (sum of measured
+    reductions, sum of w^2 x gain) over them."""
+    w = base.float_weights
+    ids, weights = route(x, base.router, base.cfg)
+    xf = x.float()
+    e_num, o_num = base.num_experts, len(options)
+    gain = torch.zeros(e_num, o_num, dtype=torch.float64)
+    outs = {}                                             # e -> (rows, slot, f_ref, f_lo, {o: f_o})
+    layer_err = torch.zeros_like(xf)                      # E: every selected slot low-bit
+    for e in range(e_num):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xs = xf[tok]
+        ref = expert_mlp(xs, w.w1[e].float(), w.w3[e].float(), w.w2[e].float())
+        lo = base.experts[e].forward(xs)
+        err_lo = (lo - ref).square().sum(1)
+        layer_err.index_add_(0, tok, (lo - ref) * weights[tok, slot, None])
+        f_opt = {}
+        ex = base.experts[e]
+        a1, a3 = xs @ ex.weight("w1").t(), xs @ ex.weight("w3").t()
+        prefix = {p: _prefix_outputs(ex, f.experts[e].comp, xs, a1, a3,
+                                     sorted({o.rank for o in options if o.precision == p}))
+                  for p, f in factors.items()}
+        for i, o in enumerate(options):
+            if o.kind == "factors":
+                f_opt[i] = prefix[o.precision][o.rank]
+            elif o.kind == "copy":
+                f_opt[i] = copies[o.bits].experts[e].forward(xs)
+            else:
+                continue
+            gain[e, i] = float((err_lo - (f_opt[i] - ref).square().sum(1)).double().mean())
+        outs[e] = (tok, slot, lo, f_opt)
+    samples = []
+    for e, (tok, slot, lo, f_opt) in outs.items():
+        ww = weights[tok, slot].double()
+        big = layer_err[tok].double()
+        for i, f in f_opt.items():
+            d = (f - lo).double() * ww[:, None]
+            red = big.square().sum(1) - (big + d).square().sum(1)
+            samples.append((ww, red, torch.full_like(ww, float(gain[e, i])), tok))
+    # A token's own scale (its input's norm, how hard it is) multiplies every slot's reduction
+    # alike and cannot change its choice: divide it out, so the fit sees how the reduction
+    # depends on w between the slots of one token.
+    num = torch.zeros(x.shape[0], dtype=torch.float64)
+    den = torch.zeros(x.shape[0], dtype=torch.float64)
+    for ww, red, g, tok in samples:
+        num.index_add_(0, tok, red)
+        den.index_add_(0, tok, ww.square() * g)
+    scale = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(num))
+    totals = (float(num.sum()), float(den.sum()))
+    return gain, [(ww, red, g * scale[tok]) for ww, red, g, tok in samples], totals
+
+
+def weight_exponent(samples: list[tuple], totals: tuple[float, float] = (math.nan, math.nan),
+                    bins: int = WEIGHT_BINS) -> dict:
+    """Fit reduction ~ c w^p x gain on (w, reduction, gain) samples binned by w quantiles."""
+    w = torch.cat([s[0] for s in samples])
+    red = torch.cat([s[1] for s in samples])
+    g = torch.cat([s[2] for s in samples])
+    keep = (g > 0) & (w > 0)
+    w, red, g = w[keep], red[keep], g[keep]
+    edges = torch.quantile(w.float(), torch.linspace(0, 1, bins + 1)).double()
+    xs, ys, table = [], [], []
+    for b in range(bins):
+        m = (w >= edges[b]) & ((w < edges[b + 1]) if b < bins - 1 else (w <= edges[b + 1]))
+        if m.sum() < 10:
+            continue
+        ratio = float(red[m].sum() / g[m].sum())
+        mw = float(w[m].mean())
+        table.append((round(mw, 4), round(ratio, 5)))
+        if ratio > 0:
+            xs.append(math.log(mw))
+            ys.append(math.log(ratio))
+    if len(xs) < 2:
+        return {"p": 2.0, "bins": table, "note": "too few bins with a positive reduction; p = 2 assumed"}
+    xm, ym = sum(xs) / len(xs), sum(ys) / len(ys)
+    p = sum((a - xm) * (b - ym) for a, b in zip(xs, ys)) / sum((a - xm) ** 2 for a in xs)
+    # share of the measured reduction that the independent-slot term w^2 x gain accounts for
+    share = totals[1] / totals[0] if totals[0] > 0 else math.nan
+    return {"p": round(p, 3), "c": round(math.exp(ym - p * xm), 4), "bins": table,
+            "w2_share": round(share, 4), "samples": int(w.numel())}
+
+
+def prepare(study, bits: int, quantizer: str, stored_rank: int, precisions, copy_bits=COPY_BITS, group: int = 64,
+            weight_power: float | None = None, log=print) -> BudgetSetup:
+    """Build (or reuse) the variants the options need and measure every layer's option table.
+    weight_power: the exponent of w the policy values a slot's gain with; None takes the one
+    fitted on the calibration rows (weight_exponent), 2 is the independent-slot term."""
+    from .study import Variant, block_sizes
+
+    t0 = time.time()
+    copy_bits = tuple(b for b in copy_bits if b > bits)
+    base = study.variant(Variant(bits, quantizer, group=group))
+    factors = {p: study.variant(Variant(bits, quantizer, "aware", stored_rank, group=group, factor=p))
+               for p in precisions}
+    copies = {b: study.variant(Variant(b, quantizer, group=group)) for b in copy_bits}
+    options = option_list(precisions, stored_rank, copy_bits)
+    tables, samples, tot = {}, [], [0.0, 0.0]
+    l0 = study.layers[0]
+    sizes = block_sizes(factors[precisions[0]][l0]) if precisions else block_sizes(base[l0])
+    copy_sizes = {b: block_sizes(copies[b][l0]) for b in copy_bits}
+    costs = option_costs(options, sizes, copy_sizes)
+    for l in study.layers:
+        gain, s, (red, pred) = measure_layer(base[l], {p: f[l] for p, f in factors.items()},
+                                             {b: c[l] for b, c in copies.items()}, options, study.calib_inputs[l])
+        tot[0] += red
+        tot[1] += pred
+        cost = torch.tensor(costs, dtype=torch.float64).expand(gain.shape[0], -1).clone()
+        tables[l] = OptionTable(options, cost, gain)
+        samples += s
+    fit = weight_exponent(samples, tuple(tot))
+    log(f"  measured gains of {len(options)} options x {base[l0].num_experts} experts x {len(study.layers)} layers; "
+        f"router weight: reduction ~ w^{fit['p']} x gain (w^2 x gain is {fit.get('w2_share', math.nan):.1%} of the "
+        f"measured reduction) in {time.time() - t0:.0f} s")
+    power = float(fit["p"]) if weight_power is None else float(weight_power)
+    return BudgetSetup(base, factors, copies, tables, sizes.weight_bytes("lo"), power, fit, time.time() - t0)
+
+
+class BudgetRunner:
+    """The block function of one layer under the measured-budget policy; tallies bytes, options
+    and the policy's predicted gain as it runs."""
+
+    def __init__(self, setup: BudgetSetup, layer: int, policy: MeasuredBudgetPolicy):
+        self.setup, self.layer, self.policy = setup, layer, policy
+        self.qm = setup.base[layer]
+        self.cfg = self.qm.cfg
+        self.table = setup.tables[layer]
+        self.masked = MaskedQuantMoE(self.qm)
+        self.bytes = 0.0
+        self.tokens = 0
+        self.chosen = Counter()
+        self.plan_seconds = 0.0
+
+    def choose(self, x: torch.Tensor):
+        ids, weights = route(x, self.qm.router, self.cfg)
+        t0 = time.perf_counter()
+        choice = self.policy.decide(ids, weights, self.table)
+        self.plan_seconds += time.perf_counter() - t0
+        return ids, weights, choice
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights, choice = self.choose(x)
+        self.bytes += float(spent(self.table, ids, choice).sum()) + self.setup.lo_bytes * ids.numel()
+        self.tokens += x.shape[0]
+        self.chosen.update(choice.flatten().tolist())
+        return self.forward(x, ids, weights, choice)
+
+    def held_out(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights, choice = self.choose(x)
+        return self.forward(x, ids, weights, choice)
+
+    def forward(self, x, ids, weights, choice) -> torch.Tensor:
+        """x [T, D]; choice [T, K] option indices into the table."""
+        qm, mq, size, opts = self.qm, self.masked, self.masked.intermediate, self.table.options
+        t = ids.shape[0]
+        xf, weights = x.float(), weights.float()
+        kind = torch.tensor([{"none": 0, "factors": 1, "copy": 2}[o.kind] for o in opts])[choice]
+        gate = torch.zeros(t, qm.num_experts).scatter_(1, ids, torch.where(kind == 2, 0.0, weights))
+        a1, a3 = xf @ mq.w1.t(), xf @ mq.w3.t()
+        fixes = []
+        fac = kind == 1
+        if fac.any():
+            tok_all, slot_all = fac.nonzero(as_tuple=True)
+            e_all, o_all = ids[tok_all, slot_all], choice[tok_all, slot_all]
+            for e, o in torch.unique(torch.stack([e_all, o_all], 1), dim=0).tolist():
+                sel = (e_all == e) & (o_all == o)
+                tok, slot = tok_all[sel], slot_all[sel]
+                comps = self.setup.factors[opts[o].precision][self.layer].experts[e].comp
+                cols = slice(e * size, (e + 1) * size)
+                for name, a in (("w1", a1), ("w3", a3)):
+                    if name in comps:
+                        a[tok, cols] += comps[name].truncate(min(opts[o].rank, comps[name].rank)).apply(xf[tok])
+                fixes.append((tok, slot, e, o, comps))
+        h = F.silu(a1) * a3
+        out = (h.view(t, -1, size) * gate[:, :, None]).flatten(1) @ mq.w2.t()
+        for tok, slot, e, o, comps in fixes:
+            if "w2" in comps:
+                f = comps["w2"].truncate(min(opts[o].rank, comps["w2"].rank))
+                out.index_add_(0, tok, f.apply(h[tok, e * size:(e + 1) * size]) * weights[tok, slot, None])
+        cp = kind == 2
+        if cp.any():
+            tok_all, slot_all = cp.nonzero(as_tuple=True)
+            e_all, o_all = ids[tok_all, slot_all], choice[tok_all, slot_all]
+            for e, o in torch.unique(torch.stack([e_all, o_all], 1), dim=0).tolist():
+                sel = (e_all == e) & (o_all == o)
+                tok, slot = tok_all[sel], slot_all[sel]
+                copy = self.setup.copies[opts[o].bits][self.layer].experts[e]
+                out.index_add_(0, tok, copy.forward(xf[tok]) * weights[tok, slot, None])
+        return out + shared_expert(xf, qm.float_weights)
+
+
+def run_budgeted(study, setup: BudgetSetup, name: str, budget: float, **meta) -> dict:
+    """One study row of the measured-budget policy at `budget` bytes per token and layer."""
+    policy = MeasuredBudgetPolicy(budget, setup.weight_power)
+    runners = {l: BudgetRunner(setup, l, policy) for l in study.layers}
+    row = study.run_runners(name, runners, budget_bytes=budget * len(study.layers), **meta)
+    total = Counter()
+    for r in runners.values():
+        total.update(r.chosen)
+    n = sum(total.values())
+    opts = setup.tables[study.layers[0]].options
+    row["chosen"] = {opts[i].label: round(c / n, 4) for i, c in total.most_common()}
+    slots = sum(r.tokens for r in runners.values())
+    row["plan_us_per_token_layer"] = round(1e6 * sum(r.plan_seconds for r in runners.values()) / max(slots, 1), 2)
+    row["gain_check"] = gain_check(study, setup, policy)
+    return row
+
+
+def gain_check(study, setup: BudgetSetup, policy: MeasuredBudgetPolicy) -> dict:
+    """On the held-out rows: the layers' squared-error reduction the policy's choices predict
+    (sum of w^2 x gain, the independent-slot estimate) against the reduction measured."""
+    pred = real = 0.0
+    for l in study.layers:
+        runner = BudgetRunner(setup, l, policy)
+        x, ref = study.eval_inputs[l], study.eval_refs[l]
+        ids, weights, choice = runner.choose(x)
+        none = torch.zeros_like(choice)
+        lo = runner.forward(x, ids, weights, none)
+        y = runner.forward(x, ids, weights, choice)
+        real += float((lo - ref).square().sum() - (y - ref).square().sum()) / x.shape[0]
+        pred += float(objective(runner.table, ids, weights, choice, 2.0).sum()) / x.shape[0]
+    return {"predicted": round(pred, 6), "measured": round(real, 6),
+            "ratio": round(real / pred, 4) if pred > 0 else None}
