@@ -23,7 +23,7 @@ __all__ = ["StudyCache", "model_fingerprint", "tensor_hash"]
 
 KIND = "ndpmoe-study-part"
 # The code a cached part is computed by: an edit to any of these invalidates every entry.
-_CODE = ("model/quantize.py", "model/compensate.py", "model/moe_quant.py", "model/qtensor.py",
+_CODE = ("model/quantize.py", "model/compensate.py", "model/factor_quant.py", "model/moe_quant.py", "model/qtensor.py",
          "model/packing.py", "model/contract.py", "model/integrity.py", "host/study_cache.py")
 
 
