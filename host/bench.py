@@ -222,7 +222,9 @@ def bench_rows(setup: BenchSetup) -> Iterator[BenchRow]:
         x = min(x0, limit)
         extra = _row(setup, "", make_policy(x), "lo", *lo).moved_bytes_per_token - base.moved_bytes_per_token
         if extra > 0:
-            x = min(limit, x * target / extra)
+            # a target below zero (the smaller row moved fewer bytes than uniform, through the
+            # cache) asks for nothing extra, not for a negative share
+            x = min(limit, max(0.0, x * target / extra))
         return _row(setup, make_label(x), make_policy(x), "lo", *lo)
 
     if "fp16-lru" in rows:
