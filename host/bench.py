@@ -219,7 +219,7 @@ def bench_rows(setup: BenchSetup) -> Iterator[BenchRow]:
     def at_equal_bytes(make_label, make_policy, x0: float, target: float, limit: float = math.inf) -> BenchRow:
         """make_policy(x) with x rescaled once so its extra bytes over uniform low-bit match
         `target` (bytes moved depend on the cache, so the nominal x only starts the search)."""
-        x = min(x0, limit)
+        x = max(0.0, min(x0, limit))
         extra = _row(setup, "", make_policy(x), "lo", *lo).moved_bytes_per_token - base.moved_bytes_per_token
         if extra > 0:
             # a target below zero (the smaller row moved fewer bytes than uniform, through the
@@ -247,7 +247,10 @@ def bench_rows(setup: BenchSetup) -> Iterator[BenchRow]:
         # with the largest top router weight), at the bytes Top-1 restoration adds.
         yield at_equal_bytes(lambda f: f"hobbit int{opt.hi_bits} top-1, {f:.1%} of tokens (= top-{ns[0]} bytes)",
                              lambda f: HobbitTopHi(1, _hobbit_threshold(setup.trace, f)),
-                             top_bytes[ns[0]] / sizes.hi_extra_bytes, top[ns[0]], limit=1.0)
+                             # a copy no larger than the low-bit expert (int3 pads more than int4 on a
+                             # thin expert at a wide port) costs nothing extra: every token gets one
+                             top_bytes[ns[0]] / sizes.hi_extra_bytes if sizes.hi_extra_bytes > 0 else 1.0,
+                             top[ns[0]], limit=1.0)
 
 
 def cpu_reference_s() -> float:
