@@ -251,18 +251,13 @@ class BudgetRunner:
         a1, a3 = xf @ mq.w1.t(), xf @ mq.w3.t()
         fixes = []
         fac = kind == 1
-        if fac.any():
-            tok_all, slot_all = fac.nonzero(as_tuple=True)
-            e_all, o_all = ids[tok_all, slot_all], choice[tok_all, slot_all]
-            for e, o in torch.unique(torch.stack([e_all, o_all], 1), dim=0).tolist():
-                sel = (e_all == e) & (o_all == o)
-                tok, slot = tok_all[sel], slot_all[sel]
-                comps = self.setup.factors[opts[o].precision][self.layer].experts[e].comp
-                cols = slice(e * size, (e + 1) * size)
-                for name, a in (("w1", a1), ("w3", a3)):
-                    if name in comps:
-                        a[tok, cols] += comps[name].truncate(min(opts[o].rank, comps[name].rank)).apply(xf[tok])
-                fixes.append((tok, slot, e, o, comps))
+        for e, o, tok, slot in _slot_groups(fac, ids, choice):
+            comps = self.setup.factors[opts[o].precision][self.layer].experts[e].comp
+            cols = slice(e * size, (e + 1) * size)
+            for name, a in (("w1", a1), ("w3", a3)):
+                if name in comps:
+                    a[tok, cols] += comps[name].truncate(min(opts[o].rank, comps[name].rank)).apply(xf[tok])
+            fixes.append((tok, slot, e, o, comps))
         h = F.silu(a1) * a3
         out = (h.view(t, -1, size) * gate[:, :, None]).flatten(1) @ mq.w2.t()
         for tok, slot, e, o, comps in fixes:
@@ -270,15 +265,22 @@ class BudgetRunner:
                 f = comps["w2"].truncate(min(opts[o].rank, comps["w2"].rank))
                 out.index_add_(0, tok, f.apply(h[tok, e * size:(e + 1) * size]) * weights[tok, slot, None])
         cp = kind == 2
-        if cp.any():
-            tok_all, slot_all = cp.nonzero(as_tuple=True)
-            e_all, o_all = ids[tok_all, slot_all], choice[tok_all, slot_all]
-            for e, o in torch.unique(torch.stack([e_all, o_all], 1), dim=0).tolist():
-                sel = (e_all == e) & (o_all == o)
-                tok, slot = tok_all[sel], slot_all[sel]
-                copy = self.setup.copies[opts[o].bits][self.layer].experts[e]
-                out.index_add_(0, tok, copy.forward(xf[tok]) * weights[tok, slot, None])
+        for e, o, tok, slot in _slot_groups(cp, ids, choice):
+            copy = self.setup.copies[opts[o].bits][self.layer].experts[e]
+            out.index_add_(0, tok, copy.forward(xf[tok]) * weights[tok, slot, None])
         return out + shared_expert(xf, qm.float_weights)
+
+
+def _slot_groups(mask: torch.Tensor, ids: torch.Tensor, choice: torch.Tensor):
+    """(expert, option, tokens, slots) for each distinct (expert, option) among the [T, K] slots
+    `mask` selects, so each expert's option runs once over all its tokens."""
+    if not mask.any():
+        return
+    tok_all, slot_all = mask.nonzero(as_tuple=True)
+    e_all, o_all = ids[tok_all, slot_all], choice[tok_all, slot_all]
+    for e, o in torch.unique(torch.stack([e_all, o_all], 1), dim=0).tolist():
+        sel = (e_all == e) & (o_all == o)
+        yield e, o, tok_all[sel], slot_all[sel]
 
 
 def run_budgeted(study, setup: BudgetSetup, name: str, budget: float, **meta) -> dict:
