@@ -53,6 +53,15 @@ class TorchGpuBackend:
         self.moved_bytes[link_kind] += link_bytes
         return held
 
+    def adopt(self, key: tuple, tensors: dict[str, torch.Tensor], link_kind: str, link_bytes: int
+              ) -> dict[str, torch.Tensor]:
+        """Hold tensors already on the device (staged by the next-layer prefetch) under `key`,
+        counting the `link_bytes` they moved."""
+        held = self.resident.setdefault(key, {})
+        held.update(tensors)
+        self.moved_bytes[link_kind] += link_bytes
+        return held
+
     def get(self, key: tuple) -> dict[str, torch.Tensor] | None:
         return self.resident.get(key)
 

@@ -36,6 +36,10 @@ def add_arguments(p):
                    "int4, int3 (packed low-bit factors both units read)")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens of the expert store's fits")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
+                   help="next-layer expert prefetch: guess layer l+1's experts with its router on layer l's input "
+                   "and stage their fetches on a side stream; auto: on with CUDA, off on the CPU (where it only "
+                   "moves host work earlier)")
     p.add_argument("--json", help="write the figures here")
 
 
@@ -57,7 +61,7 @@ def run(args) -> int:
                            hi_bits=args.hi_bits, policy=args.policy, placement=args.placement, ndp=args.ndp,
                            ndp_config=args.ndp_config, cache_mb=args.cache_mb, eviction=args.eviction,
                            device=args.device, rtl_tokens=args.rtl_tokens, calib_tokens=args.calib_tokens,
-                           stop_at_eos=not args.no_eos, factors=args.factors)
+                           stop_at_eos=not args.no_eos, factors=args.factors, prefetch=args.prefetch)
     opts.check()                                  # bad arguments fail before anything loads
     log = lambda s: print(s, file=sys.stderr, flush=True)
     emit = lambda s: print(s, end="", flush=True)

@@ -44,6 +44,8 @@ class ExecutionRecord:
     link_bytes: Counter = field(default_factory=Counter)
     ndp_descriptors: list[IssuedDescriptor] = field(default_factory=list)
     unplanned_uploads: int = 0            # cached per the plan but absent on the device
+    fetches: int = 0                      # weight and factor fetches (each a miss of the device)
+    staged_fetches: int = 0               # of those, found staged by the next-layer prefetch
 
 
 class LayerExecutor:
@@ -53,6 +55,7 @@ class LayerExecutor:
         self.factor_cache = factor_cache
         self.sizes = store.sizes(ndp.config if ndp is not None else None, factor_precision)
         self.factor_precision = factor_precision
+        self.prefetcher = None                # a NextLayerPrefetcher (host/prefetch.py) may stage fetches
         bits = self.sizes.factor_bits
         self._a_slot, self._b_slot = ("A8", "B8") if bits is None else (f"Aq{bits}", f"Bq{bits}")
         self._rank_scales: dict[tuple, torch.Tensor] = {}
@@ -76,6 +79,28 @@ class LayerExecutor:
                     self.ndp.place((layer, e, m, self._b_slot), b_img, fb, s.stored_rank, n_in)
 
     # -- GPU data ------------------------------------------------------------------------------
+    def load_weights(self, layer: int, expert: int, variant: str) -> tuple[dict[str, torch.Tensor], int]:
+        """What a weight fetch moves: the unpacked host matrices and the packed bytes they cost."""
+        mats = {m: self.store.matrix(layer, expert, m, variant) for m in MATRICES}
+        nbytes = sum(int(self.store.image(layer, expert, m, variant).numel()) for m in MATRICES)
+        return {m: q.dequantize() for m, q in mats.items()}, nbytes
+
+    def load_factors(self, layer: int, expert: int, have: int, r: int) -> tuple[dict[str, torch.Tensor], int]:
+        """What a factor fetch of ranks [have, r) moves: host float increments {m.A: [out, r - have],
+        m.B: [r - have, in]} and their bytes over the link."""
+        out, nbytes = {}, 0
+        for m in MATRICES:
+            if self.sizes.factor_bits is None:
+                a, b = self.store.factors_fp16(layer, expert, m)
+                a_inc, b_inc = a[:, have:r].contiguous(), b[have:r].contiguous()
+                nbytes += a_inc.numel() * a_inc.element_size() + b_inc.numel() * b_inc.element_size()
+            else:                        # rows [have, r) of the packed B and A^T images, dequantized
+                b_rows, at_rows, moved = self.store.packed_factor_rows(layer, expert, m, self.factor_precision, have, r)
+                a_inc, b_inc = at_rows.dequantize().t().contiguous(), b_rows.dequantize()
+                nbytes += moved
+            out[f"{m}.A"], out[f"{m}.B"] = a_inc.float(), b_inc.float()
+        return out, nbytes
+
     def _weights(self, layer: int, task: ExpertTask, rec: ExecutionRecord) -> dict[str, torch.Tensor]:
         key = (layer, task.expert, task.variant)
         held = self.gpu.get(key)
@@ -83,10 +108,17 @@ class LayerExecutor:
             return held
         if not task.fetch_weights:
             rec.unplanned_uploads += 1
-        mats = {m: self.store.matrix(layer, task.expert, m, task.variant) for m in MATRICES}
-        nbytes = sum(int(self.store.image(layer, task.expert, m, task.variant).numel()) for m in MATRICES)
-        rec.link_bytes[weight_link_kind(task.variant)] += nbytes
-        return self.gpu.put(key, {m: q.dequantize() for m, q in mats.items()}, weight_link_kind(task.variant), nbytes)
+        kind = weight_link_kind(task.variant)
+        rec.fetches += 1
+        staged = self.prefetcher.take_weights(*key) if self.prefetcher is not None else None
+        if staged is not None:                # moved earlier, on the side stream: same bytes, same values
+            rec.staged_fetches += 1
+            dev, nbytes = staged
+            rec.link_bytes[kind] += nbytes
+            return self.gpu.adopt(key, dev, kind, nbytes)
+        host, nbytes = self.load_weights(*key)
+        rec.link_bytes[kind] += nbytes
+        return self.gpu.put(key, host, kind, nbytes)
 
     def _factors(self, layer: int, task: ExpertTask, rec: ExecutionRecord) -> dict[str, torch.Tensor]:
         key, r = (layer, task.expert, "factors"), task.comp_rank
@@ -96,18 +128,17 @@ class LayerExecutor:
             return held
         if task.fetch_factor_ranks < r - have:
             rec.unplanned_uploads += 1
-        new, nbytes = {}, 0
+        rec.fetches += 1
+        staged = self.prefetcher.take_factors(layer, task.expert, have, r) if self.prefetcher is not None else None
+        if staged is not None:
+            rec.staged_fetches += 1
+            inc, nbytes = staged
+        else:
+            host, nbytes = self.load_factors(layer, task.expert, have, r)
+            inc = {k: self.gpu.upload(v) for k, v in host.items()}
+        new = {}
         for m in MATRICES:
-            if self.sizes.factor_bits is None:
-                a, b = self.store.factors_fp16(layer, task.expert, m)
-                a_inc, b_inc = a[:, have:r].contiguous(), b[have:r].contiguous()
-                nbytes += a_inc.numel() * a_inc.element_size() + b_inc.numel() * b_inc.element_size()
-            else:                        # rows [have, r) of the packed B and A^T images, dequantized
-                b_rows, at_rows, moved = self.store.packed_factor_rows(layer, task.expert, m, self.factor_precision,
-                                                                       have, r)
-                a_inc, b_inc = at_rows.dequantize().t().contiguous(), b_rows.dequantize()
-                nbytes += moved
-            a_dev, b_dev = self.gpu.upload(a_inc.float()), self.gpu.upload(b_inc.float())
+            a_dev, b_dev = inc[f"{m}.A"], inc[f"{m}.B"]
             new[f"{m}.A"] = torch.cat([held[f"{m}.A"], a_dev], 1) if have else a_dev
             new[f"{m}.B"] = torch.cat([held[f"{m}.B"], b_dev], 0) if have else b_dev
         rec.link_bytes["factors"] += nbytes
@@ -244,8 +275,7 @@ class LayerExecutor:
     def _sync(self, plan: LayerPlan, rec: ExecutionRecord) -> None:
         """Mirror the cache: drop what it evicted, upload what it prefetched."""
         for key in plan.prefetches:
-            nbytes = sum(int(self.store.image(key[0], key[1], m, key[2]).numel()) for m in MATRICES)
-            mats = {m: self.store.matrix(key[0], key[1], m, key[2]).dequantize() for m in MATRICES}
+            mats, nbytes = self.load_weights(*key)
             self.gpu.put(key, mats, "prefetch", nbytes)
             rec.link_bytes["prefetch"] += nbytes
         keep = set(self.cache.keys())

@@ -64,6 +64,7 @@ class GenerateOptions:
     stop_at_eos: bool = True
     verify_plans: bool = False
     factors: str = "fp16"                    # compensators: fp16 (+ int8 on the NDP) or packed int8/int4/int3
+    prefetch: str = "auto"                   # next-layer prefetch: on, off, auto (on for CUDA: host/prefetch.py)
 
     def check(self) -> None:
         """Every argument checked before anything loads (the model, the store, the simulator)."""
@@ -91,6 +92,9 @@ class GenerateOptions:
             raise ValueError(f"eviction must be one of {sorted(EVICTIONS)}, not {self.eviction!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, not {self.device!r}")
+        from .prefetch import PREFETCH_MODES
+        if self.prefetch not in PREFETCH_MODES:
+            raise ValueError(f"prefetch must be one of {PREFETCH_MODES}, not {self.prefetch!r}")
         r = self.rtl_tokens
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"rtl_tokens must be a positive integer, not {r!r}")
@@ -294,6 +298,14 @@ class TextStream:
         self.text = text
 
 
+def prefetch_summary(rt) -> dict | None:
+    """The next-layer prefetch's totals over the run (None when it was off)."""
+    pf = rt.prefetcher
+    if pf is None:
+        return None
+    return {"budget_bytes": pf.budget_bytes, **pf.stats.to_json()}
+
+
 def cache_report(cache) -> dict:
     st = cache.stats
     kinds = sorted(set(st.hits) | set(st.misses))
@@ -330,6 +342,7 @@ def prepare(opts: GenerateOptions, dm=None, *, log=print, progress: bool = False
 def make_runtime(opts: GenerateOptions, dm, ms, mem: int, ndp=None, *, record: bool = False):
     """The runtime over `ms` for `opts` (ndp: an NdpBackend to use instead of the golden one)."""
     from .policy import get_policy
+    from .prefetch import prefetch_enabled
     from .runtime import ModelRuntime
 
     layers = sorted(ms.layer_index)
@@ -340,7 +353,8 @@ def make_runtime(opts: GenerateOptions, dm, ms, mem: int, ndp=None, *, record: b
                         eviction=opts.eviction, ndp=None if opts.ndp == "none" else ndp,
                         system=make_system(opts.ndp, opts.ndp_config), device=opts.resolved_device(),
                         prefetch=opts.placement == "auto",      # a forced placement never uses prefetched copies
-                        record=record, verify=opts.verify_plans, factor_precision=opts.factors)
+                        record=record, verify=opts.verify_plans, factor_precision=opts.factors,
+                        prefetch_next=prefetch_enabled(opts.prefetch, opts.resolved_device()))
 
 
 def run_decode(opts: GenerateOptions, dm, rt, prompt_ids: list[int], *, max_new_tokens: int | None = None,
@@ -420,7 +434,7 @@ def generate(opts: GenerateOptions, dm=None, *, on_text: Callable[[str], None] |
                             setup, rt.system.name, rt.system.ndp.clock_mhz if rt.system.ndp else None, device,
                             interrupted)
     result.extra.update(prompt_ids=prompt_ids, layer_index=dict(ms.layer_index), ndp_memory_bytes=mem,
-                        store_key=ms.key)
+                        store_key=ms.key, prefetch=prefetch_summary(rt))
     if record:
         result.extra["decisions"] = rt.decisions          # tensors: left out of to_json
     return result

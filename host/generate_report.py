@@ -9,6 +9,7 @@ _ROWS = (("planning", "planning_s"), ("routing (router matmul, top-k)", "routing
          ("fetch (store reads + unpacking fetched experts)", "fetch_s"),
          ("upload (host -> device copies)", "upload_s"),
          ("NDP backend (host time running the unit's model)", "ndp_backend_s"),
+         ("next-layer prefetch (guess, stage: host time)", "prefetch_s"),
          ("rest of the model (attention, dense layers, LM head)", "other_model_s"))
 
 
@@ -68,6 +69,7 @@ def format_report(r: GenerateResult) -> str:
         lines.append(f"  {k:<18} {p:>12,.0f} / {e:>12,.0f}   (prefill {pp:,})")
     lines.append(f"  executed equal to planned in every pass: {'yes' if r.link_equal() else 'NO'}; "
                  f"unplanned uploads: {sum(s.unplanned_uploads for s in r.steps)}")
+    lines += _prefetch_lines(r, pre, dec)
     c = r.cache
     rates = ", ".join(f"{k} {v:.1%}" for k, v in c["hit_rate"].items())
     lines.append(f"expert cache: {c['capacity_bytes'] / MB:g} MB ({c['eviction']}), {c['entries']} entries, "
@@ -78,3 +80,25 @@ def format_report(r: GenerateResult) -> str:
                  f"({'built' if r.store['built'] else 'reused'}: {r.store['folder']}), NDP image placement "
                  f"{s.get('ndp_placement_s', 0):.1f} s")
     return "\n".join(lines)
+
+
+def _prefetch_lines(r: GenerateResult, pre, dec) -> list[str]:
+    """Demand fetches always; with the next-layer prefetch, its guesses and bytes."""
+    n = len(dec)
+    fetches = sum(s.fetches for s in dec) / n if n else 0.0
+    demand = sum(s.demand_fetches for s in dec) / n if n else 0.0
+    lines = [f"device fetches per token (decode mean): {fetches:.1f}, of them on demand {demand:.1f} "
+             f"(prefill {pre.fetches if pre else 0}, on demand {pre.demand_fetches if pre else 0})"]
+    p = r.extra.get("prefetch")
+    if p is None:
+        lines.append(f"next-layer prefetch: off (--prefetch {r.options.prefetch})")
+        return lines
+    acc = p["accuracy"]
+    total = p["staged_bytes"] or 1
+    lines.append(f"next-layer prefetch: on, staging buffer {p['budget_bytes']:,} bytes; {p['predictions']} layers "
+                 f"guessed, {p['predicted_selected']} of their {p['selected']} selected experts guessed "
+                 f"({'n/a' if acc is None else f'{acc:.1%}'})")
+    lines.append(f"  staged {p['staged_bytes']:,} bytes: used {p['used_bytes']:,} ({p['used_bytes'] / total:.1%}), "
+                 f"wasted {p['wasted_bytes']:,} (link traffic beyond the plans'), "
+                 f"{sum(s.staged_fetches for s in r.steps)} of {sum(s.fetches for s in r.steps)} fetches staged")
+    return lines

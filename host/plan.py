@@ -167,11 +167,13 @@ class LayerPlanner:
         """The whole plan of a layer: `finish(decide(...))`."""
         return self.finish(self.decide(layer, ids, weights))
 
-    def decide(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> LayerDecision:
+    def decide(self, layer: int, ids: torch.Tensor, weights: torch.Tensor,
+               policy: RestorationPolicy | None = None) -> LayerDecision:
         """What the layer's launch waits for: the restoration, the expert tasks and where they
         run. Reads the caches and changes nothing in them (`finish` does, in the same order).
-        The hot path of the runtime: plain loops over Python lists, one tolist()."""
-        restoration = self.policy.decide(ids, weights, self._context(layer))
+        The hot path of the runtime: plain loops over Python lists, one tolist(). `policy`: decide
+        with this one instead (a copy, for a guess that must not advance a random policy)."""
+        restoration = (self.policy if policy is None else policy).decide(ids, weights, self._context(layer))
         id_rows = ids.tolist()
         lo = self.weight_variant
         compensable = lo != "fp16"

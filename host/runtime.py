@@ -36,6 +36,7 @@ from .cache import ExpertCache
 from .execute import LayerExecutor
 from .ndp import NdpDriver
 from .plan import LayerPlanner, check_plan
+from .prefetch import NextLayerPrefetcher, PrefetchStats, staging_budget
 from .presets import SystemPreset
 from .sizes import MATRICES, ExpertSizes
 
@@ -64,10 +65,20 @@ class StepStats:
     link_planned: Counter = field(default_factory=Counter)
     link_executed: Counter = field(default_factory=Counter)
     unplanned_uploads: int = 0
+    fetches: int = 0                  # weight and factor fetches to the device (misses of its cache)
+    staged_fetches: int = 0           # of those, staged ahead by the next-layer prefetch
+    prefetch_s: float = 0.0           # guessing the next layer and staging its fetches (host time)
+    prefetch: dict = field(default_factory=dict)     # this pass's PrefetchStats (host/prefetch.py)
+
+    @property
+    def demand_fetches(self) -> int:
+        """Fetches that waited for the link when the layer needed them."""
+        return self.fetches - self.staged_fetches
 
     @property
     def moe_s(self) -> float:
-        return self.planning_s + self.routing_s + self.expert_compute_s + self.fetch_s + self.upload_s + self.ndp_backend_s
+        return (self.planning_s + self.routing_s + self.expert_compute_s + self.fetch_s + self.upload_s
+                + self.ndp_backend_s + self.prefetch_s)
 
     @property
     def other_model_s(self) -> float:
@@ -77,7 +88,7 @@ class StepStats:
     def to_json(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if not isinstance(v, Counter)}
         d.update(link_planned=dict(self.link_planned), link_executed=dict(self.link_executed),
-                 moe_s=self.moe_s, other_model_s=self.other_model_s)
+                 moe_s=self.moe_s, other_model_s=self.other_model_s, demand_fetches=self.demand_fetches)
         return d
 
 
@@ -226,7 +237,8 @@ class ModelRuntime:
 
     def __init__(self, model_store, blocks: dict, *, policy, placement: str = "auto", cache_bytes: int,
                  eviction: str = "lru", ndp=None, system: SystemPreset | None = None, device: str = "cpu",
-                 prefetch: bool = True, record: bool = False, verify: bool = False, factor_precision: str = "fp16"):
+                 prefetch: bool = True, record: bool = False, verify: bool = False, factor_precision: str = "fp16",
+                 prefetch_next: bool = False):
         store = model_store.store
         self.store, self.layer_index = store, dict(model_store.layer_index)
         self.blocks = {l: blocks[l] for l in self.layer_index}
@@ -241,6 +253,15 @@ class ModelRuntime:
         self.planner = LayerPlanner(sizes, self.cache, policy, system=system, placement=placement,
                                     sensitivity=store.sensitivity, prefetch=prefetch)
         self.system, self.policy, self.placement = system, policy, placement
+        order = sorted(self.layer_index)
+        self._next_layer = dict(zip(order, order[1:]))           # within a pass; the last has none
+        self.prefetcher = None
+        if prefetch_next:
+            top_k = max(cfg.top_k for _, cfg in self.blocks.values())
+            self.prefetcher = NextLayerPrefetcher(self.planner, self.executor, device,
+                                                  staging_budget(sizes, top_k, self.planner.weight_variant))
+            self.executor.prefetcher = self.prefetcher
+        self._prefetch0 = PrefetchStats()
         self.record, self.verify = record, verify
         self.decisions: list[dict] = []          # with record=True: per block call, in call order
         self.position: tuple[int, int] | None = None     # (pass, model layer) while inside an MoE block
@@ -257,10 +278,15 @@ class ModelRuntime:
     def begin_step(self, tokens: int) -> None:
         self._step = StepStats(tokens)
         self._step.ndp_cycles_measured = self.ndp is not None and self.ndp.measured_cycles
+        if self.prefetcher is not None:
+            self._prefetch0 = PrefetchStats(**self.prefetcher.stats.__dict__)
 
     def end_step(self, wall_s: float) -> StepStats:
         step, self._step = self._step, None
         step.wall_s = wall_s
+        if self.prefetcher is not None:
+            now, before = self.prefetcher.stats, self._prefetch0
+            step.prefetch = {k: v - getattr(before, k) for k, v in now.__dict__.items()}
         self.steps.append(step)
         return step
 
@@ -305,12 +331,23 @@ class ModelRuntime:
         t3 = _now()
         if self.verify:
             check_plan(plan)
+        pf = self.prefetcher
+        if pf is not None:
+            pf.begin(sl, ids)
+            nxt = self._next_layer.get(model_layer)
+            if nxt is not None:             # the next layer's guess, staged while this one runs
+                tp = _now()
+                w_next, cfg_next = self.blocks[nxt]
+                pf.stage(self.layer_index[nxt], xh, w_next.router, cfg_next)
+                step.prefetch_s += _now() - tp
         fetch0, up0 = self._fetch.seconds, self.gpu.clock.seconds
         ndp0 = self.ndp.clock.seconds if self.ndp is not None else 0.0
         cyc0 = self.ndp.counters()["busy_cycles"] if self.ndp is not None else 0
         measured = self.ndp is not None and self.ndp.measured_cycles
         t4 = _now()
         y, rec = self.executor.run(plan, xh, shared=shared)
+        if pf is not None:
+            pf.end()
         self.gpu.synchronize()
         t5 = _now()
         if device.type != "cpu":
@@ -339,6 +376,8 @@ class ModelRuntime:
             if v:
                 step.link_executed[kind] += int(v)
         step.unplanned_uploads += rec.unplanned_uploads
+        step.fetches += rec.fetches
+        step.staged_fetches += rec.staged_fetches
         if self.record:
             self.decisions.append({"layer": model_layer, "ids": ids, "weights": wts,
                                    "restore": plan.restoration.restore_tensor(), "hi": plan.restoration.hi_tensor()})
