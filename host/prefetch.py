@@ -2,19 +2,21 @@
 will fetch to the device ahead of time.
 
 The guess applies layer l+1's router to layer l's MoE input (the hidden state the runtime holds
-when layer l's router has run). This is the training-free form of speculative expert loading:
-Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models with Offloading" (2023,
-arXiv:2312.17238, section 3.2: the next layer's gating function on the previous layer's hidden
-states), as HOBBIT (arXiv:2411.01433) also does for its layer-wise prefetch; Pre-gated MoE (ISCA
-2024) trains a gate for it instead, which a post-hoc runtime cannot. Hidden states change little
-from one layer to the next (the residual stream), so the next router mostly picks the same experts.
+when layer l's router has run): the training-free speculative expert loading of Eliseev & Mazur,
+"Fast Inference of Mixture-of-Experts Language Models with Offloading" (arXiv:2312.17238, the
+mixtral-offloading design: the next layer's gating function on an earlier layer's hidden state);
+HOBBIT's layer-level prefetch (arXiv:2411.01433) guesses from the current hidden state as well,
+while Pre-gated MoE (Hwang et al., ISCA 2024) trains a gate for it, which a runtime over a given
+checkpoint cannot. The residual stream changes little from one layer to the next, so the next
+router on this layer's input mostly picks the experts it will pick on its own.
 
 The guessed ids go through the planner's own `decide` (with a copy of the policy, so a random
 policy's draws are not consumed) against the cache as layer l+1 will see it: the prefetch stages
 exactly the weights and factor ranks that plan would fetch, by the executor's own loading code.
 
-Prefetch only moves bytes earlier. Staged data sits in a buffer of its own (at most one layer's
-top-k experts with their factors, `budget_bytes`, device memory beside the cache), invisible to the
+Prefetch only moves bytes earlier. Staged data sits in a buffer of its own (per layer at most its
+top-k experts with their factors, `budget_bytes`; the running layer's and the next one's are alive
+together, so up to twice that in device memory beside the cache), invisible to the
 planner and the cache: plans, cache contents and counters, placement and therefore every logit
 are exactly those of a run without prefetch (tests/test_prefetch.py). When layer l+1's plan fetches
 an expert that was staged, the executor takes the staged tensors instead of reading the store and

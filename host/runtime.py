@@ -157,8 +157,10 @@ class TimedGpuBackend(TorchGpuBackend):
         self.clock = _Clock()
 
     def synchronize(self):
+        """Wait for this layer's work: the compute stream (which waited on the upload stream).
+        Not the whole device: the next-layer prefetch's copies may run on past the layer."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def upload(self, host):
         t0 = _now()
