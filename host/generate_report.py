@@ -98,6 +98,10 @@ def _prefetch_lines(r: GenerateResult, pre, dec) -> list[str]:
     lines.append(f"next-layer prefetch: on, staging buffer {p['budget_bytes']:,} bytes; {p['predictions']} layers "
                  f"guessed, {p['predicted_selected']} of their {p['selected']} selected experts guessed "
                  f"({'n/a' if acc is None else f'{acc:.1%}'})")
+    if dec:
+        guess = sum(s.prefetch.get("guess_s", 0.0) for s in dec) / n * 1e3
+        lines.append(f"  host time per token: {_mean(dec, 'prefetch_s') * 1e3:.1f} ms, of it guessing {guess:.1f} ms "
+                     f"(the rest reads and unpacks what it stages: fetch work done earlier)")
     lines.append(f"  staged {p['staged_bytes']:,} bytes: used {p['used_bytes']:,} ({p['used_bytes'] / total:.1%}), "
                  f"wasted {p['wasted_bytes']:,} (link traffic beyond the plans'), "
                  f"{sum(s.staged_fetches for s in r.steps)} of {sum(s.fetches for s in r.steps)} fetches staged")

@@ -32,6 +32,7 @@ hardware.)
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -90,7 +91,8 @@ class _Staged:
     tensors: dict[str, torch.Tensor]        # on the device
     nbytes: int                             # link bytes of the staged range
     event: object = None
-    pinned: dict | None = None              # host sources kept alive until taken or dropped
+    pinned: dict | None = None              # host sources, held until taken or dropped (torch's pinned
+                                            # allocator also keeps a block until its copy has run)
     have: int = 0                           # factors: the cached rank the increment starts at
     rank: int = 0                           # factors: the rank it reaches
 
@@ -102,8 +104,8 @@ class PrefetchStats:
     predicted_selected: int = 0             # of those, guessed
     staged_bytes: int = 0
     used_bytes: int = 0
-    wasted_bytes: int = 0
-    seconds: float = 0.0                    # host time guessing and staging (issuing, on CUDA)
+    wasted_bytes: int = 0                   # staged and not taken by the layer it was staged for
+    guess_s: float = 0.0                    # host time of the guesses (router, policy copy, decide)
 
     def accuracy(self) -> float | None:
         return self.predicted_selected / self.selected if self.selected else None
@@ -161,8 +163,10 @@ class NextLayerPrefetcher:
         with `layer`'s router and config; stage what its plan would fetch, within the budget."""
         if self._next is not None:
             self._settle(self._next)
+        t0 = time.perf_counter()
         ids, wts = route_tokens(x, router, cfg)
         d = self.planner.decide(layer, ids, wts, policy=copy.deepcopy(self.planner.policy))
+        self.stats.guess_s += time.perf_counter() - t0
         guess = _Guess(layer, frozenset(ids.unique().tolist()))
         sizes, budget = self.planner.sizes, self.budget_bytes
         for task in sorted(d.tasks, key=lambda t: -len(t.tokens)):      # most tokens first
@@ -209,7 +213,10 @@ class NextLayerPrefetcher:
         del g.factors[key]
         self.copier.ready(s.tensors, s.event)
         n = rank - have
-        out = {k: (t[:, :n] if k.endswith(".A") else t[:n]) for k, t in s.tensors.items()}
+        if n == s.rank - s.have:
+            out = s.tensors
+        else:                                # contiguous, as a fetch of exactly [have, rank) would be
+            out = {k: (t[:, :n] if k.endswith(".A") else t[:n]).contiguous() for k, t in s.tensors.items()}
         used = s.nbytes * n // (s.rank - s.have)           # bytes are linear in rank (host/store.py)
         self.stats.used_bytes += used
         self.stats.wasted_bytes += s.nbytes - used
