@@ -17,7 +17,10 @@ import torch
 from ndpmoe.host.generate import GenerateOptions, ModelSpec, generate, load_model
 from ndpmoe.host.generate_report import format_report
 from ndpmoe.host.generate_store import model_store, store_study
-from ndpmoe.host.prefetch import SideStreamCopier, prefetch_enabled
+from ndpmoe.host.backends import TorchGpuBackend
+from ndpmoe.host.cache import ExpertCache
+from ndpmoe.host.execute import LayerExecutor
+from ndpmoe.host.prefetch import NextLayerPrefetcher, SideStreamCopier, _Guess, prefetch_enabled
 
 SPEC = ModelSpec("default", (0, 1), moefy_calib_tokens=1024)      # as tests/test_generate.py
 BASE = GenerateOptions(prompt="The Python language reference says that", max_new_tokens=4, model=SPEC,
@@ -76,6 +79,23 @@ def test_prefetch_moves_bytes_earlier_and_changes_nothing_else(dm, policy, ndp, 
 def test_random_policy_draws_are_not_consumed_by_the_guess(dm):
     off, on = _pair(dm, replace(BASE, policy="random-2"))
     _same_run(off, on)
+
+
+def test_staged_factors_cut_to_a_lower_rank_equal_a_fetch_of_that_rank(dm):
+    """A guess that staged more factor ranks than its layer then asks for hands over exactly the
+    tensors and bytes of a fetch of the lower rank; the rest counts as wasted."""
+    ms = model_store(dm, BASE.store_settings(), layers=[0, 1], name=SPEC.describe(), log=lambda m: None)
+    ex = LayerExecutor(ms.store, TorchGpuBackend("cpu"), ExpertCache(1 << 20))
+    rank = ms.store.manifest.rank
+    staged, staged_bytes = ex.load_factors(1, 3, 0, rank)
+    pf = NextLayerPrefetcher(None, ex, "cpu", 1 << 20)
+    pf._current = _Guess(1, frozenset({3}), factors={(1, 3, "factors"): pf._put(staged, staged_bytes, 0, rank)})
+    assert pf.take_factors(1, 3, 2, rank // 2) is None                 # another starting rank: not covered
+    got, nbytes = pf.take_factors(1, 3, 0, rank // 2)
+    want, want_bytes = ex.load_factors(1, 3, 0, rank // 2)
+    assert nbytes == want_bytes and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) and got[k].is_contiguous() for k in want)
+    assert pf.stats.used_bytes + pf.stats.wasted_bytes == pf.stats.staged_bytes == staged_bytes
 
 
 def test_prefetch_mode_checked_and_resolved():
