@@ -115,10 +115,6 @@ class PrefetchStats:
         d.update(accuracy=self.accuracy())
         return d
 
-    def add(self, other: "PrefetchStats") -> None:
-        for k, v in other.__dict__.items():
-            setattr(self, k, getattr(self, k) + v)
-
 
 @dataclass
 class _Guess:

@@ -10,11 +10,14 @@ any NDP backend), measuring where the time goes.
 All layers share one expert cache (keys carry the layer), one planner and one executor, so the
 cache sees the cyclic layer order of real decoding. Experts come from the store on disk
 (safetensors, memory-mapped) and are unpacked on the host when fetched (host/backends.py says
-why); an NDP unit holds every layer's images, placed once.
+why); an NDP unit holds every layer's images, placed once. With `prefetch_next`, each layer
+guesses the next one's experts and stages its fetches while it runs (host/prefetch.py); that
+changes where fetched bytes come from, never what is planned or computed. (`prefetch` is the
+planner's own: NDP-run experts copied into the cache with idle link time, host/plan.py.)
 
 Time per step is split by instrumenting the public seams: the store's reads (fetch), the GPU
 backend's copies (upload), the NDP backend's calls (the simulated unit's host time), the
-planner; expert compute is what remains of the executor's time. The NDP unit's own time is its
+planner, the next-layer prefetch; expert compute is what remains of the executor's time. The NDP unit's own time is its
 busy cycles at its clock: measured by the RTL, from the cost model on the golden backend.
 
 Legend: T tokens, D hidden, K top-k.
