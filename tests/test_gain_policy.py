@@ -125,3 +125,10 @@ def test_interrupted_write_leaves_the_store_as_it_was(stores, monkeypatch):
     assert [p.name for p in copy.iterdir() if p.name.startswith(".")] == []
     with pytest.raises(StoreError, match="has no gain tables"):
         gt.load_gain_tables(open_store(copy))
+
+
+def test_study_refuses_it_as_an_extra_row():
+    from ndpmoe.host.study_plan import PlanOptions, extra_policies
+
+    with pytest.raises(ValueError, match=r"'gain-budget:1000' decides by a store's gain tables.*use --budgets"):
+        extra_policies(PlanOptions(policies=("gain-budget:1000",)))

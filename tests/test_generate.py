@@ -54,7 +54,7 @@ def model():
     ms = model_store(dm, s, layers=[0, 1], name=SPEC.describe(), study=study, log=lambda m: None, gain_tables=True)
     # The NDP's store (packed for its 128-bit port) from the same calibration pass.
     model_store(dm, replace(BASE, ndp="golden").store_settings(), layers=[0, 1], name=SPEC.describe(), study=study,
-                log=lambda m: None)
+                log=lambda m: None, gain_tables=True)
     yield dm, study, ms
     torch.set_num_threads(before)
 
@@ -190,12 +190,15 @@ def _check_gain_budget(dm, variant, ms, r, budget, prompt):
     assert worst < 1e-3, worst
 
 
-@pytest.mark.parametrize("placement", ["auto", "all-ndp"])
-def test_golden_ndp_accounting(model, placement):
+@pytest.mark.parametrize("placement, policy", [("auto", "top-2"), ("all-ndp", "top-2"), ("auto", "gain-budget:122880")])
+def test_golden_ndp_accounting(model, placement, policy):
     dm, _, _ = model
-    opts = replace(BASE, ndp="golden", placement=placement, policy="top-2", cache_mb=0.3)
-    r = generate(opts, dm, log=lambda m: None)
+    opts = replace(BASE, ndp="golden", placement=placement, policy=policy, cache_mb=0.3)
+    r = generate(opts, dm, log=lambda m: None, record=True)
     assert len(r.tokens) == NEW_TOKENS and r.interrupted is None
+    if policy.startswith("gain-budget:"):      # copies and ranks both executed and accounted
+        assert any(bool(d["hi"].any()) for d in r.extra["decisions"])
+        assert any(bool((d["restore"] > 0).any()) for d in r.extra["decisions"])
     for s in r.steps:
         assert s.link_planned == s.link_executed            # every link and kind
         assert s.unplanned_uploads == 0
