@@ -15,6 +15,8 @@ tokens and tables.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .budget_policy import OptionTable, check_budget, solve
@@ -61,6 +63,19 @@ class GainBudgetPolicy:
         choice = self.choose(ids, weights, ctx.layer)
         rank_of, hi_of = self._maps[ctx.layer]
         return Restoration(tuple(map(tuple, rank_of[choice].tolist())), tuple(map(tuple, hi_of[choice].tolist())))
+
+
+def parse_gain_budget(spec: str) -> GainBudgetPolicy:
+    """'gain-budget:BYTES' (per token and MoE layer) as an unbound policy."""
+    text = spec[len("gain-budget:"):]
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = math.nan
+    if not math.isfinite(budget) or budget < 0:
+        raise ValueError(f"restoration policy {spec!r}: the budget must be a non-negative number of bytes per "
+                         f"token, not {text!r}")
+    return GainBudgetPolicy(budget)
 
 
 def _option_map(table: OptionTable) -> tuple[torch.Tensor, torch.Tensor]:

@@ -412,18 +412,17 @@ def get_policy(spec: str, top_k: int | None = None) -> RestorationPolicy:
                     except ValueError as err:
                         raise ValueError(f"restoration policy {spec!r}: {err}") from None
                 return make(int(n), rank=int(rank) if at else None)
-    for prefix in ("budgeted:", "gain-budget:"):
-        if spec.startswith(prefix):
-            try:
-                budget = float(spec[len(prefix):])
-            except ValueError:
-                budget = math.nan
-            if not math.isfinite(budget) or budget < 0:
-                raise ValueError(f"restoration policy {spec!r}: the budget must be a non-negative number of "
-                                 f"bytes per token, not {spec[len(prefix):]!r}")
-            if prefix == "budgeted:":
-                return BudgetedPolicy(budget)
-            from .gain_policy import GainBudgetPolicy
+    if spec.startswith("budgeted:"):
+        try:
+            budget = float(spec[9:])
+        except ValueError:
+            budget = math.nan
+        if not math.isfinite(budget) or budget < 0:
+            raise ValueError(f"restoration policy {spec!r}: the budget must be a non-negative number of "
+                             f"bytes per token, not {spec[9:]!r}")
+        return BudgetedPolicy(budget)
+    if spec.startswith("gain-budget:"):
+        from .gain_policy import parse_gain_budget
 
-            return GainBudgetPolicy(budget)
+        return parse_gain_budget(spec)
     raise ValueError(f"unknown restoration policy {spec!r}; expected {_SPEC_GRAMMAR}")
