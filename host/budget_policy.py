@@ -26,6 +26,7 @@ increments (H hull points per expert), 2 x `repair_rounds` passes over K x O opt
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -109,6 +110,12 @@ class OptionTable:
     def index(self, option: Option) -> int:
         return self.options.index(option)
 
+    @functools.cached_property
+    def rows(self) -> list[tuple[list[int], list[float], list[float]]]:
+        """Per expert: (its hull's option indices, cost and gain per option) as Python lists."""
+        return [([i for i in h if i >= 0], c, g)
+                for h, c, g in zip(self.hull.tolist(), self.cost.tolist(), self.gain.tolist())]
+
 
 def upper_hull(cost: list[float], gain: list[float]) -> list[int]:
     """Indices of the upper concave hull of (cost, gain) from option 0, in increasing cost, each
@@ -168,6 +175,8 @@ def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: 
     budget = check_budget(budget)
     t, k = ids.shape
     scale = weights.double().clamp_min(0) ** weight_power                       # [T, K]
+    if t == 1 and not pair_repair:
+        return _solve_one(table, ids[0].tolist(), scale[0].tolist(), budget, repair_rounds)
     hull = table.hull[ids]                                                      # [T, K, H]
     valid = hull >= 0
     hidx = hull.clamp_min(0)
@@ -191,6 +200,42 @@ def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: 
         _repair_pairs(choice, hull, cost_all, gain_all, budget)
         _repair_singles(choice, cost_all, gain_all, budget, repair_rounds)
     return choice
+
+
+def _solve_one(table: OptionTable, ids: list[int], scale: list[float], budget: float, rounds: int) -> torch.Tensor:
+    """`solve` for one token (batch-1 decode) in plain Python over the table's lists: the same
+    steps and float64 operations in the same order, without torch's per-op overhead on [1, K]
+    tensors (tests/test_budget_policy.py holds it equal to the batched path)."""
+    rows = table.rows
+    steps = []                                      # (slope, cost, slot) of every hull step, slot-major
+    for slot, (e, s) in enumerate(zip(ids, scale)):
+        hull, cost, gain = rows[e]
+        for a, b in zip(hull, hull[1:]):
+            dc = cost[b] - cost[a]
+            steps.append(((gain[b] - gain[a]) * s / (dc if dc > 1e-12 else 1e-12), dc, slot))
+        steps.extend((-math.inf, math.inf, slot) for _ in range(table.hull.shape[1] - len(hull)))
+    level = [0] * len(ids)
+    spent = 0.0
+    for slope, dc, slot in sorted(steps, key=lambda x: -x[0]):      # stable, as argsort(stable=True)
+        spent += dc
+        if not (spent <= budget + 1e-9 and slope > 0):
+            break
+        level[slot] += 1
+    choice = [rows[e][0][lv] for e, lv in zip(ids, level)]
+    for _ in range(rounds):
+        cur = [(rows[e][1][c], rows[e][2][c] * s) for e, s, c in zip(ids, scale, choice)]
+        left = budget - sum(c for c, _ in cur)
+        best, where = -math.inf, None
+        for slot, (e, s) in enumerate(zip(ids, scale)):
+            _, cost, gain = rows[e]
+            c0, g0 = cur[slot]
+            for o, (c, g) in enumerate(zip(cost, gain)):
+                if c - c0 <= left + 1e-9 and g * s - g0 > best:
+                    best, where = g * s - g0, (slot, o)
+        if not best > 1e-15:
+            break
+        choice[where[0]] = where[1]
+    return torch.tensor([choice], dtype=torch.long)
 
 
 def _repair_singles(choice, cost_all, gain_all, budget: float, rounds: int) -> None:

@@ -98,3 +98,20 @@ def test_unsupported_precision_and_unstored_rank_are_refused():
         option_list(("fp16",), 16, ranks=(4, 32))
     with pytest.raises(ValueError, match=r"copy bits must be one of \(4, 8\), not 6"):
         option_list(("fp16",), 4, copy_bits=(6,))
+
+
+@pytest.mark.parametrize("seed", [1, 4, 7])
+def test_one_token_path_decides_as_the_batched_path(seed):
+    """Batch-1 decode takes a plain-Python path through the same steps: every token's choice
+    equals its row of the batched solve (ties included: a copy as good as a rank, zero-gain
+    experts, budgets on a step's boundary)."""
+    table = random_table(seed, experts=8)
+    table.gain[5] = 0.0                                   # an expert no calibration row reached
+    table.gain[6, -1] = table.gain[6, 8]                  # a copy worth exactly rank 8 at fp16
+    ids, w = routing(seed + 10, 200, 8, 4)
+    for budget in (0.0, 3840.0, 7680.0, 25600.0 + 3840.0, 50000.0, 400000.0):
+        for power in (2.0, 28.3):
+            batched = solve(table, ids, w, budget, power)
+            for t in range(ids.shape[0]):
+                one = solve(table, ids[t:t + 1], w[t:t + 1], budget, power)
+                assert torch.equal(one, batched[t:t + 1]), (budget, power, t)
