@@ -118,12 +118,15 @@ class OptionTable:
 
 
 def upper_hull(cost: list[float], gain: list[float]) -> list[int]:
-    """Indices of the upper concave hull of (cost, gain) from option 0, in increasing cost, each
-    strictly better than the last (the only options a Lagrangian relaxation ever picks)."""
+    """Indices of the upper concave hull of (cost, gain), in increasing cost, each strictly better
+    than the last (the only options a Lagrangian relaxation ever picks). It starts at the best
+    option that costs no more than option 0 ('none'): option 0 itself, unless an option is free or
+    pays back (e.g. a copy packed smaller than the low-bit expert) and gains more."""
+    start = min((i for i in range(len(cost)) if cost[i] <= cost[0]), key=lambda i: (-gain[i], cost[i], i))
     order = sorted(range(len(cost)), key=lambda i: (cost[i], -gain[i]))
-    hull = [0]
+    hull = [start]
     for i in order:
-        if i == 0 or cost[i] < cost[0] or gain[i] <= gain[hull[-1]]:
+        if i == start or cost[i] <= cost[start] or gain[i] <= gain[hull[-1]]:
             continue
         if cost[i] == cost[hull[-1]]:
             continue                                   # same price, no more gain (sorted by -gain)
@@ -189,7 +192,8 @@ def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: 
     flat_slope, flat_cost = slope.reshape(t, -1), torch.where(step_ok, dc, math.inf).reshape(t, -1)
     order = flat_slope.argsort(dim=1, descending=True, stable=True)
     csum = torch.gather(flat_cost, 1, order).cumsum(1)
-    take = (csum <= budget + 1e-9) & (torch.gather(flat_slope, 1, order) > 0)
+    room = budget - hc[..., 0].sum(1, keepdim=True)                             # the hulls' starts may pay back
+    take = (csum <= room + 1e-9) & (torch.gather(flat_slope, 1, order) > 0)
     take = take.cummin(dim=1).values                                            # stop at the first that does not fit
     taken = torch.zeros_like(take).scatter_(1, order, take)                     # [T, K*(H-1)]
     level = taken.reshape(t, k, -1).sum(2)                                      # hull steps per slot
@@ -216,9 +220,10 @@ def _solve_one(table: OptionTable, ids: list[int], scale: list[float], budget: f
         steps.extend((-math.inf, math.inf, slot) for _ in range(table.hull.shape[1] - len(hull)))
     level = [0] * len(ids)
     spent = 0.0
+    room = budget - sum(rows[e][1][rows[e][0][0]] for e in ids)
     for slope, dc, slot in sorted(steps, key=lambda x: -x[0]):      # stable, as argsort(stable=True)
         spent += dc
-        if not (spent <= budget + 1e-9 and slope > 0):
+        if not (spent <= room + 1e-9 and slope > 0):
             break
         level[slot] += 1
     choice = [rows[e][0][lv] for e, lv in zip(ids, level)]

@@ -115,3 +115,22 @@ def test_one_token_path_decides_as_the_batched_path(seed):
             for t in range(ids.shape[0]):
                 one = solve(table, ids[t:t + 1], w[t:t + 1], budget, power)
                 assert torch.equal(one, batched[t:t + 1]), (budget, power, t)
+
+
+def test_an_option_that_pays_back_is_the_hulls_start():
+    """A copy packed smaller than the low-bit expert (the default model's int4 copy at a 128-bit
+    port) costs less than nothing and gains more: every slot takes it, and the budget it frees
+    buys what else fits; both paths agree and stay within the budget."""
+    table = random_table(2, experts=6)
+    copy = table.options.index(Option("copy", bits=4))
+    table.cost[:, copy] = -3072.0
+    table = OptionTable(table.options, table.cost, table.gain)          # hulls again
+    assert all(h[0] == copy for h in table.hull.tolist())
+    ids, w = routing(5, 60, 6, 3)
+    for budget in (0.0, 3000.0, 80000.0):
+        choice = solve(table, ids, w, budget)
+        assert bool((spent(table, ids, choice) <= budget + 1e-6).all())
+        if budget == 0.0:
+            assert bool((choice == copy).all())
+        for t in range(ids.shape[0]):
+            assert torch.equal(solve(table, ids[t:t + 1], w[t:t + 1], budget), choice[t:t + 1])
