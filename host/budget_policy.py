@@ -26,6 +26,7 @@ increments (H hull points per expert), 2 x `repair_rounds` passes over K x O opt
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -109,14 +110,23 @@ class OptionTable:
     def index(self, option: Option) -> int:
         return self.options.index(option)
 
+    @functools.cached_property
+    def rows(self) -> list[tuple[list[int], list[float], list[float]]]:
+        """Per expert: (its hull's option indices, cost and gain per option) as Python lists."""
+        return [([i for i in h if i >= 0], c, g)
+                for h, c, g in zip(self.hull.tolist(), self.cost.tolist(), self.gain.tolist())]
+
 
 def upper_hull(cost: list[float], gain: list[float]) -> list[int]:
-    """Indices of the upper concave hull of (cost, gain) from option 0, in increasing cost, each
-    strictly better than the last (the only options a Lagrangian relaxation ever picks)."""
+    """Indices of the upper concave hull of (cost, gain), in increasing cost, each strictly better
+    than the last (the only options a Lagrangian relaxation ever picks). It starts at the best
+    option that costs no more than option 0 ('none'): option 0 itself, unless an option is free or
+    pays back (e.g. a copy packed smaller than the low-bit expert) and gains more."""
+    start = min((i for i in range(len(cost)) if cost[i] <= cost[0]), key=lambda i: (-gain[i], cost[i], i))
     order = sorted(range(len(cost)), key=lambda i: (cost[i], -gain[i]))
-    hull = [0]
+    hull = [start]
     for i in order:
-        if i == 0 or cost[i] < cost[0] or gain[i] <= gain[hull[-1]]:
+        if i == start or cost[i] <= cost[start] or gain[i] <= gain[hull[-1]]:
             continue
         if cost[i] == cost[hull[-1]]:
             continue                                   # same price, no more gain (sorted by -gain)
@@ -168,6 +178,8 @@ def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: 
     budget = check_budget(budget)
     t, k = ids.shape
     scale = weights.double().clamp_min(0) ** weight_power                       # [T, K]
+    if t == 1 and not pair_repair:
+        return _solve_one(table, ids[0].tolist(), scale[0].tolist(), budget, repair_rounds)
     hull = table.hull[ids]                                                      # [T, K, H]
     valid = hull >= 0
     hidx = hull.clamp_min(0)
@@ -180,7 +192,8 @@ def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: 
     flat_slope, flat_cost = slope.reshape(t, -1), torch.where(step_ok, dc, math.inf).reshape(t, -1)
     order = flat_slope.argsort(dim=1, descending=True, stable=True)
     csum = torch.gather(flat_cost, 1, order).cumsum(1)
-    take = (csum <= budget + 1e-9) & (torch.gather(flat_slope, 1, order) > 0)
+    room = budget - hc[..., 0].sum(1, keepdim=True)                             # the hulls' starts may pay back
+    take = (csum <= room + 1e-9) & (torch.gather(flat_slope, 1, order) > 0)
     take = take.cummin(dim=1).values                                            # stop at the first that does not fit
     taken = torch.zeros_like(take).scatter_(1, order, take)                     # [T, K*(H-1)]
     level = taken.reshape(t, k, -1).sum(2)                                      # hull steps per slot
@@ -191,6 +204,43 @@ def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: 
         _repair_pairs(choice, hull, cost_all, gain_all, budget)
         _repair_singles(choice, cost_all, gain_all, budget, repair_rounds)
     return choice
+
+
+def _solve_one(table: OptionTable, ids: list[int], scale: list[float], budget: float, rounds: int) -> torch.Tensor:
+    """`solve` for one token (batch-1 decode) in plain Python over the table's lists: the same
+    steps and float64 operations in the same order, without torch's per-op overhead on [1, K]
+    tensors (tests/test_budget_policy.py holds it equal to the batched path)."""
+    rows = table.rows
+    steps = []                                      # (slope, cost, slot) of every hull step, slot-major
+    for slot, (e, s) in enumerate(zip(ids, scale)):
+        hull, cost, gain = rows[e]
+        for a, b in zip(hull, hull[1:]):
+            dc = cost[b] - cost[a]
+            steps.append(((gain[b] - gain[a]) * s / (dc if dc > 1e-12 else 1e-12), dc, slot))
+        steps.extend((-math.inf, math.inf, slot) for _ in range(table.hull.shape[1] - len(hull)))
+    level = [0] * len(ids)
+    spent = 0.0
+    room = budget - sum(rows[e][1][rows[e][0][0]] for e in ids)
+    for slope, dc, slot in sorted(steps, key=lambda x: -x[0]):      # stable, as argsort(stable=True)
+        spent += dc
+        if not (spent <= room + 1e-9 and slope > 0):
+            break
+        level[slot] += 1
+    choice = [rows[e][0][lv] for e, lv in zip(ids, level)]
+    for _ in range(rounds):
+        cur = [(rows[e][1][c], rows[e][2][c] * s) for e, s, c in zip(ids, scale, choice)]
+        left = budget - sum(c for c, _ in cur)
+        best, where = -math.inf, None
+        for slot, (e, s) in enumerate(zip(ids, scale)):
+            _, cost, gain = rows[e]
+            c0, g0 = cur[slot]
+            for o, (c, g) in enumerate(zip(cost, gain)):
+                if c - c0 <= left + 1e-9 and g * s - g0 > best:
+                    best, where = g * s - g0, (slot, o)
+        if not best > 1e-15:
+            break
+        choice[where[0]] = where[1]
+    return torch.tensor([choice], dtype=torch.long)
 
 
 def _repair_singles(choice, cost_all, gain_all, budget: float, rounds: int) -> None:

@@ -173,6 +173,27 @@ def weight_exponent(samples: list[tuple], totals: tuple[float, float] = (math.na
             "w2_share": round(share, 4), "samples": int(w.numel())}
 
 
+def measure_tables(blocks, options: tuple[Option, ...], costs: list[int], inputs: dict[int, torch.Tensor],
+                   on_layer=None) -> tuple[dict[int, OptionTable], dict]:
+    """Every layer's option table and the router-weight fit (weight_exponent) over all of them.
+    blocks(layer) -> (low-bit block, {precision: block with those factors}, {bits: block of
+    copies}), asked one layer at a time; inputs: calibration rows per layer; costs: bytes per
+    option (option_costs); on_layer(i, layer, seconds) after each layer (progress)."""
+    tables, samples, tot = {}, [], [0.0, 0.0]
+    for i, l in enumerate(inputs):
+        t0 = time.time()
+        base, factors, copies = blocks(l)
+        gain, s, (red, pred) = measure_layer(base, factors, copies, options, inputs[l])
+        tot[0] += red
+        tot[1] += pred
+        cost = torch.tensor(costs, dtype=torch.float64).expand(gain.shape[0], -1).clone()
+        tables[l] = OptionTable(options, cost, gain)
+        samples += s
+        if on_layer is not None:
+            on_layer(i, l, time.time() - t0)
+    return tables, weight_exponent(samples, tuple(tot))
+
+
 def prepare(study, bits: int, quantizer: str, stored_rank: int, precisions, copy_bits=COPY_BITS, group: int = 64,
             weight_power: float | None = None, log=print) -> BudgetSetup:
     """Build (or reuse) the variants the options need and measure every layer's option table.
@@ -187,20 +208,12 @@ def prepare(study, bits: int, quantizer: str, stored_rank: int, precisions, copy
                for p in precisions}
     copies = {b: study.variant(Variant(b, quantizer, group=group)) for b in copy_bits}
     options = option_list(precisions, stored_rank, copy_bits)
-    tables, samples, tot = {}, [], [0.0, 0.0]
     l0 = study.layers[0]
     sizes = block_sizes(factors[precisions[0]][l0]) if precisions else block_sizes(base[l0])
     copy_sizes = {b: block_sizes(copies[b][l0]) for b in copy_bits}
     costs = option_costs(options, sizes, copy_sizes)
-    for l in study.layers:
-        gain, s, (red, pred) = measure_layer(base[l], {p: f[l] for p, f in factors.items()},
-                                             {b: c[l] for b, c in copies.items()}, options, study.calib_inputs[l])
-        tot[0] += red
-        tot[1] += pred
-        cost = torch.tensor(costs, dtype=torch.float64).expand(gain.shape[0], -1).clone()
-        tables[l] = OptionTable(options, cost, gain)
-        samples += s
-    fit = weight_exponent(samples, tuple(tot))
+    blocks = lambda l: (base[l], {p: f[l] for p, f in factors.items()}, {b: c[l] for b, c in copies.items()})
+    tables, fit = measure_tables(blocks, options, costs, study.calib_inputs)
     log(f"  measured gains of {len(options)} options x {base[l0].num_experts} experts x {len(study.layers)} layers; "
         f"router weight: reduction ~ w^{fit['p']} x gain (w^2 x gain is {fit.get('w2_share', math.nan):.1%} of the "
         f"measured reduction) in {time.time() - t0:.0f} s")

@@ -21,7 +21,8 @@ def add_arguments(p):
     p.add_argument("--bits", type=int, default=3, help="low-bit expert width (2, 3, 4, 8)")
     p.add_argument("--rank", type=int, default=16, help="stored compensator rank (policies use prefixes of it)")
     p.add_argument("--hi-bits", type=int, default=8, help="higher-precision expert copies (0: none)")
-    p.add_argument("--policy", default="none", help="restoration policy: none, top-N, random-N, hobbit, budgeted:BYTES")
+    p.add_argument("--policy", default="none", help="restoration policy: none, top-N, random-N, hobbit, budgeted:BYTES, gain-budget:BYTES "
+                   "(measured gains; measures the store's gain tables once)")
     p.add_argument("--placement", default="auto", help=f"one of {', '.join(PLACEMENT_NAMES)}")
     p.add_argument("--ndp", default="golden", choices=NDP_MODES, help="none: GPU-only system; golden: the bit-exact "
                    "NDP model; rtl: also the first --rtl-tokens tokens on the Verilator-simulated unit")

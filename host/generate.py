@@ -332,9 +332,10 @@ def prepare(opts: GenerateOptions, dm=None, *, log=print, progress: bool = False
     layers = runtime_layers(dm, opts.model)
     prompt_ids = encode_prompt(dm.tokenizer, opts.prompt)
     check_lengths(len(prompt_ids), opts.max_new_tokens, context_length(dm.model))
-    get_policy(opts.policy, dm.blocks[layers[0]][1].top_k)
+    policy = get_policy(opts.policy, dm.blocks[layers[0]][1].top_k)
     mem = check_fit(opts, dm, layers)
-    ms = model_store(dm, opts.store_settings(), layers=layers, name=opts.model.describe(), progress=progress, log=log)
+    ms = model_store(dm, opts.store_settings(), layers=layers, name=opts.model.describe(), progress=progress, log=log,
+                     gain_tables=getattr(policy, "needs_gain_tables", False))
     setup["store_s"] = ms.seconds
     return dm, layers, prompt_ids, ms, mem, setup
 
@@ -347,6 +348,10 @@ def make_runtime(opts: GenerateOptions, dm, ms, mem: int, ndp=None, *, record: b
 
     layers = sorted(ms.layer_index)
     policy = get_policy(opts.policy, dm.blocks[layers[0]][1].top_k)
+    if getattr(policy, "needs_gain_tables", False):              # host/gain_policy.py
+        from .gain_tables import load_gain_tables
+
+        policy = policy.bind(load_gain_tables(ms.store), opts.factors, ms.store.hi_fmt and ms.store.hi_fmt.bits)
     if opts.ndp != "none" and ndp is None:
         ndp = ndp_backend(opts, mem)
     return ModelRuntime(ms, dm.blocks, policy=policy, placement=opts.placement, cache_bytes=int(opts.cache_mb * MB),

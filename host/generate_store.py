@@ -119,10 +119,11 @@ def store_folder(key: str, s: StoreSettings) -> Path:
 
 
 def model_store(dm, s: StoreSettings, *, layers: list[int] | None = None, name: str = "model",
-                progress: bool = False, log=print, study=None) -> ModelStore:
+                progress: bool = False, log=print, study=None, gain_tables: bool = False) -> ModelStore:
     """The store of `dm`'s MoE layers under settings `s`: opened (and verified) if built before,
     else built with the study's quantization and written atomically (`study`: a `store_study`
-    of the same model, settings and layers, to reuse its calibration pass)."""
+    of the same model, settings and layers, to reuse its calibration pass). `gain_tables`: also
+    make sure it holds valid gain tables (host/gain_tables.py), measuring and adding them once."""
     import time
 
     t0 = time.perf_counter()
@@ -136,12 +137,20 @@ def model_store(dm, s: StoreSettings, *, layers: list[int] | None = None, name: 
     source = f"{name}: MoE layers {layers}, {s.variant().label}, store key {key}"
     index = {l: i for i, l in enumerate(layers)}
     try:
-        return ModelStore(open_store(folder, expect_source=source), index, False, time.perf_counter() - t0, key)
+        ms = ModelStore(open_store(folder, expect_source=source), index, False, time.perf_counter() - t0, key)
     except StoreError:
-        pass
-    log(f"building the expert store of {len(layers)} MoE layers ({s.variant().label}) in {folder}")
-    build_store(dm, s, layers, calib, folder, source, progress=progress, log=log, study=study)
-    return ModelStore(open_store(folder, expect_source=source), index, True, time.perf_counter() - t0, key)
+        log(f"building the expert store of {len(layers)} MoE layers ({s.variant().label}) in {folder}")
+        if gain_tables and study is None:
+            study = store_study(dm, s, layers, calib, progress=progress)      # one calibration pass for both
+        build_store(dm, s, layers, calib, folder, source, progress=progress, log=log, study=study)
+        ms = ModelStore(open_store(folder, expect_source=source), index, True, time.perf_counter() - t0, key)
+    if gain_tables:
+        from .gain_tables import ensure_gain_tables
+
+        ms.store = ensure_gain_tables(ms.store, lambda: study or store_study(dm, s, layers, calib, progress=progress),
+                                      {index[l]: dm.blocks[l] for l in layers}, layers, log=log)
+        ms.seconds = time.perf_counter() - t0
+    return ms
 
 
 def store_study(dm, s: StoreSettings, layers: list[int], calib: torch.Tensor | None = None, *,

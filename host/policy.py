@@ -15,6 +15,8 @@ Slots are sorted by router weight, descending (model.moe.route).
 - BudgetedPolicy(bytes per token): per batch, buys gain per byte greedily: gain of giving expert e
   rank r = sum over the tokens that chose e of weight^p x rank_gain[e, r]; the higher-precision
   copy is one more option of the same expert. Factors or copies already cached cost nothing.
+- GainBudgetPolicy (host/gain_policy.py, 'gain-budget:BYTES'): per token, the measured-gain
+  knapsack of the accuracy study's budgeted rows, over gain tables kept with the store.
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ class RestorationContext:
     lo_cached: Callable[[int], bool] = _none_cached   # expert -> its low-bit copy is cached
     lo_bytes: int = 0                                 # bytes of one low-bit expert (for hi_price)
     states: Callable[[list[int], bool], list[tuple[int, int | None]]] | None = None   # start_states, in one pass
+    layer: int | None = None                          # the store layer decided (per-layer tables)
 
     def start_states(self, experts: list[int], copies: bool) -> list[tuple[int, int | None]]:
         """Per expert: (cached factor rank, hi_price, or None without `copies`), for a whole layer
@@ -110,13 +113,13 @@ def restoration_context(sizes: ExpertSizes, sensitivity: LayerSensitivity | None
     hi_extra = sizes.hi_extra_bytes if sizes.hi_fmt is not None else None
     lo = sizes.weight_bytes("lo") if sizes.fmt is not None else 0
     if cache is None:
-        return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity, lo_bytes=lo)
+        return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity, lo_bytes=lo, layer=layer)
     fcache = cache if factor_cache is None else factor_cache
     return RestorationContext(sizes.stored_rank, rank_bytes, hi_extra, sensitivity,
                               cached_rank=functools.partial(fcache.cached_rank, layer),
                               hi_cached=functools.partial(cache.holds, layer, "hi"),
                               lo_cached=functools.partial(cache.holds, layer, "lo"), lo_bytes=lo,
-                              states=_cache_states(cache.entries, fcache.entries, layer, hi_extra, lo))
+                              states=_cache_states(cache.entries, fcache.entries, layer, hi_extra, lo), layer=layer)
 
 
 def _cache_states(entries, factor_entries, layer: int, hi_extra: int | None, lo_bytes: int):
@@ -383,12 +386,15 @@ def _unit_hull(sens: LayerSensitivity, e: int, r0: int, stored_rank: int, rank_b
     return tuple(with_slope), tuple(rank_pts)
 
 
-_SPEC_GRAMMAR = "none, top-N[@rR], random-N[@rR], hobbit or budgeted:BYTES_PER_TOKEN"
+_SPEC_GRAMMAR = "none, top-N[@rR], random-N[@rR], hobbit, budgeted:BYTES_PER_TOKEN or gain-budget:BYTES_PER_TOKEN"
 
 
 def get_policy(spec: str, top_k: int | None = None) -> RestorationPolicy:
     """Parse a policy spec: 'none', 'top-N' / 'random-N' (optionally '@rR', rank R, else all that
-    is stored), 'hobbit' (top-1 higher-precision copy), 'budgeted:BYTES' (per token and layer).
+    is stored), 'hobbit' (top-1 higher-precision copy), 'budgeted:BYTES' (per token and layer,
+    options ranked by the spectral sensitivity), 'gain-budget:BYTES' (per token and layer, the
+    study's measured-gain knapsack over the store's gain tables; returned unbound: the runtime
+    binds it to the store's tables, host/gain_policy.py).
     top_k: the model's routing, to refuse an N above it (None: checked when deciding)."""
     if not isinstance(spec, str):
         raise TypeError(f"policy spec must be a string, not {spec!r}")
@@ -415,4 +421,8 @@ def get_policy(spec: str, top_k: int | None = None) -> RestorationPolicy:
             raise ValueError(f"restoration policy {spec!r}: the budget must be a non-negative number of "
                              f"bytes per token, not {spec[9:]!r}")
         return BudgetedPolicy(budget)
+    if spec.startswith("gain-budget:"):
+        from .gain_policy import parse_gain_budget
+
+        return parse_gain_budget(spec)
     raise ValueError(f"unknown restoration policy {spec!r}; expected {_SPEC_GRAMMAR}")

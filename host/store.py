@@ -12,6 +12,9 @@ Layout of a store folder::
                            L{l}.exp [E, 3, 4] int32 scale_exp of (lo, hi, A8, B8),
                            L{l}.qexp [E, 3, len(factor_bits), 2] int32 scale_exp of (Bq, Atq),
                            L{l}.rank_gain [E, R + 1], L{l}.hi_gain [E]
+    gain_tables.safetensors  (optional, added later) measured option gains per layer, the
+                           decisions of the `gain-budget` policy (host/gain_tables.py); the
+                           manifest names it with its size and SHA-256
 
 Low-bit factors (model/factor_quant.py), b in factor_bits: Bq = B [R, in] and Atq = A^T [R, out],
 packed rows best-first (a rank-r prefix is a byte prefix of each image: what the GPU fetches and
@@ -55,6 +58,7 @@ READABLE_VERSIONS = (2, 3)            # a version-2 store is a version-3 one wit
 STORE_KIND = "ndpmoe-expert-store"
 MANIFEST = "manifest.json"
 TENSORS = "experts.safetensors"
+GAIN_TABLES = "gain_tables.safetensors"
 _EXP_SLOTS = ("lo", "hi", "A8", "B8")
 
 
@@ -107,6 +111,7 @@ class StoreManifest:
     tensors_bytes: int
     content_sha256: str
     factor_bits: tuple[int, ...] = ()   # bit widths of the packed low-bit factors it holds
+    gain_tables: dict | None = None     # {"file", "bytes", "sha256"} of its gain tables, if measured
 
     def to_json(self) -> dict:
         fields = {"kind": STORE_KIND, "format_version": self.version, "quant_format": _fmt_dict(self.fmt),
@@ -116,6 +121,8 @@ class StoreManifest:
                   "content_sha256": self.content_sha256}
         if self.version >= 3:
             fields["factor_bits"] = list(self.factor_bits)
+        if self.gain_tables is not None:
+            fields["gain_tables"] = dict(self.gain_tables)
         return fields | {"manifest_sha256": _manifest_hash(fields)}
 
     @classmethod
@@ -134,9 +141,14 @@ class StoreManifest:
             bits = tuple(int(b) for b in d["factor_bits"]) if version >= 3 else ()
             if len(set(bits)) != len(bits) or any(b not in FACTOR_BITS for b in bits):
                 raise ValueError(f"factor_bits {bits} are not distinct widths from {FACTOR_BITS}")
+            gains = d.get("gain_tables")
+            if gains is not None:
+                gains = {"file": str(gains["file"]), "bytes": int(gains["bytes"]), "sha256": str(gains["sha256"])}
+                if gains["file"] != GAIN_TABLES:
+                    raise ValueError(f"gain_tables names {gains['file']!r}, not {GAIN_TABLES!r}")
             return cls(version, _fmt_from(d["quant_format"]), _fmt_from(d["hi_format"]), int(d["layers"]),
                        int(d["experts"]), int(d["hidden"]), int(d["intermediate"]), int(d["rank"]),
-                       str(d["source"]), int(d["tensors_bytes"]), str(d["content_sha256"]), bits)
+                       str(d["source"]), int(d["tensors_bytes"]), str(d["content_sha256"]), bits, gains)
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{where} is missing or has a bad field: {exc}") from None
 
@@ -260,6 +272,27 @@ def write_store(path: str | os.PathLike, layers: list[QuantizedMoE], *, source: 
         for t in (tmp, tmp_manifest):
             t.unlink(missing_ok=True)
     return manifest
+
+
+def attach_gain_tables(store: "ExpertStore", tensors: dict, kind: str, meta: dict) -> "ExpertStore":
+    """Add (or replace) a store's gain tables: the sealed file written atomically, then the
+    manifest rewritten to name it with its size and SHA-256 (the commit point: an interruption
+    before it leaves the store as it was, with its old tables or none). Returns the store reopened."""
+    from ndpmoe.model.integrity import write_sealed
+
+    folder = store.folder
+    clean_stale_temps(folder)
+    write_sealed(folder / GAIN_TABLES, tensors, kind, meta)
+    path = folder / GAIN_TABLES
+    manifest = replace(store.manifest, gain_tables={"file": GAIN_TABLES, "bytes": path.stat().st_size,
+                                                    "sha256": _sha256(path)})
+    tmp_manifest = temp_path(folder / MANIFEST)
+    try:
+        tmp_manifest.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+        _atomic_replace(tmp_manifest, folder / MANIFEST)
+    finally:
+        tmp_manifest.unlink(missing_ok=True)
+    return ExpertStore(folder, manifest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +445,18 @@ class ExpertStore:
         key = self._check(layer, expert, matrix)
         bits = self._packed_bits(precision)
         return self.tensor(f"{key}.Aq{bits}"), self.tensor(f"{key}.Bq{bits}")
+
+    def gain_table_file(self, build_hint: str) -> Path:
+        """The gain-table file the manifest names, checked against its size and SHA-256;
+        StoreError (with `build_hint`: how to measure them) if there is none or it does not match."""
+        named = self.manifest.gain_tables
+        if named is None:
+            raise StoreError(f"store {self.folder} has no gain tables; {build_hint}")
+        path = self.folder / named["file"]
+        if not path.is_file() or path.stat().st_size != named["bytes"] or _sha256(path) != named["sha256"]:
+            raise StoreError(f"{path} is missing or is not the file {MANIFEST} names (size or SHA-256 differ); "
+                             f"{build_hint}")
+        return path
 
     def sensitivity(self, layer: int) -> LayerSensitivity:
         return LayerSensitivity(self.tensor(f"L{layer}.rank_gain"), self.tensor(f"L{layer}.hi_gain"),

@@ -70,6 +70,9 @@ def extra_policies(opt: PlanOptions, top_k: int | None = None) -> list:
     out = []
     for spec in opt.policies:
         policy = get_policy(spec, top_k)
+        if getattr(policy, "needs_gain_tables", False):
+            raise ValueError(f"restoration policy {spec!r} decides by a store's gain tables; the study runs the "
+                             f"same measured-gain policy as its budgeted rows: use --budgets (multiples of Top-1's bytes)")
         if isinstance(policy, HobbitTopHi) and not opt.hi_bits:
             raise ValueError(f"restoration policy {spec!r} needs higher-precision copies; set --hi-bits above 0")
         rank = getattr(policy, "rank", None)

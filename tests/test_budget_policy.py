@@ -98,3 +98,39 @@ def test_unsupported_precision_and_unstored_rank_are_refused():
         option_list(("fp16",), 16, ranks=(4, 32))
     with pytest.raises(ValueError, match=r"copy bits must be one of \(4, 8\), not 6"):
         option_list(("fp16",), 4, copy_bits=(6,))
+
+
+@pytest.mark.parametrize("seed", [1, 4, 7])
+def test_one_token_path_decides_as_the_batched_path(seed):
+    """Batch-1 decode takes a plain-Python path through the same steps: every token's choice
+    equals its row of the batched solve (ties included: a copy as good as a rank, zero-gain
+    experts, budgets on a step's boundary)."""
+    table = random_table(seed, experts=8)
+    table.gain[5] = 0.0                                   # an expert no calibration row reached
+    table.gain[6, -1] = table.gain[6, 8]                  # a copy worth exactly rank 8 at fp16
+    ids, w = routing(seed + 10, 200, 8, 4)
+    for budget in (0.0, 3840.0, 7680.0, 25600.0 + 3840.0, 50000.0, 400000.0):
+        for power in (2.0, 28.3):
+            batched = solve(table, ids, w, budget, power)
+            for t in range(ids.shape[0]):
+                one = solve(table, ids[t:t + 1], w[t:t + 1], budget, power)
+                assert torch.equal(one, batched[t:t + 1]), (budget, power, t)
+
+
+def test_an_option_that_pays_back_is_the_hulls_start():
+    """A copy packed smaller than the low-bit expert (the default model's int4 copy at a 128-bit
+    port) costs less than nothing and gains more: every slot takes it, and the budget it frees
+    buys what else fits; both paths agree and stay within the budget."""
+    table = random_table(2, experts=6)
+    copy = table.options.index(Option("copy", bits=4))
+    table.cost[:, copy] = -3072.0
+    table = OptionTable(table.options, table.cost, table.gain)          # hulls again
+    assert all(h[0] == copy for h in table.hull.tolist())
+    ids, w = routing(5, 60, 6, 3)
+    for budget in (0.0, 3000.0, 80000.0):
+        choice = solve(table, ids, w, budget)
+        assert bool((spent(table, ids, choice) <= budget + 1e-6).all())
+        if budget == 0.0:
+            assert bool((choice == copy).all())
+        for t in range(ids.shape[0]):
+            assert torch.equal(solve(table, ids[t:t + 1], w[t:t + 1], budget), choice[t:t + 1])

@@ -3,7 +3,9 @@ MoEfied layers, the other 28 dense, as tests/test_study.py uses), a few tokens e
 
 - The runtime is the model the study measured: per decode pass, its logits equal those of the
   study's masked forward (host/study.py LayerRunner) under the same restoration decisions, and
-  greedy decoding through both gives the same tokens, for Top-n, HOBBIT and the budgeted policy.
+  greedy decoding through both gives the same tokens, for Top-n, HOBBIT and the budgeted policy;
+  for the measured-gain policy the study's own budgeted forward (host/budget_study.py) decides
+  by itself over the store's gain tables and makes exactly the runtime's decisions.
 - Bytes executed equal bytes planned per link and kind, the NDP cycles counted by the golden
   backend equal the plans' modeled cycles, and nothing is uploaded that the plan did not say.
 - Bad input fails with a message naming it; Ctrl-C stops cleanly; an interrupted store build
@@ -21,11 +23,16 @@ import torch
 from ndpmoe.host.decode import greedy_steps
 from ndpmoe.host.generate import GenerateOptions, ModelSpec, encode_prompt, generate, load_model
 from ndpmoe.host.generate_report import format_report
+from ndpmoe.host.budget_policy import MeasuredBudgetPolicy, spent
+from ndpmoe.host.budget_study import BudgetRunner, BudgetSetup
+from ndpmoe.host.gain_policy import GainBudgetPolicy
+from ndpmoe.host.gain_tables import load_gain_tables
 from ndpmoe.host.generate_store import StoreSettings, model_store, store_folder, store_study
 from ndpmoe.host.store import open_store
 from ndpmoe.host.policy import HobbitTopHi, Restoration, TopN, restoration_context
 from ndpmoe.host.study import LayerRunner, block_sizes
 from ndpmoe.model.block import set_blocks
+from ndpmoe.model.moe_quant import QuantizedMoE
 from ndpmoe.rtl.verilator_env import have_verilator
 
 SPEC = ModelSpec("default", (0, 1), moefy_calib_tokens=1024)    # the reduced model of test_study.py
@@ -33,8 +40,8 @@ PROMPTS = ("The Python language reference says that", "A for statement is used t
 NEW_TOKENS = 4
 BASE = GenerateOptions(prompt=PROMPTS[0], max_new_tokens=NEW_TOKENS, model=SPEC, calib_tokens=1024, ndp="none",
                        placement="all-gpu", cache_mb=0.5, stop_at_eos=False, verify_plans=True)
-# The budgeted policy at this budget buys both compensation ranks and higher-precision copies.
-POLICIES = ("top-2", "hobbit", "budgeted:150000")
+# The budgeted policies at these budgets buy both compensation ranks and higher-precision copies.
+POLICIES = ("top-2", "hobbit", "budgeted:150000", "gain-budget:122880")
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +51,10 @@ def model():
     dm = load_model(SPEC)
     s = BASE.store_settings()
     study = store_study(dm, s, [0, 1])
-    ms = model_store(dm, s, layers=[0, 1], name=SPEC.describe(), study=study, log=lambda m: None)
+    ms = model_store(dm, s, layers=[0, 1], name=SPEC.describe(), study=study, log=lambda m: None, gain_tables=True)
     # The NDP's store (packed for its 128-bit port) from the same calibration pass.
     model_store(dm, replace(BASE, ndp="golden").store_settings(), layers=[0, 1], name=SPEC.describe(), study=study,
-                log=lambda m: None)
+                log=lambda m: None, gain_tables=True)
     yield dm, study, ms
     torch.set_num_threads(before)
 
@@ -78,6 +85,31 @@ def _runner(qm, policy, cfg):
     return LayerRunner(qm, policy, restoration_context(block_sizes(qm)), cfg)
 
 
+class _RecordingBudgetRunner(BudgetRunner):
+    """The study's measured-budget block, keeping each call's routing and choices."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = []
+
+    def choose(self, x):
+        ids, weights, choice = super().choose(x)
+        self.calls.append((ids, choice))
+        return ids, weights, choice
+
+
+def _study_gain_budget(variant, tables, layer_index, budget):
+    """The study's budgeted rows' block (budget_study.BudgetRunner) over the study's own experts,
+    factors and copies, deciding by the store's gain tables, restricted to the run's options."""
+    copies = {l: QuantizedMoE(qm.hi_experts[0].q["w1"].fmt, qm.hi_experts, qm.router, qm.cfg, qm.float_weights)
+              for l, qm in variant.items()}
+    tabs = {l: tables.table(layer_index[l], "fp16", BASE.hi_bits) for l in variant}
+    setup = BudgetSetup(dict(variant), {"fp16": dict(variant)}, {BASE.hi_bits: copies}, tabs,
+                        block_sizes(variant[0]).weight_bytes("lo"), tables.weight_power, tables.fit, 0.0)
+    policy = MeasuredBudgetPolicy(budget, tables.weight_power)
+    return {l: _RecordingBudgetRunner(setup, l, policy) for l in variant}
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_runtime_logits_equal_study_masked_forward(model, policy):
     dm, study, ms = model
@@ -87,6 +119,9 @@ def test_runtime_logits_equal_study_masked_forward(model, policy):
         r = generate(replace(BASE, prompt=prompt, policy=policy), dm, keep_logits=True, record=True, log=lambda m: None)
         assert len(r.tokens) == NEW_TOKENS and r.link_equal()
         decisions = r.extra["decisions"]
+        if policy.startswith("gain-budget:"):
+            _check_gain_budget(dm, variant, ms, r, float(policy.split(":")[1]), prompt)
+            continue
         if policy == "top-2":
             deciders = {l: TopN(2) for l in (0, 1)}
         elif policy == "hobbit":
@@ -124,12 +159,46 @@ def test_runtime_logits_equal_study_masked_forward(model, policy):
             assert worst2 < worst          # the fp16 factors are the larger part of the difference
 
 
-@pytest.mark.parametrize("placement", ["auto", "all-ndp"])
-def test_golden_ndp_accounting(model, placement):
+def _check_gain_budget(dm, variant, ms, r, budget, prompt):
+    """The study's budgeted forward, deciding by itself over the store's tables, decides what the
+    runtime decided (every layer call, every slot) and gives the same tokens and logits; the
+    policy's prices are the runtime's (a token's spent bytes = its Restoration's bytes, uncached)."""
+    tables = load_gain_tables(open_store(r.store["folder"]))
+    decisions = r.extra["decisions"]
+    assert any(bool((d["restore"] > 0).any()) for d in decisions)
+    assert any(bool(d["hi"].any()) for d in decisions)
+    runners = _study_gain_budget(variant, tables, ms.layer_index, budget)
+    tokens, logits = _study_logits(dm, runners, encode_prompt(dm.tokenizer, prompt), NEW_TOKENS)
+    ctx = restoration_context(open_store(r.store["folder"]).sizes())
+    for l, runner in runners.items():
+        mine = [d for d in decisions if d["layer"] == l]
+        assert len(mine) == len(runner.calls) == NEW_TOKENS
+        opts = runner.table.options
+        for d, (ids, choice) in zip(mine, runner.calls):
+            assert torch.equal(ids, d["ids"])
+            rank = torch.tensor([o.rank if o.kind == "factors" else 0 for o in opts])[choice]
+            hi = torch.tensor([o.kind == "copy" for o in opts])[choice]
+            assert torch.equal(rank, d["restore"]) and torch.equal(hi, d["hi"])
+            res = GainBudgetPolicy(budget).bind(tables, "fp16", BASE.hi_bits)
+            for t in range(ids.shape[0]):
+                one = res.decide(ids[t:t + 1], d["weights"][t:t + 1], replace(ctx, layer=ms.layer_index[l]))
+                assert one.bytes_moved(ids[t:t + 1], ctx) == float(spent(runner.table, ids[t:t + 1], choice[t:t + 1]))
+                assert float(spent(runner.table, ids[t:t + 1], choice[t:t + 1])) <= budget
+    assert tokens == r.tokens
+    # Tolerance: as for the other policies (fp16 factors in the store, float32 in the study).
+    worst = max(float((a - b).abs().max()) for a, b in zip(logits, r.logits))
+    assert worst < 1e-3, worst
+
+
+@pytest.mark.parametrize("placement, policy", [("auto", "top-2"), ("all-ndp", "top-2"), ("auto", "gain-budget:122880")])
+def test_golden_ndp_accounting(model, placement, policy):
     dm, _, _ = model
-    opts = replace(BASE, ndp="golden", placement=placement, policy="top-2", cache_mb=0.3)
-    r = generate(opts, dm, log=lambda m: None)
+    opts = replace(BASE, ndp="golden", placement=placement, policy=policy, cache_mb=0.3)
+    r = generate(opts, dm, log=lambda m: None, record=True)
     assert len(r.tokens) == NEW_TOKENS and r.interrupted is None
+    if policy.startswith("gain-budget:"):      # copies and ranks both executed and accounted
+        assert any(bool(d["hi"].any()) for d in r.extra["decisions"])
+        assert any(bool((d["restore"] > 0).any()) for d in r.extra["decisions"])
     for s in r.steps:
         assert s.link_planned == s.link_executed            # every link and kind
         assert s.unplanned_uploads == 0

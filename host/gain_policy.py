@@ -1,0 +1,85 @@
+"""The measured-gain budgeted policy as a runtime restoration policy (`--policy gain-budget:BYTES`).
+
+Per token and layer, each selected expert gets one option (nothing, a rank-r prefix of its
+compensator, or its higher-precision copy) so that the sum over the token's slots of
+w^p x measured gain is largest within BYTES: the multiple-choice knapsack of
+host/budget_policy.py (`solve`, the accuracy study's solver), over the gain tables measured on
+the store's own bytes and kept with it (host/gain_tables.py).
+
+Options are those the run executes: ranks at the run's factor precision (`--factors`) and the
+store's copy (`--hi-bits`); the study's policy also mixes factor precisions and int4 with int8
+copies in one run, which the runtime's plans (one factor precision, one copy width) do not.
+Each token is decided alone from static prices (the study's bytes per token), not from what the
+cache holds, so the runtime decides exactly what the study's budgeted rows decide for the same
+tokens and tables.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .budget_policy import OptionTable, check_budget, solve
+from .policy import Restoration
+
+
+class GainBudgetPolicy:
+    """Spend at most `budget_bytes` per token and layer by measured gain (module text). Made
+    unbound by get_policy; `bind` gives it the store's tables for a run's options."""
+    row_wise = True
+    needs_sensitivity = False
+    needs_gain_tables = True
+
+    def __init__(self, budget_bytes: float, tables: dict[int, OptionTable] | None = None,
+                 weight_power: float = 2.0, repair_rounds: int = 2):
+        self.budget_bytes = check_budget(budget_bytes)
+        self.tables, self.weight_power, self.repair_rounds = tables, float(weight_power), repair_rounds
+        self._maps = {} if tables is None else {l: _option_map(t) for l, t in tables.items()}
+
+    @property
+    def name(self) -> str:
+        return f"gain-budget@{self.budget_bytes / 1e3:.1f}kB"
+
+    def bind(self, tables, precision: str, hi_bits: int | None) -> "GainBudgetPolicy":
+        """The policy over `tables` (gain_tables.GainTables), restricted to ranks at `precision`
+        and copies at `hi_bits` (None: no copies), with the tables' fitted router-weight power."""
+        return GainBudgetPolicy(self.budget_bytes, {l: tables.table(l, precision, hi_bits) for l in tables.gain},
+                                tables.weight_power, self.repair_rounds)
+
+    def table(self, layer: int | None) -> OptionTable:
+        if self.tables is None:
+            raise ValueError("the gain-budget policy decides by a store's gain tables: bind it to them first "
+                             "(GainBudgetPolicy.bind(gain_tables.load_gain_tables(store), ...))")
+        if layer not in self.tables:
+            raise ValueError(f"no gain table for layer {layer!r} (the context's store layer); "
+                             f"tables cover {sorted(self.tables)}")
+        return self.tables[layer]
+
+    def choose(self, ids: torch.Tensor, weights: torch.Tensor, layer: int | None) -> torch.Tensor:
+        """Option index per (token, slot) [T, K] into `table(layer).options`."""
+        return solve(self.table(layer), ids, weights, self.budget_bytes, self.weight_power, self.repair_rounds)
+
+    def decide(self, ids, weights, ctx) -> Restoration:
+        choice = self.choose(ids, weights, ctx.layer)
+        rank_of, hi_of = self._maps[ctx.layer]
+        return Restoration(tuple(map(tuple, rank_of[choice].tolist())), tuple(map(tuple, hi_of[choice].tolist())))
+
+
+def parse_gain_budget(spec: str) -> GainBudgetPolicy:
+    """'gain-budget:BYTES' (per token and MoE layer) as an unbound policy."""
+    text = spec[len("gain-budget:"):]
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = math.nan
+    if not math.isfinite(budget) or budget < 0:
+        raise ValueError(f"restoration policy {spec!r}: the budget must be a non-negative number of bytes per "
+                         f"token, not {text!r}")
+    return GainBudgetPolicy(budget)
+
+
+def _option_map(table: OptionTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per option: the rank it applies and whether it is the copy (what a Restoration holds)."""
+    rank = torch.tensor([o.rank if o.kind == "factors" else 0 for o in table.options], dtype=torch.long)
+    hi = torch.tensor([o.kind == "copy" for o in table.options], dtype=torch.bool)
+    return rank, hi
