@@ -15,12 +15,17 @@ from ndpmoe.model.quantize import QUANTIZER_NAMES, groups_of, minmax_params, qua
 from .devices import choose_device, describe, peak_memory, timed
 
 
+WEIGHT_SEED_OFFSET = 1_000_003
+
+
 def synthetic_case(rows: int, cols: int, tokens: int, seed: int, experts: int = 1):
     """Heavy-tailed weights (a Student-t draw) [E, rows, cols] and calibration / held-out inputs
     [tokens, cols] with a decaying spectrum, like real LLM activations; timings do not depend on
     the values."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.distributions.StudentT(5.0).sample((experts, rows, cols)) * 0.01
+    with torch.random.fork_rng():              # StudentT draws from the global generator: seed it here,
+        torch.manual_seed(WEIGHT_SEED_OFFSET + seed)     # apart from g (the same seed would tie w to x)
+        w = torch.distributions.StudentT(5.0).sample((experts, rows, cols)) * 0.01
     mix = torch.randn(cols, cols, generator=g) * torch.logspace(0, -2, cols)
     x = torch.randn(2 * tokens, cols, generator=g) @ mix
     return w.float(), x[:tokens], x[tokens:]

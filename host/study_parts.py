@@ -35,7 +35,8 @@ def quantized_part(w: MoEWeights, grams: list[dict] | None, fmt: QuantFormat, qu
             if quantizer == "optimized":
                 if grams is None:
                     raise ValueError("the activation-aware quantizer needs calibration statistics (grams)")
-                h = torch.stack([grams[e][m] for e in part])
+                # float32 reads the Gram matrices in float32 only: stack them so (half the copy)
+                h = torch.stack([grams[e][m].float() if precision == "float32" else grams[e][m] for e in part])
             qs = quantize_stack(ws[part.start:part.stop].float(), fmt, quantizer, h, precision=precision, device=device)
             for e, q in zip(part, qs):
                 out[e][m] = q

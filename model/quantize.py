@@ -71,15 +71,22 @@ def groups_of(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return w.reshape(*w.shape[:-1], -1, fmt.group_size)
 
 
+def group_range(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group its min, max and largest magnitude, in one pass over wg (the largest magnitude
+    is max(|min|, |max|), exactly)."""
+    wmin, wmax = torch.aminmax(wg, dim=-1)
+    return wmin, wmax, torch.maximum(wmin.abs(), wmax.abs())
+
+
 def minmax_params(wg: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float (scale, zero) per group from its min and max; constant groups stay exact."""
-    return range_params(wg.amin(-1), wg.amax(-1), wg.abs().amax(-1), qmax)
+    return range_params(*group_range(wg), qmax)
 
 
 def minmax_params64(wg: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """minmax_params(wg.double()) bit for bit, from float32 wg: a group's min, max and largest
     magnitude are elements of it, so only the per-group arithmetic needs float64."""
-    return range_params(wg.amin(-1).double(), wg.amax(-1).double(), wg.abs().amax(-1).double(), qmax)
+    return range_params(*(t.double() for t in group_range(wg)), qmax)
 
 
 def range_params(wmin, wmax, absmax, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,6 +244,11 @@ def hqq_params(wg: torch.Tensor, qmax: int, iters: int = 20, p: float = 0.7, bet
     return scale, best_z.reshape(zero.shape)
 
 
+# The fused solver drops the groups at a fixed point once fewer than this share of its working set
+# still moves: an iteration reads the working set about six times, dropping copies it twice.
+HQQ_SHRINK_BELOW = 0.8
+
+
 def hqq_zero_fused(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, k,
                    iters: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01) -> torch.Tensor:
     """hqq_params' zero, bit for bit, with each iteration's elementwise work fused (scale, zero:
@@ -268,7 +280,7 @@ def hqq_zero_fused(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qm
             moving = (z_new != za)[:, 0]
         za = z_new
         beta *= kappa
-        if moving is not None and int(moving.sum()) * 2 < ta.shape[0]:
+        if moving is not None and int(moving.sum()) < HQQ_SHRINK_BELOW * ta.shape[0]:
             idx = torch.arange(w.shape[0], device=w.device) if rows is None else rows
             best_z[idx], best_err[idx] = bz, be
             keep = moving.nonzero()[:, 0]
@@ -286,9 +298,10 @@ def _hqq(w: torch.Tensor, fmt: QuantFormat, precision: str, iters: int = 20) -> 
         return encode_stack(w, scale, zero.double(), fmt, precision)
     k = quant_fused.kernels(w.numel())
     wg = groups_of(w.float(), fmt)
-    scale, zero = minmax_params(wg, fmt.qmax)
+    lo_hi_mag = group_range(wg)
+    scale, zero = range_params(*lo_hi_mag, fmt.qmax)
     zero = hqq_zero_fused(wg, scale, zero, fmt.qmax, k, iters)
-    return _encode32(k, wg, minmax_params64(wg, fmt.qmax)[0], zero.double(), fmt)
+    return _encode32(k, wg, range_params(*(t.double() for t in lo_hi_mag), fmt.qmax)[0], zero.double(), fmt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,9 +330,9 @@ def _optimized32(w: torch.Tensor, fmt: QuantFormat, h: torch.Tensor) -> Encoded:
     e_, g = w.shape[0], fmt.group_size
     wg = groups_of(w.float(), fmt)                                                   # [E, R, n, G]
     weight = h.diagonal(dim1=-2, dim2=-1).float().reshape(e_, 1, -1, g).clamp_min(0)  # [E, 1, n, G]
-    wmin, wmax = wg.amin(-1), wg.amax(-1)
-    rtn_scale, rtn_zero = range_params(wmin.double(), wmax.double(), wg.abs().amax(-1).double(), fmt.qmax)
-    s32, z32 = minmax_params(wg, fmt.qmax)             # HQQ starts from the float32 ones, as in float64
+    wmin, wmax, absmax = group_range(wg)
+    rtn_scale, rtn_zero = range_params(wmin.double(), wmax.double(), absmax.double(), fmt.qmax)
+    s32, z32 = range_params(wmin, wmax, absmax, fmt.qmax)   # HQQ starts from the float32 ones, as in float64
     scales, zeros = [rtn_scale.float(), s32], [rtn_zero.float(), hqq_zero_fused(wg, s32, z32, fmt.qmax, k)]
     for ratio in CLIP_RATIOS[1:]:
         lo, hi = wmin * ratio, wmax * ratio
