@@ -50,6 +50,7 @@ class Placer:
         self._memo: dict[tuple, tuple[Usage, tuple[float, ...]]] = {}
         self._options: dict[tuple, list[Choice]] = {}
         self._placed: dict[tuple, tuple] = {}
+        self._kinds: dict[tuple, tuple] = {}          # candidate without its expert -> Placer._weighed
         self.ndp_variants = set()
         if has_ndp:
             for v in ("lo", "hi"):
@@ -108,7 +109,7 @@ class Placer:
                                                 fetch_f if k == "gpu" else 0) for g in gemms for k in comps]
         return opts
 
-    def place(self, cands: list[Candidate], with_load: bool = False
+    def place(self, cands: list[Candidate], with_load: bool = False, key: tuple | None = None
               ) -> tuple[list[Choice], list[Usage], list[float] | None]:
         """A choice and its usage per candidate (same order), and, when asked or when options
         had to be weighed, the layer's resource seconds (to GPU, to memory, NDP compute, NDP
@@ -116,8 +117,10 @@ class Placer:
 
         Placement reads only what a candidate is, not which expert: (variant, tokens, rank,
         cached weights, cached factor rank). Layers of a decode repeat the same few sequences of
-        these, so each sequence is placed once and remembered (the same choices, in less time)."""
-        key = tuple([c[1:] for c in cands])
+        these, so each sequence is placed once and remembered (the same choices, in less time).
+        `key`: that sequence, when the caller has built it already."""
+        if key is None:
+            key = tuple([c[1:] for c in cands])
         hit = self._placed.get(key)
         if hit is None:
             if len(self._placed) >= _PLACED_MAX:
@@ -126,29 +129,40 @@ class Placer:
         out, usages, load, weighed = hit
         return list(out), list(usages), (list(load) if with_load or weighed else None)
 
+    def _weighed(self, c: Candidate) -> tuple[list[Choice], list[tuple[Usage, tuple[float, ...]]], float]:
+        """A candidate's options, their (usage, seconds) and the cheapest one's busiest resource,
+        once per kind of candidate (what placement reads of it)."""
+        sig = c[1:]
+        hit = self._kinds.get(sig)
+        if hit is None:
+            opts = self.options(c)
+            entries = [self._entry(c, ch) for ch in opts]
+            hit = self._kinds[sig] = (opts, entries, min(sec[6] for _, sec in entries))
+        return hit
+
     def _place(self, cands: list[Candidate]) -> tuple[tuple, tuple, tuple, bool]:
         """(choices, usages, resource seconds, whether options were weighed): the LPT rule."""
-        opts = [self.options(c) for c in cands]
-        if all(len(o) == 1 for o in opts):
-            out = [o[0] for o in opts]
-            entries = [self._entry(c, ch) for c, ch in zip(cands, out)]
+        weighed = [self._weighed(c) for c in cands]
+        if all(len(w[0]) == 1 for w in weighed):
+            out = [w[0][0] for w in weighed]
+            entries = [w[1][0] for w in weighed]
             load = [sum(sec[r] for _, sec in entries) for r in range(5)]
             load.append(max((sec[5] for _, sec in entries), default=0.0))
             return tuple(out), tuple(u for u, _ in entries), tuple(load), False
-        entries = [[self._entry(c, ch) for ch in o] for c, o in zip(cands, opts)]
-        order = sorted(range(len(cands)), key=lambda i: -min(sec[6] for _, sec in entries[i]))
+        order = sorted(range(len(cands)), key=lambda i: -weighed[i][2])
         out: list[Choice | None] = [None] * len(cands)
         usages: list[Usage | None] = [None] * len(cands)
         l0 = l1 = l2 = l3 = l4 = lat = 0.0
         for i in order:
-            best, best_key, options = 0, None, entries[i]
+            opts, options, _ = weighed[i]
+            best, best_key = 0, None
             for j, (_, s) in enumerate(options if len(options) > 1 else ()):    # one option: nothing to weigh
                 a, b, c, d, g = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
                 key = (max(a, b, c, d, g) + (lat if lat > s[5] else s[5]), a + b + c + d + g)
                 if best_key is None or key < best_key:
                     best, best_key = j, key
-            u, s = entries[i][best]
+            u, s = options[best]
             l0, l1, l2, l3, l4 = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
             lat = lat if lat > s[5] else s[5]
-            out[i], usages[i] = opts[i][best], u
+            out[i], usages[i] = opts[best], u
         return tuple(out), tuple(usages), (l0, l1, l2, l3, l4, lat), True
