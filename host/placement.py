@@ -50,6 +50,7 @@ class Placer:
         self._memo: dict[tuple, tuple[Usage, tuple[float, ...]]] = {}
         self._options: dict[tuple, list[Choice]] = {}
         self._placed: dict[tuple, tuple] = {}
+        self._by_order: dict[tuple, tuple] = {}       # candidates in LPT order -> Placer._weigh_in_order
         self._kinds: dict[tuple, tuple] = {}          # candidate without its expert -> Placer._weighed
         self.ndp_variants = set()
         if has_ndp:
@@ -125,7 +126,7 @@ class Placer:
         if hit is None:
             if len(self._placed) >= _PLACED_MAX:
                 self._placed.clear()
-            hit = self._placed[key] = self._place(cands)
+            hit = self._placed[key] = self._place(cands, self._by_order)
         out, usages, load, weighed = hit
         return list(out), list(usages), (list(load) if with_load or weighed else None)
 
@@ -140,8 +141,12 @@ class Placer:
             hit = self._kinds[sig] = (opts, entries, min(sec[6] for _, sec in entries))
         return hit
 
-    def _place(self, cands: list[Candidate]) -> tuple[tuple, tuple, tuple, bool]:
-        """(choices, usages, resource seconds, whether options were weighed): the LPT rule."""
+    def _place(self, cands: list[Candidate], by_order: dict | None = None) -> tuple[tuple, tuple, tuple, bool]:
+        """(choices, usages, resource seconds, whether options were weighed): the LPT rule.
+
+        Tasks are weighed in LPT order (largest first, ties in the given order), and what each gets
+        depends only on the candidates in that order: `by_order` remembers the outcome per ordered
+        sequence, which layers share more often than the sequence in slot order. (None: weigh.)"""
         weighed = [self._weighed(c) for c in cands]
         if all(len(w[0]) == 1 for w in weighed):
             out = [w[0][0] for w in weighed]
@@ -149,12 +154,30 @@ class Placer:
             load = [sum(sec[r] for _, sec in entries) for r in range(5)]
             load.append(max((sec[5] for _, sec in entries), default=0.0))
             return tuple(out), tuple(u for u, _ in entries), tuple(load), False
-        order = sorted(range(len(cands)), key=lambda i: -weighed[i][2])
+        order = sorted(range(len(cands)), key=[-w[2] for w in weighed].__getitem__)
+        if by_order is None:
+            picks, load = self._weigh_in_order([weighed[i] for i in order])
+        else:
+            key = tuple([cands[i][1:] for i in order])
+            hit = by_order.get(key)
+            if hit is None:
+                if len(by_order) >= _PLACED_MAX:
+                    by_order.clear()
+                hit = by_order[key] = self._weigh_in_order([weighed[i] for i in order])
+            picks, load = hit
         out: list[Choice | None] = [None] * len(cands)
         usages: list[Usage | None] = [None] * len(cands)
+        for i, (choice, u) in zip(order, picks):
+            out[i], usages[i] = choice, u
+        return tuple(out), tuple(usages), load, True
+
+    @staticmethod
+    def _weigh_in_order(weighed: list) -> tuple[list[tuple[Choice, Usage]], tuple[float, ...]]:
+        """Each task in turn gets the option that least raises the layer's modeled time so far
+        (then the least total seconds; then the first): (choice, usage) per task and the load."""
+        picks = []
         l0 = l1 = l2 = l3 = l4 = lat = 0.0
-        for i in order:
-            opts, options, _ = weighed[i]
+        for opts, options, _ in weighed:
             best, best_key = 0, None
             for j, (_, s) in enumerate(options if len(options) > 1 else ()):    # one option: nothing to weigh
                 a, b, c, d, g = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
@@ -164,5 +187,5 @@ class Placer:
             u, s = options[best]
             l0, l1, l2, l3, l4 = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
             lat = lat if lat > s[5] else s[5]
-            out[i], usages[i] = opts[best], u
-        return tuple(out), tuple(usages), (l0, l1, l2, l3, l4, lat), True
+            picks.append((opts[best], u))
+        return picks, (l0, l1, l2, l3, l4, lat)
