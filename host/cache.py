@@ -223,14 +223,10 @@ class ExpertCache:
     def lookup_all(self, keys: list[CacheKey], ranks: list[int]) -> None:
         """Counted accesses of each key in order, as `lookup(key, rank)` one by one (results unused:
         the planner has read the entries already; this counts hits and recency)."""
-        entries, hits, misses = self._entries, {}, {}
+        entries, hits, misses = self._entries, [], []
         for key, rank in zip(keys, ranks):
             entry = entries.get(key)
-            kind = key[2]
-            if entry is not None and entry[1] >= rank:
-                hits[kind] = hits.get(kind, 0) + 1
-            else:
-                misses[kind] = misses.get(kind, 0) + 1
+            (hits if entry is not None and entry[1] >= rank else misses).append(key[2])
         if hits:
             self.stats.hits.update(hits)
         if misses:

@@ -323,7 +323,8 @@ class BudgetedPolicy:
                     value[e] = value.get(e, 0.0) + (w * w if p == 2.0 else w ** p)
         copies = self.allow_hi and ctx.hi_extra_bytes is not None
         state, walk, heap = {}, {}, []
-        for (e, v), (r0, price) in zip(value.items(), ctx.start_states(list(value), copies)):
+        start_states = ctx.states if ctx.states is not None else ctx.start_states
+        for (e, v), (r0, price) in zip(value.items(), start_states(list(value), copies)):
             if r0 > stored:
                 r0 = stored
             hit = hulls.get((e, r0, price))
