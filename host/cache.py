@@ -91,7 +91,8 @@ class LfuEviction:
     touched = _bump
 
     def touched_all(self, keys: list[CacheKey]) -> None:
-        """`touched` for each key in order (the planner's per-layer accesses, in one call)."""
+        """`touched` for each key in order (the planner's per-layer accesses, in one call; a
+        subclass that changes `touched` changes this too)."""
         counts, lasts, resident, every = self._count, self._last, self._resident, self.age_every
         tick = self._tick
         for key in keys:
