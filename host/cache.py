@@ -33,6 +33,12 @@ class LruEviction:
         if key in self._order:
             self._order.move_to_end(key)
 
+    def touched_all(self, keys: list[CacheKey]) -> None:
+        order = self._order
+        for key in keys:
+            if key in order:
+                order.move_to_end(key)
+
     def inserted(self, key: CacheKey) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
@@ -83,6 +89,28 @@ class LfuEviction:
             heapq.heapify(self._heap)
 
     touched = _bump
+
+    def touched_all(self, keys: list[CacheKey]) -> None:
+        """`touched` for each key in order (the planner's per-layer accesses, in one call; a
+        subclass that changes `touched` changes this too)."""
+        counts, lasts, resident, every = self._count, self._last, self._resident, self.age_every
+        tick = self._tick
+        for key in keys:
+            tick += 1
+            count = counts.get(key)
+            lasts[key] = tick
+            if count is None:
+                counts[key] = 1.0
+                if key in resident:
+                    heapq.heappush(self._heap, (1.0, tick, key))
+            else:
+                counts[key] = count + 1.0
+            if tick % every == 0:
+                self._count = {k: c / 2 for k, c in counts.items() if c >= 0.5 or k in resident}
+                self._heap = [(self._count[k], lasts[k], k) for k in resident]
+                heapq.heapify(self._heap)
+                counts = self._count
+        self._tick = tick
 
     def inserted(self, key: CacheKey) -> None:
         self._resident.add(key)
@@ -192,6 +220,24 @@ class ExpertCache:
         (self.stats.hits if hit else self.stats.misses)[key[2]] += 1
         self.eviction.touched(key)
         return hit
+
+    def lookup_all(self, keys: list[CacheKey], ranks: list[int]) -> None:
+        """Counted accesses of each key in order, as `lookup(key, rank)` one by one (results unused:
+        the planner has read the entries already; this counts hits and recency)."""
+        entries, hits, misses = self._entries, [], []
+        for key, rank in zip(keys, ranks):
+            entry = entries.get(key)
+            (hits if entry is not None and entry[1] >= rank else misses).append(key[2])
+        if hits:
+            self.stats.hits.update(hits)
+        if misses:
+            self.stats.misses.update(misses)
+        touched_all = getattr(self.eviction, "touched_all", None)
+        if touched_all is not None:
+            touched_all(keys)
+        else:
+            for key in keys:
+                self.eviction.touched(key)
 
     def insert(self, key: CacheKey, nbytes: int, rank: int = 0,
                protect: frozenset = frozenset()) -> tuple[bool, list[CacheKey]]:

@@ -50,6 +50,8 @@ class Placer:
         self._memo: dict[tuple, tuple[Usage, tuple[float, ...]]] = {}
         self._options: dict[tuple, list[Choice]] = {}
         self._placed: dict[tuple, tuple] = {}
+        self._by_order: dict[tuple, tuple] = {}       # candidates in LPT order -> Placer._weigh_in_order
+        self._kinds: dict[tuple, tuple] = {}          # candidate without its expert -> Placer._weighed
         self.ndp_variants = set()
         if has_ndp:
             for v in ("lo", "hi"):
@@ -108,7 +110,7 @@ class Placer:
                                                 fetch_f if k == "gpu" else 0) for g in gemms for k in comps]
         return opts
 
-    def place(self, cands: list[Candidate], with_load: bool = False
+    def place(self, cands: list[Candidate], with_load: bool = False, key: tuple | None = None
               ) -> tuple[list[Choice], list[Usage], list[float] | None]:
         """A choice and its usage per candidate (same order), and, when asked or when options
         had to be weighed, the layer's resource seconds (to GPU, to memory, NDP compute, NDP
@@ -116,39 +118,74 @@ class Placer:
 
         Placement reads only what a candidate is, not which expert: (variant, tokens, rank,
         cached weights, cached factor rank). Layers of a decode repeat the same few sequences of
-        these, so each sequence is placed once and remembered (the same choices, in less time)."""
-        key = tuple([c[1:] for c in cands])
+        these, so each sequence is placed once and remembered (the same choices, in less time).
+        `key`: that sequence, when the caller has built it already."""
+        if key is None:
+            key = tuple([c[1:] for c in cands])
         hit = self._placed.get(key)
         if hit is None:
             if len(self._placed) >= _PLACED_MAX:
                 self._placed.clear()
-            hit = self._placed[key] = self._place(cands)
+            hit = self._placed[key] = self._place(cands, self._by_order)
         out, usages, load, weighed = hit
         return list(out), list(usages), (list(load) if with_load or weighed else None)
 
-    def _place(self, cands: list[Candidate]) -> tuple[tuple, tuple, tuple, bool]:
-        """(choices, usages, resource seconds, whether options were weighed): the LPT rule."""
-        opts = [self.options(c) for c in cands]
-        if all(len(o) == 1 for o in opts):
-            out = [o[0] for o in opts]
-            entries = [self._entry(c, ch) for c, ch in zip(cands, out)]
+    def _weighed(self, c: Candidate) -> tuple[list[Choice], list[tuple[Usage, tuple[float, ...]]], float]:
+        """A candidate's options, their (usage, seconds) and the cheapest one's busiest resource,
+        once per kind of candidate (what placement reads of it)."""
+        sig = c[1:]
+        hit = self._kinds.get(sig)
+        if hit is None:
+            opts = self.options(c)
+            entries = [self._entry(c, ch) for ch in opts]
+            hit = self._kinds[sig] = (opts, entries, min(sec[6] for _, sec in entries))
+        return hit
+
+    def _place(self, cands: list[Candidate], by_order: dict | None = None) -> tuple[tuple, tuple, tuple, bool]:
+        """(choices, usages, resource seconds, whether options were weighed): the LPT rule.
+
+        Tasks are weighed in LPT order (largest first, ties in the given order), and what each gets
+        depends only on the candidates in that order: `by_order` remembers the outcome per ordered
+        sequence, which layers share more often than the sequence in slot order. (None: weigh.)"""
+        weighed = [self._weighed(c) for c in cands]
+        if all(len(w[0]) == 1 for w in weighed):
+            out = [w[0][0] for w in weighed]
+            entries = [w[1][0] for w in weighed]
             load = [sum(sec[r] for _, sec in entries) for r in range(5)]
             load.append(max((sec[5] for _, sec in entries), default=0.0))
             return tuple(out), tuple(u for u, _ in entries), tuple(load), False
-        entries = [[self._entry(c, ch) for ch in o] for c, o in zip(cands, opts)]
-        order = sorted(range(len(cands)), key=lambda i: -min(sec[6] for _, sec in entries[i]))
+        order = sorted(range(len(cands)), key=[-w[2] for w in weighed].__getitem__)
+        if by_order is None:
+            picks, load = self._weigh_in_order([weighed[i] for i in order])
+        else:
+            key = tuple([cands[i][1:] for i in order])
+            hit = by_order.get(key)
+            if hit is None:
+                if len(by_order) >= _PLACED_MAX:
+                    by_order.clear()
+                hit = by_order[key] = self._weigh_in_order([weighed[i] for i in order])
+            picks, load = hit
         out: list[Choice | None] = [None] * len(cands)
         usages: list[Usage | None] = [None] * len(cands)
+        for i, (choice, u) in zip(order, picks):
+            out[i], usages[i] = choice, u
+        return tuple(out), tuple(usages), load, True
+
+    @staticmethod
+    def _weigh_in_order(weighed: list) -> tuple[list[tuple[Choice, Usage]], tuple[float, ...]]:
+        """Each task in turn gets the option that least raises the layer's modeled time so far
+        (then the least total seconds; then the first): (choice, usage) per task and the load."""
+        picks = []
         l0 = l1 = l2 = l3 = l4 = lat = 0.0
-        for i in order:
-            best, best_key, options = 0, None, entries[i]
+        for opts, options, _ in weighed:
+            best, best_key = 0, None
             for j, (_, s) in enumerate(options if len(options) > 1 else ()):    # one option: nothing to weigh
                 a, b, c, d, g = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
                 key = (max(a, b, c, d, g) + (lat if lat > s[5] else s[5]), a + b + c + d + g)
                 if best_key is None or key < best_key:
                     best, best_key = j, key
-            u, s = entries[i][best]
+            u, s = options[best]
             l0, l1, l2, l3, l4 = l0 + s[0], l1 + s[1], l2 + s[2], l3 + s[3], l4 + s[4]
             lat = lat if lat > s[5] else s[5]
-            out[i], usages[i] = opts[i][best], u
-        return tuple(out), tuple(usages), (l0, l1, l2, l3, l4, lat), True
+            picks.append((opts[best], u))
+        return picks, (l0, l1, l2, l3, l4, lat)

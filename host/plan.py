@@ -24,6 +24,11 @@ from .sizes import ExpertSizes
 # NamedTuples built with tuple.__new__ in the planner: their generated __new__ is a Python lambda,
 # a measurable share of planning a many-expert layer.
 _new = tuple.__new__
+# The plan of every layer, built without the frozen dataclass's __init__ (one object.__setattr__
+# per field): the same fields, set once.
+_new_plan = object.__new__
+_TOKEN_0 = (0,)
+_SLOT_TUPLES = tuple((s,) for s in range(256))          # (slot,) of a batch-1 task
 
 
 class ExpertTask(NamedTuple):
@@ -147,6 +152,7 @@ class LayerPlanner:
         self._contexts: dict[int, object] = {}
         self._credit = 0.0                                       # idle link bytes (see _prefetch)
         self._credit_cap = 2.0 * sizes.weight_bytes(weight_variant) if self.prefetch else 0.0
+        self._decide_rows = getattr(policy, "decide_rows", None)   # the policy on lists, when it has that form
         self._weight_bytes = {}                                  # variant -> bytes, looked up per prefetch
         for v in ("lo", "hi", "fp16"):
             try:
@@ -171,12 +177,47 @@ class LayerPlanner:
                policy: RestorationPolicy | None = None) -> LayerDecision:
         """What the layer's launch waits for: the restoration, the expert tasks and where they
         run. Reads the caches and changes nothing in them (`finish` does, in the same order).
-        The hot path of the runtime: plain loops over Python lists, one tolist(). `policy`: decide
-        with this one instead (a copy, for a guess that must not advance a random policy)."""
-        restoration = (self.policy if policy is None else policy).decide(ids, weights, self._context(layer))
+        The hot path of the runtime: plain loops over Python lists, one tolist() per tensor.
+        `policy`: decide with this one instead (a copy, for a guess that must not advance a random
+        policy)."""
+        ctx = self._contexts.get(layer)
+        if ctx is None:
+            ctx = self._context(layer)
         id_rows = ids.tolist()
+        if policy is None:
+            policy, decide_rows = self.policy, self._decide_rows
+        else:
+            decide_rows = getattr(policy, "decide_rows", None)
+        restoration = (decide_rows(id_rows, weights, ctx) if decide_rows is not None
+                       else policy.decide(ids, weights, ctx))
         lo = self.weight_variant
         compensable = lo != "fp16"
+        entries, fentries = self.cache.entries, self.factor_cache.entries
+        if len(id_rows) == 1 and len(set(id_rows[0])) == len(id_rows[0]) <= len(_SLOT_TUPLES):
+            # One token, distinct experts (batch-1 decode): one task per slot, in slot order (the
+            # order grouping gives), without grouping.
+            cands, sigs = [], []
+            for s, (e, r, hi) in enumerate(zip(id_rows[0], restoration.ranks[0], restoration.hi[0])):
+                if hi:
+                    variant, r = "hi", 0
+                else:
+                    variant = lo
+                    if not compensable:
+                        r = 0
+                if r:
+                    f = fentries.get((layer, e, "factors"))
+                    cr = f[1] if f is not None else 0
+                    sig = (variant, 1, r, (layer, e, variant) in entries, cr if cr < r else r)
+                else:
+                    sig = (variant, 1, 0, (layer, e, variant) in entries, 0)
+                sigs.append(sig)
+                cands.append(_new(Candidate, (e, *sig)))
+            choices, usages, load = self.placer.place(cands, with_load=self.prefetch, key=tuple(sigs))
+            one = _SLOT_TUPLES
+            tasks = tuple([_new(ExpertTask, (c[0], c[1], _TOKEN_0, one[s], (c[3],), ch[0], ch[1] if c[3] else None,
+                                             ch[2], ch[3]))
+                           for s, (c, ch) in enumerate(zip(cands, choices))])
+            return _new(LayerDecision, (layer, id_rows, weights, restoration, tasks, cands, choices, usages, load))
         groups: dict[tuple[int, str], tuple[list[int], list[int], list[int]]] = {}
         for t, (row, ranks, his) in enumerate(zip(id_rows, restoration.ranks, restoration.hi)):
             for s, e in enumerate(row):
@@ -191,15 +232,15 @@ class LayerPlanner:
                     g[0].append(t)
                     g[1].append(s)
                     g[2].append(r)
-        cache, cands = self.cache, []
-        cached_rank = self.factor_cache.cached_rank
+        cands = []
         for (e, variant), (toks, _, ranks) in groups.items():
             rank = max(ranks)
-            cached = (layer, e, variant) in cache
+            cached = (layer, e, variant) in entries
             if rank:
                 # A cached rank above the task's counts as the task's: the same choice, and the
                 # placer sees fewer distinct candidates.
-                cr = cached_rank(layer, e)
+                f = fentries.get((layer, e, "factors"))
+                cr = f[1] if f is not None else 0
                 cands.append(_new(Candidate, (e, variant, len(toks), rank, cached, cr if cr < rank else rank)))
             else:
                 cands.append(_new(Candidate, (e, variant, len(toks), 0, cached, 0)))
@@ -216,31 +257,43 @@ class LayerPlanner:
         what this layer uses on the GPU), prefetches with idle link time; then the plan."""
         layer, cands, choices = d.layer, d.cands, d.choices
         cache, fcache = self.cache, self.factor_cache
-        lookup, flookup = cache.lookup, fcache.lookup
+        keys, ranks, fkeys, franks = [], [], [], []
+        shared = fcache is cache
         for c in cands:
-            lookup((layer, c.expert, c.variant))
-            if c.comp_rank:
-                flookup((layer, c.expert, "factors"), c.comp_rank)
+            keys.append((layer, c[0], c[1]))
+            ranks.append(0)
+            if c[3]:
+                if shared:
+                    keys.append((layer, c[0], "factors"))
+                    ranks.append(c[3])
+                else:
+                    fkeys.append((layer, c[0], "factors"))
+                    franks.append(c[3])
+        cache.lookup_all(keys, ranks)
+        if fkeys:
+            fcache.lookup_all(fkeys, franks)
         protect = None
         evictions: list[CacheKey] = []
-        sizes = self.sizes
         for c, ch in zip(cands, choices):
-            if ch.fetch_weights or ch.fetch_factor_ranks:
+            if ch[2] or ch[3]:
                 if protect is None:
                     protect = self._protect(layer, cands, choices)
                 if ch.fetch_weights:
-                    evictions += cache.insert((layer, c.expert, c.variant), sizes.weight_bytes(c.variant),
+                    evictions += cache.insert((layer, c.expert, c.variant), self._weight_bytes[c.variant],
                                               protect=protect)[1]
                 if ch.fetch_factor_ranks:
-                    evictions += fcache.insert((layer, c.expert, "factors"), c.comp_rank * sizes.gpu_rank_bytes,
+                    evictions += fcache.insert((layer, c.expert, "factors"), c.comp_rank * self.sizes.gpu_rank_bytes,
                                               rank=c.comp_rank, protect=protect)[1]
         prefetches, usages = (), d.usages
         if self.prefetch:
             prefetches, fill = self._prefetch(layer, cands, choices, d.load, protect, evictions)
             if fill is not None:
                 usages.append(fill)
-        return LayerPlan(layer, d.id_rows, d.weights, d.restoration, d.tasks, prefetches, tuple(evictions),
-                         tuple(usages), self.placer.time_model)
+        plan = _new_plan(LayerPlan)
+        plan.__dict__.update(layer=layer, ids=d.id_rows, weights_tensor=d.weights, restoration=d.restoration,
+                             tasks=d.tasks, prefetches=prefetches, evictions=tuple(evictions), task_usage=tuple(usages),
+                             time_model=self.placer.time_model)
+        return plan
 
     @staticmethod
     def _protect(layer: int, cands, choices) -> frozenset:

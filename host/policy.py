@@ -58,6 +58,15 @@ class Restoration:
         return total + sum(ctx.hi_price(e) for e in hi)
 
 
+def _new_restoration(ranks: tuple, hi: tuple) -> Restoration:
+    """Restoration(ranks, hi) without the frozen dataclass's __init__ (an object.__setattr__ per
+    field): the planner makes one per layer."""
+    r = object.__new__(Restoration)
+    d = r.__dict__
+    d["ranks"], d["hi"] = ranks, hi
+    return r
+
+
 def _no_rank(e: int) -> int:
     return 0
 
@@ -291,13 +300,21 @@ class BudgetedPolicy:
         return f"budgeted@{self.budget_bytes / 1e3:.0f}kB" + ("" if self.allow_hi else "-nohi")
 
     def decide(self, ids, weights, ctx):
-        t, k = _check_ids(ids, weights)
+        _check_ids(ids, weights)
+        return self.decide_rows(ids.tolist(), weights, ctx)
+
+    def decide_rows(self, id_rows: list[list[int]], weights: torch.Tensor, ctx: RestorationContext) -> Restoration:
+        """`decide` on the ids as lists (the planner has converted them already)."""
+        t = len(id_rows)
+        k = len(id_rows[0]) if t else 0
+        if weights.shape != (t, k):
+            raise ValueError(f"ids and weights must both be [T, K], not {(t, k)} and {tuple(weights.shape)}")
         sens = ctx.sensitivity
         if sens is None:
             raise ValueError("BudgetedPolicy needs a sensitivity (RestorationContext.sensitivity)")
-        if sens.max_rank < ctx.stored_rank:
-            raise ValueError(f"sensitivity covers rank {sens.max_rank}, below the stored rank {ctx.stored_rank}")
-        id_rows, w_rows = ids.tolist(), weights.tolist()
+        stored, rank_bytes, step = ctx.stored_rank, ctx.rank_bytes, self.rank_step
+        hulls = _hull_table(sens, stored, rank_bytes, step)
+        w_rows = weights.tolist()
         p = self.weight_power
         value: dict[int, float] = {}
         if t == 1:                                # one token: its k experts are distinct (usually)
@@ -308,12 +325,17 @@ class BudgetedPolicy:
                 for e, w in zip(row_ids, row_w):
                     value[e] = value.get(e, 0.0) + (w * w if p == 2.0 else w ** p)
         copies = self.allow_hi and ctx.hi_extra_bytes is not None
-        stored, rank_bytes, step = ctx.stored_rank, ctx.rank_bytes, self.rank_step
         state, walk, heap = {}, {}, []
-        for (e, v), (r0, price) in zip(value.items(), ctx.start_states(list(value), copies)):
-            hull, ranks = _unit_hull(sens, e, r0 if r0 < stored else stored, stored, rank_bytes, price, step)
+        start_states = ctx.states if ctx.states is not None else ctx.start_states
+        for (e, v), (r0, price) in zip(value.items(), start_states(list(value), copies)):
+            if r0 > stored:
+                r0 = stored
+            hit = hulls.get((e, r0, price))
+            if hit is None:
+                hit = hulls[(e, r0, price)] = _unit_hull(sens, e, r0, stored, rank_bytes, price, step)
+            hull = hit[0]
             state[e] = hull[0][2]
-            walk[e] = (hull, ranks, 0, v)
+            walk[e] = (hull, hit[1], 0, v)
             if len(hull) > 1 and v > 0:
                 heap.append((-v * hull[1][3], e))
         heapq.heapify(heap)                       # items are distinct: pops do not depend on the build
@@ -344,10 +366,24 @@ class BudgetedPolicy:
                 if best is not None:
                     left -= best[0] - spent
                     state[e] = best[2]
+        if t == 1:
+            row = id_rows[0]
+            states = [state[e] for e in row]
+            return _new_restoration((tuple([s if s > 0 else 0 for s in states]),),
+                                    (tuple([s == -1 for s in states]),))
         rank_of = {e: (s if s > 0 else 0) for e, s in state.items()}
         hi_of = {e: s == -1 for e, s in state.items()}
         return Restoration(tuple([tuple(map(rank_of.__getitem__, row)) for row in id_rows]),
                            tuple([tuple(map(hi_of.__getitem__, row)) for row in id_rows]))
+
+
+@functools.lru_cache(maxsize=256)
+def _hull_table(sens: LayerSensitivity, stored_rank: int, rank_bytes: int, step: int) -> dict:
+    """(expert, free start rank, hi price) -> _unit_hull, filled as the planner meets them: one
+    small dict per (layer sensitivity, prices, step), read per expert with one lookup."""
+    if sens.max_rank < stored_rank:
+        raise ValueError(f"sensitivity covers rank {sens.max_rank}, below the stored rank {stored_rank}")
+    return {}
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -61,7 +61,7 @@ def _run(plain: bool, policy: str, system: str, eviction: str, batch: int, facto
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 @pytest.mark.parametrize("system, eviction, batch, factor_pool", [
-    ("gpu-ndp", "lfu", 1, False), ("gpu-ndp", "lru", 3, True), ("gpu-only", "lfu", 2, True)])
+    ("gpu-ndp", "lfu", 1, False), ("gpu-ndp", "lru", 3, True), ("gpu-only", "lfu", 2, True), ("gpu-ndp", "lru", 1, True)])
 def test_fast_planner_decides_as_the_plain_one(policy, system, eviction, batch, factor_pool):
     fast = _run(False, policy, system, eviction, batch, factor_pool)
     plain = _run(True, policy, system, eviction, batch, factor_pool)
