@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ndpmoe.model.moe import expert_mlp, route, shared_expert
 from ndpmoe.model.moe_quant import MATRICES, QuantizedMoE
 from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
+from ndpmoe.model.threads import torch_threads
 
 from .budget_policy import COPY_BITS, MeasuredBudgetPolicy, Option, OptionTable, objective, option_list, spent
 from .sizes import ExpertSizes
@@ -193,8 +194,9 @@ def prepare(study, bits: int, quantizer: str, stored_rank: int, precisions, copy
     copy_sizes = {b: block_sizes(copies[b][l0]) for b in copy_bits}
     costs = option_costs(options, sizes, copy_sizes)
     for l in study.layers:
-        gain, s, (red, pred) = measure_layer(base[l], {p: f[l] for p, f in factors.items()},
-                                             {b: c[l] for b, c in copies.items()}, options, study.calib_inputs[l])
+        with torch_threads(study.part_threads):            # small per-expert operations (model/threads.py)
+            gain, s, (red, pred) = measure_layer(base[l], {p: f[l] for p, f in factors.items()},
+                                                 {b: c[l] for b, c in copies.items()}, options, study.calib_inputs[l])
         tot[0] += red
         tot[1] += pred
         cost = torch.tensor(costs, dtype=torch.float64).expand(gain.shape[0], -1).clone()
