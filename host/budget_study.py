@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ndpmoe.model.moe import expert_mlp, route, shared_expert
 from ndpmoe.model.moe_quant import MATRICES, QuantizedMoE
-from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
+from ndpmoe.model.moe_quant_masked import MaskedQuantMoE, StackedFactors
 from ndpmoe.model.threads import torch_threads
 
 from .budget_policy import COPY_BITS, MeasuredBudgetPolicy, Option, OptionTable, objective, option_list, spent
@@ -49,6 +49,14 @@ class BudgetSetup:
     weight_power: float
     exponent_fit: dict
     seconds: float
+    _stacks: dict = field(default_factory=dict, repr=False)
+
+    def stacked(self, precision: str, layer: int) -> StackedFactors:
+        """The layer's compensators at `precision`, stacked for the batched corrections (built once)."""
+        key = (precision, layer)
+        if key not in self._stacks:
+            self._stacks[key] = StackedFactors(self.factors[precision][layer])
+        return self._stacks[key]
 
 
 def option_costs(options, sizes: ExpertSizes, copy_sizes: dict[int, ExpertSizes]) -> list[int]:
@@ -220,6 +228,12 @@ class BudgetRunner:
         self.cfg = self.qm.cfg
         self.table = setup.tables[layer]
         self.masked = MaskedQuantMoE(self.qm)
+        opts = self.table.options
+        # each option's rank per factor precision (0: the option applies none of that precision's)
+        self.factors = {p: (setup.stacked(p, layer),
+                            torch.tensor([o.rank if o.kind == "factors" and o.precision == p else 0 for o in opts]))
+                        for p in setup.factors}
+        self.kind = torch.tensor([{"none": 0, "factors": 1, "copy": 2}[o.kind] for o in opts])
         self.bytes = 0.0
         self.tokens = 0
         self.chosen = Counter()
@@ -248,24 +262,16 @@ class BudgetRunner:
         qm, mq, size, opts = self.qm, self.masked, self.masked.intermediate, self.table.options
         t = ids.shape[0]
         xf, weights = x.float(), weights.float()
-        kind = torch.tensor([{"none": 0, "factors": 1, "copy": 2}[o.kind] for o in opts])[choice]
+        kind = self.kind[choice]
         gate = torch.zeros(t, qm.num_experts).scatter_(1, ids, torch.where(kind == 2, 0.0, weights))
         a1, a3 = xf @ mq.w1.t(), xf @ mq.w3.t()
-        fixes = []
-        fac = kind == 1
-        for e, o, tok, slot in _slot_groups(fac, ids, choice):
-            comps = self.setup.factors[opts[o].precision][self.layer].experts[e].comp
-            cols = slice(e * size, (e + 1) * size)
-            for name, a in (("w1", a1), ("w3", a3)):
-                if name in comps:
-                    a[tok, cols] += comps[name].truncate(min(opts[o].rank, comps[name].rank)).apply(xf[tok])
-            fixes.append((tok, slot, e, o, comps))
+        ranks = {p: (stacked, stacked.ranks(ids, rank_of[choice])) for p, (stacked, rank_of) in self.factors.items()}
+        for stacked, rank in ranks.values():
+            a1, a3 = stacked.add_inputs(a1, a3, xf, rank)
         h = F.silu(a1) * a3
         out = (h.view(t, -1, size) * gate[:, :, None]).flatten(1) @ mq.w2.t()
-        for tok, slot, e, o, comps in fixes:
-            if "w2" in comps:
-                f = comps["w2"].truncate(min(opts[o].rank, comps["w2"].rank))
-                out.index_add_(0, tok, f.apply(h[tok, e * size:(e + 1) * size]) * weights[tok, slot, None])
+        for stacked, rank in ranks.values():
+            out = stacked.add_output(out, h, rank, gate)
         cp = kind == 2
         for e, o, tok, slot in _slot_groups(cp, ids, choice):
             copy = self.setup.copies[opts[o].bits][self.layer].experts[e]
