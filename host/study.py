@@ -30,7 +30,7 @@ from ndpmoe.model.factor_quant import factor_bits, fit_quantized_matrices
 from ndpmoe.model.moe import RouterConfig, route
 from ndpmoe.model.moe_quant import MATRICES, QuantizedExpert, QuantizedMoE, check_block_fits, expert_grams
 from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
-from ndpmoe.model.perplexity import collect_mlp_inputs, perplexity
+from ndpmoe.model.perplexity import collect_mlp_inputs, perplexity, perplexity_of
 from ndpmoe.model.rank_alloc import allocate_by_kurtosis, allocate_ranks, kurtosis
 from ndpmoe.model.threads import threads_for, torch_threads
 from ndpmoe.model.paths import cache_dir
@@ -177,8 +177,10 @@ class Study:
         self.calib_inputs = {l: calib[l][:gain_rows] for l in self.layers}
         # Held-out block inputs of the float model: each configuration's layer-output error is
         # measured on them (a low-noise companion of perplexity for small runs).
+        # The same pass gives the float model's per-token NLLs: the fp16 row reuses them.
+        self._float_nll: list[torch.Tensor] = []
         self.eval_inputs = collect_mlp_inputs(dm.model, eval_windows, max_rows=block_rows, layers=self.layers,
-                                              progress=False)
+                                              progress=False, token_nll=self._float_nll)
         self.eval_refs = {l: self.float_blocks[l](x) for l, x in self.eval_inputs.items()}
         self.calib_seconds = time.time() - t0
         if cache_root == "default":
@@ -280,8 +282,9 @@ class Study:
         t0 = time.time()
         nll: list[torch.Tensor] = []
         if v is None:
-            set_blocks(self.dm.model, self.float_blocks)
-            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
+            # the float model's pass ran with the calibration's held-out inputs (the same numbers)
+            nll = list(self._float_nll)
+            ppl = perplexity_of(nll)
             bpt = 0
             for l in self.layers:
                 w, rc = self.dm.blocks[l]

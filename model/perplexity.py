@@ -63,14 +63,26 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = 
     return math.exp(total / count)
 
 
+def perplexity_of(token_nll: list[torch.Tensor]) -> float:
+    """perplexity()'s value from the per-window NLLs it appends to `token_nll`, summed as it sums them."""
+    total, count = 0.0, 0
+    for tokens in token_nll:
+        total += tokens.sum().item()
+        count += tokens.numel()
+    return math.exp(total / count)
+
+
 @torch.no_grad()
 def collect_mlp_inputs(model, windows: torch.Tensor, max_rows: int | None = 4096, seed: int = 0,
-                       layers: list[int] | None = None, progress: bool = True) -> dict[int, torch.Tensor]:
+                       layers: list[int] | None = None, progress: bool = True,
+                       token_nll: list | None = None) -> dict[int, torch.Tensor]:
     """Hidden states entering each layer's MLP / MoE block: {layer: [N, D] float32}.
 
     Runs the model as it is (so after some blocks were replaced, later layers see their effect).
     With max_rows, N = min(max_rows, all tokens) rows are kept, drawn without replacement with a
-    fixed seed (the same token positions for every layer).
+    fixed seed (the same token positions for every layer). Pass a list as `token_nll` to get, from
+    the same forward passes, each window's per-prediction NLLs as perplexity() appends them
+    (perplexity_of gives its value): the model's perplexity pass need not run again.
     """
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else list(layers)
@@ -88,7 +100,10 @@ def collect_mlp_inputs(model, windows: torch.Tensor, max_rows: int | None = 4096
     try:
         model.eval()
         for row in tqdm(windows, desc="collect MLP inputs", unit="win", disable=not progress, leave=False):
-            model.model(input_ids=row[None])
+            if token_nll is None:
+                model.model(input_ids=row[None])
+            else:
+                token_nll.append(window_nll(model, row[None], per_token=True)[2][0])
     finally:
         for h in handles:
             h.remove()
