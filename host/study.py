@@ -283,6 +283,7 @@ class Study:
         nll: list[torch.Tensor] = []
         if v is None:
             # the float model's pass ran with the calibration's held-out inputs (the same numbers)
+            set_blocks(self.dm.model, self.float_blocks)
             nll = list(self._float_nll)
             ppl = perplexity_of(nll)
             bpt = 0
