@@ -21,14 +21,15 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ndpmoe.model.moe import expert_mlp, route, shared_expert
 from ndpmoe.model.moe_quant import MATRICES, QuantizedMoE
-from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
+from ndpmoe.model.moe_quant_masked import MaskedQuantMoE, StackedFactors
+from ndpmoe.model.threads import torch_threads
 
 from .budget_policy import COPY_BITS, MeasuredBudgetPolicy, Option, OptionTable, objective, option_list, spent
 from .sizes import ExpertSizes
@@ -48,6 +49,14 @@ class BudgetSetup:
     weight_power: float
     exponent_fit: dict
     seconds: float
+    _stacks: dict = field(default_factory=dict, repr=False)
+
+    def stacked(self, precision: str, layer: int) -> StackedFactors:
+        """The layer's compensators at `precision`, stacked for the batched corrections (built once)."""
+        key = (precision, layer)
+        if key not in self._stacks:
+            self._stacks[key] = StackedFactors(self.factors[precision][layer])
+        return self._stacks[key]
 
 
 def option_costs(options, sizes: ExpertSizes, copy_sizes: dict[int, ExpertSizes]) -> list[int]:
@@ -174,16 +183,18 @@ def weight_exponent(samples: list[tuple], totals: tuple[float, float] = (math.na
 
 
 def measure_tables(blocks, options: tuple[Option, ...], costs: list[int], inputs: dict[int, torch.Tensor],
-                   on_layer=None) -> tuple[dict[int, OptionTable], dict]:
+                   on_layer=None, threads: int | None = None) -> tuple[dict[int, OptionTable], dict]:
     """Every layer's option table and the router-weight fit (weight_exponent) over all of them.
     blocks(layer) -> (low-bit block, {precision: block with those factors}, {bits: block of
     copies}), asked one layer at a time; inputs: calibration rows per layer; costs: bytes per
-    option (option_costs); on_layer(i, layer, seconds) after each layer (progress)."""
+    option (option_costs); on_layer(i, layer, seconds) after each layer (progress); threads: torch's
+    thread count while measuring (None: unchanged; 1 for small experts, model/threads.py)."""
     tables, samples, tot = {}, [], [0.0, 0.0]
     for i, l in enumerate(inputs):
         t0 = time.time()
         base, factors, copies = blocks(l)
-        gain, s, (red, pred) = measure_layer(base, factors, copies, options, inputs[l])
+        with torch_threads(threads):
+            gain, s, (red, pred) = measure_layer(base, factors, copies, options, inputs[l])
         tot[0] += red
         tot[1] += pred
         cost = torch.tensor(costs, dtype=torch.float64).expand(gain.shape[0], -1).clone()
@@ -213,7 +224,7 @@ def prepare(study, bits: int, quantizer: str, stored_rank: int, precisions, copy
     copy_sizes = {b: block_sizes(copies[b][l0]) for b in copy_bits}
     costs = option_costs(options, sizes, copy_sizes)
     blocks = lambda l: (base[l], {p: f[l] for p, f in factors.items()}, {b: c[l] for b, c in copies.items()})
-    tables, fit = measure_tables(blocks, options, costs, study.calib_inputs)
+    tables, fit = measure_tables(blocks, options, costs, study.calib_inputs, threads=study.part_threads)
     log(f"  measured gains of {len(options)} options x {base[l0].num_experts} experts x {len(study.layers)} layers; "
         f"router weight: reduction ~ w^{fit['p']} x gain (w^2 x gain is {fit.get('w2_share', math.nan):.1%} of the "
         f"measured reduction) in {time.time() - t0:.0f} s")
@@ -231,6 +242,12 @@ class BudgetRunner:
         self.cfg = self.qm.cfg
         self.table = setup.tables[layer]
         self.masked = MaskedQuantMoE(self.qm)
+        opts = self.table.options
+        # each option's rank per factor precision (0: the option applies none of that precision's)
+        self.factors = {p: (setup.stacked(p, layer),
+                            torch.tensor([o.rank if o.kind == "factors" and o.precision == p else 0 for o in opts]))
+                        for p in setup.factors}
+        self.kind = torch.tensor([{"none": 0, "factors": 1, "copy": 2}[o.kind] for o in opts])
         self.bytes = 0.0
         self.tokens = 0
         self.chosen = Counter()
@@ -259,24 +276,16 @@ class BudgetRunner:
         qm, mq, size, opts = self.qm, self.masked, self.masked.intermediate, self.table.options
         t = ids.shape[0]
         xf, weights = x.float(), weights.float()
-        kind = torch.tensor([{"none": 0, "factors": 1, "copy": 2}[o.kind] for o in opts])[choice]
+        kind = self.kind[choice]
         gate = torch.zeros(t, qm.num_experts).scatter_(1, ids, torch.where(kind == 2, 0.0, weights))
         a1, a3 = xf @ mq.w1.t(), xf @ mq.w3.t()
-        fixes = []
-        fac = kind == 1
-        for e, o, tok, slot in _slot_groups(fac, ids, choice):
-            comps = self.setup.factors[opts[o].precision][self.layer].experts[e].comp
-            cols = slice(e * size, (e + 1) * size)
-            for name, a in (("w1", a1), ("w3", a3)):
-                if name in comps:
-                    a[tok, cols] += comps[name].truncate(min(opts[o].rank, comps[name].rank)).apply(xf[tok])
-            fixes.append((tok, slot, e, o, comps))
+        ranks = {p: (stacked, stacked.ranks(ids, rank_of[choice])) for p, (stacked, rank_of) in self.factors.items()}
+        for stacked, rank in ranks.values():
+            a1, a3 = stacked.add_inputs(a1, a3, xf, rank)
         h = F.silu(a1) * a3
         out = (h.view(t, -1, size) * gate[:, :, None]).flatten(1) @ mq.w2.t()
-        for tok, slot, e, o, comps in fixes:
-            if "w2" in comps:
-                f = comps["w2"].truncate(min(opts[o].rank, comps["w2"].rank))
-                out.index_add_(0, tok, f.apply(h[tok, e * size:(e + 1) * size]) * weights[tok, slot, None])
+        for stacked, rank in ranks.values():
+            out = stacked.add_output(out, h, rank, gate)
         cp = kind == 2
         for e, o, tok, slot in _slot_groups(cp, ids, choice):
             copy = self.setup.copies[opts[o].bits][self.layer].experts[e]

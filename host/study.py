@@ -28,18 +28,18 @@ from ndpmoe.model.block import FloatMoE, set_blocks
 from ndpmoe.model.contract import QuantFormat
 from ndpmoe.model.factor_quant import factor_bits, fit_quantized_matrices
 from ndpmoe.model.moe import RouterConfig, route
-from ndpmoe.model.moe_quant import (MATRICES, QuantizedExpert, QuantizedMoE, check_block_fits, compensate_moe,
-                                    expert_grams, quantize_moe)
+from ndpmoe.model.moe_quant import MATRICES, QuantizedExpert, QuantizedMoE, check_block_fits, expert_grams
 from ndpmoe.model.moe_quant_masked import MaskedQuantMoE
-from ndpmoe.model.perplexity import collect_mlp_inputs, perplexity
-from ndpmoe.model.quantize import get_quantizer
+from ndpmoe.model.perplexity import collect_mlp_inputs, perplexity, perplexity_of
 from ndpmoe.model.rank_alloc import allocate_by_kurtosis, allocate_ranks, kurtosis
+from ndpmoe.model.threads import threads_for, torch_threads
 from ndpmoe.model.paths import cache_dir
 
 from .policy import RestorationContext, RestorationPolicy, TopN, decode_restoration, restoration_context
 from .sensitivity import measure_sensitivity
 from .sizes import ExpertSizes
 from .study_cache import StudyCache, model_fingerprint, tensor_hash
+from .study_parts import compensator_part, quantized_part
 
 
 ALLOC_RULES = ("gain", "kurtosis")
@@ -164,6 +164,9 @@ class Study:
         if missing:
             raise ValueError(f"quant_layers {sorted(missing)} are not MoE layers of this model ({sorted(dm.blocks)})")
         self.float_blocks = {l: FloatMoE(w, rc) for l, (w, rc) in dm.blocks.items()}
+        # Quantizers, fits and gain measurements are many small operations on small experts:
+        # one thread (model/threads.py); the perplexity passes keep torch's own count.
+        self.part_threads = threads_for(max((dm.blocks[l][0].w1[0].numel() for l in self.layers), default=0))
         t0 = time.time()
         set_blocks(dm.model, self.float_blocks)
         calib = collect_mlp_inputs(dm.model, calib_windows, max_rows=calib_rows, layers=self.layers,
@@ -174,8 +177,10 @@ class Study:
         self.calib_inputs = {l: calib[l][:gain_rows] for l in self.layers}
         # Held-out block inputs of the float model: each configuration's layer-output error is
         # measured on them (a low-noise companion of perplexity for small runs).
+        # The same pass gives the float model's per-token NLLs: the fp16 row reuses them.
+        self._float_nll: list[torch.Tensor] = []
         self.eval_inputs = collect_mlp_inputs(dm.model, eval_windows, max_rows=block_rows, layers=self.layers,
-                                              progress=False)
+                                              progress=False, token_nll=self._float_nll)
         self.eval_refs = {l: self.float_blocks[l](x) for l, x in self.eval_inputs.items()}
         self.calib_seconds = time.time() - t0
         if cache_root == "default":
@@ -193,21 +198,25 @@ class Study:
     # -- building variants ---------------------------------------------------------------------
     def variant(self, v: Variant) -> dict[int, QuantizedMoE]:
         if v not in self._variants:
-            if self.scale is not None:
-                self.scale.prefetch(self, v)
-            if v.alloc_budget:
-                base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group, v.word_bits, v.factor))
-                out = {l: _with_allocated_ranks(qm, v.alloc_budget, v.alloc_rule) for l, qm in base.items()}
-            elif v.rank:
-                out = {l: self._compensated(l, v) for l in self.layers}
-            else:
-                out = {l: self._quantized(l, v) for l in self.layers}
-            if v.hi_bits:
-                hi = self.variant(Variant(v.hi_bits, v.quantizer, group=v.group, word_bits=v.word_bits))
-                out = {l: QuantizedMoE(qm.fmt, qm.experts, qm.router, qm.cfg, qm.float_weights, hi[l].experts)
-                       for l, qm in out.items()}
-            self._variants[v] = out
+            with torch_threads(self.part_threads):
+                self._variants[v] = self._build(v)
         return self._variants[v]
+
+    def _build(self, v: Variant) -> dict[int, QuantizedMoE]:
+        if self.scale is not None:
+            self.scale.prefetch(self, v)
+        if v.alloc_budget:
+            base = self.variant(Variant(v.bits, v.quantizer, v.fit, v.rank, None, None, v.group, v.word_bits, v.factor))
+            out = {l: _with_allocated_ranks(qm, v.alloc_budget, v.alloc_rule) for l, qm in base.items()}
+        elif v.rank:
+            out = {l: self._compensated(l, v) for l in self.layers}
+        else:
+            out = {l: self._quantized(l, v) for l in self.layers}
+        if v.hi_bits:
+            hi = self.variant(Variant(v.hi_bits, v.quantizer, group=v.group, word_bits=v.word_bits))
+            out = {l: QuantizedMoE(qm.fmt, qm.experts, qm.router, qm.cfg, qm.float_weights, hi[l].experts)
+                   for l, qm in out.items()}
+        return out
 
     def _quantized(self, layer: int, v: Variant) -> QuantizedMoE:
         """The layer's low-bit experts without compensators (shared by every fit and rank)."""
@@ -218,16 +227,18 @@ class Study:
         fmt = v.fmt
         check_block_fits(w, fmt, layer)
         key = self.cache.key(layer, f"q|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}")
-        qs = self.cache.quantized(key, fmt, lambda: [ex.q for ex in quantize_moe(
-            w, rc, fmt, quantizer=get_quantizer(v.quantizer), grams=self.grams[layer]).experts])
+        # The whole stack of experts at once: in float64 the same matrices, bit for bit, as
+        # quantize_moe's one expert at a time (tests/test_study_workers.py), in a fraction of the time.
+        qs = self.cache.quantized(key, fmt, lambda: quantized_part(w, self.grams[layer], fmt, v.quantizer))
         return QuantizedMoE(fmt, [QuantizedExpert(q) for q in qs], w.router, rc, w)
 
     def _compensated(self, layer: int, v: Variant) -> QuantizedMoE:
         base = self.variant(Variant(v.bits, v.quantizer, group=v.group, word_bits=v.word_bits))[layer]
         key = self.cache.key(layer, f"c|{v.bits}|{v.quantizer}|{v.group}|{v.word_bits}|{v.fit}|{v.rank}"
                              + ("" if v.factor == "fp16" else f"|{v.factor}"))
-        if v.factor == "fp16":
-            make = lambda: [ex.comp for ex in compensate_moe(base, v.rank, v.fit, self.grams[layer]).experts]
+        if v.factor == "fp16":       # stacked, as compensate_moe computes them (bit for bit in float64)
+            make = lambda: compensator_part(base.float_weights, [ex.q for ex in base.experts], self.grams[layer],
+                                            v.fit, v.rank)
         else:
             make = lambda: self._quantized_factors(layer, base, v)
         comps = self.cache.compensators(key, make)
@@ -251,7 +262,9 @@ class Study:
 
     def sensitivity(self, v: Variant) -> dict:
         if v not in self._sens:
-            self._sens[v] = {l: measure_sensitivity(qm, self.grams[l]) for l, qm in self.variant(v).items()}
+            blocks = self.variant(v)
+            with torch_threads(self.part_threads):
+                self._sens[v] = {l: measure_sensitivity(qm, self.grams[l]) for l, qm in blocks.items()}
         return self._sens[v]
 
     # -- evaluating ----------------------------------------------------------------------------
@@ -269,8 +282,10 @@ class Study:
         t0 = time.time()
         nll: list[torch.Tensor] = []
         if v is None:
+            # the float model's pass ran with the calibration's held-out inputs (the same numbers)
             set_blocks(self.dm.model, self.float_blocks)
-            ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
+            nll = list(self._float_nll)
+            ppl = perplexity_of(nll)
             bpt = 0
             for l in self.layers:
                 w, rc = self.dm.blocks[l]

@@ -1,7 +1,8 @@
 """One layer's study parts computed on stacks of experts: its low-bit matrices for one (bits,
-quantizer, format), or its compensators for one fit and rank. In float64 these are, bit for bit,
-what the study's one-expert-at-a-time path computes (model.moe_quant.quantize_moe and
-compensate_moe: tests/test_study_workers.py holds it), so they go under the same cache keys.
+quantizer, format), or its compensators for one fit and rank. The study computes its parts with
+them (host/study.py), in this process or as Ray tasks. In float64 these are, bit for bit, what the
+one-expert-at-a-time reference computes (model.moe_quant.quantize_moe and compensate_moe:
+tests/test_study_workers.py holds it), so cached parts do not depend on which path made them.
 
 Gram matrices are stacked a chunk of experts at a time, and each whitening factor is computed
 once per Gram matrix (w1 and w3 share theirs), so memory stays near one chunk of one layer; in

@@ -4,7 +4,8 @@ import torch
 
 from ndpmoe.model.contract import QuantFormat
 from ndpmoe.model.moe import MoEWeights, RouterConfig, moe_forward
-from ndpmoe.model.moe_quant import FULL_RANK, check_block_fits, moe_forward_quant, quantize_moe, topn_restore
+from ndpmoe.model.moe_quant import (FULL_RANK, QuantizedExpert, check_block_fits, moe_forward_quant, quantize_moe,
+                                    topn_restore)
 
 
 def _block(seed=0, e=6, d=128, i=64):
@@ -89,6 +90,13 @@ def test_masked_block_matches_the_per_expert_reference():
     plain = torch.zeros(40, 4, dtype=torch.long)
     none = torch.zeros(40, 4, dtype=torch.bool)
     assert not torch.allclose(MaskedQuantMoE(qm)(x, plain, none, routing), ref, atol=1e-4)
+    # Ranks that differ per expert and matrix, some matrices without a compensator (a rank allocation)
+    uneven = [QuantizedExpert(ex.q, {m: f.truncate(1 + (e + i) % 6) for i, (m, f) in enumerate(ex.comp.items())
+                                     if (e + i) % 4}, ex._deq) for e, ex in enumerate(qm.experts)]
+    qa = type(qm)(qm.fmt, uneven, qm.router, qm.cfg, qm.float_weights, hi.experts)
+    ref = moe_forward_quant(x, qa, restore, his, routing=routing)
+    got = MaskedQuantMoE(qa)(x, restore, his, routing)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), float((got - ref).abs().max())
 
 
 def test_width_not_a_multiple_of_the_group_is_named():

@@ -97,3 +97,10 @@ def test_perplexity_hands_back_the_nlls_it_averaged():
     assert again == plain
     assert [t.shape for t in nll] == [torch.Size([32])] * 3
     assert math.log(plain) == pytest.approx(float(torch.cat(nll).mean()), rel=1e-6)   # fp32 sums vs fp64 mean
+    # The inputs' collection pass hands back the same NLLs, so the study's fp16 row reuses it.
+    from ndpmoe.model.perplexity import collect_mlp_inputs, perplexity_of
+    collected: list = []
+    inputs = collect_mlp_inputs(model, windows, max_rows=None, layers=[1], progress=False, token_nll=collected)
+    assert inputs[1].shape == (3 * 33, 32)
+    assert all(torch.equal(a, b) for a, b in zip(collected, nll)) and len(collected) == 3
+    assert perplexity_of(collected) == plain

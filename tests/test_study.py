@@ -181,6 +181,32 @@ def test_budgeted_policy_beats_every_fixed_rule_on_its_calibration_objective(stu
             assert float(objective(table, ids, w, mine, p).sum()) >= float(objective(table, ids, w, fixed, p).sum()), opt
 
 
+def test_budget_runner_block_matches_the_per_expert_reference(study):
+    """The budgeted rows' all-experts-at-once block (batched factor prefixes, copies) equals the
+    reference loop on the same choices: each slot's option as a rank or a higher-precision copy."""
+    from ndpmoe.host.budget_policy import MeasuredBudgetPolicy
+    from ndpmoe.host.budget_study import BudgetRunner, prepare
+    from ndpmoe.model.moe import route
+    from ndpmoe.model.moe_quant import QuantizedMoE, moe_forward_quant
+
+    setup = prepare(study, 3, "optimized", 8, ("fp16",), (4,), log=lambda s: None)
+    layer = study.layers[0]
+    runner = BudgetRunner(setup, layer, MeasuredBudgetPolicy(1.0, setup.weight_power))
+    opts = runner.table.options
+    x = study.eval_inputs[layer][:96]
+    ids, w = route(x, runner.qm.router, runner.qm.cfg)
+    choice = torch.randint(len(opts), ids.shape, generator=torch.Generator().manual_seed(0))
+    restore = torch.tensor([o.rank if o.kind == "factors" else 0 for o in opts])[choice]
+    hi = torch.tensor([o.kind == "copy" for o in opts])[choice]
+    assert bool(hi.any()) and bool((restore > 0).any()) and bool(((restore == 0) & ~hi).any())
+    f = setup.factors["fp16"][layer]
+    ref_block = QuantizedMoE(f.fmt, f.experts, f.router, f.cfg, f.float_weights, setup.copies[4][layer].experts)
+    ref = moe_forward_quant(x, ref_block, restore, hi, routing=(ids, w))
+    got = runner.forward(x, ids, w, choice)
+    # float32 sums in another order (batched products against per-expert ones)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), float((got - ref).abs().max())
+
+
 def test_budgeted_rows_carry_the_envelope_verdict_with_an_interval(study):
     """A budgeted row is compared, at no more bytes, with the lower envelope of the fixed rules
     (layer error, and perplexity with its paired interval)."""
