@@ -15,12 +15,11 @@ tokens and tables.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .budget_policy import OptionTable, check_budget, solve
-from .policy import Restoration
+from .policy import Restoration, parse_budget
 
 
 class GainBudgetPolicy:
@@ -67,15 +66,7 @@ class GainBudgetPolicy:
 
 def parse_gain_budget(spec: str) -> GainBudgetPolicy:
     """'gain-budget:BYTES' (per token and MoE layer) as an unbound policy."""
-    text = spec[len("gain-budget:"):]
-    try:
-        budget = float(text)
-    except ValueError:
-        budget = math.nan
-    if not math.isfinite(budget) or budget < 0:
-        raise ValueError(f"restoration policy {spec!r}: the budget must be a non-negative number of bytes per "
-                         f"token, not {text!r}")
-    return GainBudgetPolicy(budget)
+    return GainBudgetPolicy(parse_budget(spec, "gain-budget:"))
 
 
 def _option_map(table: OptionTable) -> tuple[torch.Tensor, torch.Tensor]:

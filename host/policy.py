@@ -425,6 +425,19 @@ def _unit_hull(sens: LayerSensitivity, e: int, r0: int, stored_rank: int, rank_b
 _SPEC_GRAMMAR = "none, top-N[@rR], random-N[@rR], hobbit, budgeted:BYTES_PER_TOKEN or gain-budget:BYTES_PER_TOKEN"
 
 
+def parse_budget(spec: str, prefix: str) -> float:
+    """The BYTES of a 'PREFIX:BYTES' policy spec: a finite, non-negative number of bytes per token."""
+    text = spec[len(prefix):]
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = math.nan
+    if not math.isfinite(budget) or budget < 0:
+        raise ValueError(f"restoration policy {spec!r}: the budget must be a non-negative number of bytes per "
+                         f"token, not {text!r}")
+    return budget
+
+
 def get_policy(spec: str, top_k: int | None = None) -> RestorationPolicy:
     """Parse a policy spec: 'none', 'top-N' / 'random-N' (optionally '@rR', rank R, else all that
     is stored), 'hobbit' (top-1 higher-precision copy), 'budgeted:BYTES' (per token and layer,
@@ -449,14 +462,7 @@ def get_policy(spec: str, top_k: int | None = None) -> RestorationPolicy:
                         raise ValueError(f"restoration policy {spec!r}: {err}") from None
                 return make(int(n), rank=int(rank) if at else None)
     if spec.startswith("budgeted:"):
-        try:
-            budget = float(spec[9:])
-        except ValueError:
-            budget = math.nan
-        if not math.isfinite(budget) or budget < 0:
-            raise ValueError(f"restoration policy {spec!r}: the budget must be a non-negative number of "
-                             f"bytes per token, not {spec[9:]!r}")
-        return BudgetedPolicy(budget)
+        return BudgetedPolicy(parse_budget(spec, "budgeted:"))
     if spec.startswith("gain-budget:"):
         from .gain_policy import parse_gain_budget
 
