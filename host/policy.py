@@ -238,6 +238,13 @@ class RandomN:
     def name(self) -> str:
         return f"random-{self.n}" + (f"@r{self.rank}" if self.rank is not None else "")
 
+    def fork(self) -> "RandomN":
+        """A copy at the same point of its draws: deciding with it leaves this policy's draws as they
+        were (a guess, host/prefetch.py). Policies without draws need no fork and have none."""
+        fork = RandomN(self.n, self.seed, self.rank)
+        fork._generator.set_state(self._generator.get_state())
+        return fork
+
     def decide(self, ids, weights, ctx):
         t, k = _check_ids(ids, weights)
         _check_n(self.n, k)

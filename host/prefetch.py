@@ -10,8 +10,8 @@ while Pre-gated MoE (Hwang et al., ISCA 2024) trains a gate for it, which a runt
 checkpoint cannot. The residual stream changes little from one layer to the next, so the next
 router on this layer's input mostly picks the experts it will pick on its own.
 
-The guessed ids go through the planner's own `decide` (with a copy of the policy, so a random
-policy's draws are not consumed) against the cache as layer l+1 will see it: the prefetch stages
+The guessed ids go through the planner's own `decide` (a random policy decides on a fork of its
+draws, so its own draws are not consumed) against the cache as layer l+1 will see it: the prefetch stages
 exactly the weights and factor ranks that plan would fetch, by the executor's own loading code.
 
 Prefetch only moves bytes earlier. Staged data sits in a buffer of its own (per layer at most its
@@ -31,7 +31,6 @@ hardware.)
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -161,7 +160,9 @@ class NextLayerPrefetcher:
             self._settle(self._next)
         t0 = time.perf_counter()
         ids, wts = route_tokens(x, router, cfg)
-        d = self.planner.decide(layer, ids, wts, policy=copy.deepcopy(self.planner.policy))
+        policy = self.planner.policy
+        fork = getattr(policy, "fork", None)        # a policy with draws decides the guess on a copy
+        d = self.planner.decide(layer, ids, wts, policy=fork() if fork is not None else policy)
         self.stats.guess_s += time.perf_counter() - t0
         guess = _Guess(layer, frozenset(ids.unique().tolist()))
         sizes, budget = self.planner.sizes, self.budget_bytes

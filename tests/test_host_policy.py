@@ -78,6 +78,18 @@ def test_random_n_draws_anew_per_call_and_repeats_per_seed():
     assert RandomN(1, rank=4).decide(ids, w, _ctx()).restore_tensor().max() == 4
 
 
+def test_random_n_fork_draws_what_the_policy_would_and_leaves_it_as_it_was():
+    """A prefetch guess decides on a fork: the same next draws, the policy's own draws untouched."""
+    ids, w = _routing(t=1)
+    policy, reference = RandomN(1, seed=5), RandomN(1, seed=5)
+    for _ in range(3):                                   # somewhere in the middle of its draws
+        policy.decide(ids, w, _ctx()), reference.decide(ids, w, _ctx())
+    fork = policy.fork()
+    forked = [fork.decide(ids, w, _ctx()).ranks[0] for _ in range(16)]
+    own = [policy.decide(ids, w, _ctx()).ranks[0] for _ in range(16)]
+    assert forked == own == [reference.decide(ids, w, _ctx()).ranks[0] for _ in range(16)]
+
+
 @pytest.mark.parametrize("policy", [TopN(2, 8), HobbitTopHi(1, 0.2), BudgetedPolicy(20_000)], ids=lambda p: p.name)
 def test_decode_restoration_decides_each_token_alone(policy):
     """What batch-1 decode decides: each token as its own batch. Row-wise policies may decide the
