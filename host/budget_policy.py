@@ -26,6 +26,7 @@ increments (H hull points per expert), 2 x `repair_rounds` passes over K x O opt
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass, field
@@ -111,10 +112,47 @@ class OptionTable:
         return self.options.index(option)
 
     @functools.cached_property
-    def rows(self) -> list[tuple[list[int], list[float], list[float]]]:
-        """Per expert: (its hull's option indices, cost and gain per option) as Python lists."""
-        return [([i for i in h if i >= 0], c, g)
+    def rows(self) -> list["_ExpertRow"]:
+        """Per expert, what the one-token solver reads (its hull steps, options by cost) as Python lists."""
+        return [_ExpertRow.of([i for i in h if i >= 0], c, g)
                 for h, c, g in zip(self.hull.tolist(), self.cost.tolist(), self.gain.tolist())]
+
+
+@dataclass(frozen=True)
+class _ExpertRow:
+    """One expert's options for `solve_one`: hull option indices, cost and gain per option, each
+    hull step's (gain rise, cost rise, divisor), and the options in increasing cost with the
+    running best gain (the best option that fits a price is then a bisection away)."""
+    hull: list[int]
+    cost: list[float]
+    gain: list[float]
+    steps: list[tuple[float, float, float]]
+    by_cost: list[float]
+    best_gain: list[float]
+
+    @classmethod
+    def of(cls, hull: list[int], cost: list[float], gain: list[float]) -> "_ExpertRow":
+        steps = []
+        for a, b in zip(hull, hull[1:]):
+            dc = cost[b] - cost[a]
+            steps.append((gain[b] - gain[a], dc, dc if dc > 1e-12 else 1e-12))
+        order = sorted(range(len(cost)), key=lambda o: cost[o])
+        best, running = [], -math.inf
+        for o in order:
+            running = max(running, gain[o])
+            best.append(running)
+        return cls(hull, cost, gain, steps, [cost[o] for o in order], best)
+
+    def best_fitting(self, c0: float, left: float) -> float | None:
+        """The largest gain among options with `cost - c0 <= left + 1e-9` (the repair's test, a
+        prefix by cost): bisected near the price, then settled by that exact test."""
+        fits, by_cost = (lambda c: c - c0 <= left + 1e-9), self.by_cost
+        n = bisect.bisect_right(by_cost, c0 + (left + 1e-9))
+        while n < len(by_cost) and fits(by_cost[n]):
+            n += 1
+        while n and not fits(by_cost[n - 1]):
+            n -= 1
+        return self.best_gain[n - 1] if n else None
 
 
 def upper_hull(cost: list[float], gain: list[float]) -> list[int]:
@@ -177,9 +215,10 @@ def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: 
         raise ValueError(f"ids and weights must both be [T, K], not {tuple(ids.shape)} and {tuple(weights.shape)}")
     budget = check_budget(budget)
     t, k = ids.shape
-    scale = weights.double().clamp_min(0) ** weight_power                       # [T, K]
+    scale = slot_scale(weights, weight_power)                                   # [T, K]
     if t == 1 and not pair_repair:
-        return _solve_one(table, ids[0].tolist(), scale[0].tolist(), budget, repair_rounds)
+        return torch.tensor([solve_one(table, ids[0].tolist(), scale[0].tolist(), budget, repair_rounds)],
+                            dtype=torch.long)
     hull = table.hull[ids]                                                      # [T, K, H]
     valid = hull >= 0
     hidx = hull.clamp_min(0)
@@ -206,41 +245,46 @@ def solve(table: OptionTable, ids: torch.Tensor, weights: torch.Tensor, budget: 
     return choice
 
 
-def _solve_one(table: OptionTable, ids: list[int], scale: list[float], budget: float, rounds: int) -> torch.Tensor:
-    """`solve` for one token (batch-1 decode) in plain Python over the table's lists: the same
-    steps and float64 operations in the same order, without torch's per-op overhead on [1, K]
-    tensors (tests/test_budget_policy.py holds it equal to the batched path)."""
-    rows = table.rows
+def slot_scale(weights: torch.Tensor, weight_power: float) -> torch.Tensor:
+    """What a slot's gains are multiplied by: w^p in float64 (weights below 0 count as 0). [T, K]"""
+    return weights.double().clamp_min(0) ** weight_power
+
+
+def solve_one(table: OptionTable, ids: list[int], scale: list[float], budget: float, rounds: int) -> list[int]:
+    """`solve` for one token (batch-1 decode), on lists: the same choices by the same float64
+    operations (tests/test_budget_policy.py holds it equal to the batched path), without torch's
+    per-op overhead on [1, K] tensors. `scale`: the token's row of `slot_scale`."""
+    rows = [table.rows[e] for e in ids]
     steps = []                                      # (slope, cost, slot) of every hull step, slot-major
-    for slot, (e, s) in enumerate(zip(ids, scale)):
-        hull, cost, gain = rows[e]
-        for a, b in zip(hull, hull[1:]):
-            dc = cost[b] - cost[a]
-            steps.append(((gain[b] - gain[a]) * s / (dc if dc > 1e-12 else 1e-12), dc, slot))
-        steps.extend((-math.inf, math.inf, slot) for _ in range(table.hull.shape[1] - len(hull)))
+    for slot, (row, s) in enumerate(zip(rows, scale)):
+        steps.extend((dg * s / div, dc, slot) for dg, dc, div in row.steps)
+    # the batched path's padding steps sort last and stop the walk where these run out: not needed
     level = [0] * len(ids)
     spent = 0.0
-    room = budget - sum(rows[e][1][rows[e][0][0]] for e in ids)
+    room = budget - sum(row.cost[row.hull[0]] for row in rows)
     for slope, dc, slot in sorted(steps, key=lambda x: -x[0]):      # stable, as argsort(stable=True)
         spent += dc
         if not (spent <= room + 1e-9 and slope > 0):
             break
         level[slot] += 1
-    choice = [rows[e][0][lv] for e, lv in zip(ids, level)]
+    choice = [row.hull[lv] for row, lv in zip(rows, level)]
     for _ in range(rounds):
-        cur = [(rows[e][1][c], rows[e][2][c] * s) for e, s, c in zip(ids, scale, choice)]
+        cur = [(row.cost[c], row.gain[c] * s) for row, s, c in zip(rows, scale, choice)]
         left = budget - sum(c for c, _ in cur)
+        # The batched repair takes the first (slot, option) of largest value g * s - g0 among the
+        # options that fit. Value rises with g, so a slot's largest is at its best fitting gain.
         best, where = -math.inf, None
-        for slot, (e, s) in enumerate(zip(ids, scale)):
-            _, cost, gain = rows[e]
+        for slot, (row, s) in enumerate(zip(rows, scale)):
             c0, g0 = cur[slot]
-            for o, (c, g) in enumerate(zip(cost, gain)):
-                if c - c0 <= left + 1e-9 and g * s - g0 > best:
-                    best, where = g * s - g0, (slot, o)
+            top = row.best_fitting(c0, left)
+            if top is not None and top * s - g0 > best:
+                best, where = top * s - g0, slot
         if not best > 1e-15:
             break
-        choice[where[0]] = where[1]
-    return torch.tensor([choice], dtype=torch.long)
+        row, s, (c0, g0) = rows[where], scale[where], cur[where]
+        choice[where] = next(o for o, (c, g) in enumerate(zip(row.cost, row.gain))
+                             if c - c0 <= left + 1e-9 and g * s - g0 == best)
+    return choice
 
 
 def _repair_singles(choice, cost_all, gain_all, budget: float, rounds: int) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .budget_policy import OptionTable, check_budget, solve
+from .budget_policy import OptionTable, check_budget, slot_scale, solve, solve_one
 from .policy import Restoration, parse_budget
 
 
@@ -34,6 +34,7 @@ class GainBudgetPolicy:
         self.budget_bytes = check_budget(budget_bytes)
         self.tables, self.weight_power, self.repair_rounds = tables, float(weight_power), repair_rounds
         self._maps = {} if tables is None else {l: _option_map(t) for l, t in tables.items()}
+        self._lists = {l: (r.tolist(), h.tolist()) for l, (r, h) in self._maps.items()}
 
     @property
     def name(self) -> str:
@@ -62,6 +63,19 @@ class GainBudgetPolicy:
         choice = self.choose(ids, weights, ctx.layer)
         rank_of, hi_of = self._maps[ctx.layer]
         return Restoration(tuple(map(tuple, rank_of[choice].tolist())), tuple(map(tuple, hi_of[choice].tolist())))
+
+    def decide_rows(self, id_rows: list[list[int]], weights: torch.Tensor, ctx) -> Restoration:
+        """`decide` on the ids as lists (the planner's hot path): one token (batch-1 decode) is
+        solved on lists end to end, the same choices as `decide`."""
+        if len(id_rows) != 1:
+            return self.decide(torch.tensor(id_rows, dtype=torch.long).reshape(weights.shape), weights, ctx)
+        if weights.shape != (1, len(id_rows[0])):
+            raise ValueError(f"ids and weights must both be [T, K], not {(1, len(id_rows[0]))} and "
+                             f"{tuple(weights.shape)}")
+        choice = solve_one(self.table(ctx.layer), id_rows[0], slot_scale(weights, self.weight_power)[0].tolist(),
+                           self.budget_bytes, self.repair_rounds)
+        rank_of, hi_of = self._lists[ctx.layer]
+        return Restoration((tuple([rank_of[c] for c in choice]),), (tuple([hi_of[c] for c in choice]),))
 
 
 def parse_gain_budget(spec: str) -> GainBudgetPolicy:

@@ -59,6 +59,24 @@ def test_tables_read_back_and_policy_is_the_study_solver(stores):
     assert res.restore_tensor().any() or res.hi_tensor().any()
 
 
+def test_the_planners_list_path_decides_as_decide(stores):
+    """The planner hands the policy its ids as lists (`decide_rows`): a batch gives `decide`'s
+    restoration, and each token alone (batch-1 decode, solved on lists end to end) its row of it."""
+    _, cfg, blocks, x, store, _, _ = stores
+    tables = gt.load_gain_tables(open_store(store.folder))
+    ids, weights = route(x, blocks[0][0].router, cfg)
+    ctx = restoration_context(store.sizes(), layer=0)
+    for budget in (0.0, 3000.0, 20000.0, 60000.0):
+        policy = GainBudgetPolicy(budget).bind(tables, "fp16", 8)
+        batched = policy.decide(ids, weights, ctx)
+        assert policy.decide_rows(ids.tolist(), weights, ctx) == batched
+        for t in range(ids.shape[0]):
+            one = policy.decide_rows(ids[t:t + 1].tolist(), weights[t:t + 1], ctx)
+            assert one.ranks == batched.ranks[t:t + 1] and one.hi == batched.hi[t:t + 1], (budget, t)
+    with pytest.raises(ValueError, match=r"ids and weights must both be \[T, K\]"):
+        policy.decide_rows(ids[:1].tolist(), weights[:2], ctx)
+
+
 @pytest.mark.parametrize("bad", ["-1", "abc", "nan", "inf", ""])
 def test_bad_budget_refused(bad):
     with pytest.raises(ValueError, match=rf"gain-budget:{bad}'.*non-negative number of bytes per token, not '{bad}'"):
