@@ -214,7 +214,7 @@ START_FIRST_CHECK = 12
 START_TOL = 1e-6
 
 
-def leading_eigenpairs(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def leading_eigenpairs(g: torch.Tensor, k: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The k largest eigenvalues (descending) and their unit eigenvectors [n, k] of a symmetric
     positive semi-definite float64 matrix, and whether they came from block Krylov. A full
     eigendecomposition costs O(n^3) for all n pairs (on OLMoE's 1024 x 1024 Gram matrices most
@@ -222,11 +222,11 @@ def leading_eigenpairs(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     block, Gram-Schmidt twice, Rayleigh-Ritz) gets the leading ones to START_TOL. Quantization
     errors have flat spectra, so that takes a basis of a few hundred vectors; where it would take
     more than half of n, where n is too small for START_FIRST_CHECK blocks, or where G has fewer
-    independent directions than the basis, the full eigendecomposition is used instead."""
+    independent directions than the basis (or `exact`), the full eigendecomposition is used instead."""
     n = g.shape[0]
     block = min(k + START_EXTRA, n)
     limit = n // 2 // block                       # most blocks worth building
-    if limit < START_FIRST_CHECK:
+    if exact or limit < START_FIRST_CHECK:
         lam, vec = torch.linalg.eigh(g)
         return lam[-k:].flip(-1), vec[:, -k:].flip(-1), False
     gen = torch.Generator(device=g.device).manual_seed(0)
@@ -261,17 +261,17 @@ def leading_eigenpairs(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return lam[-k:].flip(-1), vec[:, -k:].flip(-1), False
 
 
-def leading_components(m: torch.Tensor, k: int, gram: _SmallGram | None = None
+def leading_components(m: torch.Tensor, k: int, gram: _SmallGram | None = None, exact: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leading k singular triplets (u [out, k], s [k], vh [k, in]) of a float64 matrix, from the
     leading eigenpairs of its smaller Gram matrix (m m^T or m^T m; `gram` if given;
-    leading_eigenpairs): exact to float64 rounding for the leading components where that is a
+    leading_eigenpairs, `exact` passed on): exact to float64 rounding for the leading components where that is a
     full eigendecomposition (they hold most of the energy, so squaring loses nothing there), to
     START_TOL where it is block Krylov. Each vh row's largest-magnitude entry is made positive,
     so the result does not depend on the routine's sign choice."""
     gram = _SmallGram(m) if gram is None else gram
     tiny = torch.finfo(torch.float64).tiny
-    lam, vec, _ = leading_eigenpairs(gram.g, k)
+    lam, vec, _ = leading_eigenpairs(gram.g, k, exact)
     s = lam.clamp_min(0).sqrt()
     if gram.wide:
         u = vec
@@ -286,11 +286,13 @@ def leading_components(m: torch.Tensor, k: int, gram: _SmallGram | None = None
 
 def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, group: int = 64,
                   word_bits: int = 64, damp: float = 1e-2, whiten: torch.Tensor | None = None,
-                  precision: str = "float64") -> QuantLowRank:
+                  precision: str = "float64", exact_starts: bool = False) -> QuantLowRank:
     """Greedy rank-`rank` compensator of `err` [out, in] with both factors at `bits` (see the module
     text); `h` is the calibration Gram X^T X [in, in], `whiten` its damped lower Cholesky factor
     (whitening_factor) where the caller has it. "float64": the reference arithmetic (the
-    leading components of the whitened error, power iterations on the whitened residual). "float32": _greedy32."""
+    leading components of the whitened error, power iterations on the whitened residual; their
+    start directions from block Krylov on large matrices, from a full eigendecomposition with
+    `exact_starts`, which checks the former). "float32": _greedy32."""
     check_precision(precision)
     if not isinstance(err, torch.Tensor) or err.dim() != 2 or not err.is_floating_point():
         raise TypeError(f"error matrix must be a 2-D float tensor, not {getattr(err, 'dtype', type(err))}")
@@ -309,7 +311,7 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
     # The leading fp16 components of the whitened error: their range fixes the exponents and each
     # greedy step's leading direction is found by power iteration started from the next one.
     gram = _SmallGram(m)
-    u, s, vh = leading_components(m, rank, gram)
+    u, s, vh = leading_components(m, rank, gram, exact_starts)
     lead_b = torch.linalg.solve_triangular(l.t(), vh[:1].t(), upper=True).t() * s[0].sqrt()
     exp_b, exp_a = _row_exponent(lead_b, fmt_b), _row_exponent((u[:, :1] * s[0].sqrt()).t(), fmt_a)
     a_mat = torch.empty(out_f, rank, dtype=torch.float64, device=err.device)    # the components so far

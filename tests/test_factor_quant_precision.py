@@ -74,18 +74,12 @@ def test_float64_is_the_previous_fit_up_to_component_signs(ref_fit, one_thread):
         _same(fits[m], ref_fit(errs[m], grams[m], 4, 4))
 
 
-def _eigh_starts(monkeypatch):
-    """Makes every start direction come from the full eigendecomposition (the fit before block
-    Krylov): the first convergence check falls past any basis leading_eigenpairs would build."""
-    monkeypatch.setattr(factor_quant, "START_FIRST_CHECK", 10**9)
-
-
 def _recording_krylov(monkeypatch) -> list:
     """Records whether each fit's start directions came from block Krylov (the path under test)."""
     used, inner = [], factor_quant.leading_eigenpairs
 
-    def leading_eigenpairs(g, k):
-        out = inner(g, k)
+    def leading_eigenpairs(g, k, exact=False):
+        out = inner(g, k, exact)
         used.append(out[2])
         return out
     monkeypatch.setattr(factor_quant, "leading_eigenpairs", leading_eigenpairs)
@@ -126,9 +120,8 @@ def test_krylov_starts_give_the_factors_of_exact_starts(one_thread, monkeypatch,
     used = _recording_krylov(monkeypatch)
     fast = factor_quant.fit_quantized(err, h, 16, 4)
     assert used == [True]
-    monkeypatch.undo()
-    _eigh_starts(monkeypatch)
-    _same(fast, factor_quant.fit_quantized(err, h, 16, 4))
+    _same(fast, factor_quant.fit_quantized(err, h, 16, 4, exact_starts=True))
+    assert used == [True, False]
 
 
 def test_krylov_starts_give_the_factors_of_exact_starts_on_real_matrices(one_thread, monkeypatch):
@@ -141,10 +134,8 @@ def test_krylov_starts_give_the_factors_of_exact_starts_on_real_matrices(one_thr
         err = w - quantize_rtn(w, QuantFormat(3, 64)).dequantize()
         fits.append((err, h, factor_quant.fit_quantized(err, h, 16, 4)))
     assert used == [True] * 3
-    monkeypatch.undo()
-    _eigh_starts(monkeypatch)
     for err, h, fast in fits:
-        _same(fast, factor_quant.fit_quantized(err, h, 16, 4))
+        _same(fast, factor_quant.fit_quantized(err, h, 16, 4, exact_starts=True))
 
 
 def test_float32_keeps_the_float64_objective(one_thread):
