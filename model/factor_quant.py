@@ -169,41 +169,55 @@ def _gram_of_columns(x: torch.Tensor) -> torch.Tensor:
 
 
 class _SmallGram:
-    """The smaller Gram matrix of m (m m^T or m^T m), kept up to date as m loses rank-1 terms, so
-    that power iterations read it instead of reading m twice per iteration."""
+    """The whitened residual M = M0 - A C^T (M0 = E L; A and C = L^T B^T the quantized components
+    so far) held as M0 and the components, and its smaller Gram matrix (M M^T or M^T M) kept up
+    to date by rank-2 updates, so that power iterations read the Gram matrix and no updated copy
+    of M is ever written."""
 
-    def __init__(self, m: torch.Tensor):
+    def __init__(self, m: torch.Tensor, rank: int = 0):
+        self.m0, self.k = m, 0
         self.wide = m.shape[0] <= m.shape[1]
         self.g = _gram_of_columns(m.t() if self.wide else m)
+        self.a = torch.empty(m.shape[0], rank, dtype=m.dtype, device=m.device)
+        self.c = torch.empty(m.shape[1], rank, dtype=m.dtype, device=m.device)
 
-    def leading_right(self, m: torch.Tensor, start: torch.Tensor, iters: int = POWER_ITERS
-                      ) -> tuple[torch.Tensor, float]:
-        """Unit leading right singular vector w of m, by `iters` power iterations w <- m^T m w from
-        `start`, and |m w|, read from the Gram matrix (a smaller product than m w)."""
+    def times(self, v: torch.Tensor) -> torch.Tensor:
+        """M v."""
+        return self.m0 @ v - self.a[:, :self.k] @ (self.c[:, :self.k].t() @ v)
+
+    def times_t(self, u: torch.Tensor) -> torch.Tensor:
+        """M^T u."""
+        return self.m0.t() @ u - self.c[:, :self.k] @ (self.a[:, :self.k].t() @ u)
+
+    def leading_right(self, start: torch.Tensor, iters: int = POWER_ITERS) -> tuple[torch.Tensor, float]:
+        """On the tall side: unit leading right singular vector w of M, by `iters` power iterations
+        w <- M^T M w from `start`, and |M w| (from the Gram matrix)."""
         w = start / start.norm()
-        if not self.wide:
-            for _ in range(iters):
-                w = self.g @ w
-                w = w / w.norm().clamp_min(1e-300)
-            return w, max(float(w @ (self.g @ w)), 0.0) ** 0.5
-        u = m @ w                                   # (m^T m)^k w = m^T (m m^T)^(k-1) m w
+        for _ in range(iters):
+            w = self.g @ w
+            w = w / w.norm().clamp_min(1e-300)
+        return w, max(float(w @ (self.g @ w)), 0.0) ** 0.5
+
+    def leading_left(self, m_start: torch.Tensor, iters: int = POWER_ITERS) -> torch.Tensor:
+        """On the wide side: the unit vector u whose M^T u is the power iterations' right vector
+        (M^T M)^iters start = M^T (M M^T)^(iters - 1) M start, given M start."""
+        u = m_start
         for _ in range(iters - 1):
             u = u / u.norm().clamp_min(1e-300)
             u = self.g @ u
-        u = u / u.norm().clamp_min(1e-300)
-        w = m.t() @ u                               # m w / |w| = m m^T u / |m^T u|
-        norm = float(w.norm().clamp_min(1e-300))
-        return w / norm, float((self.g @ u).norm()) / norm
+        return u / u.norm().clamp_min(1e-300)
 
-    def lose(self, m: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> None:
-        """m is about to become m - a c^T: one symmetric rank-2 update in place,
-        g -= x d^T + d x^T with (x, d) = (a, m c - |c|^2 a / 2) on the wide side (m m^T) and
-        (c, m^T a - |a|^2 c / 2) on the tall side (m^T m)."""
+    def lose(self, a: torch.Tensor, c: torch.Tensor) -> None:
+        """M becomes M - a c^T: one symmetric rank-2 update of the Gram matrix in place,
+        g -= x d^T + d x^T with (x, d) = (a, M c - |c|^2 a / 2) on the wide side (M M^T) and
+        (c, M^T a - |a|^2 c / 2) on the tall side (M^T M)."""
         if self.wide:
-            x, d = a, m @ c - (0.5 * float(c @ c)) * a
+            x, d = a, self.times(c) - (0.5 * float(c @ c)) * a
         else:
-            x, d = c, m.t() @ a - (0.5 * float(a @ a)) * c
+            x, d = c, self.times_t(a) - (0.5 * float(a @ a)) * c
         self.g.addmm_(torch.stack([x, d], 1), torch.stack([d, x]), alpha=-1)
+        self.a[:, self.k], self.c[:, self.k] = a, c
+        self.k += 1
 
 
 # Start directions (see leading_eigenpairs): the Krylov block is the wanted count plus this many,
@@ -307,35 +321,41 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
     if precision == "float32":
         return _greedy32(err, h, l, rank, fmt_b, fmt_a)
     err = err.double()
-    m = _times_lower(err, l)                        # the whitened residual, kept up to date
+    m = _times_lower(err, l)                        # the whitened error M0 = E L
     # The leading fp16 components of the whitened error: their range fixes the exponents and each
     # greedy step's leading direction is found by power iteration started from the next one.
-    gram = _SmallGram(m)
+    gram = _SmallGram(m, rank)
     u, s, vh = leading_components(m, rank, gram, exact_starts)
     lead_b = torch.linalg.solve_triangular(l.t(), vh[:1].t(), upper=True).t() * s[0].sqrt()
     exp_b, exp_a = _row_exponent(lead_b, fmt_b), _row_exponent((u[:, :1] * s[0].sqrt()).t(), fmt_a)
-    a_mat = torch.empty(out_f, rank, dtype=torch.float64, device=err.device)    # the components so far
-    b_mat = torch.empty(rank, in_f, dtype=torch.float64, device=err.device)
+    m_starts = m @ vh.t() if gram.wide else None           # M0 times every start direction, at once
+    b_mat = torch.empty(rank, in_f, dtype=torch.float64, device=err.device)     # the components so far
     b_rows, a_rows, gains = [], [], []
     for i in range(rank):
-        w, norm = gram.leading_right(m, vh[i])
-        b = torch.linalg.solve_triangular(l.t(), w[:, None], upper=True)[:, 0] * norm ** 0.5
+        a_i, c_i, b_i = gram.a[:, :i], gram.c[:, :i], b_mat[:i]
+        if gram.wide:
+            # w = M^T u / |M^T u| and |M w| = |M M^T u| / |M^T u|; b = L^-T w |M w|^1/2, where
+            # L^-T M^T u = R^T u (M = R L, R = E - A B): no triangular solve
+            u_i = gram.leading_left(m_starts[:, i] - a_i @ (c_i.t() @ vh[i]))
+            gu = gram.g @ u_i
+            mtu = max(float(u_i @ gu), 0.0) ** 0.5
+            rtu = err.t() @ u_i - b_i.t() @ (a_i.t() @ u_i)
+            b = rtu / max(mtu, 1e-300) * (float(gu.norm()) / max(mtu, 1e-300)) ** 0.5
+        else:
+            w, norm = gram.leading_right(vh[i])
+            b = torch.linalg.solve_triangular(l.t(), w[:, None], upper=True)[:, 0] * norm ** 0.5
         b_q = _quantize_row(b, fmt_b, exp_b)
         b_hat = b_q.dequantize(torch.float64)[0]
         hb = h @ b_hat
         bhb = float(b_hat @ hb)
-        rhb = err @ hb                              # R H b with R = E - A B (the components so far)
-        if i:
-            rhb -= a_mat[:, :i] @ (b_mat[:i] @ hb)
-        a = rhb / bhb if bhb > 0 else torch.zeros(out_f, dtype=torch.float64)
+        rhb = err @ hb - a_i @ (b_i @ hb)                     # R H b
+        a = rhb / bhb if bhb > 0 else torch.zeros(out_f, dtype=torch.float64, device=err.device)
         a_q = _quantize_row_symmetric(a, fmt_a, exp_a)
         a_hat = a_q.dequantize(torch.float64)[0]
         # tr(R H R^T) falls by 2 a^T R H b - |a|^2 b^T H b when R loses a b^T
         gains.append(2 * float(a_hat @ rhb) - float(a_hat @ a_hat) * bhb)
-        a_mat[:, i], b_mat[i] = a_hat, b_hat
-        c = b_hat @ l
-        gram.lose(m, a_hat, c)
-        m.addr_(a_hat, c, alpha=-1)
+        b_mat[i] = b_hat
+        gram.lose(a_hat, _times_lower(b_hat[None], l)[0])         # c = L^T b
         b_rows.append(b_q)
         a_rows.append(a_q)
     return QuantLowRank(_stack(b_rows, fmt_b), _stack(a_rows, fmt_a), torch.tensor(gains, dtype=torch.float32))
