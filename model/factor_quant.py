@@ -168,7 +168,7 @@ def _gram_of_columns(x: torch.Tensor) -> torch.Tensor:
     return g
 
 
-class _SmallGram:
+class _WhitenedResidual:
     """The whitened residual M = M0 - A C^T (M0 = E L; A and C = L^T B^T the quantized components
     so far) held as M0 and the components, and its smaller Gram matrix (M M^T or M^T M) kept up
     to date by rank-2 updates, so that power iterations read the Gram matrix and no updated copy
@@ -275,7 +275,7 @@ def leading_eigenpairs(g: torch.Tensor, k: int, exact: bool = False) -> tuple[to
     return lam[-k:].flip(-1), vec[:, -k:].flip(-1), False
 
 
-def leading_components(m: torch.Tensor, k: int, gram: _SmallGram | None = None, exact: bool = False
+def leading_components(m: torch.Tensor, k: int, gram: _WhitenedResidual | None = None, exact: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leading k singular triplets (u [out, k], s [k], vh [k, in]) of a float64 matrix, from the
     leading eigenpairs of its smaller Gram matrix (m m^T or m^T m; `gram` if given;
@@ -283,7 +283,7 @@ def leading_components(m: torch.Tensor, k: int, gram: _SmallGram | None = None, 
     full eigendecomposition (they hold most of the energy, so squaring loses nothing there), to
     START_TOL where it is block Krylov. Each vh row's largest-magnitude entry is made positive,
     so the result does not depend on the routine's sign choice."""
-    gram = _SmallGram(m) if gram is None else gram
+    gram = _WhitenedResidual(m) if gram is None else gram
     tiny = torch.finfo(torch.float64).tiny
     lam, vec, _ = leading_eigenpairs(gram.g, k, exact)
     s = lam.clamp_min(0).sqrt()
@@ -324,7 +324,7 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
     m = _times_lower(err, l)                        # the whitened error M0 = E L
     # The leading fp16 components of the whitened error: their range fixes the exponents and each
     # greedy step's leading direction is found by power iteration started from the next one.
-    gram = _SmallGram(m, rank)
+    gram = _WhitenedResidual(m, rank)
     u, s, vh = leading_components(m, rank, gram, exact_starts)
     lead_b = torch.linalg.solve_triangular(l.t(), vh[:1].t(), upper=True).t() * s[0].sqrt()
     exp_b, exp_a = _row_exponent(lead_b, fmt_b), _row_exponent((u[:, :1] * s[0].sqrt()).t(), fmt_a)
