@@ -141,56 +141,157 @@ def _stack(rows: list[QuantizedMatrix], fmt: QuantFormat) -> QuantizedMatrix:
     return QuantizedMatrix(fmt, torch.cat([r.codes for r in rows]), scale, torch.cat([r.zero for r in rows]), exp)
 
 
-class _SmallGram:
-    """The smaller Gram matrix of m (m m^T or m^T m), kept up to date as m loses rank-1 terms, so
-    that power iterations read it instead of reading m twice per iteration."""
+TRIANGLE_BLOCKS = 8
 
-    def __init__(self, m: torch.Tensor):
+
+def _times_lower(e: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """e @ l for a lower-triangular l without its zero upper triangle: column block J of the
+    product needs only rows J.. of l, so TRIANGLE_BLOCKS blocks take (blocks + 1) / (2 blocks)
+    of the multiply-adds (the same products, summed without the zero terms)."""
+    n = l.shape[0]
+    out = torch.empty(e.shape[0], n, dtype=e.dtype, device=e.device)
+    step = -(-n // TRIANGLE_BLOCKS)
+    for j in range(0, n, step):
+        out[:, j:j + step] = e[:, j:] @ l[j:, j:j + step]
+    return out
+
+
+def _gram_of_columns(x: torch.Tensor) -> torch.Tensor:
+    """x^T x from the blocks on and above its diagonal (TRIANGLE_BLOCKS row blocks; the rest
+    mirrored): (blocks + 1) / (2 blocks) of the multiply-adds."""
+    n = x.shape[1]
+    g = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    step = -(-n // TRIANGLE_BLOCKS)
+    for i in range(0, n, step):
+        g[i:i + step, i:] = x[:, i:i + step].t() @ x[:, i:]
+        g[i + step:, i:i + step] = g[i:i + step, i + step:].t()
+    return g
+
+
+class _WhitenedResidual:
+    """The whitened residual M = M0 - A C^T (M0 = E L; A and C = L^T B^T the quantized components
+    so far) held as M0 and the components, and its smaller Gram matrix (M M^T or M^T M) kept up
+    to date by rank-2 updates, so that power iterations read the Gram matrix and no updated copy
+    of M is ever written."""
+
+    def __init__(self, m: torch.Tensor, rank: int = 0):
+        self.m0, self.k = m, 0
         self.wide = m.shape[0] <= m.shape[1]
-        self.g = m @ m.t() if self.wide else m.t() @ m
+        self.g = _gram_of_columns(m.t() if self.wide else m)
+        self.a = torch.empty(m.shape[0], rank, dtype=m.dtype, device=m.device)
+        self.c = torch.empty(m.shape[1], rank, dtype=m.dtype, device=m.device)
 
-    def leading_right(self, m: torch.Tensor, start: torch.Tensor, iters: int = POWER_ITERS) -> torch.Tensor:
-        """Unit leading right singular vector of m: `iters` power iterations w <- m^T m w from `start`."""
+    def times(self, v: torch.Tensor) -> torch.Tensor:
+        """M v."""
+        return self.m0 @ v - self.a[:, :self.k] @ (self.c[:, :self.k].t() @ v)
+
+    def times_t(self, u: torch.Tensor) -> torch.Tensor:
+        """M^T u."""
+        return self.m0.t() @ u - self.c[:, :self.k] @ (self.a[:, :self.k].t() @ u)
+
+    def leading_right(self, start: torch.Tensor, iters: int = POWER_ITERS) -> tuple[torch.Tensor, float]:
+        """On the tall side: unit leading right singular vector w of M, by `iters` power iterations
+        w <- M^T M w from `start`, and |M w| (from the Gram matrix)."""
         w = start / start.norm()
-        if not self.wide:
-            for _ in range(iters):
-                w = self.g @ w
-                w = w / w.norm().clamp_min(1e-300)
-            return w
-        u = m @ w                                   # (m^T m)^k w = m^T (m m^T)^(k-1) m w
+        for _ in range(iters):
+            w = self.g @ w
+            w = w / w.norm().clamp_min(1e-300)
+        return w, max(float(w @ (self.g @ w)), 0.0) ** 0.5
+
+    def leading_left(self, m_start: torch.Tensor, iters: int = POWER_ITERS) -> torch.Tensor:
+        """On the wide side: the unit vector u whose M^T u is the power iterations' right vector
+        (M^T M)^iters start = M^T (M M^T)^(iters - 1) M start, given M start."""
+        u = m_start
         for _ in range(iters - 1):
             u = u / u.norm().clamp_min(1e-300)
             u = self.g @ u
-        w = m.t() @ (u / u.norm().clamp_min(1e-300))
-        return w / w.norm().clamp_min(1e-300)
+        return u / u.norm().clamp_min(1e-300)
 
-    def lose(self, m: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> None:
-        """m is about to become m - a c^T."""
-        if self.wide:                # (m - a c^T)(m - a c^T)^T
-            mc = m @ c
-            self.g -= torch.outer(a, mc) + torch.outer(mc, a) - float(c @ c) * torch.outer(a, a)
-        else:                        # (m - a c^T)^T (m - a c^T)
-            ma = m.t() @ a
-            self.g -= torch.outer(c, ma) + torch.outer(ma, c) - float(a @ a) * torch.outer(c, c)
+    def lose(self, a: torch.Tensor, c: torch.Tensor) -> None:
+        """M becomes M - a c^T: one symmetric rank-2 update of the Gram matrix in place,
+        g -= x d^T + d x^T with (x, d) = (a, M c - |c|^2 a / 2) on the wide side (M M^T) and
+        (c, M^T a - |a|^2 c / 2) on the tall side (M^T M)."""
+        if self.wide:
+            x, d = a, self.times(c) - (0.5 * float(c @ c)) * a
+        else:
+            x, d = c, self.times_t(a) - (0.5 * float(a @ a)) * c
+        self.g.addmm_(torch.stack([x, d], 1), torch.stack([d, x]), alpha=-1)
+        self.a[:, self.k], self.c[:, self.k] = a, c
+        self.k += 1
 
 
-def leading_components(m: torch.Tensor, k: int, gram: _SmallGram | None = None
+# Start directions (see leading_eigenpairs): the Krylov block is the wanted count plus this many,
+# its convergence is checked first at this many blocks and then every second block, and a Ritz pair
+# counts as converged when its residual |G y - t y| is under START_TOL of the largest eigenvalue.
+START_EXTRA = 8
+START_FIRST_CHECK = 12
+START_TOL = 1e-6
+
+
+def leading_eigenpairs(g: torch.Tensor, k: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The k largest eigenvalues (descending) and their unit eigenvectors [n, k] of a symmetric
+    positive semi-definite float64 matrix, and whether they came from block Krylov. A full
+    eigendecomposition costs O(n^3) for all n pairs (on OLMoE's 1024 x 1024 Gram matrices most
+    of a fit's time); block Krylov (a Gaussian block from a fixed seed, G applied to the newest
+    block, Gram-Schmidt twice, Rayleigh-Ritz) gets the leading ones to START_TOL. Quantization
+    errors have flat spectra, so that takes a basis of a few hundred vectors; where it would take
+    more than half of n, where n is too small for START_FIRST_CHECK blocks, or where G has fewer
+    independent directions than the basis (or `exact`), the full eigendecomposition is used instead."""
+    n = g.shape[0]
+    block = min(k + START_EXTRA, n)
+    limit = n // 2 // block                       # most blocks worth building
+    if exact or limit < START_FIRST_CHECK:
+        lam, vec = torch.linalg.eigh(g)
+        return lam[-k:].flip(-1), vec[:, -k:].flip(-1), False
+    gen = torch.Generator(device=g.device).manual_seed(0)
+    basis = torch.empty(n, limit * block, dtype=g.dtype, device=g.device)
+    images = torch.empty_like(basis)                  # G times each basis column
+    basis[:, :block] = torch.linalg.qr(torch.randn(n, block, generator=gen, dtype=g.dtype, device=g.device))[0]
+    images[:, :block] = g @ basis[:, :block]
+    check, trace = START_FIRST_CHECK, float(g.diagonal().sum())
+    for depth in range(1, limit + 1):
+        width = depth * block
+        if depth == check or depth == limit:
+            q, gq = basis[:, :width], images[:, :width]
+            t = q.t() @ gq
+            theta, y = torch.linalg.eigh((t + t.t()) / 2)
+            theta, y = theta[-k:].flip(-1), y[:, -k:].flip(-1)
+            ritz = q @ y
+            residual = (gq @ y - ritz * theta).norm(dim=0)
+            if float(residual.max()) <= START_TOL * float(theta[0]):
+                return theta, ritz, True
+            check += 2
+        if depth == limit:
+            break
+        new = images[:, width - block:width].clone()
+        for _ in range(2):
+            new -= basis[:, :width] @ (basis[:, :width].t() @ new)
+        q, r = torch.linalg.qr(new)
+        if float(r.diagonal().abs().min()) <= 1e-12 * trace:
+            break                                     # G has (numerically) no more directions
+        basis[:, width:width + block] = q
+        images[:, width:width + block] = g @ q
+    lam, vec = torch.linalg.eigh(g)
+    return lam[-k:].flip(-1), vec[:, -k:].flip(-1), False
+
+
+def leading_components(m: torch.Tensor, k: int, gram: _WhitenedResidual | None = None, exact: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leading k singular triplets (u [out, k], s [k], vh [k, in]) of a float64 matrix, from the
-    eigendecomposition of its smaller Gram matrix (m m^T or m^T m; `gram` if given): a third to a
-    tenth of a full SVD's time at expert shapes, and exact to float64 rounding for the leading
-    components (they hold most of the energy, so squaring loses nothing there). Each vh row's
-    largest-magnitude entry is made positive, so the result does not depend on the LAPACK
-    routine's sign choice."""
-    gram = _SmallGram(m) if gram is None else gram
+    leading eigenpairs of its smaller Gram matrix (m m^T or m^T m; `gram` if given;
+    leading_eigenpairs, `exact` passed on): exact to float64 rounding for the leading components where that is a
+    full eigendecomposition (they hold most of the energy, so squaring loses nothing there), to
+    START_TOL where it is block Krylov. Each vh row's largest-magnitude entry is made positive,
+    so the result does not depend on the routine's sign choice."""
+    gram = _WhitenedResidual(m) if gram is None else gram
     tiny = torch.finfo(torch.float64).tiny
-    lam, vec = torch.linalg.eigh(gram.g)
-    s = lam[-k:].flip(-1).clamp_min(0).sqrt()
+    lam, vec, _ = leading_eigenpairs(gram.g, k, exact)
+    s = lam.clamp_min(0).sqrt()
     if gram.wide:
-        u = vec[:, -k:].flip(-1)
+        u = vec
         vh = (u.t() @ m) / s.clamp_min(tiny)[:, None]
     else:
-        vh = vec[:, -k:].flip(-1).t().contiguous()
+        vh = vec.t().contiguous()
         u = (m @ vh.t()) / s.clamp_min(tiny)
     sign = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True)))
     sign[sign == 0] = 1
@@ -199,10 +300,13 @@ def leading_components(m: torch.Tensor, k: int, gram: _SmallGram | None = None
 
 def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, group: int = 64,
                   word_bits: int = 64, damp: float = 1e-2, whiten: torch.Tensor | None = None,
-                  precision: str = "float64") -> QuantLowRank:
+                  precision: str = "float64", exact_starts: bool = False) -> QuantLowRank:
     """Greedy rank-`rank` compensator of `err` [out, in] with both factors at `bits` (see the module
-    text); `h` is the calibration Gram X^T X [in, in]. "float64": the reference arithmetic (the
-    leading components of the whitened error, power iterations on the whitened residual). "float32": _greedy32."""
+    text); `h` is the calibration Gram X^T X [in, in], `whiten` its damped lower Cholesky factor
+    (whitening_factor) where the caller has it. "float64": the reference arithmetic (the
+    leading components of the whitened error, power iterations on the whitened residual; their
+    start directions from block Krylov on large matrices, from a full eigendecomposition with
+    `exact_starts`, which checks the former). "float32": _greedy32."""
     check_precision(precision)
     if not isinstance(err, torch.Tensor) or err.dim() != 2 or not err.is_floating_point():
         raise TypeError(f"error matrix must be a 2-D float tensor, not {getattr(err, 'dtype', type(err))}")
@@ -216,32 +320,42 @@ def fit_quantized(err: torch.Tensor, h: torch.Tensor, rank: int, bits: int, *, g
     l = whitening_factor(h, damp) if whiten is None else whiten.double()
     if precision == "float32":
         return _greedy32(err, h, l, rank, fmt_b, fmt_a)
-    resid = err.double().clone()
-    m = resid @ l                                   # the whitened residual, kept up to date
+    err = err.double()
+    m = _times_lower(err, l)                        # the whitened error M0 = E L
     # The leading fp16 components of the whitened error: their range fixes the exponents and each
     # greedy step's leading direction is found by power iteration started from the next one.
-    gram = _SmallGram(m)
-    u, s, vh = leading_components(m, rank, gram)
+    gram = _WhitenedResidual(m, rank)
+    u, s, vh = leading_components(m, rank, gram, exact_starts)
     lead_b = torch.linalg.solve_triangular(l.t(), vh[:1].t(), upper=True).t() * s[0].sqrt()
     exp_b, exp_a = _row_exponent(lead_b, fmt_b), _row_exponent((u[:, :1] * s[0].sqrt()).t(), fmt_a)
+    m_starts = m @ vh.t() if gram.wide else None           # M0 times every start direction, at once
+    b_mat = torch.empty(rank, in_f, dtype=torch.float64, device=err.device)     # the components so far
     b_rows, a_rows, gains = [], [], []
     for i in range(rank):
-        w = gram.leading_right(m, vh[i])
-        b = torch.linalg.solve_triangular(l.t(), w[:, None], upper=True)[:, 0] * float((m @ w).norm()) ** 0.5
+        a_i, c_i, b_i = gram.a[:, :i], gram.c[:, :i], b_mat[:i]
+        if gram.wide:
+            # w = M^T u / |M^T u| and |M w| = |M M^T u| / |M^T u|; b = L^-T w |M w|^1/2, where
+            # L^-T M^T u = R^T u (M = R L, R = E - A B): no triangular solve
+            u_i = gram.leading_left(m_starts[:, i] - a_i @ (c_i.t() @ vh[i]))
+            gu = gram.g @ u_i
+            mtu = max(float(u_i @ gu), 0.0) ** 0.5
+            rtu = err.t() @ u_i - b_i.t() @ (a_i.t() @ u_i)
+            b = rtu / max(mtu, 1e-300) * (float(gu.norm()) / max(mtu, 1e-300)) ** 0.5
+        else:
+            w, norm = gram.leading_right(vh[i])
+            b = torch.linalg.solve_triangular(l.t(), w[:, None], upper=True)[:, 0] * norm ** 0.5
         b_q = _quantize_row(b, fmt_b, exp_b)
         b_hat = b_q.dequantize(torch.float64)[0]
         hb = h @ b_hat
         bhb = float(b_hat @ hb)
-        rhb = resid @ hb
-        a = rhb / bhb if bhb > 0 else torch.zeros(out_f, dtype=torch.float64)
+        rhb = err @ hb - a_i @ (b_i @ hb)                     # R H b
+        a = rhb / bhb if bhb > 0 else torch.zeros(out_f, dtype=torch.float64, device=err.device)
         a_q = _quantize_row_symmetric(a, fmt_a, exp_a)
         a_hat = a_q.dequantize(torch.float64)[0]
         # tr(R H R^T) falls by 2 a^T R H b - |a|^2 b^T H b when R loses a b^T
         gains.append(2 * float(a_hat @ rhb) - float(a_hat @ a_hat) * bhb)
-        resid -= torch.outer(a_hat, b_hat)
-        c = b_hat @ l
-        gram.lose(m, a_hat, c)
-        m -= torch.outer(a_hat, c)
+        b_mat[i] = b_hat
+        gram.lose(a_hat, _times_lower(b_hat[None], l)[0])         # c = L^T b
         b_rows.append(b_q)
         a_rows.append(a_q)
     return QuantLowRank(_stack(b_rows, fmt_b), _stack(a_rows, fmt_a), torch.tensor(gains, dtype=torch.float32))
