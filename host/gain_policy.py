@@ -34,7 +34,6 @@ class GainBudgetPolicy:
         self.budget_bytes = check_budget(budget_bytes)
         self.tables, self.weight_power, self.repair_rounds = tables, float(weight_power), repair_rounds
         self._maps = {} if tables is None else {l: _option_map(t) for l, t in tables.items()}
-        self._lists = {l: (r.tolist(), h.tolist()) for l, (r, h) in self._maps.items()}
 
     @property
     def name(self) -> str:
@@ -60,21 +59,22 @@ class GainBudgetPolicy:
         return solve(self.table(layer), ids, weights, self.budget_bytes, self.weight_power, self.repair_rounds)
 
     def decide(self, ids, weights, ctx) -> Restoration:
-        choice = self.choose(ids, weights, ctx.layer)
+        rows = self.choose(ids, weights, ctx.layer).tolist()
         rank_of, hi_of = self._maps[ctx.layer]
-        return Restoration(tuple(map(tuple, rank_of[choice].tolist())), tuple(map(tuple, hi_of[choice].tolist())))
+        return Restoration(tuple([tuple([rank_of[c] for c in row]) for row in rows]),
+                           tuple([tuple([hi_of[c] for c in row]) for row in rows]))
 
     def decide_rows(self, id_rows: list[list[int]], weights: torch.Tensor, ctx) -> Restoration:
         """`decide` on the ids as lists (the planner's hot path): one token (batch-1 decode) is
         solved on lists end to end, the same choices as `decide`."""
         if len(id_rows) != 1:
-            return self.decide(torch.tensor(id_rows, dtype=torch.long).reshape(weights.shape), weights, ctx)
+            return self.decide(torch.tensor(id_rows, dtype=torch.long), weights, ctx)
         if weights.shape != (1, len(id_rows[0])):
             raise ValueError(f"ids and weights must both be [T, K], not {(1, len(id_rows[0]))} and "
                              f"{tuple(weights.shape)}")
         choice = solve_one(self.table(ctx.layer), id_rows[0], slot_scale(weights, self.weight_power)[0].tolist(),
                            self.budget_bytes, self.repair_rounds)
-        rank_of, hi_of = self._lists[ctx.layer]
+        rank_of, hi_of = self._maps[ctx.layer]
         return Restoration((tuple([rank_of[c] for c in choice]),), (tuple([hi_of[c] for c in choice]),))
 
 
@@ -83,8 +83,7 @@ def parse_gain_budget(spec: str) -> GainBudgetPolicy:
     return GainBudgetPolicy(parse_budget(spec, "gain-budget:"))
 
 
-def _option_map(table: OptionTable) -> tuple[torch.Tensor, torch.Tensor]:
+def _option_map(table: OptionTable) -> tuple[list[int], list[bool]]:
     """Per option: the rank it applies and whether it is the copy (what a Restoration holds)."""
-    rank = torch.tensor([o.rank if o.kind == "factors" else 0 for o in table.options], dtype=torch.long)
-    hi = torch.tensor([o.kind == "copy" for o in table.options], dtype=torch.bool)
-    return rank, hi
+    return ([o.rank if o.kind == "factors" else 0 for o in table.options],
+            [o.kind == "copy" for o in table.options])
