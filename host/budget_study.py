@@ -15,6 +15,14 @@ term is w^2 x gain; the second vanishes when slots' errors are independent. `wei
 measures it: it takes (w, actual reduction, gain) for every calibration (row, slot) under each of
 the expert's options, divides out each token's own scale (which cannot change a token's choice),
 bins them by w and fits log(sum reduction / sum gain) against log w.
+
+Which power the policy uses. The fit says how one slot's reduction grows with w; it leaves out how
+the slots of one token interact, and the exponent that spends a budget best is not the fitted one
+at every budget (on the default model a higher power wins at 0.5x, 1x and 4x Top-1's bytes and
+loses at 2x, where int4 copies for every slot fill the budget). So the power is chosen, per
+budget, by the policy's own layer error on the calibration rows the gains were measured on
+(`choose_power`: the RMS over layers of the relative output error, as the held-out layer error is
+computed), over POWER_GRID; the held-out rows never take part.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ from .budget_policy import COPY_BITS, MeasuredBudgetPolicy, Option, OptionTable,
 from .sizes import ExpertSizes
 
 WEIGHT_BINS = 8
+POWER_GRID = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)   # powers of w choose_power tries
 
 
 @dataclass
@@ -50,6 +59,7 @@ class BudgetSetup:
     exponent_fit: dict
     seconds: float
     _stacks: dict = field(default_factory=dict, repr=False)
+    _calib: dict = field(default_factory=dict, repr=False)      # layer -> (runner, float output on calib rows)
 
     def stacked(self, precision: str, layer: int) -> StackedFactors:
         """The layer's compensators at `precision`, stacked for the batched corrections (built once)."""
@@ -305,9 +315,42 @@ def _slot_groups(mask: torch.Tensor, ids: torch.Tensor, choice: torch.Tensor):
         yield e, o, tok_all[sel], slot_all[sel]
 
 
-def run_budgeted(study, setup: BudgetSetup, name: str, budget: float, **meta) -> dict:
-    """One study row of the measured-budget policy at `budget` bytes per token and layer."""
-    policy = MeasuredBudgetPolicy(budget, setup.weight_power)
+def calibration_error(study, setup: BudgetSetup, policy: MeasuredBudgetPolicy) -> float:
+    """The policy's layer error on the calibration rows its gains were measured on: RMS over
+    layers of ||block(x) - float block(x)|| / ||float block(x)|| (Study.layer_error's formula)."""
+    sq = []
+    for l in study.layers:
+        if l not in setup._calib:
+            x = study.calib_inputs[l]
+            setup._calib[l] = (BudgetRunner(setup, l, policy), study.float_blocks[l](x))
+        runner, ref = setup._calib[l]
+        runner.policy = policy
+        y = runner.held_out(study.calib_inputs[l])
+        sq.append(float((y - ref).square().sum() / ref.square().sum()))
+    return math.sqrt(sum(sq) / len(sq))
+
+
+def choose_power(study, setup: BudgetSetup, budget: float, grid=POWER_GRID) -> tuple[float, dict]:
+    """The power of w (module text) whose policy has the lowest calibration layer error at
+    `budget`, and every tried power's error {p: error}. Ties go to the smaller power."""
+    tried = {}
+    for p in grid:
+        tried[float(p)] = calibration_error(study, setup, MeasuredBudgetPolicy(budget, p))
+    best = min(tried, key=lambda p: (tried[p], p))
+    return best, tried
+
+
+def run_budgeted(study, setup: BudgetSetup, name: str, budget: float, weight_power: float | None = None,
+                 **meta) -> dict:
+    """One study row of the measured-budget policy at `budget` bytes per token and layer, valuing
+    slots at w^weight_power (None: the one choose_power picks on the calibration rows)."""
+    tried = None
+    if weight_power is None:
+        weight_power, tried = choose_power(study, setup, budget)
+    policy = MeasuredBudgetPolicy(budget, weight_power)
+    meta["weight_power"] = weight_power
+    if tried is not None:
+        meta["power_calib_error"] = {f"{p:g}": round(e, 6) for p, e in tried.items()}
     runners = {l: BudgetRunner(setup, l, policy) for l in study.layers}
     row = study.run_runners(name, runners, budget_bytes=budget * len(study.layers), **meta)
     total = Counter()

@@ -155,11 +155,12 @@ def run_plan(study: Study, opt: PlanOptions, log=print) -> list[str]:
         unit = block_sizes(study.variant(base)[study.layers[0]]).fp16_bytes_per_rank * r_top
         for mult in opt.budgets:
             row = run_budgeted(study, setup, f"int{opt.base_bits} budgeted {mult:g}x", mult * unit,
-                               kind="budgeted", bits=opt.base_bits, mult=mult, weight_power=setup.weight_power)
+                               kind="budgeted", bits=opt.base_bits, mult=mult)
             say(row)
             top = ", ".join(f"{k} {v:.0%}" for k, v in list(row["chosen"].items())[:5])
-            log(f"      chose {top}; planning {row['plan_us_per_token_layer']:.0f} us per token-layer; held-out "
-                f"reduction measured / predicted {row['gain_check']['ratio']}")
+            log(f"      chose {top}; slots valued at w^{row['weight_power']:g} (the power with the lowest calibration "
+                f"layer error of {len(row['power_calib_error'])} tried); planning {row['plan_us_per_token_layer']:.0f} us "
+                f"per token-layer; held-out reduction measured / predicted {row['gain_check']['ratio']}")
         study.budget_fit = setup.exponent_fit
     for spec, policy in zip(opt.policies, extra):
         # On the higher-precision variant where there is one: the same low-bit experts and

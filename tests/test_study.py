@@ -181,6 +181,33 @@ def test_budgeted_policy_beats_every_fixed_rule_on_its_calibration_objective(stu
             assert float(objective(table, ids, w, mine, p).sum()) >= float(objective(table, ids, w, fixed, p).sum()), opt
 
 
+def test_budgeted_power_is_the_one_with_the_lowest_calibration_layer_error(study):
+    """The power of w a budgeted row values slots with is chosen on the calibration rows: each
+    tried power's error is that policy's layer error there (recomputed here from the float block),
+    the row takes the lowest, and the row records what it tried."""
+    from ndpmoe.host.budget_policy import MeasuredBudgetPolicy
+    from ndpmoe.host.budget_study import BudgetRunner, choose_power, prepare, run_budgeted
+
+    setup = prepare(study, 3, "optimized", 8, ("fp16",), (4,), log=lambda s: None)
+    budget = float(setup.tables[study.layers[0]].cost[0].max())          # one int4 copy per token-layer
+    best, tried = choose_power(study, setup, budget, grid=(2.0, 64.0))
+    for p, err in tried.items():
+        sq = []
+        for l in study.layers:
+            x = study.calib_inputs[l]
+            ref = study.float_blocks[l](x)
+            y = BudgetRunner(setup, l, MeasuredBudgetPolicy(budget, p)).held_out(x)
+            sq.append(float((y - ref).square().sum() / ref.square().sum()))
+        assert err == pytest.approx(math.sqrt(sum(sq) / len(sq)), rel=1e-6)
+    assert tried[2.0] != tried[64.0]                                     # the power changes the choices here
+    assert tried[best] == min(tried.values())
+    first = len(study.rows)
+    row = run_budgeted(study, setup, "budgeted power check", budget, kind="budgeted", bits=3)
+    study.rows[first:], study.token_nlls[first:] = [], []
+    errs = {float(p): e for p, e in row["power_calib_error"].items()}
+    assert row["weight_power"] == min(errs, key=lambda p: (errs[p], p)) and len(errs) >= 5
+
+
 def test_budget_runner_block_matches_the_per_expert_reference(study):
     """The budgeted rows' all-experts-at-once block (batched factor prefixes, copies) equals the
     reference loop on the same choices: each slot's option as a rank or a higher-precision copy."""
