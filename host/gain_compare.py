@@ -40,7 +40,8 @@ def compare(layers, budget: float, eval_tokens: int, calib_tokens: int = 2048, l
                                      ("int4 ranks + int4 copy", ("int4",), (4,)),
                                      ("study's options: fp16/int4 ranks, int4/int8 copies", ("fp16", "int4"), (4, 8))):
         setup = prepare(study, 3, q, 16, precisions, copies, log=lambda m: None)
-        row = run_budgeted(study, setup, f"gain-budget:{budget:g} ({name})", budget)
+        # the runtime values slots at the tables' fitted power (host/gain_policy.py)
+        row = run_budgeted(study, setup, f"gain-budget:{budget:g} ({name})", budget, setup.weight_power)
         row["vs_proxy"] = paired_bootstrap(study.token_nlls[-1], study.token_nlls[proxy])
         rows.append(row)
     for r in rows:
