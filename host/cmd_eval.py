@@ -145,10 +145,10 @@ def run(args) -> int:
     QuantFormat(opt.base_bits, opt.group)    # a bad --group or --base-bits is refused before the model loads
     extra_policies(opt)                      # so is a bad --policy
     layers = None if args.layers is None else list(args.layers)
-    rows, info, nlls = run_study(args.model, opt, text=text, layers=layers, eval_tokens=args.eval_tokens,
-                                 calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet,
-                                 scale=scale)
-    write_outputs(out, rows, info, opt, nlls=nlls)
+    rows, info, nlls, layer_errors = run_study(args.model, opt, text=text, layers=layers, eval_tokens=args.eval_tokens,
+                                               calib_tokens=args.calib_tokens, seq_len=args.seq_len,
+                                               progress=not args.quiet, scale=scale)
+    write_outputs(out, rows, info, opt, nlls=nlls, layer_errors=layer_errors)
     return 0
 
 
@@ -187,19 +187,23 @@ def run_study(model: str, opt: PlanOptions, *, text=None, layers=None, eval_toke
                     "4-bit requantization.",
             "intervals": "paired 95% intervals of perplexity differences: moving-block bootstrap over 64 contiguous "
                          "blocks of the evaluation's per-token NLLs, the same blocks for every configuration "
-                         "(host/paired_stats.py); a verdict is wins / loses only when the interval excludes zero"}
-    return study.rows, info, study.token_nlls
+                         "(host/paired_stats.py), and of layer-error differences: the same bootstrap over 64 "
+                         "contiguous blocks of the held-out rows, every layer recomputed on the drawn rows; a verdict "
+                         "is wins / loses only when the interval excludes zero"}
+    return study.rows, info, study.token_nlls, (study.row_errors, study.eval_ref_sq)
 
 
-def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log=print, nlls: list | None = None) -> dict:
-    """nlls: each row's per-token NLLs (Study.token_nlls), for the verdicts' paired intervals."""
+def write_outputs(out: Path, rows: list[dict], info: dict, opt: PlanOptions, log=print, nlls: list | None = None,
+                  layer_errors: tuple | None = None) -> dict:
+    """nlls: each row's per-token NLLs (Study.token_nlls), for the verdicts' paired intervals;
+    layer_errors: (Study.row_errors, Study.eval_ref_sq), for those of the layer error."""
     from .study_plan import verdicts
     from .study_plot import plot_pareto
 
     out.mkdir(parents=True, exist_ok=True)
     q = opt.quantizers[-1]
     intervals: list[dict] = []
-    found = verdicts(rows, q, nlls, record=intervals)
+    found = verdicts(rows, q, nlls, record=intervals, layer_errors=layer_errors)
     (out / "study.json").write_text(json.dumps({"info": info, "rows": rows, "verdicts": found, "intervals": intervals},
                                                indent=1))
     table = ["| configuration | perplexity | MB / token | layer-output error |", "| --- | ---: | ---: | ---: |"]

@@ -96,11 +96,12 @@ def step_study(opt: DemoOptions, log) -> StepResult:
         plan = PlanOptions(bits=(2, 3, 4), base_bits=3, ranks=(4, 16), topn=(1, 2, 4), quantizers=("optimized",),
                            hi_bits=8, budgets=(1.0,), compare_fits=False, compare_random=True, compare_alloc=False,
                            other_bits_topn=False, factors=("fp16", "int4"))
-    rows, info, nlls = run_study("default", plan, layers=opt.study_layers, eval_tokens=opt.eval_tokens,
-                           calib_tokens=2048, seq_len=256 if opt.quick else 512, progress=True,
-                           log=lambda s: log("   " + s))
+    rows, info, nlls, layer_errors = run_study("default", plan, layers=opt.study_layers, eval_tokens=opt.eval_tokens,
+                                               calib_tokens=2048, seq_len=256 if opt.quick else 512, progress=True,
+                                               log=lambda s: log("   " + s))
     out = opt.out / "accuracy"
-    found = write_outputs(out, rows, info, plan, log=lambda s: None, nlls=nlls)["verdicts"]   # with 95% intervals
+    found = write_outputs(out, rows, info, plan, log=lambda s: None, nlls=nlls,
+                          layer_errors=layer_errors)["verdicts"]                             # with 95% intervals
     lines = ["| configuration | perplexity | MB / token | layer-output error |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {r['name']} | {r['ppl']:.3f} | {r['bytes_per_token'] / 1e6:.3f} | {r['layer_err']:.4f} |" for r in rows]
     lines += [""] + [f"- {v}" for v in found]

@@ -182,6 +182,9 @@ class Study:
         self.eval_inputs = collect_mlp_inputs(dm.model, eval_windows, max_rows=block_rows, layers=self.layers,
                                               progress=False, token_nll=self._float_nll)
         self.eval_refs = {l: self.float_blocks[l](x) for l, x in self.eval_inputs.items()}
+        # per held-out row, the float block's squared output norm [layers, rows]: the denominator
+        # of the layer error and of its paired intervals (host/paired_stats.paired_layer_error)
+        self.eval_ref_sq = torch.stack([self.eval_refs[l].double().square().sum(1) for l in self.layers])
         self.calib_seconds = time.time() - t0
         if cache_root == "default":
             cache_root = cache_dir() / "study"
@@ -194,6 +197,9 @@ class Study:
         # Each row's per-prediction NLLs (aligned with `rows`), kept in memory for the paired
         # intervals of the verdicts; study.json stores the intervals, not these.
         self.token_nlls: list[torch.Tensor] = []
+        # Each row's squared output error per held-out row [layers, rows] (aligned with `rows`),
+        # for the paired intervals of the layer-error verdicts.
+        self.row_errors: list[torch.Tensor] = []
 
     # -- building variants ---------------------------------------------------------------------
     def variant(self, v: Variant) -> dict[int, QuantizedMoE]:
@@ -301,8 +307,7 @@ class Study:
             return self.run_runners(name, runners, variant=v.label, t0=t0, **meta)
         row = dict(name=name, variant=None, ppl=ppl, bytes_per_token=bpt,
                    layer_err=0.0, seconds=round(time.time() - t0, 1), **meta)
-        self.rows.append(row)
-        self.token_nlls.append(torch.cat([t.reshape(-1).double() for t in nll]))
+        self._add_row(row, nll, torch.zeros_like(self.eval_ref_sq))
         return row
 
     def run_runners(self, name: str, runners: dict, variant: str | None = None, t0: float | None = None,
@@ -314,21 +319,25 @@ class Study:
         set_blocks(self.dm.model, {**self.float_blocks, **runners})
         ppl = perplexity(self.dm.model, self.eval_windows, progress=self.progress, desc=name, token_nll=nll)
         bpt = sum(r.bytes / max(r.tokens, 1) for r in runners.values())
-        row = dict(name=name, variant=variant, ppl=ppl, bytes_per_token=bpt, layer_err=self.layer_error(runners),
+        err, row_sq = self.layer_error(runners)
+        row = dict(name=name, variant=variant, ppl=ppl, bytes_per_token=bpt, layer_err=err,
                    seconds=round(time.time() - t0, 1), **meta)
-        self.rows.append(row)
-        self.token_nlls.append(torch.cat([t.reshape(-1).double() for t in nll]))
+        self._add_row(row, nll, row_sq)
         return row
 
+    def _add_row(self, row: dict, nll: list[torch.Tensor], row_sq: torch.Tensor) -> None:
+        self.rows.append(row)
+        self.token_nlls.append(torch.cat([t.reshape(-1).double() for t in nll]))
+        self.row_errors.append(row_sq)
 
-    def layer_error(self, runners: dict[int, "LayerRunner"]) -> float:
-        """RMS over layers of ||block(x) - float block(x)|| / ||float block(x)|| on held-out inputs."""
-        sq = []
-        for l, runner in runners.items():
-            x, ref = self.eval_inputs[l], self.eval_refs[l]
-            y = runner.held_out(x)
-            sq.append(float((y - ref).square().sum() / ref.square().sum()))
-        return math.sqrt(sum(sq) / len(sq))
+    def layer_error(self, runners: dict[int, "LayerRunner"]) -> tuple[float, torch.Tensor]:
+        """RMS over layers of ||block(x) - float block(x)|| / ||float block(x)|| on held-out inputs,
+        and the squared error per held-out row [layers, rows] (float64)."""
+        if sorted(runners) != self.layers:
+            raise ValueError(f"a layer error needs a block for every studied layer {self.layers}, not {sorted(runners)}")
+        row_sq = torch.stack([(runners[l].held_out(self.eval_inputs[l]) - self.eval_refs[l]).double().square().sum(1)
+                              for l in self.layers])
+        return math.sqrt(float((row_sq.sum(1) / self.eval_ref_sq.sum(1)).mean())), row_sq
 
 
 def _with_allocated_ranks(qm: QuantizedMoE, budget: float, rule: str = "gain") -> QuantizedMoE:

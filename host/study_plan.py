@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ndpmoe.model.factor_quant import FACTOR_PRECISIONS, factor_bits, rank_share
 
-from .paired_stats import DEFAULT_UNITS, MIN_UNITS, PairedInterval, paired_contrast
+from .paired_stats import DEFAULT_UNITS, MIN_UNITS, PairedInterval, paired_contrast, paired_layer_error
 from .policy import HobbitTopHi, RandomN, TopN, get_policy
 from .study import Study, Variant, block_sizes
 
@@ -193,8 +193,11 @@ class PairedVerdicts:
     """Paired 95 % intervals of perplexity contrasts between rows evaluated on the same tokens
     (host/paired_stats.py); each one asked for is recorded for study.json."""
 
-    def __init__(self, rows: list[dict], nlls: list | None):
+    def __init__(self, rows: list[dict], nlls: list | None, layer_errors: tuple | None = None):
         self.nll = {} if nlls is None else {id(r): n for r, n in zip(rows, nlls)}
+        # (each row's squared error per held-out row, the reference's per row): Study.row_errors, .eval_ref_sq
+        self.row_sq = {} if layer_errors is None else {id(r): e for r, e in zip(rows, layer_errors[0])}
+        self.ref_sq = None if layer_errors is None else layer_errors[1]
         self.record: list[dict] = []
 
     def contrast(self, what: str, terms: list[tuple[dict, float]]) -> PairedInterval | None:
@@ -210,20 +213,33 @@ class PairedVerdicts:
     def against(self, what: str, a: dict, b: dict) -> PairedInterval | None:
         return self.contrast(what, [(a, 1.0), (b, -1.0)])
 
+    def layer_contrast(self, what: str, terms: list[tuple[dict, float]]) -> PairedInterval | None:
+        """sum coeff * layer error over the rows; None where a row's per-row errors are not known."""
+        errs = [self.row_sq.get(id(r)) for r, _ in terms]
+        if any(e is None for e in errs) or self.ref_sq.shape[1] < MIN_UNITS:
+            return None
+        ci = paired_layer_error(errs, self.ref_sq, [c for _, c in terms],
+                                units=min(DEFAULT_UNITS, self.ref_sq.shape[1]))
+        self.record.append({"comparison": what, "metric": "layer_err", "rows": [r["name"] for r, _ in terms],
+                            "coeffs": [c for _, c in terms], **ci.to_json()})
+        return ci
+
     @staticmethod
-    def text(ci: PairedInterval | None, wins: str, loses: str, tie: str = "tie") -> str:
+    def text(ci: PairedInterval | None, wins: str, loses: str, tie: str = "tie", digits: int = 3) -> str:
         """'<diff> [low, high]: <verdict>'; without NLLs, the verdict of the point estimates is not stated."""
         if ci is None:
-            return "no interval (per-token NLLs not kept)"
-        return f"{ci.describe()} 95% CI: " + {"wins": wins, "loses": loses, "tie": tie}[ci.verdict]
+            return "no interval (per-token values not kept)"
+        return f"{ci.describe(digits)} 95% CI: " + {"wins": wins, "loses": loses, "tie": tie}[ci.verdict]
 
 
 def verdicts(rows: list[dict], quantizer: str, nlls: list | None = None,
-             record: list | None = None) -> list[str]:
+             record: list | None = None, layer_errors: tuple | None = None) -> list[str]:
     """The study's statements against the targets. nlls: each row's per-token NLLs (aligned with
     rows), for paired 95 % intervals; a contrast is 'wins' or 'loses' only when its interval
-    excludes zero, else 'tie'. record: a list that receives every interval (for study.json)."""
-    pv = PairedVerdicts(rows, nlls)
+    excludes zero, else 'tie'. layer_errors: (each row's squared error per held-out row, the
+    reference's) for the intervals of the budgeted rows' layer error against the envelope.
+    record: a list that receives every interval (for study.json)."""
+    pv = PairedVerdicts(rows, nlls, layer_errors)
     out = []
     for lo, hi in ((3, 4), (2, 3)):
         a, b = _uniform(rows, lo, quantizer), _uniform(rows, hi, quantizer)
@@ -313,9 +329,11 @@ def verdicts(rows: list[dict], quantizer: str, nlls: list | None = None,
                 continue
             env_rms = envelope(rows, quantizer, r["bits"], r["bytes_per_token"], "layer_err", "rms")
             word = lambda env: "at or below" if r["layer_err"] <= env[0] else "above"
-            line = (f"budgeted {r['name']} at {r['bytes_per_token'] / 1e6:.3f} MB/token: layer err {r['layer_err']:.4f} "
-                    f"{word(env_err)} the fixed rules' lower envelope {env_err[0]:.4f} ({env_err[1]}), "
-                    f"{word(env_rms)} {env_rms[0]:.4f} with the reachable rms chord ({env_rms[1]})")
+            err_ci = pv.layer_contrast(f"{r['name']} vs envelope ({env_err[1]}), layer error", [(r, 1.0)] + env_err[2])
+            line = (f"budgeted {r['name']} at {r['bytes_per_token'] / 1e6:.3f} MB/token: layer err {r['layer_err']:.6f} "
+                    f"{word(env_err)} the fixed rules' lower envelope {env_err[0]:.6f} ({env_err[1]}): "
+                    + pv.text(err_ci, "budgeted wins", "budgeted loses (worse beyond the CI)", "tie (within the CI)", 6)
+                    + f"; {word(env_rms)} {env_rms[0]:.4f} with the reachable rms chord ({env_rms[1]})")
             ci = pv.contrast(f"{r['name']} vs envelope ({env_ppl[1]})", [(r, 1.0)] + env_ppl[2])
             line += (f"; ppl {r['ppl']:.3f} vs envelope {env_ppl[0]:.3f} ({env_ppl[1]}): "
                      + pv.text(ci, "budgeted wins", "budgeted loses (worse beyond the CI)", "tie (within the CI)"))

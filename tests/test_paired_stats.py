@@ -104,3 +104,41 @@ def test_perplexity_hands_back_the_nlls_it_averaged():
     assert inputs[1].shape == (3 * 33, 32)
     assert all(torch.equal(a, b) for a, b in zip(collected, nll)) and len(collected) == 3
     assert perplexity_of(collected) == plain
+
+
+def _row_errors(layers: int, rows: int, seed: int, scale: float = 1.0, noise: float = 0.0):
+    """Per-row squared output errors of a configuration [layers, rows] with heavy per-row spread,
+    a variant whose errors are `scale` times them with multiplicative noise, and the reference norms."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.rand(layers, rows, generator=g, dtype=torch.float64) * 4 + 1
+    base = ref * 0.01 * torch.rand(layers, rows, generator=g, dtype=torch.float64) * 3
+    other = base * scale * (1 + noise * torch.randn(layers, rows, generator=g, dtype=torch.float64)).clamp_min(0)
+    return base, other, ref
+
+
+def test_layer_error_interval_is_paired_and_decides_both_ways():
+    from ndpmoe.host.paired_stats import paired_layer_error
+    a, b, ref = _row_errors(6, 1024, 7, scale=1.03, noise=0.05)       # b's squared errors 3 % larger
+    direct = lambda e: float((e.sum(1) / ref.sum(1)).mean().sqrt())
+    ab = paired_layer_error([a, b], ref, [1.0, -1.0])
+    assert ab.diff == pytest.approx(direct(a) - direct(b), rel=1e-12)
+    assert ab.verdict == "wins" and ab.low <= ab.diff <= ab.high
+    assert paired_layer_error([b, a], ref, [1.0, -1.0]).verdict == "loses"
+    same = paired_layer_error([a, a.clone()], ref, [1.0, -1.0])
+    assert (same.diff, same.low, same.high) == (0.0, 0.0, 0.0)
+    _, noisy, _ = _row_errors(6, 1024, 7, scale=1.0, noise=0.3)        # no shift, only per-row noise
+    assert paired_layer_error([a, noisy], ref, [1.0, -1.0]).verdict == "tie"
+    # a chord between two configurations: the contrast's point value is the chord's
+    chord = paired_layer_error([a, a, b], ref, [1.0, -0.5, -0.5])
+    assert chord.diff == pytest.approx(direct(a) - 0.5 * direct(a) - 0.5 * direct(b), rel=1e-12)
+
+
+def test_layer_error_interval_refuses_mismatched_rows():
+    from ndpmoe.host.paired_stats import paired_layer_error
+    a, b, ref = _row_errors(4, 256, 8)
+    with pytest.raises(ValueError, match=r"per-row errors must all be \[layers, rows\]"):
+        paired_layer_error([a, b[:, :200]], ref, [1.0, -1.0])
+    with pytest.raises(ValueError, match="at least two configurations"):
+        paired_layer_error([a], ref, [1.0])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        paired_layer_error([a, b * float("nan")], ref, [1.0, -1.0])

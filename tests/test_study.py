@@ -203,7 +203,7 @@ def test_budgeted_power_is_the_one_with_the_lowest_calibration_layer_error(study
     assert tried[best] == min(tried.values())
     first = len(study.rows)
     row = run_budgeted(study, setup, "budgeted power check", budget, kind="budgeted", bits=3)
-    study.rows[first:], study.token_nlls[first:] = [], []
+    study.rows[first:], study.token_nlls[first:], study.row_errors[first:] = [], [], []
     errs = {float(p): e for p, e in row["power_calib_error"].items()}
     assert row["weight_power"] == min(errs, key=lambda p: (errs[p], p)) and len(errs) >= 5
 
@@ -242,12 +242,18 @@ def test_budgeted_rows_carry_the_envelope_verdict_with_an_interval(study):
                       factors=("fp16",))
     first = len(study.rows)
     run_plan(study, opt, log=lambda s: None)
-    rows, nlls = study.rows[first:], study.token_nlls[first:]
+    rows, nlls, errs = study.rows[first:], study.token_nlls[first:], study.row_errors[first:]
     bud = next(r for r in rows if r["kind"] == "budgeted")
     assert sum(bud["chosen"].values()) == pytest.approx(1.0, abs=1e-3) and bud["plan_us_per_token_layer"] > 0
-    found = verdicts(rows, "optimized", nlls)
+    # each row's per-row errors are the ones its layer error was computed from
+    for r, e in zip(rows, errs):
+        assert r["layer_err"] == pytest.approx(math.sqrt(float((e.sum(1) / study.eval_ref_sq.sum(1)).mean())), rel=1e-12)
+    record = []
+    found = verdicts(rows, "optimized", nlls, record=record, layer_errors=(errs, study.eval_ref_sq))
     line = next(v for v in found if v.startswith(f"budgeted {bud['name']}"))
-    assert "lower envelope" in line and "95% CI" in line
+    assert "lower envelope" in line and line.count("95% CI") == 2         # layer error and perplexity
+    err_ci = next(c for c in record if c.get("metric") == "layer_err" and c["rows"][0] == bud["name"])
+    assert err_ci["low"] <= err_ci["diff"] <= err_ci["high"] and err_ci["verdict"] in ("wins", "loses", "tie")
     # Intervals shrink as the evaluation grows: the same two rows on the first quarter, half and
     # all of the evaluation tokens (32 resampling units each).
     from ndpmoe.host.paired_stats import paired_bootstrap
