@@ -344,13 +344,14 @@ def run_budgeted(study, setup: BudgetSetup, name: str, budget: float, weight_pow
                  **meta) -> dict:
     """One study row of the measured-budget policy at `budget` bytes per token and layer, valuing
     slots at w^weight_power (None: the one choose_power picks on the calibration rows)."""
-    tried = None
+    tried, t0 = None, time.time()
     if weight_power is None:
         weight_power, tried = choose_power(study, setup, budget)
     policy = MeasuredBudgetPolicy(budget, weight_power)
     meta["weight_power"] = weight_power
     if tried is not None:
         meta["power_calib_error"] = {f"{p:g}": round(e, 6) for p, e in tried.items()}
+        meta["power_seconds"] = round(time.time() - t0, 1)
     runners = {l: BudgetRunner(setup, l, policy) for l in study.layers}
     row = study.run_runners(name, runners, budget_bytes=budget * len(study.layers), **meta)
     total = Counter()

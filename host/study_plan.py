@@ -159,7 +159,7 @@ def run_plan(study: Study, opt: PlanOptions, log=print) -> list[str]:
             say(row)
             top = ", ".join(f"{k} {v:.0%}" for k, v in list(row["chosen"].items())[:5])
             log(f"      chose {top}; slots valued at w^{row['weight_power']:g} (the power with the lowest calibration "
-                f"layer error of {len(row['power_calib_error'])} tried); planning {row['plan_us_per_token_layer']:.0f} us "
+                f"layer error of {len(row['power_calib_error'])} tried, in {row['power_seconds']:.0f} s); planning {row['plan_us_per_token_layer']:.0f} us "
                 f"per token-layer; held-out reduction measured / predicted {row['gain_check']['ratio']}")
         study.budget_fit = setup.exponent_fit
     for spec, policy in zip(opt.policies, extra):
