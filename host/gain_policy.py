@@ -10,8 +10,10 @@ Options are those the run executes: ranks at the run's factor precision (`--fact
 store's copy (`--hi-bits`); the study's policy also mixes factor precisions and int4 with int8
 copies in one run, which the runtime's plans (one factor precision, one copy width) do not.
 Each token is decided alone from static prices (the study's bytes per token), not from what the
-cache holds, so the runtime decides exactly what the study's budgeted rows decide for the same
-tokens and tables.
+cache holds, so the runtime decides exactly what the study's budgeted block decides for the same
+tokens, tables and power of the router weight. The power here is the tables' fitted one: the
+study's `--budgets` rows choose theirs per budget by the layer error on the calibration rows
+(budget_study.choose_power), which a run that opens a store with its tables does not have.
 """
 from __future__ import annotations
 
