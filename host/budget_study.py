@@ -319,14 +319,15 @@ def calibration_error(study, setup: BudgetSetup, policy: MeasuredBudgetPolicy) -
     """The policy's layer error on the calibration rows its gains were measured on: RMS over
     layers of ||block(x) - float block(x)|| / ||float block(x)|| (Study.layer_error's formula)."""
     sq = []
-    for l in study.layers:
-        if l not in setup._calib:
-            x = study.calib_inputs[l]
-            setup._calib[l] = (BudgetRunner(setup, l, policy), study.float_blocks[l](x))
-        runner, ref = setup._calib[l]
-        runner.policy = policy
-        y = runner.held_out(study.calib_inputs[l])
-        sq.append(float((y - ref).square().sum() / ref.square().sum()))
+    with torch_threads(study.part_threads):          # small per-expert products (model/threads.py)
+        for l in study.layers:
+            if l not in setup._calib:
+                x = study.calib_inputs[l]
+                setup._calib[l] = (BudgetRunner(setup, l, policy), study.float_blocks[l](x))
+            runner, ref = setup._calib[l]
+            runner.policy = policy
+            y = runner.held_out(study.calib_inputs[l])
+            sq.append(float((y - ref).square().sum() / ref.square().sum()))
     return math.sqrt(sum(sq) / len(sq))
 
 
