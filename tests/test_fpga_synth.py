@@ -16,7 +16,7 @@ from ndpmoe.model.contract import get_config
 from ndpmoe.rtl.synth import constraints, flow
 from ndpmoe.rtl.synth.design import TOP_NAME, ndp_unit
 from ndpmoe.rtl.synth.report import read_failing_endpoints
-from ndpmoe.rtl.synth.cmd_synth import parse_seeds
+from ndpmoe.rtl.synth.cmd_synth import TMG_RIPUP_DEFAULT, add_arguments, parse_seeds
 from ndpmoe.rtl.synth.run import check_freq, run_seeds, run_synth
 from ndpmoe.rtl.synth.sweep import SweepAxes, derive, markdown_table, parse_bits_sets, sweep_points
 from ndpmoe.rtl.synth.targets import TARGETS, get_target
@@ -173,6 +173,20 @@ def test_seeds_option_parses_ranges_and_lists():
             parse_seeds(bad)
     with pytest.raises(ValueError, match="seeds must be a non-empty list"):
         run_seeds("small", "ecp5-25k", [])
+
+
+def test_timing_driven_ripup_reaches_the_nextpnr_command_line():
+    target = get_target("ecp5-85k")
+    plain = flow.nextpnr_args(target, 150.0, 6, seed=3)
+    ripup = flow.nextpnr_args(target, 150.0, 6, seed=3, tmg_ripup=True)
+    assert "--tmg-ripup" not in plain and ripup.count("--tmg-ripup") == 1
+    assert [a for a in ripup if a != "--tmg-ripup"] == plain      # nothing else changes
+    assert plain[plain.index("--seed") + 1] == "3" and plain[plain.index("--router") + 1] == "router2"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).tmg_ripup is TMG_RIPUP_DEFAULT
+    assert parser.parse_args(["--tmg-ripup"]).tmg_ripup is True
+    assert parser.parse_args(["--no-tmg-ripup"]).tmg_ripup is False
 
 
 def test_another_seed_places_only_the_netlist_of_the_same_verilog(tmp_path):

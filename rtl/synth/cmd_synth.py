@@ -18,6 +18,10 @@ from ndpmoe.rtl.synth.report import SynthResult
 from ndpmoe.rtl.synth.targets import TARGETS, get_target
 from ndpmoe.rtl.synth.throughput import RTL_TARGET_WORDS_PER_CYCLE, attach_throughput, check_words_per_cycle
 
+# router2's timing-driven rip-up for every run of `ndpmoe synth`: on main's unit at seeds 1-5 it met
+# 150 MHz at 3 seeds (0 without) and lowered none (README, FPGA); fpga-sweep and the library keep it off
+TMG_RIPUP_DEFAULT = True
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", choices=sorted(CONFIGS), default="default",
@@ -33,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dsp-min-width", type=int_in(1), default=None,
                    help="ECP5: put only multiplies whose narrower operand has >= N bits in DSPs "
                         "(default: synth_ecp5's choice, which maps even 2x8-bit products)")
+    p.add_argument("--tmg-ripup", action=argparse.BooleanOptionalAction, default=TMG_RIPUP_DEFAULT,
+                   help="nextpnr's timing-driven rip-up in router2: nets that miss the target are routed "
+                        "again, up to 1,500 router iterations (minutes more where the placement cannot meet it; "
+                        f"default {'on' if TMG_RIPUP_DEFAULT else 'off'}, see README, FPGA)")
     p.add_argument("--primitives", choices=PRIMITIVES, default=None,
                    help="block RAMs and multipliers: 'ecp5' instantiates DP16KD / MULT18X18D with their "
                         "registers on (the default on ECP5), 'inferred' leaves them to Yosys")
@@ -66,7 +74,8 @@ def format_seeds(results: list[SynthResult], seeds: list[int]) -> str:
     """One line per seed, then Fmax min / median / max and how many seeds meet the target."""
     first = results[0]
     lines = [f"config {first.config} on {first.target}, speed grade {first.speed}, target "
-             f"{first.freq_target_mhz:g} MHz, {len(seeds)} placer seeds"]
+             f"{first.freq_target_mhz:g} MHz, {len(seeds)} placer seeds"
+             + (", router2 timing-driven rip-up" if first.extra.get("tmg_ripup") else "")]
     for seed, r in zip(seeds, results):
         failing = (r.extra.get("failing") or {}).get("endpoints")
         fmax = f"{r.fmax_mhz:6.1f} MHz" if r.fmax_mhz is not None else "   -      "
@@ -124,7 +133,8 @@ def format_result(r: SynthResult) -> str:
                                                 for b, g in tp["gmacs"].items()))
     lines.append("  tool time    " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items()))
     lines.append(f"  build        {r.extra.get('build')} (rtl {r.extra.get('rtl', '?')}, "
-                 f"primitives {r.extra.get('primitives', 'inferred')})")
+                 f"primitives {r.extra.get('primitives', 'inferred')}"
+                 f"{', nextpnr --tmg-ripup' if r.extra.get('tmg_ripup') else ''})")
     for note in r.extra.get("notes", []):
         lines.append(f"  note         {note}")
     if r.error:
@@ -142,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_output_dir(args.out, "--out")
     prepare_output_file(args.json, "--json")
     options = dict(freq_mhz=args.freq, speed=args.speed, dsp_min_width=args.dsp_min_width, reuse=args.reuse,
-                   primitives=args.primitives)
+                   primitives=args.primitives, tmg_ripup=args.tmg_ripup)
     if args.seeds:
         results = run_seeds(ndp_config, target, args.seeds, build=args.out, **options)
         for r in results:

