@@ -40,6 +40,7 @@ from ndpmoe.model.moe_quant_masked import MaskedQuantMoE, StackedFactors
 from ndpmoe.model.threads import torch_threads
 
 from .budget_policy import COPY_BITS, MeasuredBudgetPolicy, Option, OptionTable, objective, option_list, spent
+from .paired_stats import layer_error_of
 from .sizes import ExpertSizes
 
 WEIGHT_BINS = 8
@@ -318,7 +319,7 @@ def _slot_groups(mask: torch.Tensor, ids: torch.Tensor, choice: torch.Tensor):
 def calibration_error(study, setup: BudgetSetup, policy: MeasuredBudgetPolicy) -> float:
     """The policy's layer error on the calibration rows its gains were measured on: RMS over
     layers of ||block(x) - float block(x)|| / ||float block(x)|| (Study.layer_error's formula)."""
-    sq = []
+    err, den = [], []
     with torch_threads(study.part_threads):          # small per-expert products (model/threads.py)
         for l in study.layers:
             if l not in setup._calib:
@@ -326,9 +327,9 @@ def calibration_error(study, setup: BudgetSetup, policy: MeasuredBudgetPolicy) -
                 setup._calib[l] = (BudgetRunner(setup, l, policy), study.float_blocks[l](x))
             runner, ref = setup._calib[l]
             runner.policy = policy
-            y = runner.held_out(study.calib_inputs[l])
-            sq.append(float((y - ref).square().sum() / ref.square().sum()))
-    return math.sqrt(sum(sq) / len(sq))
+            err.append((runner.held_out(study.calib_inputs[l]) - ref).double().square().sum())
+            den.append(ref.double().square().sum())
+    return float(layer_error_of(torch.stack(err), torch.stack(den)))
 
 
 def choose_power(study, setup: BudgetSetup, budget: float, grid=POWER_GRID) -> tuple[float, dict]:

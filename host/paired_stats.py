@@ -92,6 +92,12 @@ def paired_contrast(nlls: list, coeffs: list[float], *, units: int = DEFAULT_UNI
     return _interval(diff, star, level, units, unit_tokens, resamples)
 
 
+def layer_error_of(err_sum: torch.Tensor, ref_sum: torch.Tensor) -> torch.Tensor:
+    """The layer error from squared-error and reference sums over rows, layers last: the RMS over
+    layers of the relative error, sqrt(mean_l err_l / ref_l). [..., layers] -> [...]"""
+    return (err_sum / ref_sum).mean(-1).sqrt()
+
+
 def paired_layer_error(row_sq: list[torch.Tensor], ref_sq: torch.Tensor, coeffs: list[float], *,
                        units: int = DEFAULT_UNITS, resamples: int = DEFAULT_RESAMPLES, level: float = 0.95,
                        seed: int = 0) -> PairedInterval:
@@ -106,14 +112,13 @@ def paired_layer_error(row_sq: list[torch.Tensor], ref_sq: torch.Tensor, coeffs:
     _check_resampling(ref.shape[1], "held-out rows", units, resamples, level)
     if not all(torch.isfinite(e).all() for e in row_sq) or not bool((ref > 0).any(1).all()):
         raise ValueError("per-row errors contain NaN or Inf, or a layer's reference outputs are all zero")
-    layer_error = lambda err, den: (err / den).mean(-1).sqrt()            # [..., layers] -> [...]
-    diff = sum(c * float(layer_error(e.double().sum(1), ref.sum(1))) for c, e in zip(coeffs, row_sq))
+    diff = sum(c * float(layer_error_of(e.double().sum(1), ref.sum(1))) for c, e in zip(coeffs, row_sq))
     per_unit = ref.shape[1] // units
     used = units * per_unit
     blocks = lambda t: t.double()[:, :used].reshape(t.shape[0], units, per_unit).sum(2)    # [layers, units]
     pick = _draws(units, resamples, seed)
     den = blocks(ref)[:, pick].sum(2).t()                                                   # [resamples, layers]
-    star = sum(c * layer_error(blocks(e)[:, pick].sum(2).t(), den) for c, e in zip(coeffs, row_sq))
+    star = sum(c * layer_error_of(blocks(e)[:, pick].sum(2).t(), den) for c, e in zip(coeffs, row_sq))
     return _interval(diff, star, level, units, per_unit, resamples)
 
 

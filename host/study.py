@@ -16,7 +16,6 @@ quantized experts of its (bits, quantizer, fit) and only re-runs the model with 
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ from ndpmoe.model.rank_alloc import allocate_by_kurtosis, allocate_ranks, kurtos
 from ndpmoe.model.threads import threads_for, torch_threads
 from ndpmoe.model.paths import cache_dir
 
+from .paired_stats import layer_error_of
 from .policy import RestorationContext, RestorationPolicy, TopN, decode_restoration, restoration_context
 from .sensitivity import measure_sensitivity
 from .sizes import ExpertSizes
@@ -337,7 +337,7 @@ class Study:
             raise ValueError(f"a layer error needs a block for every studied layer {self.layers}, not {sorted(runners)}")
         row_sq = torch.stack([(runners[l].held_out(self.eval_inputs[l]) - self.eval_refs[l]).double().square().sum(1)
                               for l in self.layers])
-        return math.sqrt(float((row_sq.sum(1) / self.eval_ref_sq.sum(1)).mean())), row_sq
+        return float(layer_error_of(row_sq.sum(1), self.eval_ref_sq.sum(1))), row_sq
 
 
 def _with_allocated_ranks(qm: QuantizedMoE, budget: float, rule: str = "gain") -> QuantizedMoE:
