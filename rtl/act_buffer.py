@@ -63,7 +63,7 @@ def xslots_layout(g: Geometry) -> data.ArrayLayout:
 
 class ActivationBuffer(wiring.Component):
     """Ports: load side `load_start`, `load_in` (bytes per token row), `load_words` (the words
-    of the whole load, tokens x load_in / P * 8; both read with `load_start` only), `words`
+    of the whole load, tokens x load_in / P * 8; both as of `load_start`'s cycle), `words`
     (stream in), `load_busy` (until the last row has landed), `reads_safe` (a read issued from
     the next cycle on reads the loaded rows); read side `rd_addr`, `rd_offset`
     (i0 mod L), `bits` (the read's format as of BITS_AT cycles after its address), and
@@ -135,20 +135,24 @@ class ActivationBuffer(wiring.Component):
         m.d.sync += [word_a.eq(self.words.payload), take_a.eq(take)]
         words_left = Signal.like(self.load_words)
         one_left = Signal()
-        with m.If(self.load_start):
-            m.d.sync += [loading.eq(self.load_words != 0), words_left.eq(self.load_words),
-                         one_left.eq(self.load_words == 1)]
-        with m.Elif(take):
-            m.d.sync += [words_left.eq(words_left - 1), one_left.eq(words_left == 2)]
-            with m.If(one_left):
-                m.d.sync += loading.eq(0)
-        with m.If(self.load_start):
+        busy = Signal()
+        # While the loader is idle its counters follow the offered load (`load_in`, `load_words`
+        # are the staged descriptor's), so `load_start` itself sets only three flags and fans out
+        # no further. Idle excludes a take: a take's word was asked for while `loading`.
+        with m.If(~busy):
             m.d.sync += [
+                words_left.eq(self.load_words), one_left.eq(self.load_words == 1),
                 word_idx.eq(0), last_word.eq(g.words_per_act_row == 1),
                 row_idx.eq(0), lane.eq(0), group.eq(0),
                 rows_m2.eq(rows_per_token - 2),
                 one_row.eq(rows_per_token == 1), last_row.eq(rows_per_token == 1),
             ]
+        with m.Elif(take):
+            m.d.sync += [words_left.eq(words_left - 1), one_left.eq(words_left == 2)]
+        with m.If(self.load_start):
+            m.d.sync += loading.eq(self.load_words != 0)
+        with m.Elif(take & one_left):
+            m.d.sync += loading.eq(0)
 
         row_done_a = take_a & last_word
         with m.If(take_a):
@@ -234,7 +238,6 @@ class ActivationBuffer(wiring.Component):
         # registered (an OR of a dozen flags would sit ahead of the controller's state logic):
         # busy in cycle t when anything was in flight in t - 1 or a load started then; no flag
         # rises again once all are clear, so it falls only after the last write has landed
-        busy = Signal()
         m.d.sync += busy.eq(self.load_start | Cat(loading, *in_flight, *writing).any())
         # Reads may start before the last writes have landed: a write and a read address pass the
         # same number of input registers (RegisteredRam), so every write presented before a read

@@ -53,8 +53,10 @@ def checked_layout(g: Geometry) -> data.StructLayout:
 
 class DescriptorSlots(wiring.Component):
     """Ports: `fill` (In stream of checked descriptors), `read` (Out stream of read commands,
-    valid registered), `exec_valid` / `exec_entry` / `exec_slot` (the next descriptor to start,
-    registered) and `exec_start` (In: it starts now), `load_finished` / `matmul_finished` (In:
+    valid registered), `exec_load` / `exec_matmul` (the next descriptor to start is a LOAD_ACT /
+    a MATMUL: one flip-flop each, so the unit's start decision is one LUT from registers),
+    `exec_entry` / `exec_slot` (that descriptor, registered) and `exec_start` (In: it starts now),
+    `load_finished` / `matmul_finished` (In:
     a load or a MATMUL has ended), `complete` (the head ends in this cycle) with `outcome_state`
     and `outcome_error`, `head` (the head's slot)."""
 
@@ -66,7 +68,8 @@ class DescriptorSlots(wiring.Component):
         super().__init__({
             "fill": In(stream.Signature(layout)),
             "read": Out(stream.Signature(read_command_layout(g.cfg.addr_bits, g.length_bits))),
-            "exec_valid": Out(1),
+            "exec_load": Out(1),
+            "exec_matmul": Out(1),
             "exec_entry": Out(layout),
             "exec_slot": Out(1),
             "exec_start": In(1),
@@ -86,7 +89,8 @@ class DescriptorSlots(wiring.Component):
         read_done = [Signal(name=f"read_done{i}") for i in range(SLOTS)]
         started = [Signal(name=f"started{i}") for i in range(SLOTS)]     # exec pointer passed it
         finished = [Signal(name=f"finished{i}") for i in range(SLOTS)]
-        fill_ptr, read_ptr, exec_ptr, head = Signal(), Signal(), Signal(), Signal()
+        fill_ptr, read_ptr = Signal(name="fill_ptr"), Signal(name="read_ptr")
+        exec_ptr, head = Signal(name="exec_ptr"), Signal(name="head")
 
         def at(flags, ptr):
             return Mux(ptr, flags[1], flags[0])
@@ -131,13 +135,21 @@ class DescriptorSlots(wiring.Component):
                          self.read.payload.slot.eq(read_ptr)]
 
         # -- exec: the next one to start, staged in registers -------------------------------------
+        # A descriptor of kind NONE is staged too (exec_skip) and passed a cycle later, so what
+        # moves the pointer is three flip-flops and the unit's start decision, never the slots'
+        # multiplexers.
         x_entry = entry_at(exec_ptr)
         x_waiting = at(occupied, exec_ptr) & ~at(started, exec_ptr)
-        x_none = x_entry.kind == RunKind.NONE
-        m.d.sync += [self.exec_valid.eq(x_waiting & ~x_none & ~self.exec_start),
+        exec_skip = Signal()
+        moves = self.exec_start | exec_skip
+        staged = x_waiting & ~moves
+        m.d.sync += [self.exec_load.eq(staged & (x_entry.kind == RunKind.LOAD)),
+                     self.exec_matmul.eq(staged & (x_entry.kind == RunKind.MATMUL)),
+                     exec_skip.eq(staged & (x_entry.kind == RunKind.NONE)),
                      self.exec_entry.eq(x_entry), self.exec_slot.eq(exec_ptr)]
-        with m.If(self.exec_start | (x_waiting & x_none)):
-            # (exec_start is for the staged slot, which is still exec_ptr's: it moves only here)
+        with m.If(moves):
+            # (exec_start and exec_skip are for the staged slot, which is still exec_ptr's: it
+            # moves only here)
             m.d.sync += exec_ptr.eq(~exec_ptr)
             for i in range(SLOTS):
                 with m.If(exec_ptr == i):

@@ -188,8 +188,12 @@ class NdpUnit(wiring.Component):
             slots.fill.valid.eq(checked_valid), slots.fill.payload.eq(checked),
         ]
         m.d.sync += start_check.eq(0)
+        # the register follows the queue's head while no check runs (the wide load enable is one
+        # flip-flop), and holds it through the check
+        with m.If(~checking):
+            m.d.sync += desc.eq(queue.o.payload)
         with m.If(queue.o.valid & queue.o.ready):
-            m.d.sync += [desc.eq(queue.o.payload), checking.eq(1), start_check.eq(1)]
+            m.d.sync += [checking.eq(1), start_check.eq(1)]
         with m.If(check.done):
             refused = check.error != ErrorShape.NONE
             is_load = desc.opcode == OpcodeShape.LOAD_ACT
@@ -213,8 +217,10 @@ class NdpUnit(wiring.Component):
         ex = slots.exec_entry
         seq_active_d = Signal()         # a LOAD_ACT waits a cycle more: the last beat's RAM read
         m.d.sync += seq_active_d.eq(seq.active)
-        start_matmul = slots.exec_valid & (ex.kind == RunKind.MATMUL) & ~seq.active & act.reads_safe
-        start_load = slots.exec_valid & (ex.kind == RunKind.LOAD) & ~seq.active & ~seq_active_d & ~act.load_busy
+        # each a LUT of five flip-flops; what they start follows the staged descriptor while idle
+        # (the sequencer, the loader, run_mode), so a start itself sets only a few flags
+        start_matmul = slots.exec_matmul & ~seq.active & act.reads_safe
+        start_load = slots.exec_load & ~seq.active & ~seq_active_d & ~act.load_busy
         m.d.comb += [
             slots.exec_start.eq(start_matmul | start_load),
             seq.start.eq(start_matmul), seq.mode.eq(ex.mode),
@@ -246,7 +252,9 @@ class NdpUnit(wiring.Component):
         # The MATMUL settings of the beats the sequencer issues from now on, and copies of each
         # delayed to where a stage uses it for a beat (every stage documents that offset).
         run_mode = Signal(mode_layout(g))
-        with m.If(start_matmul):
+        with m.If(~seq.active):
+            # beats issue only while active, so following the staged descriptor until the start
+            # is the same as taking its mode at the start
             m.d.sync += run_mode.eq(ex.mode)
         chains: dict[str, list] = {}
 

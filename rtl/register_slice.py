@@ -37,13 +37,17 @@ class RegisterSlice(wiring.Component):
         skid_valid = Signal()
         m.d.comb += [self.i.ready.eq(~skid_valid), self.empty.eq(~self.o.valid & ~skid_valid)]
         taken = self.i.valid & ~skid_valid
+        # an empty skid follows the incoming word, so its load enable is one flip-flop and only
+        # skid_valid depends on the consumer's ready
+        with m.If(~skid_valid):
+            m.d.sync += skid.eq(self.i.payload)
         gap = Signal()          # the word leaving now ends its run: the output empties for a cycle
         if self._gap_after is not None:
             m.d.comb += gap.eq(self.o.valid & self.o.ready & getattr(self.o.payload, self._gap_after))
         with m.If(gap):
             m.d.sync += self.o.valid.eq(0)
             with m.If(taken):
-                m.d.sync += [skid.eq(self.i.payload), skid_valid.eq(1)]
+                m.d.sync += skid_valid.eq(1)
         with m.Elif(self.o.ready | ~self.o.valid):
             # the output register moves on: the skid's word first, else the incoming one
             with m.If(skid_valid):
@@ -52,5 +56,5 @@ class RegisterSlice(wiring.Component):
                 m.d.sync += [self.o.payload.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
         with m.Elif(taken):
             # the output register holds: an incoming word waits in the skid (i.ready was high)
-            m.d.sync += [skid.eq(self.i.payload), skid_valid.eq(1)]
+            m.d.sync += skid_valid.eq(1)
         return m

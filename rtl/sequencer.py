@@ -109,7 +109,8 @@ class MatmulSequencer(wiring.Component):
         # The issue decision must be a few LUT levels from registers (it fans out to the memory
         # response's ready and every counter here), so what it needs about the position is kept
         # in flags, updated with i0 from compares of registers against per-descriptor constants
-        # taken at `start`:
+        # taken while idle (`mode` is the staged descriptor's, and the start leaves them as they
+        # were in its cycle), so `start` itself sets only `active`:
         #     row_end = (i0 + N_c == padded_in),  sb_end = ((i0 + N_c) & (E * G - 1)) == 0
         # (the beat's codes end the row / the superblock), last_row = (row == rows - 1).
         n_c = codes_per_beat(m, g, mode.bits)
@@ -124,7 +125,7 @@ class MatmulSequencer(wiring.Component):
         sb_end_at = Signal(g.in_bits)     # i0 & mask whose successor ends the superblock: -2 N_c & mask
         row_end_first = Signal()          # row_end at i0 = 0 (one code beat per row)
         sb_end_first = Signal()
-        with m.If(self.start):
+        with m.If(~active):
             m.d.sync += [
                 three.eq(mode.bits == 3),
                 n_c_r.eq(n_c),
@@ -151,7 +152,7 @@ class MatmulSequencer(wiring.Component):
         last_pass = Signal()              # pass_ == passes - 1
         passes_m2 = Signal.like(mode.passes)
         one_pass = Signal()
-        with m.If(self.start):
+        with m.If(~active):
             m.d.sync += [passes_m2.eq(mode.passes - 2), one_pass.eq(mode.passes == 1)]
         needs_credit = is_code & row_end
         can_issue = active & (~needs_credit | self.credit_ok)
@@ -179,7 +180,10 @@ class MatmulSequencer(wiring.Component):
                          is_code.eq(~meta & ~hi)]
 
         with m.If(self.start):
-            m.d.sync += [active.eq(1), need_meta.eq(1), phase.eq(0), pass_.eq(0), i0.eq(0), row.eq(0),
+            m.d.sync += active.eq(1)
+        with m.If(~active):
+            # (issue needs `active`: the two branches never meet)
+            m.d.sync += [need_meta.eq(1), phase.eq(0), pass_.eq(0), i0.eq(0), row.eq(0),
                          row_end.eq(n_c == mode.padded_in), sb_end.eq((n_c & sb_mask) == 0),
                          last_pass.eq(mode.passes == 1)]
             set_kind(1, 0)

@@ -37,7 +37,10 @@ def test_in_order_reads_starts_and_ends():
         running, draining = None, []             # (kind, cycles left)
         while len(ends) < len(DESCRIPTORS):
             ctx.set(dut.read.ready, rng.random() < 0.5)
-            start = bool(ctx.get(dut.exec_valid)) and running is None and rng.random() < 0.7
+            staged_load, staged_matmul = bool(ctx.get(dut.exec_load)), bool(ctx.get(dut.exec_matmul))
+            staged = staged_load or staged_matmul
+            assert not (staged_load and staged_matmul)
+            start = staged and running is None and rng.random() < 0.7
             ctx.set(dut.exec_start, start)
             load_done = running is not None and running[0] == RunKind.LOAD and running[1] == 0
             mm_done = bool(draining) and draining[0] == 0
@@ -65,6 +68,7 @@ def test_in_order_reads_starts_and_ends():
                     running = (running[0], running[1] - 1)
             if start:
                 starts.append(entry.addr)
+                assert entry.kind == (RunKind.LOAD if staged_load else RunKind.MATMUL)
                 running = (entry.kind, rng.randint(1, 4))
 
     run(dut, filler, unit)
