@@ -154,13 +154,7 @@ class MatmulSequencer(wiring.Component):
         one_pass = Signal()
         with m.If(~active):
             m.d.sync += [passes_m2.eq(mode.passes - 2), one_pass.eq(mode.passes == 1)]
-        # is_code and row_end are set through their next values, so that needs_credit (their AND)
-        # is a register too: the issue decision is then one LUT of four flip-flops (active, the
-        # response's valid, needs_credit, credit_ok)
-        is_code_n, row_end_n = Signal(name="is_code_n"), Signal(name="row_end_n")
-        needs_credit = Signal(name="needs_credit")
-        m.d.comb += [is_code_n.eq(is_code), row_end_n.eq(row_end)]
-        m.d.sync += [is_code.eq(is_code_n), row_end.eq(row_end_n), needs_credit.eq(is_code_n & row_end_n)]
+        needs_credit = is_code & row_end
         can_issue = active & (~needs_credit | self.credit_ok)
         issue = can_issue & self.words.valid
 
@@ -182,16 +176,16 @@ class MatmulSequencer(wiring.Component):
         ]
 
         def set_kind(meta, hi):
-            m.d.sync += kind.eq(Mux(meta, BeatKind.META, Mux(hi, BeatKind.HI, BeatKind.CODE)))
-            m.d.comb += is_code_n.eq(~meta & ~hi)
+            m.d.sync += [kind.eq(Mux(meta, BeatKind.META, Mux(hi, BeatKind.HI, BeatKind.CODE))),
+                         is_code.eq(~meta & ~hi)]
 
         with m.If(self.start):
             m.d.sync += active.eq(1)
         with m.If(~active):
             # (issue needs `active`: the two branches never meet)
             m.d.sync += [need_meta.eq(1), phase.eq(0), pass_.eq(0), i0.eq(0), row.eq(0),
-                         sb_end.eq((n_c & sb_mask) == 0), last_pass.eq(mode.passes == 1)]
-            m.d.comb += row_end_n.eq(n_c == mode.padded_in)
+                         row_end.eq(n_c == mode.padded_in), sb_end.eq((n_c & sb_mask) == 0),
+                         last_pass.eq(mode.passes == 1)]
             set_kind(1, 0)
         with m.Elif(issue):
             with m.Switch(kind):
@@ -210,14 +204,14 @@ class MatmulSequencer(wiring.Component):
                             pass_.eq(0),
                             last_pass.eq(one_pass),
                             i0.eq(i0 + n_c_r),
+                            row_end.eq(i0 == row_end_at),
                             sb_end.eq((i0 & sb_mask_r) == sb_end_at),
                             phase.eq(next_phase),
                         ]
-                        m.d.comb += row_end_n.eq(i0 == row_end_at)
                         set_kind(row_end | sb_end, three & (next_phase == 0))
                         with m.If(row_end):
-                            m.d.sync += [i0.eq(0), need_meta.eq(1), row.eq(row + 1), sb_end.eq(sb_end_first)]
-                            m.d.comb += row_end_n.eq(row_end_first)
+                            m.d.sync += [i0.eq(0), need_meta.eq(1), row.eq(row + 1),
+                                         row_end.eq(row_end_first), sb_end.eq(sb_end_first)]
                             with m.If(last_row):
                                 m.d.sync += active.eq(0)
                         with m.Elif(sb_end):
