@@ -64,8 +64,9 @@ def xslots_layout(g: Geometry) -> data.ArrayLayout:
 class ActivationBuffer(wiring.Component):
     """Ports: load side `load_start`, `load_in` (bytes per token row), `load_words` (the words
     of the whole load, tokens x load_in / P * 8; both as of `load_start`'s cycle), `words`
-    (stream in), `load_busy` (until the last row has landed), `reads_safe` (a read issued from
-    the next cycle on reads the loaded rows); read side `rd_addr`, `rd_offset`
+    (stream in), `load_busy` (until the last row has landed), `reads_safe` (a MATMUL started
+    in this cycle reads only rows that have landed, given the order of its reads: see the
+    load's last comment); read side `rd_addr`, `rd_offset`
     (i0 mod L), `bits` (the read's format as of BITS_AT cycles after its address), and
     READ_LATENCY cycles later `acts` and `xslots` (per token lane: activations per code lane, block sums per
     beat slot, zero where the beat has no such block)."""
@@ -239,14 +240,34 @@ class ActivationBuffer(wiring.Component):
         # busy in cycle t when anything was in flight in t - 1 or a load started then; no flag
         # rises again once all are clear, so it falls only after the last write has landed
         m.d.sync += busy.eq(self.load_start | Cat(loading, *in_flight, *writing).any())
-        # Reads may start before the last writes have landed: a write and a read address pass the
-        # same number of input registers (RegisteredRam), so every write presented before a read
-        # address lands before that read. Safe in cycle t when nothing was in the loader's
-        # pipeline ahead of the RAM in t - 1: the last write was presented in t - 2 or before,
-        # and a read issued from t + 1 reaches the RAM in t + 2 (ADDR_STAGES).
-        pending = Signal()
-        m.d.sync += pending.eq(self.load_start | Cat(loading, *in_flight).any())
-        m.d.comb += [self.load_busy.eq(busy), self.reads_safe.eq(~pending)]
+        # A MATMUL may start before the last rows have landed. A write and a read address pass the
+        # same number of input registers (RegisteredRam), so a write presented in an earlier cycle
+        # than a read lands before it. The last word, taken in cycle c, is presented in c + land;
+        # the row k rows before it in load order (rows of a token, then its lane, then its group)
+        # by c + land - k, since words are taken at most one a cycle. A MATMUL started in cycle s
+        # issues its META beat first and at least one code beat per row before it, so it reads a
+        # token's row r from s + 2 + r on, presented ADDR_STAGES later; the rows after r in the
+        # last lane of the last group are R - 1 - r (R rows per token), and any other lane's or
+        # group's rows come earlier still. Every read is therefore of a landed row when
+        # s >= c + land - ADDR_STAGES - R. From registers only (the last take registered, then a
+        # count), `safe` rises in c + 3 + hold at the earliest.
+        land = len(in_flight)
+        margin = land - ADDR_STAGES - 3
+        hold = Signal(range(land + 1))
+        with m.If(~busy):
+            m.d.sync += hold.eq(Mux(rows_per_token >= margin, 0, margin - rows_per_token))
+        last_a = Signal()                       # the load's last word was taken in the cycle before
+        m.d.sync += last_a.eq(take & one_left)
+        wait = Signal.like(hold)
+        with m.If(self.load_start):
+            m.d.sync += wait.eq(land)
+        with m.Elif(last_a):
+            m.d.sync += wait.eq(hold)
+        with m.Elif(~loading & (wait != 0)):
+            m.d.sync += wait.eq(wait - 1)
+        safe = Signal(init=1)
+        m.d.sync += safe.eq(~self.load_start & ~loading & ~last_a & (wait == 0))
+        m.d.comb += [self.load_busy.eq(busy), self.reads_safe.eq(safe)]
 
     # -- MATMUL: RAM rows -> activations aligned to the beat's code lanes ------------------------
     def _elaborate_read(self, m, g: Geometry, rams, row_shape, platform):
