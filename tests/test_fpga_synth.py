@@ -17,7 +17,8 @@ from ndpmoe.rtl.synth import constraints, flow
 from ndpmoe.rtl.synth.design import TOP_NAME, ndp_unit
 from ndpmoe.rtl.synth.report import read_failing_endpoints
 from ndpmoe.rtl.synth.cmd_synth import TMG_RIPUP_DEFAULT, add_arguments, parse_seeds
-from ndpmoe.rtl.synth.run import check_freq, run_seeds, run_synth
+from ndpmoe.rtl.synth.design import write_wrapped_verilog
+from ndpmoe.rtl.synth.run import SOURCE_ROOT, check_freq, run_seeds, run_synth, verilog_identity
 from ndpmoe.rtl.synth.sweep import SweepAxes, derive, markdown_table, parse_bits_sets, sweep_points
 from ndpmoe.rtl.synth.targets import TARGETS, get_target
 from ndpmoe.rtl.synth.throughput import macs_per_cycle, throughput
@@ -197,3 +198,20 @@ def test_another_seed_places_only_the_netlist_of_the_same_verilog(tmp_path):
     (other / "top.v").write_text("module top(); endmodule\n")
     with pytest.raises(ValueError, match="netlist of other Verilog"):
         run_synth(CI_CONFIG, CI_TARGET, freq_mhz=CI_FREQ_MHZ, build=tmp_path / "run", netlist_from=other)
+
+
+def test_the_same_rtl_in_another_checkout_is_the_same_verilog(tmp_path):
+    """The reuse key and the netlist check see past the absolute source paths Amaranth writes into
+    `src` attributes, and nothing else."""
+    here = tmp_path / "here.v"
+    write_wrapped_verilog(CI_CONFIG, here)
+    text = here.read_text()
+    assert str(SOURCE_ROOT) in text
+    other_root = "/somewhere/else/ndpmoe"
+    elsewhere = tmp_path / "elsewhere.v"
+    elsewhere.write_text(text.replace(str(SOURCE_ROOT), other_root))
+    assert elsewhere.read_bytes() != here.read_bytes()
+    assert verilog_identity(elsewhere, other_root) == verilog_identity(here)
+    changed = tmp_path / "changed.v"
+    changed.write_text(text.replace("endmodule", "endmodule\n// another design", 1))
+    assert verilog_identity(changed) != verilog_identity(here)

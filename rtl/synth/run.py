@@ -18,6 +18,16 @@ from ndpmoe.rtl.synth.report import (SynthResult, log_tail, over_capacity, read_
 from ndpmoe.rtl.synth.targets import FpgaTarget, get_target
 
 
+# Amaranth writes each cell's source line into a `src` attribute as an absolute path, so the same
+# RTL in two checkouts gives Verilog that differs only there
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def verilog_identity(path: Path, root: Path = SOURCE_ROOT) -> bytes:
+    """The Verilog in `path` with the location of the checkout that wrote it (`root`) taken out:
+    what the reuse key and the netlist check compare."""
+    return Path(path).read_bytes().replace(str(root).encode(), b"<source root>")
+
 
 def default_build_dir(cfg: NdpConfig, target: FpgaTarget, freq_mhz: float, speed: int | None,
                       dsp_min_width: int | None = None, primitives: str | None = None) -> Path:
@@ -78,7 +88,7 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
     start = time.monotonic()
     write_wrapped_verilog(cfg, build / "top.v", factory, primitives)
     seconds["verilog"] = round(time.monotonic() - start, 2)
-    key = hashlib.sha256((build / "top.v").read_bytes()
+    key = hashlib.sha256(verilog_identity(build / "top.v")
                          + f"|{target.name}|{speed}|{freq_mhz}|{seed}|{dsp_min_width}|{tmg_ripup}".encode()).hexdigest()
     cached = build / "result.json"
     if reuse and cached.exists():
@@ -108,7 +118,7 @@ def run_synth(config: NdpConfig | str, target: FpgaTarget | str, *, freq_mhz: fl
 
     if netlist_from is not None:
         source = Path(netlist_from)
-        if (source / "top.v").read_bytes() != (build / "top.v").read_bytes():
+        if verilog_identity(source / "top.v") != verilog_identity(build / "top.v"):
             raise ValueError(f"{source} holds the netlist of other Verilog than this run's")
         for name in ("netlist.json", "stat.json"):
             shutil.copyfile(source / name, build / name)
