@@ -14,10 +14,9 @@ from amaranth.lib.wiring import In, Out
 
 from ndpmoe.model.contract import get_config
 from ndpmoe.rtl.synth import constraints, flow
-from ndpmoe.rtl.synth.design import TOP_NAME, ndp_unit
+from ndpmoe.rtl.synth.design import TOP_NAME, ndp_unit, write_wrapped_verilog
 from ndpmoe.rtl.synth.report import read_failing_endpoints
 from ndpmoe.rtl.synth.cmd_synth import TMG_RIPUP_DEFAULT, add_arguments, parse_seeds
-from ndpmoe.rtl.synth.design import write_wrapped_verilog
 from ndpmoe.rtl.synth.run import SOURCE_ROOT, check_freq, run_seeds, run_synth, verilog_identity
 from ndpmoe.rtl.synth.sweep import SweepAxes, derive, markdown_table, parse_bits_sets, sweep_points
 from ndpmoe.rtl.synth.targets import TARGETS, get_target
