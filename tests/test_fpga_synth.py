@@ -214,3 +214,49 @@ def test_the_same_rtl_in_another_checkout_is_the_same_verilog(tmp_path):
     changed = tmp_path / "changed.v"
     changed.write_text(text.replace("endmodule", "endmodule\n// another design", 1))
     assert verilog_identity(changed) != verilog_identity(here)
+
+
+def _adder_design(cfg):
+    return _Adder()
+
+
+def test_seeds_side_by_side_place_the_first_seeds_netlist(tmp_path):
+    """run_seeds with workers: Yosys once (the first seed, here), the other seeds as Ray tasks on
+    that netlist, each in its own folder at its own seed; nextpnr gives each seed the result it
+    gives that seed placed on its own."""
+    import sys
+
+    import ray.cloudpickle
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])    # the factory lives in this test
+    options = dict(freq_mhz=CI_FREQ_MHZ, factory=_adder_design)
+    results = run_seeds(CI_CONFIG, CI_TARGET, [4, 2, 9], build=tmp_path / "seeds", workers=2, **options)
+    assert [r.error for r in results] == [None] * 3 and all(r.fits for r in results)
+    first = tmp_path / "seeds" / "seed4"
+    assert [r.extra["build"] for r in results] == [str(tmp_path / "seeds" / f"seed{s}") for s in (4, 2, 9)]
+    assert "netlist from" not in " ".join(results[0].extra["notes"])
+    for seed, r in zip((2, 9), results[1:]):
+        assert r.extra["notes"] == [f"netlist from {first}"] and "yosys" not in r.seconds
+        # the folder holds that seed's run: its reuse key (which names the seed) matches
+        stored = run_synth(CI_CONFIG, CI_TARGET, seed=seed, build=tmp_path / "seeds" / f"seed{seed}", reuse=True,
+                           **options)
+        assert stored.seconds == r.seconds and stored.extra["key"] == r.extra["key"]
+    alone = run_synth(CI_CONFIG, CI_TARGET, seed=9, build=tmp_path / "alone", netlist_from=first, **options)
+    assert alone.fmax_mhz == results[2].fmax_mhz and alone.critical_path == results[2].critical_path
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        run_seeds(CI_CONFIG, CI_TARGET, [1, 1], build=tmp_path / "twice", **options)
+    with pytest.raises(ValueError, match="--workers must be a positive integer, not -1"):
+        run_seeds(CI_CONFIG, CI_TARGET, [1, 2], build=tmp_path / "bad", workers=-1, **options)
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "bad").exists()
+
+
+def test_synth_workers_are_checked_before_work(tmp_path, capsys):
+    from ndpmoe.host.cli import main
+
+    out = tmp_path / "synth"
+    assert main(["synth", "--workers", "2", "--out", str(out)]) == 2
+    assert "--workers / --ray-address spread the seeds of --seeds" in capsys.readouterr().err
+    assert main(["synth", "--seeds", "1-2", "--ray-address", "127.0.0.1:9", "--out", str(out)]) == 2
+    assert "Ray address '127.0.0.1:9' does not answer" in capsys.readouterr().err
+    assert main(["synth", "--seeds", "1-2", "--workers", "0", "--ray-address", "nonsense", "--out", str(out)]) == 2
+    assert "is not HOST:PORT" in capsys.readouterr().err
+    assert not out.exists()

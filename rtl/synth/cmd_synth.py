@@ -3,8 +3,9 @@ run is the library's `run_synth` (rtl/synth/run.py) plus `attach_throughput`; th
 the options and prints the result (`format_result`, which the demo uses too).
 
 With --seeds (e.g. 1-5 or 1,3,7) the same netlist is placed and routed at each placer seed in
-turn, and the summary gives Fmax min / median / max with the failing endpoints of the worst seed:
-a timing result that one seed makes or breaks is not yet a design that closes timing."""
+turn (or, with --workers N / --ray-address, the seeds after the first as Ray tasks side by side),
+and the summary gives Fmax min / median / max with the failing endpoints of the worst seed: a
+timing result that one seed makes or breaks is not yet a design that closes timing."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=parse_seeds, default=None,
                    help="place and route the same netlist at several seeds, one after the other: "
                         "a range 1-5 or a list 1,3,7 (replaces --seed)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="with --seeds: the seeds after the first as Ray tasks on N local workers, side by side "
+                        "(0: one after another)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --seeds: run those seeds on an existing Ray cluster at HOST:PORT")
     p.add_argument("--dsp-min-width", type=int_in(1), default=None,
                    help="ECP5: put only multiplies whose narrower operand has >= N bits in DSPs "
                         "(default: synth_ecp5's choice, which maps even 2x8-bit products)")
@@ -144,17 +150,25 @@ def format_result(r: SynthResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ndpmoe.model.contract import get_config
+    from ndpmoe.model.ray_runtime import check_address, check_workers
     from ndpmoe.rtl.synth.run import run_seeds, run_synth   # amaranth loads here, not for --help
     ndp_config = get_config(args.config)
     target = get_target(args.target)
     check_words_per_cycle(args.words_per_cycle)   # before minutes of place and route
     target.check_speed(args.speed)
+    if (args.workers or args.ray_address) and not args.seeds:
+        raise ValueError("--workers / --ray-address spread the seeds of --seeds: give --seeds (e.g. 1-5) too")
+    if args.workers:
+        check_workers(args.workers)
+    if args.ray_address:
+        check_address(args.ray_address)          # before any work
     prepare_output_dir(args.out, "--out")
     prepare_output_file(args.json, "--json")
     options = dict(freq_mhz=args.freq, speed=args.speed, dsp_min_width=args.dsp_min_width, reuse=args.reuse,
                    primitives=args.primitives, tmg_ripup=args.tmg_ripup)
     if args.seeds:
-        results = run_seeds(ndp_config, target, args.seeds, build=args.out, **options)
+        results = run_seeds(ndp_config, target, args.seeds, build=args.out, workers=args.workers,
+                            address=args.ray_address, **options)
         for r in results:
             attach_throughput(r, ndp_config, args.words_per_cycle)
         placed = [r for r in results if r.fmax_mhz is not None]

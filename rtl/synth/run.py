@@ -161,19 +161,40 @@ def _finish(build: Path, step, result, target: FpgaTarget, dsp_min_width: int | 
 
 
 def run_seeds(config: NdpConfig | str, target: FpgaTarget | str, seeds: list[int], *,
-              build: Path | None = None, **options) -> list[SynthResult]:
-    """The same netlist placed and routed at each of `seeds`, one after the other (Yosys runs
-    once, for the first): one result per seed, each in its own folder build/seed<N>."""
+              build: Path | None = None, workers: int = 0, address: str | None = None,
+              **options) -> list[SynthResult]:
+    """The same netlist placed and routed at each of `seeds` (Yosys runs once, for the first): one
+    result per seed, each in its own folder build/seed<N>. The first seed runs here; the others
+    follow it one after the other, or with `workers` / `address` side by side as Ray tasks on a
+    local runtime of that many workers or on the cluster at HOST:PORT (each task writes only its
+    own folder, so a retried one starts that seed afresh)."""
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of non-negative integers, not {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct (each has its own folder), not {seeds!r}")
+    from ndpmoe.model.ray_runtime import check_address, check_workers
+    if workers:
+        check_workers(workers)
+    if address:
+        check_address(address)                  # before minutes of Yosys
     cfg = resolve_config(config)
     target = get_target(target) if isinstance(target, str) else target
     if build is None:
         build = default_build_dir(cfg, target, options.get("freq_mhz", 150.0), target.check_speed(options.get("speed")),
                                   options.get("dsp_min_width"), options.get("primitives"))
-    results = []
-    for seed in seeds:
-        first = results[0] if results and results[0].error is None else None
-        results.append(run_synth(cfg, target, seed=seed, build=Path(build) / f"seed{seed}",
-                                 netlist_from=Path(first.extra["build"]) if first else None, **options))
-    return results
+    build = Path(build).resolve()             # the same folder from a Ray worker's directory
+    first = run_synth(cfg, target, seed=seeds[0], build=build / f"seed{seeds[0]}", **options)
+    calls = [(cfg, target.name, seed, build / f"seed{seed}",
+              Path(first.extra["build"]) if first.error is None else None, options) for seed in seeds[1:]]
+    if not calls or (not workers and not address):
+        return [first] + [place_seed(*call) for call in calls]
+    from ndpmoe.model.ray_runtime import ray_runtime, run_tasks
+    with ray_runtime(workers or 1, address) as resources:
+        return [first] + run_tasks(place_seed, calls, {**resources, "GPU": 0})
+
+
+def place_seed(cfg: NdpConfig, target: str, seed: int, build: Path, netlist_from: Path | None,
+               options: dict) -> SynthResult:
+    """One seed of run_seeds: the netlist in `netlist_from` placed again, or (None: the first seed
+    failed) the whole flow."""
+    return run_synth(cfg, target, seed=seed, build=build, netlist_from=netlist_from, **options)
