@@ -45,7 +45,7 @@ class ScaleOptions:
     @classmethod
     def from_args(cls, args) -> "ScaleOptions":
         """Checked before any work: the device exists, the Ray address answers."""
-        from ndpmoe.model.ray_runtime import check_address, check_workers
+        from ndpmoe.model.ray_runtime import check_spread
 
         from .devices import choose_device
 
@@ -53,10 +53,7 @@ class ScaleOptions:
                    getattr(args, "workers", 0), getattr(args, "ray_address", None))
         if opts.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, not {opts.precision!r}")
-        if opts.workers:
-            check_workers(opts.workers)
-        if opts.ray_address:
-            check_address(opts.ray_address)
+        check_spread(opts.workers, opts.ray_address)
         choose_device(opts.device)
         return opts
 

@@ -39,6 +39,14 @@ def check_address(address: str, timeout: float = 3.0) -> tuple[str, int]:
     return host, int(port)
 
 
+def check_spread(workers, address: str | None) -> None:
+    """What `--workers` / `--ray-address` ask for, checked before any work: 0 / None run here."""
+    if workers:
+        check_workers(workers)
+    if address:
+        check_address(address)
+
+
 @contextmanager
 def ray_runtime(workers: int, address: str | None = None):
     """A Ray runtime for the duration: joined at `address`, else started locally with `workers`

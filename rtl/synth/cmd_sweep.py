@@ -51,13 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ndpmoe.model.ray_runtime import check_address, check_workers
+    from ndpmoe.model.ray_runtime import check_spread
     from ndpmoe.rtl.synth.sweep_workers import PointJob, run_points
 
-    if args.workers:
-        check_workers(args.workers)
-    if args.ray_address:
-        check_address(args.ray_address)          # before any work
+    check_spread(args.workers, args.ray_address)          # before any work
 
     base, target = get_config(args.base), get_target(args.target)
     speed = target.check_speed(args.speed)

@@ -150,7 +150,7 @@ def format_result(r: SynthResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ndpmoe.model.contract import get_config
-    from ndpmoe.model.ray_runtime import check_address, check_workers
+    from ndpmoe.model.ray_runtime import check_spread
     from ndpmoe.rtl.synth.run import run_seeds, run_synth   # amaranth loads here, not for --help
     ndp_config = get_config(args.config)
     target = get_target(args.target)
@@ -158,10 +158,7 @@ def run(args: argparse.Namespace) -> int:
     target.check_speed(args.speed)
     if (args.workers or args.ray_address) and not args.seeds:
         raise ValueError("--workers / --ray-address spread the seeds of --seeds: give --seeds (e.g. 1-5) too")
-    if args.workers:
-        check_workers(args.workers)
-    if args.ray_address:
-        check_address(args.ray_address)          # before any work
+    check_spread(args.workers, args.ray_address)          # before any work
     prepare_output_dir(args.out, "--out")
     prepare_output_file(args.json, "--json")
     options = dict(freq_mhz=args.freq, speed=args.speed, dsp_min_width=args.dsp_min_width, reuse=args.reuse,

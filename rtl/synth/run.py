@@ -172,11 +172,8 @@ def run_seeds(config: NdpConfig | str, target: FpgaTarget | str, seeds: list[int
         raise ValueError(f"seeds must be a non-empty list of non-negative integers, not {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct (each has its own folder), not {seeds!r}")
-    from ndpmoe.model.ray_runtime import check_address, check_workers
-    if workers:
-        check_workers(workers)
-    if address:
-        check_address(address)                  # before minutes of Yosys
+    from ndpmoe.model.ray_runtime import check_spread, ray_runtime, run_tasks
+    check_spread(workers, address)              # before minutes of Yosys
     cfg = resolve_config(config)
     target = get_target(target) if isinstance(target, str) else target
     if build is None:
@@ -188,7 +185,6 @@ def run_seeds(config: NdpConfig | str, target: FpgaTarget | str, seeds: list[int
               Path(first.extra["build"]) if first.error is None else None, options) for seed in seeds[1:]]
     if not calls or (not workers and not address):
         return [first] + [place_seed(*call) for call in calls]
-    from ndpmoe.model.ray_runtime import ray_runtime, run_tasks
     with ray_runtime(workers or 1, address) as resources:
         return [first] + run_tasks(place_seed, calls, {**resources, "GPU": 0})
 
