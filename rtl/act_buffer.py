@@ -1,22 +1,27 @@
 """Activation buffer: int8 activations of up to T_max tokens, plus their block sums.
 
-Storage is `tokens_parallel` RAMs (one per token lane of the datapath), each row holding the L
-activations one code beat needs and the K sums of its blocks of `block` activations:
+Storage is two RAMs per token lane of the datapath (`tokens_parallel` lanes): one row holds the L
+activations one code beat needs, the row of the same address in the second RAM the K sums of its
+blocks of `block` activations:
 
-    RAM row (LSB first):  | acts (L, interleaved, see _stored_position) | xsum 0 | ... | xsum K-1 |
-    token t lives in RAM t % tokens_parallel, rows {t // tokens_parallel, 0 .. in / L - 1}
+    row RAM (LSB first):  | acts (L, interleaved, see _stored_position) |
+    sum RAM (LSB first):  | xsum 0 | ... | xsum K-1 |
+    token t lives in lane t % tokens_parallel, rows {t // tokens_parallel, 0 .. in / L - 1}
 
 The block sums are what the zero-point correction needs (sum(x) over a group = sum of its
 blocks), computed once here at LOAD_ACT time instead of by an adder tree per token per beat.
+The group stage uses them only after the multiply lanes, so they are read `xs_delay` cycles after
+their row (the lanes' latency) and may land as much later: the row is written without waiting
+for its sums' adder tree, and a MATMUL can follow a LOAD_ACT with no gap (see the load's end).
 
 Load side: LOAD_ACT's words (P bits, little-endian bytes, token rows back to back) are assembled
-into RAM rows, summed by a pipelined adder tree and written; always ready.
+into RAM rows and written, then summed by a pipelined adder tree and written; always ready.
 Read side: the address comes with the sequencer's beat (cycle 0) and is registered once
 (ADDR_STAGES), the RAM's registered row is there RAM_READ_LATENCY cycles after that
 (rtl/hard_blocks.py: a tree of address registers towards every block RAM, the block RAM's own
 output register) and in a fabric register a cycle later (ROW_LATENCY), the lanes' activations
 are aligned to the beat's codes (4- and 8-bit beats use part of a row) and registered twice:
-valid two cycles later.
+valid two cycles later. The block sums take the same path xs_delay cycles later.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from .hard_blocks import RAM_INPUT_STAGES, RAM_READ_LATENCY, RegisteredRam
 ADDR_STAGES = 1                     # registers between the sequencer's address and the RAMs'
 ROW_LATENCY = ADDR_STAGES + RAM_READ_LATENCY + 1    # the RAM's row in a fabric register
 READ_LATENCY = ROW_LATENCY + 2
-BITS_AT = ROW_LATENCY - 1   # cycle, relative to a read's address, whose `bits` picks its block sums
+BITS_AT = ROW_LATENCY - 1   # cycle, relative to a block-sum read's address, whose `bits` picks its sums
 LANE_GROUP = 2          # activation lanes sharing one copy of the read offset
 SEL_BRANCHING = 8       # copies one register of that tree drives
 LOAD_SLICE_BITS = 32    # row bits per copy of the load's enables
@@ -64,23 +69,30 @@ def xslots_layout(g: Geometry) -> data.ArrayLayout:
 class ActivationBuffer(wiring.Component):
     """Ports: load side `load_start`, `load_in` (bytes per token row), `load_words` (the words
     of the whole load, tokens x load_in / P * 8; both as of `load_start`'s cycle), `words`
-    (stream in), `load_busy` (until the last row has landed), `reads_safe` (a MATMUL started
-    in this cycle reads only rows that have landed, given the order of its reads: see the
-    load's last comment); read side `rd_addr`, `rd_offset`
-    (i0 mod L), `bits` (the read's format as of BITS_AT cycles after its address), and
-    READ_LATENCY cycles later `acts` and `xslots` (per token lane: activations per code lane, block sums per
-    beat slot, zero where the beat has no such block)."""
+    (stream in), `load_busy` (until the last row and its sums have landed), `loading_next` (the
+    loader takes words in the next cycle: the sequencer must not), `reads_safe` (a MATMUL
+    started in this cycle, taking words only once the loader no longer does, reads only rows
+    that have landed, given the order of its reads: see the load's last comment); read side
+    `rd_addr`, `rd_offset` (i0 mod L), READ_LATENCY cycles later `acts` (per token lane, the
+    activation of each code lane), and READ_LATENCY + xs_delay cycles later `xslots` (per token
+    lane, the block sums per beat slot, zero where the beat has no such block), with `bits` the
+    read's format as of BITS_AT + xs_delay cycles after its address."""
 
-    def __init__(self, geometry: Geometry):
+    def __init__(self, geometry: Geometry, xs_delay: int):
         if not isinstance(geometry, Geometry):
             raise TypeError(f"geometry must be a Geometry, not {geometry!r}")
+        if not isinstance(xs_delay, int) or xs_delay < log2(geometry.block):
+            raise ValueError(f"xs_delay must be an integer of at least {log2(geometry.block)} (the block "
+                             f"sums' adder tree), not {xs_delay!r}")
         self._geo = g = geometry
+        self._xs_delay = xs_delay
         super().__init__({
             "load_start": In(1),
             "load_in": In(g.in_bits),
             "load_words": In(g.length_bits),
             "words": In(stream.Signature(unsigned(g.word_bits))),
             "load_busy": Out(1),
+            "loading_next": Out(1),
             "reads_safe": Out(1),
             "rd_addr": In(g.pass_bits + g.act_row_addr_bits),
             "rd_offset": In(max(1, log2(g.lanes))),
@@ -93,25 +105,22 @@ class ActivationBuffer(wiring.Component):
         m = Module()
         g = self._geo
         act_bits = g.lanes * ACT_BITS
-        row_shape = data.StructLayout({
-            "acts": data.ArrayLayout(signed(ACT_BITS), g.lanes),
-            "xsums": data.ArrayLayout(signed(g.xsum_bits), g.blocks),
-        })
-        rams = []
+        # A LOAD_ACT starts only after the MATMUL before it has issued its last read, and a
+        # MATMUL reads only rows that have landed (see the load's last comment), so a read
+        # never meets a write to its address (RegisteredRam leaves that case undefined).
+        # One RAM per token lane for the rows, one for their block sums.
+        act_rams = [RegisteredRam(act_bits, g.act_depth) for _ in range(g.tokens_parallel)]
+        sum_rams = [RegisteredRam(g.blocks * g.xsum_bits, g.act_depth) for _ in range(g.tokens_parallel)]
         for lane in range(g.tokens_parallel):
-            # a LOAD_ACT starts only after the MATMUL before it has issued its last read and a MATMUL
-            # only after the load before it has landed its last write, so a read never meets a
-            # write to its address (RegisteredRam leaves that case undefined)
-            ram = RegisteredRam(row_shape.size, g.act_depth)
-            m.submodules[f"ram{lane}"] = ram
-            rams.append(ram)
+            m.submodules[f"ram{lane}"] = act_rams[lane]
+            m.submodules[f"xsum_ram{lane}"] = sum_rams[lane]
 
-        self._elaborate_load(m, g, rams, row_shape, act_bits, platform)
-        self._elaborate_read(m, g, rams, row_shape, platform)
+        self._elaborate_load(m, g, act_rams, sum_rams, act_bits, platform)
+        self._elaborate_read(m, g, act_rams, sum_rams, platform)
         return m
 
-    # -- LOAD_ACT: words -> RAM rows with block sums ------------------------------------------
-    def _elaborate_load(self, m, g: Geometry, rams, row_shape, act_bits, platform):
+    # -- LOAD_ACT: words -> RAM rows, then their block sums ---------------------------------------
+    def _elaborate_load(self, m, g: Geometry, act_rams, sum_rams, act_bits, platform):
         loading = Signal()
         word_idx = Signal(range(max(2, g.words_per_act_row)))
         row_idx = Signal(g.act_row_addr_bits + 1)
@@ -125,15 +134,17 @@ class ActivationBuffer(wiring.Component):
         one_row = Signal()
         last_row = Signal()
 
-        # Words are taken at the FIFO's handshake and registered (word_a, take_a); the control
-        # runs a cycle later from those registers, so nothing behind the FIFO's valid flag fans
-        # out but a count of the words left: `loading` falls with the last word's handshake, as
-        # the next descriptor's words may follow it right away.
-        last_word = Signal()                # word_idx == words_per_act_row - 1, registered
+        # A word is taken at the FIFO's handshake (`take`, two flip-flops). The copy trees of its
+        # enables start from the take itself, and so does the count of words in the row, so a
+        # row is assembled two cycles after its last take; where the row goes (its token row,
+        # lane and group) is counted a cycle later from the registered row end.
+        last_word = Signal()                # word_idx == words_per_act_row - 1
         m.d.comb += self.words.ready.eq(loading)
         word_a, take_a = Signal(g.word_bits), Signal()
         take = self.words.valid & loading
-        m.d.sync += [word_a.eq(self.words.payload), take_a.eq(take)]
+        row_done = take & last_word
+        row_done_a = Signal()
+        m.d.sync += [word_a.eq(self.words.payload), take_a.eq(take), row_done_a.eq(row_done)]
         words_left = Signal.like(self.load_words)
         one_left = Signal()
         busy = Signal()
@@ -149,50 +160,52 @@ class ActivationBuffer(wiring.Component):
                 one_row.eq(rows_per_token == 1), last_row.eq(rows_per_token == 1),
             ]
         with m.Elif(take):
-            m.d.sync += [words_left.eq(words_left - 1), one_left.eq(words_left == 2)]
+            m.d.sync += [words_left.eq(words_left - 1), one_left.eq(words_left == 2),
+                         word_idx.eq(word_idx + 1), last_word.eq(word_idx == g.words_per_act_row - 2)]
+            with m.If(last_word):
+                m.d.sync += [word_idx.eq(0), last_word.eq(g.words_per_act_row == 1)]
+        loading_next = Signal()
         with m.If(self.load_start):
-            m.d.sync += loading.eq(self.load_words != 0)
+            m.d.comb += loading_next.eq(self.load_words != 0)
         with m.Elif(take & one_left):
-            m.d.sync += loading.eq(0)
+            m.d.comb += loading_next.eq(0)
+        with m.Else():
+            m.d.comb += loading_next.eq(loading)
+        m.d.sync += loading.eq(loading_next)
+        m.d.comb += self.loading_next.eq(loading_next)
 
-        row_done_a = take_a & last_word
-        with m.If(take_a):
-            m.d.sync += [word_idx.eq(word_idx + 1), last_word.eq(word_idx == g.words_per_act_row - 2)]
-            with m.If(row_done_a):
-                m.d.sync += [
-                    word_idx.eq(0), last_word.eq(g.words_per_act_row == 1),
-                    row_idx.eq(row_idx + 1), last_row.eq(row_idx == rows_m2),
-                ]
-                with m.If(last_row):
-                    m.d.sync += [row_idx.eq(0), last_row.eq(one_row)]
-                    if g.tokens_parallel > 1:
-                        with m.If(lane == g.tokens_parallel - 1):
-                            m.d.sync += [lane.eq(0), group.eq(group + 1)]
-                        with m.Else():
-                            m.d.sync += lane.eq(lane + 1)
-                    else:
-                        m.d.sync += group.eq(group + 1)
+        with m.If(row_done_a):
+            m.d.sync += [row_idx.eq(row_idx + 1), last_row.eq(row_idx == rows_m2)]
+            with m.If(last_row):
+                m.d.sync += [row_idx.eq(0), last_row.eq(one_row)]
+                if g.tokens_parallel > 1:
+                    with m.If(lane == g.tokens_parallel - 1):
+                        m.d.sync += [lane.eq(0), group.eq(group + 1)]
+                    with m.Else():
+                        m.d.sync += lane.eq(lane + 1)
+                else:
+                    m.d.sync += group.eq(group + 1)
 
-        # The word's take and row-done enable hundreds of row bits: each slice of them gets its
-        # own register copy from a tree of copies (rtl/fanout.py), and the word, the take and the
-        # row's target travel beside the tree to the slices.
+        # The take and the row end enable hundreds of row bits: each slice of them gets its own
+        # register copy from a tree of copies (rtl/fanout.py), and the word and the row's target
+        # travel beside the tree to the slices.
         slices = -(-act_bits // LOAD_SLICE_BITS)
-        take_c, tree_latency = copy_tree(m, take_a, slices, "take", platform, branching=LOAD_BRANCHING,
+        take_c, tree_latency = copy_tree(m, take, slices, "take", platform, branching=LOAD_BRANCHING,
                                          distinct=False)
-        done_c, _ = copy_tree(m, row_done_a, slices, "row_done", platform, branching=LOAD_BRANCHING,
+        done_c, _ = copy_tree(m, row_done, slices, "row_done", platform, branching=LOAD_BRANCHING,
                               distinct=False)
         target = Signal(len(lane) + g.pass_bits + g.act_row_addr_bits)
         word_d, take_d, done_d = word_a, take_a, row_done_a
-        target_d = Cat(row_idx[:g.act_row_addr_bits], group[:g.pass_bits], lane)
+        target_d = Cat(row_idx[:g.act_row_addr_bits], group[:g.pass_bits], lane)   # as of row_done_a
         in_flight = [take_a]
-        for i in range(tree_latency):
+        for i in range(tree_latency - 1):
             w, t, d, tg = Signal(g.word_bits, name=f"ld_word{i}"), Signal(name=f"ld_take{i}"), \
                 Signal(name=f"ld_done{i}"), Signal(len(target), name=f"ld_at{i}")
             m.d.sync += [w.eq(word_d), t.eq(take_d), d.eq(done_d), tg.eq(target_d)]
             word_d, take_d, done_d, target_d = w, t, d, tg
             in_flight.append(t)
 
-        # Stage 0: a whole RAM row assembled (word 0 ends in the low bits).
+        # Stage 0: a whole RAM row assembled (word 0 ends in the low bits) and written.
         full = Signal()
         row = Signal(act_bits)
         assembled = word_d if g.words_per_act_row == 1 else Cat(shift[g.word_bits:], word_d)
@@ -205,32 +218,27 @@ class ActivationBuffer(wiring.Component):
                 m.d.sync += row[bits].eq(assembled[bits])
         with m.If(done_c[0]):
             m.d.sync += target.eq(target_d)
+        in_flight.append(full)
+        row_acts = Signal(data.ArrayLayout(signed(ACT_BITS), g.lanes))
+        m.d.comb += [row_acts[_stored_position(g, lane)].eq(row[ACT_BITS * lane:ACT_BITS * (lane + 1)])
+                     for lane in range(g.lanes)]
+        self._write(m, g, act_rams, full, target, row_acts)
 
-        # Stages 1..n: block sums of the row, the row and its target delayed alongside.
+        # Stages 1..n: block sums of the row, its target delayed alongside, into their own RAMs
+        # (read `xs_delay` cycles after the row, so they may land that much later).
         acts = [row[ACT_BITS * i:ACT_BITS * (i + 1)].as_signed() for i in range(g.lanes)]
         sums, latency = block_sums(m, acts, g.block, "xsum")
-        valid_d, row_d, target_d = full, row, target
-        in_flight.append(full)
+        valid_d, target_d = full, target
+        sum_flight = []
         for i in range(latency):
-            v, r, t = Signal(name=f"ld_valid{i}"), Signal(act_bits, name=f"ld_row{i}"), \
-                Signal(len(target), name=f"ld_target{i}")
-            m.d.sync += [v.eq(valid_d), r.eq(row_d), t.eq(target_d)]
-            valid_d, row_d, target_d = v, r, t
-            in_flight.append(v)
-        lane_sel = target_d[g.pass_bits + g.act_row_addr_bits:]
-        row_data = Signal(row_shape)
-        m.d.comb += [
-            *[row_data.acts[_stored_position(g, lane)].eq(row_d[ACT_BITS * lane:ACT_BITS * (lane + 1)])
-              for lane in range(g.lanes)],
-            *[row_data.xsums[k].eq(s) for k, s in enumerate(sums)],
-        ]
-        for i, ram in enumerate(rams):
-            m.d.comb += [
-                ram.w_addr.eq(target_d[:g.pass_bits + g.act_row_addr_bits]),
-                ram.w_data.eq(row_data),
-                ram.w_en.eq(valid_d & ((lane_sel == i) if g.tokens_parallel > 1 else 1)),
-            ]
-        # the RAM registers the write RAM_INPUT_STAGES more times before it lands
+            v, t = Signal(name=f"ld_valid{i}"), Signal(len(target), name=f"ld_target{i}")
+            m.d.sync += [v.eq(valid_d), t.eq(target_d)]
+            valid_d, target_d = v, t
+            sum_flight.append(v)
+        row_sums = Signal(data.ArrayLayout(signed(g.xsum_bits), g.blocks))
+        m.d.comb += [row_sums[k].eq(s) for k, s in enumerate(sums)]
+        self._write(m, g, sum_rams, valid_d, target_d, row_sums)
+        # the RAM registers a write RAM_INPUT_STAGES more times before it lands
         writing = []
         for i in range(RAM_INPUT_STAGES):
             w = Signal(name=f"writing{i}")
@@ -239,23 +247,36 @@ class ActivationBuffer(wiring.Component):
         # registered (an OR of a dozen flags would sit ahead of the controller's state logic):
         # busy in cycle t when anything was in flight in t - 1 or a load started then; no flag
         # rises again once all are clear, so it falls only after the last write has landed
-        m.d.sync += busy.eq(self.load_start | Cat(loading, *in_flight, *writing).any())
-        # A MATMUL may start before the last rows have landed. A write and a read address pass the
-        # same number of input registers (RegisteredRam), so a write presented in an earlier cycle
-        # than a read lands before it. The last word, taken in cycle c, is presented in c + land;
-        # the row k rows before it in load order (rows of a token, then its lane, then its group)
-        # by c + land - k, since words are taken at most one a cycle. A MATMUL started in cycle s
-        # issues its META beat first and at least one code beat per row before it, so it reads a
-        # token's row r from s + 2 + r on, presented ADDR_STAGES later; the rows after r in the
-        # last lane of the last group are R - 1 - r (R rows per token), and any other lane's or
-        # group's rows come earlier still. Every read is therefore of a landed row when
-        # s >= c + land - ADDR_STAGES - R. From registers only (the last take registered, then a
-        # count), `safe` rises in c + 3 + hold at the earliest.
+        m.d.sync += busy.eq(self.load_start | Cat(loading, *in_flight, *sum_flight, *writing).any())
+
+        # When a MATMUL may start. It takes words only once `loading` has fallen (the response
+        # FIFO's valid for the sequencer is held while the loader takes words), so its META beat
+        # comes no earlier than c + 1 after the load's last take in cycle c. A write and a read
+        # address pass the same number of input registers (RegisteredRam), so a write presented
+        # in an earlier cycle than a read lands before it. The last word's row is presented in
+        # c + land; the row k rows before it in load order (rows of a token, then its lane, then
+        # its group) earlier still, since words are taken at most one a cycle. A MATMUL issues
+        # its META beat first and at least one code beat per row before it, so with its META
+        # beat in cycle b it reads a token's row r from b + 1 + r on, presented ADDR_STAGES
+        # later: every read is of a landed row when b > c + land - ADDR_STAGES - R (R rows per
+        # token). With b = c + 1 that is R >= land - ADDR_STAGES: such a MATMUL may start at any
+        # time during the load (`early`). Otherwise it starts, from registers only (the last
+        # take registered, then a count), in c + 3 + hold at the earliest. The block sums are
+        # read `xs_delay` cycles after the row and land `latency` cycles after it.
         land = len(in_flight)
+        assert self._xs_delay >= latency, "block sums would be read before they land"
+        # And the other way round: a LOAD_ACT starts at the earliest two cycles after the last
+        # beat of the MATMUL before it (rtl/ndp_unit.py), takes its first word a cycle later, so
+        # its first sums are presented in that beat's cycle + 3 + land + latency at the earliest:
+        # after the beat's last read of the sums, in its cycle + ADDR_STAGES + xs_delay.
+        assert 3 + land + latency > ADDR_STAGES + self._xs_delay, "a load would overwrite sums still to be read"
+        early_rows = land - ADDR_STAGES
         margin = land - ADDR_STAGES - 3
         hold = Signal(range(land + 1))
+        early = Signal()
         with m.If(~busy):
-            m.d.sync += hold.eq(Mux(rows_per_token >= margin, 0, margin - rows_per_token))
+            m.d.sync += [hold.eq(Mux(rows_per_token >= margin, 0, margin - rows_per_token)),
+                         early.eq(rows_per_token >= early_rows)]
         last_a = Signal()                       # the load's last word was taken in the cycle before
         m.d.sync += last_a.eq(take & one_left)
         wait = Signal.like(hold)
@@ -267,14 +288,26 @@ class ActivationBuffer(wiring.Component):
             m.d.sync += wait.eq(wait - 1)
         safe = Signal(init=1)
         m.d.sync += safe.eq(~self.load_start & ~loading & ~last_a & (wait == 0))
-        m.d.comb += [self.load_busy.eq(busy), self.reads_safe.eq(safe)]
+        m.d.comb += [self.load_busy.eq(busy), self.reads_safe.eq(safe | (busy & early))]
+
+    @staticmethod
+    def _write(m, g: Geometry, rams, valid, target, value):
+        """Write `value` into the RAM of `target`'s token lane at its row address."""
+        lane_sel = target[g.pass_bits + g.act_row_addr_bits:]
+        for i, ram in enumerate(rams):
+            m.d.comb += [
+                ram.w_addr.eq(target[:g.pass_bits + g.act_row_addr_bits]),
+                ram.w_data.eq(value),
+                ram.w_en.eq(valid & ((lane_sel == i) if g.tokens_parallel > 1 else 1)),
+            ]
 
     # -- MATMUL: RAM rows -> activations aligned to the beat's code lanes ------------------------
-    def _elaborate_read(self, m, g: Geometry, rams, row_shape, platform):
+    def _elaborate_read(self, m, g: Geometry, act_rams, sum_rams, platform):
         # The offset travels beside the RAM read and the fabric register after it (ROW_LATENCY
-        # cycles): the alignment multiplexers work on that register. offs[i]: the offset i cycles later.
+        # cycles): the alignment multiplexers work on that register. offs[i]: the offset i cycles
+        # later; the block sums' read follows xs_delay cycles behind, so the chain goes on.
         offs = [self.rd_offset]
-        for i in range(ROW_LATENCY - 1):
+        for i in range(self._xs_delay + ROW_LATENCY - 1):
             d = Signal.like(self.rd_offset, name=f"rd_offset_d{i}")
             m.d.sync += d.eq(offs[-1])
             offs.append(d)
@@ -290,9 +323,46 @@ class ActivationBuffer(wiring.Component):
         decoded = Cat(*(offs[ROW_LATENCY - tree_latency] == o for o in all_offsets))
         sel_copies, latency = copy_tree(m, decoded, leaves, "offset_sel", platform, branching=SEL_BRANCHING)
         assert latency == tree_latency
+        # The block RAMs sit in fixed columns, the lanes' multiplexers wherever the lanes are: the
+        # RAM's output register, then a fabric one, so that route gets a cycle of its own.
+        # The sequencer sits by the memory side, the block RAMs in their columns: the address
+        # takes a register of its own on the way (ADDR_STAGES) before the RAMs' input trees.
+        rd_addr_q = Signal.like(self.rd_addr)
+        m.d.sync += rd_addr_q.eq(self.rd_addr)
+        rows = []
+        for t, ram in enumerate(act_rams):
+            m.d.comb += ram.r_addr.eq(rd_addr_q)
+            row_q = Signal(data.ArrayLayout(signed(ACT_BITS), g.lanes), name=f"row_q{t}")
+            m.d.sync += row_q.eq(ram.r_data)
+            rows.append(row_q)
+
+        for t, rp in enumerate(rows):
+            for j in range(g.lanes):
+                sel = sel_copies[t * groups + j // LANE_GROUP]
+                offsets = sorted({o for n in n_cs.values() if j < n for o in range(0, g.lanes, n)})
+                lane_act = Signal(signed(ACT_BITS), name=f"act_t{t}_l{j}")
+                value = rp[_stored_position(g, j)]          # offset 0, and any other offset
+                for o in offsets:
+                    if o:
+                        value = Mux(sel[all_offsets.index(o)], rp[_stored_position(g, o + j)], value)
+                m.d.comb += lane_act.eq(value)
+                # two registers: the aligned activations travel from the RAMs to lanes spread
+                # over the device, and one hop of routing takes most of a cycle by itself
+                near = Signal(signed(ACT_BITS), name=f"act_near_t{t}_l{j}")
+                m.d.sync += [near.eq(lane_act), self.acts[t][j].eq(near)]
+        self._elaborate_sums_read(m, g, sum_rams, offs, n_cs, platform)
+
+    def _elaborate_sums_read(self, m, g: Geometry, sum_rams, offs, n_cs, platform):
+        """The block sums of a read, xs_delay cycles after its row: the same address register,
+        RAM read and fabric register, then one slot select and two registers."""
+        addr = self.rd_addr
+        for i in range(self._xs_delay + ADDR_STAGES):
+            d = Signal.like(self.rd_addr, name=f"xs_addr_d{i}")
+            m.d.sync += d.eq(addr)
+            addr = d
         # Which block sum each beat slot takes (slot k <- block i), from the format and the
         # offset a cycle before the row arrives, one registered copy per token.
-        off_prev = offs[ROW_LATENCY - 1]
+        off_prev = offs[self._xs_delay + ROW_LATENCY - 1]
         takes = {(k, i): [] for k in range(g.blocks) for i in range(g.blocks)}
         for b, n in n_cs.items():
             for o in range(0, g.lanes, n):
@@ -305,40 +375,16 @@ class ActivationBuffer(wiring.Component):
         xslot_next = Cat(*(reduce(operator.or_, takes[(k, i)]) if takes[(k, i)] else Const(0, 1)
                            for k in range(g.blocks) for i in range(g.blocks)))
         xslot_sel = register_copies(m, xslot_next, g.tokens_parallel, "xslot_sel", platform, distinct=False)
-        # The block RAMs sit in fixed columns, the lanes' multiplexers wherever the lanes are: the
-        # RAM's output register, then a fabric one, so that route gets a cycle of its own.
-        # The sequencer sits by the memory side, the block RAMs in their columns: the address
-        # takes a register of its own on the way (ADDR_STAGES) before the RAMs' input trees.
-        rd_addr_q = Signal.like(self.rd_addr)
-        m.d.sync += rd_addr_q.eq(self.rd_addr)
-        rows = []
-        for t, ram in enumerate(rams):
-            m.d.comb += ram.r_addr.eq(rd_addr_q)
-            row_q = Signal(row_shape, name=f"row_q{t}")
-            m.d.sync += row_q.eq(ram.r_data)
-            rows.append(row_q)
-
-        for t, rp in enumerate(rows):
-            for j in range(g.lanes):
-                sel = sel_copies[t * groups + j // LANE_GROUP]
-                offsets = sorted({o for n in n_cs.values() if j < n for o in range(0, g.lanes, n)})
-                lane_act = Signal(signed(ACT_BITS), name=f"act_t{t}_l{j}")
-                value = rp.acts[_stored_position(g, j)]          # offset 0, and any other offset
-                for o in offsets:
-                    if o:
-                        value = Mux(sel[all_offsets.index(o)], rp.acts[_stored_position(g, o + j)], value)
-                m.d.comb += lane_act.eq(value)
-                # two registers: the aligned activations travel from the RAMs to lanes spread
-                # over the device, and one hop of routing takes most of a cycle by itself
-                near = Signal(signed(ACT_BITS), name=f"act_near_t{t}_l{j}")
-                m.d.sync += [near.eq(lane_act), self.acts[t][j].eq(near)]
-
+        for t, ram in enumerate(sum_rams):
+            m.d.comb += ram.r_addr.eq(addr)
+            xsums = Signal(data.ArrayLayout(signed(g.xsum_bits), g.blocks), name=f"xsum_q{t}")
+            m.d.sync += xsums.eq(ram.r_data)
             # Block sums per beat slot: the blocks that start inside the beat, in order; slot k
             # takes block i where xslot_sel (decoded a cycle ahead) says so, else 0.
             slots = [Signal(signed(g.xsum_bits), name=f"xslot_t{t}_{k}") for k in range(g.blocks)]
             sel = xslot_sel[t]
             for k in range(g.blocks):
-                picked = [Mux(sel[k * g.blocks + i], rp.xsums[i], 0) for i in range(g.blocks)]
+                picked = [Mux(sel[k * g.blocks + i], xsums[i], 0) for i in range(g.blocks)]
                 m.d.comb += slots[k].eq(reduce(operator.or_, picked))
             for k in range(g.blocks):
                 near = Signal(signed(g.xsum_bits), name=f"xslot_near_t{t}_{k}")

@@ -18,8 +18,10 @@ runs; each is checked in turn and takes one of two slots (rtl/descriptor_slots.p
 its memory read as soon as the reader has sent the previous one's requests, and start it as soon
 as the sequencer (MATMUL) or the loader (LOAD_ACT) is free: a MATMUL's first beat follows the
 last beat of the MATMUL before by two cycles, while that one's results still drain. A MATMUL
-waits until its reads of the activation RAM come after the load before it has presented its last
-row, a LOAD_ACT for the MATMUL before it to have issued its last activation read. Descriptors end in order; `done` pulses once per descriptor (never in two
+may start while the load before it still takes words (it takes its own words right after the
+load's last one) when its reads of the activation RAM come after the load has presented each row
+they read, else once they do; a LOAD_ACT waits for the MATMUL before it to have issued its last
+activation read. Descriptors end in order; `done` pulses once per descriptor (never in two
 cycles running), with STATUS and the counters exact for it (rtl/registers.py).
 
 The per-descriptor settings of a MATMUL (bits, group, passes, tokens) are taken when its first
@@ -55,7 +57,7 @@ from amaranth.lib.wiring import In, Out
 from ndpmoe.model.contract import NdpConfig
 
 from .act_buffer import BITS_AT as ACT_BITS_AT
-from .act_buffer import READ_LATENCY, ActivationBuffer, xslots_layout
+from .act_buffer import READ_LATENCY, ActivationBuffer
 from .command_queue import CommandQueue
 from .descriptor_check import DescriptorCheck
 from .descriptor_slots import SLOTS, DescriptorSlots, RunKind, checked_layout
@@ -147,13 +149,13 @@ class NdpUnit(wiring.Component):
         m.submodules.slots = slots = DescriptorSlots(g)
         m.submodules.reader = reader = MemReader(word_bits=cfg.word_bits, addr_bits=cfg.addr_bits,
                                                  length_bits=g.length_bits, max_burst=self._max_burst)
-        m.submodules.act = act = ActivationBuffer(g)
+        tag = beat_tag_layout(g)
+        m.submodules.lanes = lanes = MultiplyLanes(g, tag)
+        # the block sums are read when the lanes' sums come out, beside the beat's tag
+        m.submodules.act = act = ActivationBuffer(g, xs_delay=lanes.latency)
         m.submodules.seq = seq = MatmulSequencer(g)
         m.submodules.responses = responses = ResponseFifo(cfg.word_bits)
-        tag = beat_tag_layout(g)
         m.submodules.unpack = unpack = Unpacker(g, tag)
-        lanes_tag = data.StructLayout({"beat": tag, "xs": xslots_layout(g)})
-        m.submodules.lanes = lanes = MultiplyLanes(g, lanes_tag)
         m.submodules.groups = groups = GroupCombiner(g)
         m.submodules.scale = scale = ScaleAccumulator(g)
         m.submodules.output = output = ResultOutput(g, self._out_fifo_depth)
@@ -239,11 +241,14 @@ class NdpUnit(wiring.Component):
         m.d.comb += [slots.load_finished.eq(load_finished), slots.matmul_finished.eq(last_fire)]
 
         # Response words go to the activation loader or the sequencer: the loader takes words only
-        # while loading, the sequencer only while active, and the two never overlap.
+        # while loading, the sequencer only while active and the loader is not loading (a MATMUL
+        # may start during the load before it; its words follow the load's), from a valid flag
+        # the FIFO registers with that condition.
         m.d.comb += [
             act.words.valid.eq(responses.o.valid),
             act.words.payload.eq(responses.o.payload),
-            seq.words.valid.eq(responses.o.valid),
+            responses.hold_next.eq(act.loading_next),
+            seq.words.valid.eq(responses.valid_unheld),
             seq.words.payload.eq(responses.o.payload),
             responses.o.ready.eq(act.words.ready | seq.words.ready),
         ]
@@ -274,7 +279,7 @@ class NdpUnit(wiring.Component):
         scale_at = groups_at + GROUP_LATENCY
         output_at = scale_at + scale.latency
         m.d.comb += [
-            act.bits.eq(setting("bits", ACT_BITS_AT)),
+            act.bits.eq(setting("bits", ACT_BITS_AT + lanes.latency)),
             unpack.bits.eq(setting("bits", unpack_at + unpack.bits_at)),
             groups.bits.eq(setting("bits", groups_at + GROUP_BITS_AT)),
             groups.group.eq(setting("group", groups_at + GROUP_BITS_AT)),
@@ -306,13 +311,13 @@ class NdpUnit(wiring.Component):
             unpack.valid.eq(s1_valid), unpack.kind.eq(s1.kind), unpack.lo_half.eq(s1_lo_half),
             unpack.word.eq(s1.word), unpack.tag_in.eq(s1),
             lanes.valid.eq(unpack.valid_out), lanes.codes.eq(unpack.codes), lanes.acts.eq(act.acts),
-            lanes.tag_in.beat.eq(unpack.tag_out), lanes.tag_in.xs.eq(act.xslots),
+            lanes.tag_in.eq(unpack.tag_out),
         ]
-        bt = lanes.tag_out.beat
+        bt = lanes.tag_out
         m.d.comb += [
             groups.valid.eq(lanes.valid_out), groups.kind.eq(bt.kind), groups.pass_.eq(bt.pass_),
             groups.i0.eq(bt.i0), groups.row_end.eq(bt.row_end), groups.row.eq(bt.row), groups.last.eq(bt.last),
-            groups.word.eq(bt.word), groups.qx.eq(lanes.sums), groups.xs.eq(lanes.tag_out.xs),
+            groups.word.eq(bt.word), groups.qx.eq(lanes.sums), groups.xs.eq(act.xslots),
             scale.valid.eq(groups.code_valid), scale.pass_.eq(groups.pass_out),
             scale.row_end.eq(groups.row_end_out), scale.row.eq(groups.row_out), scale.last.eq(groups.last_out),
             scale.groups.eq(groups.groups),

@@ -18,7 +18,9 @@ DEPTH = 16
 class ResponseFifo(wiring.Component):
     """Ports: `i` (In stream of words, `ready` registered), `o` (Out stream, `valid`
     registered), `empty` (registered with `valid`: no word stored; one pushed this cycle shows
-    from the next)."""
+    from the next), `hold_next` (In) and `valid_unheld` (Out, registered: `o.valid` in a cycle
+    whose `hold_next` was low in the cycle before, for a consumer that must leave the words to
+    another one while that one takes them, without one more term in its own decision)."""
 
     def __init__(self, word_bits: int, depth: int = DEPTH):
         if not isinstance(depth, int) or depth < 4 or depth & (depth - 1):
@@ -29,6 +31,8 @@ class ResponseFifo(wiring.Component):
             "i": In(stream.Signature(unsigned(word_bits))),
             "o": Out(stream.Signature(unsigned(word_bits))),
             "empty": Out(1),
+            "hold_next": In(1),
+            "valid_unheld": Out(1),
         })
 
     def elaborate(self, platform):
@@ -41,20 +45,23 @@ class ResponseFifo(wiring.Component):
         level = Signal(range(depth + 1))
         ready = Signal(init=1)
         nonempty = Signal()
+        valid_unheld = Signal()
         push = self.i.valid & ready
         pop = self.o.valid & self.o.ready
         m.d.comb += [
             self.i.ready.eq(ready), self.o.valid.eq(nonempty), self.o.payload.eq(rp.data),
             wp.addr.eq(produce), wp.data.eq(self.i.payload), wp.en.eq(push), rp.addr.eq(consume),
-            self.empty.eq(~nonempty),
+            self.empty.eq(~nonempty), self.valid_unheld.eq(valid_unheld),
         ]
         with m.If(push):
             m.d.sync += produce.eq(produce + 1)
         with m.If(pop):
             m.d.sync += consume.eq(consume + 1)
+        nonempty_next = push | (level >= 2) | ((level == 1) & ~pop)
         m.d.sync += [
             level.eq(Mux(push, Mux(pop, level, level + 1), Mux(pop, level - 1, level))),
-            nonempty.eq(push | (level >= 2) | ((level == 1) & ~pop)),
+            nonempty.eq(nonempty_next),
+            valid_unheld.eq(nonempty_next & ~self.hold_next),
             # room next cycle whatever is popped: level + push stays below depth
             ready.eq(Mux(push, level <= depth - 2, level <= depth - 1)),
         ]
