@@ -275,8 +275,9 @@ class ActivationBuffer(wiring.Component):
         hold = Signal(range(land + 1))
         early = Signal()
         with m.If(~busy):
-            m.d.sync += [hold.eq(Mux(rows_per_token >= margin, 0, margin - rows_per_token)),
-                         early.eq(rows_per_token >= early_rows)]
+            m.d.sync += early.eq(rows_per_token >= early_rows)
+            if margin > 0:                  # else no row count needs a hold
+                m.d.sync += hold.eq(Mux(rows_per_token >= margin, 0, margin - rows_per_token))
         last_a = Signal()                       # the load's last word was taken in the cycle before
         m.d.sync += last_a.eq(take & one_left)
         wait = Signal.like(hold)

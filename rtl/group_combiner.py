@@ -101,7 +101,9 @@ class GroupCombiner(wiring.Component):
         # registered steps, none of which has to be fast
         n_c = Signal(range(g.lanes + 1))
         g_log = Signal(range(8))
-        m.d.sync += [n_c.eq(codes_per_beat(m, g, self.bits)), g_log.eq(5 + self.group)]
+        bits_r, group_r = Signal.like(self.bits), Signal.like(self.group)
+        m.d.sync += [n_c.eq(codes_per_beat(m, g, self.bits)), g_log.eq(5 + self.group),
+                     bits_r.eq(self.bits), group_r.eq(self.group)]
         # Blocks per part: G / block, capped at K (then the part is the whole beat); one-hot,
         # a copy per token and sum (it steers every part's multiplexer)
         level_hot = Signal(levels + 1)
@@ -165,8 +167,17 @@ class GroupCombiner(wiring.Component):
             g_mask.eq((1 << g_log) - 1),
             partial.eq(whole == 0),
             slot_whole.eq(Cat(*(k < whole for k in range(K)))),
-            ends_at.eq(((1 << g_log) - n_c) & ((1 << g_log) - 1)),
         ]
+        # (G - N_c) mod G from a table of the format and the group size (a shift and a subtract
+        # of registers would be six LUT levels)
+        with m.Switch(Cat(group_r, bits_r)):
+            for b in g.cfg.bits:
+                for code in range(1 << len(self.group)):
+                    size = 32 << code
+                    with m.Case(code | b << len(self.group)):
+                        m.d.sync += ends_at.eq((size - g.codes_per_beat(b)) % size & 0xFF)
+            with m.Default():                               # no format: N_c = 0, as codes_per_beat
+                m.d.sync += ends_at.eq(0)
         ends = Signal()
         first_group = Signal(range(E))
         m.d.sync += [ends.eq((self.i0[:8] & g_mask) == ends_at), first_group.eq(self.i0 >> g_log)]

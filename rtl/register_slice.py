@@ -11,9 +11,13 @@ the cycle where the end of the one before is registered (its counts stay apart).
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Module, Mux, Signal, Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
+
+from .fanout import register_copies
+
+SELECT_SLICE_BITS = 16      # payload bits per copy of the skid select
 
 
 class RegisterSlice(wiring.Component):
@@ -44,17 +48,31 @@ class RegisterSlice(wiring.Component):
         gap = Signal()          # the word leaving now ends its run: the output empties for a cycle
         if self._gap_after is not None:
             m.d.comb += gap.eq(self.o.valid & self.o.ready & getattr(self.o.payload, self._gap_after))
+        skid_next = Signal()
+        move = Signal()         # the output register moves on: the skid's word first, else the incoming one
+        m.d.comb += skid_next.eq(skid_valid)
         with m.If(gap):
             m.d.sync += self.o.valid.eq(0)
             with m.If(taken):
-                m.d.sync += skid_valid.eq(1)
+                m.d.comb += skid_next.eq(1)
         with m.Elif(self.o.ready | ~self.o.valid):
-            # the output register moves on: the skid's word first, else the incoming one
+            m.d.comb += move.eq(1)
             with m.If(skid_valid):
-                m.d.sync += [self.o.payload.eq(skid), self.o.valid.eq(1), skid_valid.eq(0)]
+                m.d.sync += self.o.valid.eq(1)
+                m.d.comb += skid_next.eq(0)
             with m.Else():
-                m.d.sync += [self.o.payload.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
+                m.d.sync += self.o.valid.eq(self.i.valid)
         with m.Elif(taken):
             # the output register holds: an incoming word waits in the skid (i.ready was high)
-            m.d.sync += skid_valid.eq(1)
+            m.d.comb += skid_next.eq(1)
+        m.d.sync += skid_valid.eq(skid_next)
+        # the skid select reaches every payload bit: a copy of skid_valid per slice of them
+        width = len(Value.cast(self.o.payload))
+        slices = -(-width // SELECT_SLICE_BITS)
+        selects = register_copies(m, skid_next, slices, "skid_sel", platform, distinct=False)
+        payload, skid_bits, incoming = (Value.cast(v) for v in (self.o.payload, skid, self.i.payload))
+        for k, sel in enumerate(selects):
+            bits = slice(k * SELECT_SLICE_BITS, min(width, (k + 1) * SELECT_SLICE_BITS))
+            with m.If(move):
+                m.d.sync += payload[bits].eq(Mux(sel, skid_bits[bits], incoming[bits]))
         return m
