@@ -77,7 +77,7 @@ RTL_TARGET = NdpCostModel()
 # co-simulation figures). The MATMUL overhead here is a fit's intercept over those small experts;
 # the overhead of one long descriptor is what `ndpmoe sim --bench` measures (the README's NDP unit
 # figures), and the one figure the docstrings refer to.
-RTL_COSIM = NdpCostModel(cycles_per_word=1.0059, overhead_cycles=55.90, load_overhead_cycles=37.51,
+RTL_COSIM = NdpCostModel(cycles_per_word=1.0059, overhead_cycles=55.90, load_overhead_cycles=36.51,
                          source="fit to the co-simulated RTL ('default' configuration, default model, "
                                 "sim/cost_calibration.py)")
 
