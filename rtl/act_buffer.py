@@ -68,7 +68,7 @@ def xslots_layout(g: Geometry) -> data.ArrayLayout:
 
 class ActivationBuffer(wiring.Component):
     """Ports: load side `load_start`, `load_in` (bytes per token row), `load_words` (the words
-    of the whole load, tokens x load_in / P * 8; both as of `load_start`'s cycle), `words`
+    of the whole load, tokens x load_in / P * 8, at least one; both as of `load_start`'s cycle), `words`
     (stream in), `load_busy` (until the last row and its sums have landed), `loading_next` (the
     loader takes words in the next cycle: the sequencer must not), `reads_safe` (a MATMUL
     started in this cycle, taking words only once the loader no longer does, reads only rows
@@ -164,13 +164,9 @@ class ActivationBuffer(wiring.Component):
                          word_idx.eq(word_idx + 1), last_word.eq(word_idx == g.words_per_act_row - 2)]
             with m.If(last_word):
                 m.d.sync += [word_idx.eq(0), last_word.eq(g.words_per_act_row == 1)]
-        loading_next = Signal()
-        with m.If(self.load_start):
-            m.d.comb += loading_next.eq(self.load_words != 0)
-        with m.Elif(take & one_left):
-            m.d.comb += loading_next.eq(0)
-        with m.Else():
-            m.d.comb += loading_next.eq(loading)
+        # (a load has words: the descriptor check refuses a LOAD_ACT of no tokens or no inputs;
+        # this goes ahead of the sequencer's valid flag, so it is kept to a few terms)
+        loading_next = self.load_start | (loading & ~(take & one_left))
         m.d.sync += loading.eq(loading_next)
         m.d.comb += self.loading_next.eq(loading_next)
 
