@@ -12,6 +12,10 @@ from amaranth.hdl import Module, Mux, Signal, Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .fanout import register_copies
+
+FOLLOW_SLICE_BITS = 16      # entry bits per copy of an entry's load enable
+
 
 class CommandQueue(wiring.Component):
     """Ports: `i` (In stream of `shape`), `o` (Out stream, oldest first), `taken` (a transfer on
@@ -48,15 +52,27 @@ class CommandQueue(wiring.Component):
             head = Mux(consume == k, Value.cast(entries[k]), head)
         m.d.comb += [self.i.ready.eq(ready), self.taken.eq(push),
                      self.o.valid.eq(count != 0), self.o.payload.eq(head)]
-        for k in range(depth):
-            with m.If(push & (produce == k)):
-                m.d.sync += entries[k].eq(self.i.payload)
-        with m.If(push):
-            m.d.sync += produce.eq(Mux(produce == depth - 1, 0, produce + 1))
-        with m.If(pop):
-            m.d.sync += consume.eq(Mux(consume == depth - 1, 0, consume + 1))
+        produce_next = Mux(push, Mux(produce == depth - 1, 0, produce + 1), produce)
+        count_next = count + push - pop
         m.d.sync += [
-            count.eq(count + push - pop),
+            produce.eq(produce_next),
+            count.eq(count_next),
             ready.eq(~push & ((count < depth) | pop)),
         ]
+        with m.If(pop):
+            m.d.sync += consume.eq(Mux(consume == depth - 1, 0, consume + 1))
+        # The free entry at `produce` follows the incoming payload every cycle, so a transfer
+        # writes nothing and only moves `produce`: the entries' load enables are registers,
+        # worked out a cycle ahead and copied per slice of the payload (the input's valid
+        # would otherwise fan out across every bit of the entry, from wherever the host is).
+        payload = Value.cast(self.i.payload)
+        slices = -(-len(payload) // FOLLOW_SLICE_BITS)
+        for k in range(depth):
+            # (out of reset the queue is empty and `produce` is 0: entry 0 follows)
+            follows = register_copies(m, (produce_next == k) & (count_next < depth), slices,
+                                      f"follow{k}", platform, init=int(k == 0))
+            for j, follow in enumerate(follows):
+                bits = slice(j * FOLLOW_SLICE_BITS, min(len(payload), (j + 1) * FOLLOW_SLICE_BITS))
+                with m.If(follow):
+                    m.d.sync += Value.cast(entries[k])[bits].eq(payload[bits])
         return m

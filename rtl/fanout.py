@@ -20,16 +20,18 @@ from .platforms import uses_ecp5
 
 
 def register_copies(m: Module, value, copies: int, name: str, platform=None, *, reset_less: bool = False,
-                    distinct: bool = True) -> list[Signal]:
+                    distinct: bool = True, init: int | None = None) -> list[Signal]:
     """`copies` registers of `value` (one cycle later), each its own flip-flops on ECP5.
 
-    Copy k resets to k (`distinct`) or to 0. With `reset_less` those are power-on values only
-    and a reset leaves the copies following `value` (for a write enable, whose copies must not
-    come out of a reset asserted)."""
+    Copy k resets to k (`distinct`) or to 0, or every copy to `init` where given (a copy of a
+    state's next value resets to the state's reset value). With `reset_less` those are power-on
+    values only and a reset leaves the copies following `value` (for a write enable, whose copies
+    must not come out of a reset asserted)."""
     value = Value.cast(value)
     out = []
+    reset_value = init
     for k in range(copies):
-        init = k % (1 << len(value)) if distinct else 0
+        init = reset_value if reset_value is not None else k % (1 << len(value)) if distinct else 0
         r = Signal(len(value), name=f"{name}_copy{k}", init=init, reset_less=reset_less)
         if uses_ecp5(platform):
             for bit in range(len(value)):
