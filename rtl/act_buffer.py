@@ -233,6 +233,20 @@ class ActivationBuffer(wiring.Component):
             sum_flight.append(v)
         row_sums = Signal(data.ArrayLayout(signed(g.xsum_bits), g.blocks))
         m.d.comb += [row_sums[k].eq(s) for k, s in enumerate(sums)]
+        # A LOAD_ACT starts at the earliest two cycles after the last beat of the MATMUL before it
+        # (rtl/ndp_unit.py) and takes its first word a cycle later, so its first sums are presented
+        # in that beat's cycle + 3 + land + latency (+ pad) at the earliest. They must come after
+        # the beat's last read of the sums, in its cycle + ADDR_STAGES + xs_delay: where the lanes
+        # are deeper than that (8-bit codes), the sums wait `pad` more cycles before their write.
+        land = len(in_flight)
+        pad = max(0, ADDR_STAGES + self._xs_delay - (3 + land + latency) + 1)
+        for i in range(pad):
+            v, t = Signal(name=f"ld_pad_valid{i}"), Signal(len(target), name=f"ld_pad_target{i}")
+            r = Signal.like(row_sums, name=f"ld_pad_sums{i}")
+            m.d.sync += [v.eq(valid_d), t.eq(target_d), r.eq(row_sums)]
+            valid_d, target_d, row_sums = v, t, r
+            sum_flight.append(v)
+        assert 3 + land + latency + pad > ADDR_STAGES + self._xs_delay
         self._write(m, g, sum_rams, valid_d, target_d, row_sums)
         # the RAM registers a write RAM_INPUT_STAGES more times before it lands
         writing = []
@@ -259,13 +273,8 @@ class ActivationBuffer(wiring.Component):
         # time during the load (`early`). Otherwise it starts, from registers only (the last
         # take registered, then a count), in c + 3 + hold at the earliest. The block sums are
         # read `xs_delay` cycles after the row and land `latency` cycles after it.
-        land = len(in_flight)
-        assert self._xs_delay >= latency, "block sums would be read before they land"
-        # And the other way round: a LOAD_ACT starts at the earliest two cycles after the last
-        # beat of the MATMUL before it (rtl/ndp_unit.py), takes its first word a cycle later, so
-        # its first sums are presented in that beat's cycle + 3 + land + latency at the earliest:
-        # after the beat's last read of the sums, in its cycle + ADDR_STAGES + xs_delay.
-        assert 3 + land + latency > ADDR_STAGES + self._xs_delay, "a load would overwrite sums still to be read"
+        # (the block sums land latency + pad cycles after their row, and are read xs_delay after it)
+        assert self._xs_delay >= latency + pad, "block sums would be read before they land"
         early_rows = land - ADDR_STAGES
         margin = land - ADDR_STAGES - 3
         hold = Signal(range(land + 1))

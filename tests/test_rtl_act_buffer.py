@@ -13,11 +13,12 @@ from ndpmoe.rtl.geometry import Geometry
 from rtl_sim import run
 
 
-@pytest.mark.parametrize("name,tp", [("small", 1), ("default", 2)])
-def test_load_then_read_every_alignment(name, tp):
+@pytest.mark.parametrize("name,tp,xs_delay", [("small", 1, 9), ("default", 2, 9), ("default", 2, 13)])
+def test_load_then_read_every_alignment(name, tp, xs_delay):
+    """xs_delay 9: the default unit's lanes; 13: deeper lanes, whose block sums wait before their
+    write (so that a load never overwrites sums still to be read)."""
     cfg = dataclasses.replace(get_config(name), tokens_parallel=tp, max_in_features=4 * get_config(name).word_bits)
     g = Geometry(cfg)
-    xs_delay = 9                                          # the default unit's lanes
     dut = ActivationBuffer(g, xs_delay=xs_delay)
     rng = random.Random(7)
     tokens, n_in = cfg.t_max, 2 * cfg.word_bits          # bytes per token row, a multiple of P
