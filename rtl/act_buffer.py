@@ -272,8 +272,7 @@ class ActivationBuffer(wiring.Component):
         # token). With b = c + 1 that is R >= land - ADDR_STAGES: such a MATMUL may start at any
         # time during the load (`early`). Otherwise it starts, from registers only (the last
         # take registered, then a count), in c + 3 + hold at the earliest. The block sums are
-        # read `xs_delay` cycles after the row and land `latency` cycles after it.
-        # (the block sums land latency + pad cycles after their row, and are read xs_delay after it)
+        # read `xs_delay` cycles after their row and land `latency` + `pad` cycles after it.
         assert self._xs_delay >= latency + pad, "block sums would be read before they land"
         early_rows = land - ADDR_STAGES
         margin = land - ADDR_STAGES - 3
