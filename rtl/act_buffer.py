@@ -35,7 +35,7 @@ from amaranth.lib.wiring import In, Out
 from ndpmoe.model.contract import ACT_BITS
 
 from .adder_tree import block_sums
-from .fanout import copy_tree, register_copies
+from .fanout import bit_slices, copy_tree, register_copies
 from .geometry import Geometry, log2
 from .hard_blocks import RAM_INPUT_STAGES, RAM_READ_LATENCY, RegisteredRam
 
@@ -185,10 +185,10 @@ class ActivationBuffer(wiring.Component):
         # The take and the row end enable hundreds of row bits: each slice of them gets its own
         # register copy from a tree of copies (rtl/fanout.py), and the word and the row's target
         # travel beside the tree to the slices.
-        slices = -(-act_bits // LOAD_SLICE_BITS)
-        take_c, tree_latency = copy_tree(m, take, slices, "take", platform, branching=LOAD_BRANCHING,
+        slices = bit_slices(act_bits, LOAD_SLICE_BITS)
+        take_c, tree_latency = copy_tree(m, take, len(slices), "take", platform, branching=LOAD_BRANCHING,
                                          distinct=False)
-        done_c, _ = copy_tree(m, row_done, slices, "row_done", platform, branching=LOAD_BRANCHING,
+        done_c, _ = copy_tree(m, row_done, len(slices), "row_done", platform, branching=LOAD_BRANCHING,
                               distinct=False)
         target = Signal(len(lane) + g.pass_bits + g.act_row_addr_bits)
         word_d, take_d, done_d = word_a, take_a, row_done_a
@@ -206,8 +206,7 @@ class ActivationBuffer(wiring.Component):
         row = Signal(act_bits)
         assembled = word_d if g.words_per_act_row == 1 else Cat(shift[g.word_bits:], word_d)
         m.d.sync += full.eq(done_d)
-        for i in range(slices):
-            bits = slice(i * LOAD_SLICE_BITS, min(act_bits, (i + 1) * LOAD_SLICE_BITS))
+        for i, bits in enumerate(slices):
             with m.If(take_c[i]):
                 m.d.sync += shift[bits].eq(assembled[bits])
             with m.If(done_c[i]):

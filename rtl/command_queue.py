@@ -12,7 +12,7 @@ from amaranth.hdl import Module, Mux, Signal, Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .fanout import register_copies
+from .fanout import bit_slices, register_copies
 
 FOLLOW_SLICE_BITS = 16      # entry bits per copy of an entry's load enable
 
@@ -66,13 +66,12 @@ class CommandQueue(wiring.Component):
         # worked out a cycle ahead and copied per slice of the payload (the input's valid
         # would otherwise fan out across every bit of the entry, from wherever the host is).
         payload = Value.cast(self.i.payload)
-        slices = -(-len(payload) // FOLLOW_SLICE_BITS)
+        slices = bit_slices(len(payload), FOLLOW_SLICE_BITS)
         for k in range(depth):
             # (out of reset the queue is empty and `produce` is 0: entry 0 follows)
-            follows = register_copies(m, (produce_next == k) & (count_next < depth), slices,
+            follows = register_copies(m, (produce_next == k) & (count_next < depth), len(slices),
                                       f"follow{k}", platform, init=int(k == 0))
-            for j, follow in enumerate(follows):
-                bits = slice(j * FOLLOW_SLICE_BITS, min(len(payload), (j + 1) * FOLLOW_SLICE_BITS))
+            for bits, follow in zip(slices, follows):
                 with m.If(follow):
                     m.d.sync += Value.cast(entries[k])[bits].eq(payload[bits])
         return m

@@ -29,22 +29,27 @@ def register_copies(m: Module, value, copies: int, name: str, platform=None, *, 
     must not come out of a reset asserted)."""
     value = Value.cast(value)
     out = []
-    reset_value = init
     for k in range(copies):
-        init = reset_value if reset_value is not None else k % (1 << len(value)) if distinct else 0
-        r = Signal(len(value), name=f"{name}_copy{k}", init=init, reset_less=reset_less)
+        reset = init if init is not None else k % (1 << len(value)) if distinct else 0
+        r = Signal(len(value), name=f"{name}_copy{k}", init=reset, reset_less=reset_less)
         if uses_ecp5(platform):
             for bit in range(len(value)):
                 m.submodules[f"{name}_copy{k}_ff{bit}"] = Instance(
                     "TRELLIS_FF", a_keep=1,
                     p_GSR="DISABLED", p_CEMUX="1", p_CLKMUX="CLK", p_LSRMUX="LSR", p_SRMODE="LSR_OVER_CE",
-                    p_REGSET="SET" if (init >> bit) & 1 else "RESET", p_LSRMODE="LSR",
+                    p_REGSET="SET" if (reset >> bit) & 1 else "RESET", p_LSRMODE="LSR",
                     i_CLK=ClockSignal(), i_LSR=Const(0, 1) if reset_less else ResetSignal(),
                     i_CE=Const(1, 1), i_DI=value[bit], o_Q=r[bit])   # M left open: nextpnr refuses it tied
         else:
             m.d.sync += r.eq(value)
         out.append(r)
     return out
+
+
+def bit_slices(width: int, slice_bits: int) -> list[slice]:
+    """The bits 0..width-1 in slices of `slice_bits` (the last may be shorter): one per copy of
+    an enable or select that reaches every bit."""
+    return [slice(i, min(width, i + slice_bits)) for i in range(0, width, slice_bits)]
 
 
 def copy_tree_latency(leaves: int, branching: int = 8) -> int:

@@ -175,7 +175,7 @@ class GroupCombiner(wiring.Component):
                 for code in range(1 << len(self.group)):
                     size = 32 << code
                     with m.Case(code | b << len(self.group)):
-                        m.d.sync += ends_at.eq((size - g.codes_per_beat(b)) % size & 0xFF)
+                        m.d.sync += ends_at.eq((size - g.codes_per_beat(b)) % size)
             with m.Default():                               # no format: N_c = 0, as codes_per_beat
                 m.d.sync += ends_at.eq(0)
         ends = Signal()

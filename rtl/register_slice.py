@@ -15,7 +15,7 @@ from amaranth.hdl import Module, Mux, Signal, Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .fanout import register_copies
+from .fanout import bit_slices, register_copies
 
 SELECT_SLICE_BITS = 16      # payload bits per copy of the skid select
 
@@ -67,12 +67,10 @@ class RegisterSlice(wiring.Component):
             m.d.comb += skid_next.eq(1)
         m.d.sync += skid_valid.eq(skid_next)
         # the skid select reaches every payload bit: a copy of skid_valid per slice of them
-        width = len(Value.cast(self.o.payload))
-        slices = -(-width // SELECT_SLICE_BITS)
-        selects = register_copies(m, skid_next, slices, "skid_sel", platform, distinct=False)
         payload, skid_bits, incoming = (Value.cast(v) for v in (self.o.payload, skid, self.i.payload))
-        for k, sel in enumerate(selects):
-            bits = slice(k * SELECT_SLICE_BITS, min(width, (k + 1) * SELECT_SLICE_BITS))
+        slices = bit_slices(len(payload), SELECT_SLICE_BITS)
+        selects = register_copies(m, skid_next, len(slices), "skid_sel", platform, distinct=False)
+        for bits, sel in zip(slices, selects):
             with m.If(move):
                 m.d.sync += payload[bits].eq(Mux(sel, skid_bits[bits], incoming[bits]))
         return m
